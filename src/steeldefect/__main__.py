@@ -1,0 +1,3 @@
+from steeldefect.cli import main
+
+raise SystemExit(main())
