@@ -1,0 +1,139 @@
+"""The run folder: one place that knows where every artefact of a run lives.
+
+Layout (``RUN`` is the ``--out`` folder)::
+
+    RUN/config.json                  every resolved option of every command run into this folder
+    RUN/dataset.json                 dataset root, layout, fingerprint, classes, counts
+    RUN/splits.csv                   file, class, role (test | fold<k>)
+    RUN/summary.json                 the stable summary (schema in the README)
+    RUN/<backbone>/cv_grid.csv       validation metrics per (learning rate, fold)
+    RUN/<backbone>/grid/lr<rate>/fold<k>/{head.weights.h5,history.json,metrics.json}
+    RUN/<backbone>/test_metrics.{json,csv}
+    RUN/<backbone>/models/fold<k>.keras (+ .tflite variants), each with a <model>.json sidecar
+    RUN/<backbone>/tflite_metrics.{json,csv}, quant_debug.{csv,png}
+    RUN/report.md, RUN/plots/*.png
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from steeldefect.files import read_json, write_json
+
+SUMMARY_SCHEMA_VERSION = 1
+
+
+def default_run_dir(command: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{command}-{stamp}"
+
+
+def backbone_dir(run: Path, backbone: str) -> Path:
+    return Path(run) / backbone
+
+
+def models_dir(run: Path, backbone: str) -> Path:
+    return backbone_dir(run, backbone) / "models"
+
+
+def fold_model_path(run: Path, backbone: str, fold: int, variant: str) -> Path:
+    suffix = ".keras" if variant == "keras" else f".{variant}.tflite"
+    return models_dir(run, backbone) / f"fold{fold}{suffix}"
+
+
+def sidecar_path(model_path: Path) -> Path:
+    """Metadata file that travels with a model: class names, input size, provenance."""
+    return Path(str(model_path) + ".json")
+
+
+def environment() -> dict[str, str]:
+    """Library versions and machine, recorded beside every number."""
+    import keras
+    import numpy
+    import sklearn
+    import tensorflow as tf
+
+    try:
+        from importlib.metadata import version
+
+        litert = version("ai-edge-litert")
+    except Exception:  # pragma: no cover - the interpreter package is a hard dependency
+        litert = "unknown"
+    from steeldefect import __version__
+    from steeldefect.cpuinfo import cpu_description
+
+    return {
+        "steeldefect": __version__,
+        "python": sys.version.split()[0],
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "ai_edge_litert": litert,
+        "numpy": numpy.__version__,
+        "scikit_learn": sklearn.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_description(),
+    }
+
+
+def record_config(run: Path, command: str, options: dict[str, Any]) -> Path:
+    """Add this command's resolved options to RUN/config.json, keeping earlier commands' entries.
+
+    A run folder may be resumed, but only with the same options for the same command: mixing two
+    configurations in one folder would make its numbers unattributable.
+    """
+    path = Path(run) / "config.json"
+    config = read_json(path) if path.exists() else {"commands": {}}
+    previous = config["commands"].get(command)
+    if previous is not None:
+        changed = {
+            key: (previous["options"].get(key), value)
+            for key, value in options.items()
+            if key not in _RESUME_FREE_OPTIONS and previous["options"].get(key) != value
+        }
+        if changed:
+            details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            raise ValueError(
+                f"{path}: this run folder was made by `{command}` with other options ({details}); "
+                "use a new --out folder"
+            )
+    config["commands"][command] = {
+        "options": options,
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "environment": environment(),
+    }
+    return write_json(path, config)
+
+
+# Options that change how a run is carried out but not what it computes.
+_RESUME_FREE_OPTIONS = {"progress", "cache_dir", "threads", "out", "skip_missing_weights"}
+
+
+def load_summary(run: Path) -> dict[str, Any]:
+    path = Path(run) / "summary.json"
+    if path.exists():
+        return read_json(path)
+    return {"schema_version": SUMMARY_SCHEMA_VERSION, "backbones": {}}
+
+
+def update_summary(run: Path, backbone: str, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into summary.json's entry for ``backbone`` (nested dicts merged one level)."""
+    summary = load_summary(run)
+    entry = summary["backbones"].setdefault(backbone, {})
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(entry.get(key), dict):
+            entry[key].update(value)
+        else:
+            entry[key] = value
+    write_json(Path(run) / "summary.json", summary)
+    return summary
+
+
+def set_summary_field(run: Path, key: str, value: Any) -> dict[str, Any]:
+    summary = load_summary(run)
+    summary[key] = value
+    write_json(Path(run) / "summary.json", summary)
+    return summary

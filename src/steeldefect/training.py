@@ -1,0 +1,298 @@
+"""Classifier heads on cached backbone features: the learning-rate grid x stratified K-fold CV.
+
+The reference head is Flatten -> Dense 128 ReLU -> Dropout 0.2 -> Dense 64 ReLU -> softmax, trained
+with Adam and categorical cross-entropy. Because the backbone is frozen, training the head on cached
+features is mathematically the same as training the full model, only without re-running the
+backbone every epoch. After the grid, each fold head of the best rate is joined to its backbone into
+one Keras model taking raw pixels, so deployment sees a single model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import keras
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_score, recall_score
+from tqdm.auto import tqdm
+
+from steeldefect.files import read_json, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+HEAD_CHOICES = ("flatten", "pooled")
+DEFAULT_LEARNING_RATES = (0.01, 0.001, 0.0001)
+
+
+def build_head(
+    feature_shape: Sequence[int], n_classes: int, *, kind: str = "flatten", dropout: float = 0.2, name: str = "head"
+) -> keras.Model:
+    """The reference classifier head; ``kind="pooled"`` swaps Flatten for GlobalAveragePooling2D."""
+    if kind not in HEAD_CHOICES:
+        raise ValueError(f"head must be one of {HEAD_CHOICES}, got {kind!r}")
+    inputs = keras.Input(shape=tuple(feature_shape), name="features")
+    x = keras.layers.Flatten()(inputs) if kind == "flatten" else keras.layers.GlobalAveragePooling2D()(inputs)
+    x = keras.layers.Dense(128, activation="relu")(x)
+    x = keras.layers.Dropout(dropout)(x)
+    x = keras.layers.Dense(64, activation="relu")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def derived_seed(seed: int, *parts: object) -> int:
+    """A seed for one (rate, fold) cell that does not depend on which other cells run, so a resumed
+    grid trains each cell exactly as an uninterrupted one would."""
+    text = "/".join(str(part) for part in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def fit_head(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n_classes: int,
+    kind: str = "flatten",
+    learning_rate: float = 1e-3,
+    epochs: int = 15,
+    batch_size: int = 64,
+    seed: int = 0,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Train one head with Adam + categorical cross-entropy; returns (head, per-epoch history)."""
+    keras.utils.set_random_seed(seed)
+    head = build_head(features.shape[1:], n_classes, kind=kind)
+    head.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    validation_data = None
+    if validation is not None:
+        validation_data = (validation[0], keras.utils.to_categorical(validation[1], n_classes))
+    history = head.fit(
+        features,
+        keras.utils.to_categorical(labels, n_classes),
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=True,
+        validation_data=validation_data,
+        verbose=0,
+    )
+    return head, {key: [float(v) for v in values] for key, values in history.history.items()}
+
+
+def predict_proba(head: keras.Model, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return np.asarray(head.predict(features, batch_size=batch_size, verbose=0))
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Accuracy, macro precision/recall (percent), per-class recall and the confusion matrix."""
+    class_ids = list(range(n_classes))
+    return {
+        "accuracy": 100.0 * accuracy_score(y_true, y_pred),
+        "precision_macro": 100.0 * precision_score(y_true, y_pred, labels=class_ids, average="macro", zero_division=0),
+        "recall_macro": 100.0 * recall_score(y_true, y_pred, labels=class_ids, average="macro", zero_division=0),
+        "recall_per_class": [
+            100.0 * r for r in recall_score(y_true, y_pred, labels=class_ids, average=None, zero_division=0)
+        ],
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=class_ids).tolist(),
+    }
+
+
+METRIC_NAMES = ("accuracy", "precision_macro", "recall_macro")
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and population std (numpy's default, as the reference's np.std) over fold models."""
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std())}
+
+
+def aggregate(per_model: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {name: mean_std([m[name] for m in per_model]) for name in METRIC_NAMES}
+    out["n_models"] = len(per_model)
+    return out
+
+
+@dataclass(frozen=True)
+class GridCell:
+    learning_rate: float
+    fold: int
+
+    @property
+    def folder(self) -> str:
+        return f"lr{self.learning_rate:g}/fold{self.fold}"
+
+
+def run_grid(
+    features: np.ndarray,
+    labels: np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    out_dir: Path,
+    n_classes: int,
+    learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES,
+    kind: str = "flatten",
+    epochs: int = 15,
+    batch_size: int = 64,
+    seed: int = 42,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train every (rate, fold) head, or reuse the ones a previous run finished.
+
+    ``features``/``labels`` index the whole dataset; ``folds`` holds (train, validation) indices into
+    them. Each cell writes its head, history and metrics.json (last, so its presence means done).
+    """
+    cells = [GridCell(float(rate), fold) for rate in learning_rates for fold in range(len(folds))]
+    rows = []
+    with tqdm(total=len(cells), desc="LR grid x folds", unit="head", disable=not progress) as bar:
+        for cell in cells:
+            cell_dir = Path(out_dir) / "grid" / cell.folder
+            metrics_path = cell_dir / "metrics.json"
+            if metrics_path.is_file() and (cell_dir / "head.weights.h5").is_file():
+                rows.append(read_json(metrics_path))
+                bar.set_postfix_str(f"lr={cell.learning_rate:g} fold {cell.fold} (cached)")
+                bar.update(1)
+                continue
+            bar.set_postfix_str(f"lr={cell.learning_rate:g} fold {cell.fold}")
+            train_idx, val_idx = folds[cell.fold]
+            started = time.perf_counter()
+            head, history = fit_head(
+                features[train_idx],
+                labels[train_idx],
+                n_classes=n_classes,
+                kind=kind,
+                learning_rate=cell.learning_rate,
+                epochs=epochs,
+                batch_size=batch_size,
+                seed=derived_seed(seed, cell.learning_rate, cell.fold),
+                validation=(features[val_idx], labels[val_idx]),
+            )
+            predicted = predict_proba(head, features[val_idx]).argmax(axis=1)
+            metrics = classification_metrics(labels[val_idx], predicted, n_classes)
+            row = {
+                "learning_rate": cell.learning_rate,
+                "fold": cell.fold,
+                "val_accuracy": metrics["accuracy"],
+                "val_precision_macro": metrics["precision_macro"],
+                "val_recall_macro": metrics["recall_macro"],
+                "train_seconds": time.perf_counter() - started,
+            }
+            save_weights_atomic(head, cell_dir / "head.weights.h5")
+            write_json(cell_dir / "history.json", history)
+            write_json(metrics_path, row)
+            rows.append(row)
+            bar.update(1)
+    return rows
+
+
+def select_best_rate(rows: Sequence[dict[str, Any]]) -> float:
+    """Best learning rate by mean validation accuracy; a tie goes to the rate listed first."""
+    means: dict[float, list[float]] = {}
+    for row in rows:
+        means.setdefault(float(row["learning_rate"]), []).append(float(row["val_accuracy"]))
+    return max(means, key=lambda rate: np.mean(means[rate]))
+
+
+def save_weights_atomic(model: keras.Model, path: Path) -> Path:
+    # Keras insists on the .weights.h5 suffix, so the temporary file keeps it.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".weights.h5")
+    os.close(fd)
+    try:
+        model.save_weights(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def save_model_atomic(model: keras.Model, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".keras")
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load_head(cell_dir: Path, feature_shape: Sequence[int], n_classes: int, kind: str) -> keras.Model:
+    head = build_head(feature_shape, n_classes, kind=kind)
+    head.load_weights(Path(cell_dir) / "head.weights.h5")
+    return head
+
+
+def join_model(backbone: keras.Model, head: keras.Model, name: str) -> keras.Model:
+    """Backbone + head as one model: raw RGB pixels 0..255 in, class probabilities out."""
+    return keras.Model(backbone.input, head(backbone.output), name=name)
+
+
+def check_joined_agrees(
+    joined: keras.Model, head: keras.Model, images: np.ndarray, features: np.ndarray, *, atol: float = 1e-4
+) -> dict[str, float]:
+    """The joined model must reproduce backbone-features + head on the same images."""
+    from_images = np.asarray(joined.predict(images.astype(np.float32), batch_size=32, verbose=0))
+    from_features = predict_proba(head, features)
+    max_diff = float(np.abs(from_images - from_features).max()) if len(images) else 0.0
+    same = float((from_images.argmax(1) == from_features.argmax(1)).mean()) if len(images) else 1.0
+    if same < 1.0 or max_diff > atol:
+        raise AssertionError(
+            f"joined model disagrees with features + head: {100 * (1 - same):.2f}% of predictions differ, "
+            f"max probability difference {max_diff:.2e}"
+        )
+    return {"max_probability_difference": max_diff, "prediction_agreement": same}
+
+
+def evaluate_fold_heads(
+    heads: Sequence[keras.Model], features: np.ndarray, labels: np.ndarray, n_classes: int
+) -> list[dict[str, Any]]:
+    results = []
+    for fold, head in enumerate(heads):
+        predicted = predict_proba(head, features).argmax(axis=1)
+        results.append({"fold": fold, **classification_metrics(labels, predicted, n_classes)})
+    return results
+
+
+def write_test_metrics(out_dir: Path, variant: str, per_model: list[dict[str, Any]], class_names: Sequence[str]) -> dict:
+    """Per-model and mean ± std test metrics as JSON and CSV (the report reads these)."""
+    aggregated = aggregate(per_model)
+    write_json(
+        Path(out_dir) / f"test_metrics_{variant}.json",
+        {"variant": variant, "class_names": list(class_names), "per_model": per_model, "aggregate": aggregated},
+    )
+    write_csv(
+        Path(out_dir) / f"test_metrics_{variant}.csv",
+        [
+            {"fold": m["fold"], **{name: round(m[name], 4) for name in METRIC_NAMES}}
+            for m in per_model
+        ],
+    )
+    return aggregated
+
+
+def timed(stage_times: dict[str, float], stage: str) -> Callable:
+    """Decorator-free stage timer: ``with timed(times, 'grid')``."""
+    return _StageTimer(stage_times, stage)
+
+
+class _StageTimer:
+    def __init__(self, times: dict[str, float], stage: str) -> None:
+        self.times, self.stage = times, stage
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.times[self.stage] = round(self.times.get(self.stage, 0.0) + time.perf_counter() - self.started, 3)
