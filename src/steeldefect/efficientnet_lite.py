@@ -172,7 +172,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise UnsafePickleError(f"unexpected persistent id {pid!r} in {self._path}")
         view = pid[5] if len(pid) == 6 else None
         if view is not None:
-            view = (int(view[1]), int(view[2]))
+            if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) for v in view[1:])):
+                raise UnsafePickleError(f"unexpected storage view {view!r} in {self._path}")
+            view = (view[1], view[2])
         return _StorageRef(pid[2], pid[1].dtype, pid[4], view)
 
 
@@ -195,6 +197,7 @@ def read_legacy_pth(path: str | os.PathLike, expected_sha256: str | None = None)
     path = Path(path)
     if expected_sha256 is not None:
         verify_sha256(path, expected_sha256)
+    size = path.stat().st_size
     with open(path, "rb") as handle:
         load = lambda: _RestrictedUnpickler(handle, path).load()  # noqa: E731 - one unpickler per pickle
         try:
@@ -207,17 +210,18 @@ def read_legacy_pth(path: str | os.PathLike, expected_sha256: str | None = None)
             raise UnsafePickleError(err if str(path) in str(err) else f"{err} (in {path})") from err
         if not isinstance(state, dict) or not all(isinstance(v, _TensorRef) for v in state.values()):
             raise WeightsIntegrityError(f"{path}: top-level object is not a plain state dict of tensors")
-        dtypes = {t.storage.key: t.storage.dtype for t in state.values()}
+        declared = {t.storage.key: t.storage for t in state.values()}
+        if not isinstance(keys, list) or sorted(keys) != sorted(declared):
+            raise WeightsIntegrityError(f"{path}: storage key list does not match the tensors' storages")
         storages: dict[str, np.ndarray] = {}
         # Storages follow the pickles in key-list order: 8-byte element count, then raw data.
         for key in keys:
-            if key not in dtypes:
-                raise WeightsIntegrityError(f"{path}: storage {key!r} is not used by any tensor")
-            dtype = np.dtype(byte_order + dtypes[key])
+            dtype = np.dtype(byte_order + declared[key].dtype)
             numel = int.from_bytes(handle.read(8), "little" if byte_order == "<" else "big")
+            # Checking the count first keeps a corrupt header from triggering a huge read.
+            if numel != declared[key].numel or numel * dtype.itemsize > size - handle.tell():
+                raise WeightsIntegrityError(f"{path}: storage {key!r} has a bad element count {numel}")
             raw = handle.read(numel * dtype.itemsize)
-            if len(raw) != numel * dtype.itemsize:
-                raise WeightsIntegrityError(f"{path}: storage {key!r} truncated")
             storages[key] = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
         if handle.read(1):
             raise WeightsIntegrityError(f"{path}: trailing bytes after the last storage")
