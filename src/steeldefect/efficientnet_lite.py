@@ -25,6 +25,7 @@ import numpy as np
 
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 LITE0_PTH_NAME = "efficientnet-lite0-57934424.pth"
+FEATURES_LAYER = "head_relu"  # last layer of the include_top=False trunk (7x7x1280 at 224)
 
 # (repeats, kernel, stride, expand ratio, output channels) per stage.
 LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -85,7 +86,7 @@ def build_efficientnet_lite0(include_top: bool = False, input_shape: tuple[int, 
                 x = keras.layers.Add(name=f"{p}_add")([shortcut, x])
             in_channels, block = out_channels, block + 1
 
-    x = relu6(bn(conv(x, 1280, 1, 1, "head_conv"), "head_bn"), "head_relu")
+    x = relu6(bn(conv(x, 1280, 1, 1, "head_conv"), "head_bn"), FEATURES_LAYER)
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = keras.layers.Dense(1000, activation="softmax", name="predictions")(x)
@@ -362,4 +363,4 @@ def build_pretrained_lite0(include_top: bool = False, preprocessing: bool = True
     model.load_weights(weights)
     if include_top:
         return model
-    return keras.Model(model.inputs, model.get_layer("head_relu").output, name="efficientnet_lite0")
+    return keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="efficientnet_lite0")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from steeldefect.efficientnet_lite import (
+    FEATURES_LAYER,
     LITE0_SHA256,
     UnsafePickleError,
     WeightsIntegrityError,
@@ -171,6 +172,7 @@ def test_build_opcode_on_reader_objects_is_refused(tmp_path):
 def test_architecture_shapes_and_parameter_count():
     features = build_efficientnet_lite0()
     assert features.output_shape == (None, 7, 7, 1280)
+    assert features.layers[-1].name == FEATURES_LAYER
     top = build_efficientnet_lite0(include_top=True, batch_size=2)
     assert top.output_shape == (2, 1000)
     # Equals the float elements in the real .pth (convs, BN incl. running stats, fc).
