@@ -77,7 +77,8 @@ class BackboneSpec:
     feature_shape: tuple[int, int, int]
     # Keras-hosted weights (None: weights come from an installed package, see ``weights_source``).
     weight_file: WeightFile | None
-    _build: Callable[[Path | None, bool], keras.Model]
+    # (weights file or None, preprocessing inside?, input shape) -> model
+    _build: Callable[[Path | None, bool, tuple[int, int, int]], keras.Model]
     weights_source: str
 
 
@@ -99,8 +100,8 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 
 
 def _keras_application(constructor, preprocess_layer: Callable[[], keras.layers.Layer] | None):
-    def build(weights_path: Path | None, preprocessing: bool) -> keras.Model:
-        inputs = keras.Input(shape=(224, 224, 3), name="pixels")
+    def build(weights_path: Path | None, preprocessing: bool, input_shape: tuple[int, int, int]) -> keras.Model:
+        inputs = keras.Input(shape=input_shape, name="pixels")
         x = preprocess_layer()(inputs) if (preprocessing and preprocess_layer) else inputs
         return constructor(
             include_top=False,
@@ -111,11 +112,13 @@ def _keras_application(constructor, preprocess_layer: Callable[[], keras.layers.
     return build
 
 
-def _build_lite0(weights_path: Path | None, preprocessing: bool) -> keras.Model:
-    model = efficientnet_lite.build_efficientnet_lite0(include_top=True, preprocessing=preprocessing)
+def _build_lite0(weights_path: Path | None, preprocessing: bool, input_shape: tuple[int, int, int]) -> keras.Model:
+    model = efficientnet_lite.build_efficientnet_lite0(
+        include_top=True, preprocessing=preprocessing, input_shape=input_shape
+    )
     if weights_path is not None:
         model.load_weights(weights_path)
-    features = model.get_layer(efficientnet_lite.FEATURES_LAYER).output
+    features = model.get_layer("head_relu").output
     return keras.Model(model.input, features, name="efficientnet_lite0")
 
 
@@ -249,9 +252,14 @@ def weights_id(name: str, weights: str) -> str:
 
 
 def build_backbone(
-    name: str, *, weights: str = "imagenet", preprocessing: str = "model", seed: int = 0
+    name: str,
+    *,
+    weights: str = "imagenet",
+    preprocessing: str = "model",
+    seed: int = 0,
+    image_size: tuple[int, int] = (224, 224),
 ) -> keras.Model:
-    """A frozen feature extractor taking raw RGB pixels 0..255 of shape (224, 224, 3).
+    """A frozen feature extractor taking raw RGB pixels 0..255 of shape (*image_size, 3).
 
     ``weights="none"`` is the only way to get random weights, seeded by ``seed``; missing ImageNet
     weights raise WeightsMissingError rather than falling back silently.
@@ -264,7 +272,7 @@ def build_backbone(
     path = weights_path(name) if weights == "imagenet" else None
     if path is None:
         keras.utils.set_random_seed(seed)
-    model = spec._build(path, preprocessing == "model")
+    model = spec._build(path, preprocessing == "model", (*image_size, 3))
     model.trainable = False
     return model
 

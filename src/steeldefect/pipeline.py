@@ -202,7 +202,7 @@ def train_backbone(
         nonlocal backbone_model
         if backbone_model is None:
             backbone_model = backbone_registry.build_backbone(
-                name, weights=weights, preprocessing=preprocessing, seed=seed
+                name, weights=weights, preprocessing=preprocessing, seed=seed, image_size=images.shape[1:3]
             )
         return backbone_model
 
@@ -236,7 +236,7 @@ def train_backbone(
 
     with training.timed(stage_times, "test"):
         heads = [
-            training.load_head(folder / "grid" / training.GridCell(best_rate, fold).folder, spec.feature_shape, n_classes, head)
+            training.load_head(folder / "grid" / training.GridCell(best_rate, fold).folder, features.shape[1:], n_classes, head)
             for fold in range(len(splits.folds))
         ]
         test_idx = splits.test_indices
@@ -474,3 +474,33 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="model", disable=not enabled)
+
+
+def reproduce(
+    data: Path,
+    out: Path,
+    *,
+    threads: int | None = None,
+    warmup: int = 10,
+    runs: int = 50,
+    calibration_samples: int = 200,
+    progress: bool = True,
+    **train_options: Any,
+) -> dict[str, Any]:
+    """The whole study in one call: train -> export -> evaluate -> report (each step resumable)."""
+    from steeldefect.report import write_report
+    from steeldefect.runfolder import set_summary_field
+
+    train_options.setdefault("backbones", ["all"])
+    started = time.perf_counter()
+    train(data, out, progress=progress, **train_options)
+    if trained_backbones(out):
+        export(out, calibration_samples=calibration_samples, progress=progress)
+        evaluate(out, threads=threads, warmup=warmup, runs=runs, progress=progress)
+    else:
+        log.warning("no backbone could be trained (weights missing?); nothing to export or evaluate")
+    # Wall time of this invocation; a resumed run reports only the time it took to finish.
+    set_summary_field(out, "reproduce_wall_time_s", round(time.perf_counter() - started, 1))
+    report_path = write_report(out)
+    log.info("report written to %s", report_path)
+    return read_json(Path(out) / "summary.json")

@@ -89,7 +89,13 @@ def fit_head(
 
 
 def predict_proba(head: keras.Model, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    return np.asarray(head.predict(features, batch_size=batch_size, verbose=0))
+    # Direct calls rather than model.predict: predict re-traces a tf.function for every new head and
+    # input length, which costs more than the arithmetic for arrays this small.
+    if len(features) == 0:
+        return np.zeros((0, head.output_shape[-1]), dtype=np.float32)
+    return np.concatenate(
+        [np.asarray(head(features[start : start + batch_size], training=False)) for start in range(0, len(features), batch_size)]
+    )
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, Any]:
