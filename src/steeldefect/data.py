@@ -35,6 +35,7 @@ information for the images it keeps under ``"images"`` in the JSON file next to 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -138,9 +139,12 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.paths)
 
-    @property
+    @functools.cached_property
     def relative_names(self) -> tuple[str, ...]:
-        """Paths relative to ``root`` as POSIX strings: stable across machines, used in caches and CSVs."""
+        """Paths relative to ``root`` as POSIX strings: stable across machines, used in caches and CSVs.
+
+        Cached (paths never change on a frozen dataset) because fingerprints and cache checks ask for it
+        repeatedly, and ``Path.relative_to`` is slow over thousands of files."""
         return tuple(_relative_name(path, self.root) for path in self.paths)
 
     def counts(self) -> dict[str, int]:
@@ -225,12 +229,18 @@ def scan_dataset(root: str | os.PathLike, *, skip_bad: bool = False, min_per_cla
         layout = "folders"
 
     if unknown:
-        lines = [
-            f"{path}: cannot tell the class of this file: its name is not a NEU-DET name "
-            f"(like crazing_12.jpg) or a NEU-CLS name (like Cr_12.bmp), and files directly in "
-            f"{root} are labelled by name only (otherwise use one sub-folder per class)"
-            for path in unknown
-        ]
+        if layout == "folders":
+            reason = (
+                "file directly in the dataset folder whose name is neither a NEU-DET name (crazing_12.jpg) "
+                "nor a NEU-CLS name (Cr_12.bmp), so its class is unknown; put images in one sub-folder per class"
+            )
+        else:
+            example = "crazing_12.jpg" if layout == "neu-det" else "Cr_12.bmp"
+            reason = (
+                f"name does not follow the {layout.upper()} pattern (like {example}) of the other "
+                f"{len(candidates) - len(unknown)} files, so its class is unknown"
+            )
+        lines = [f"{path}: {reason}" for path in unknown]
         if not skip_bad:
             raise DatasetError(lines)
         warnings.warn(
@@ -240,6 +250,8 @@ def scan_dataset(root: str | os.PathLike, *, skip_bad: bool = False, min_per_cla
         )
         unknown_set = set(unknown)
         candidates = [p for p in candidates if p not in unknown_set]
+        if not candidates:
+            raise DatasetError(f"{root}: no image files left after skipping files with unrecognised names")
 
     class_dirs: dict[str, Path] = {}
     if layout == "neu-det":
@@ -400,8 +412,11 @@ def _decode(path: Path) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
         image.load()  # Image.open is lazy; truncation and corrupt data only show up here
     except UnidentifiedImageError as error:
+        looks_like = _sniff_format(data)
+        if looks_like:
+            raise _BadImage(f"corrupt {looks_like} data: the file starts like a {looks_like} but cannot be parsed") from error
         raise _BadImage(
-            f"not a recognised image ({', '.join(SUPPORTED_FORMATS)} content expected; the extension is ignored)"
+            f"not an image: content is not {', '.join(SUPPORTED_FORMATS)} (the file extension is ignored)"
         ) from error
     except Image.DecompressionBombError as error:
         raise _BadImage(f"image too large to decode safely ({error})") from error
@@ -410,6 +425,14 @@ def _decode(path: Path) -> Image.Image:
             raise _BadImage(f"truncated image data ({error})") from error
         raise _BadImage(f"corrupt image data, cannot decode ({type(error).__name__}: {error})") from error
     return image
+
+
+_MAGIC_BYTES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _sniff_format(data: bytes) -> str | None:
+    # Only to word the error: a damaged JPEG deserves a different hint than a text file named .jpg.
+    return next((name for magic, name in _MAGIC_BYTES if data.startswith(magic)), None)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -457,12 +480,14 @@ def _decode_all(
             continue
         try:
             image = _decode(path)
-            infos[i] = ImageInfo(names[i], image.width, image.height, image.mode, _pixel_hash(image))
+            info = ImageInfo(names[i], image.width, image.height, image.mode, _pixel_hash(image))
             if images is not None:
                 rgb = _to_rgb(image)
                 images[i] = np.asarray(rgb.resize((width, height), Image.BILINEAR), dtype=np.uint8)
         except _BadImage as problem:
             bad[i] = str(problem)
+        else:
+            infos[i] = info
     return images, infos, bad
 
 
@@ -481,7 +506,7 @@ def load_images(
     dataset: Dataset,
     *,
     image_size: tuple[int, int] = (224, 224),
-    cache_dir: str | os.PathLike | None | Literal[False] = None,
+    cache_dir: str | os.PathLike | bool | None = None,
     skip_bad: bool = False,
     progress: bool = True,
     min_per_class: int = 1,
@@ -496,7 +521,9 @@ def load_images(
     The result is cached under ``<cache_dir>/images/<fingerprint[:16]>-<H>x<W>.npy`` with a ``.json``
     beside it (full fingerprint, kept files, bad files, and an :class:`ImageInfo` per kept image under
     ``"images"``). The key is :func:`dataset_fingerprint`, so changed bytes, names or labels miss the
-    cache. ``cache_dir=None`` uses :func:`steeldefect.files.default_cache_dir`; ``False`` disables it.
+    cache. A cache hit returns a copy-on-write :class:`numpy.memmap` of the ``.npy`` (an ndarray
+    subclass: writable, but changes stay in memory). ``cache_dir=None`` (or ``True``) uses
+    :func:`steeldefect.files.default_cache_dir`; ``False`` disables it.
     """
     height, width = (int(image_size[0]), int(image_size[1]))
     if height <= 0 or width <= 0:
@@ -506,7 +533,8 @@ def load_images(
     fingerprint = _fingerprint(dataset, (height, width), digests)
     cache_files = None
     if cache_dir is not False:
-        base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        # True is accepted as "on, default place" because callers pass a --cache/--no-cache flag.
+        base = default_cache_dir() if cache_dir is None or cache_dir is True else Path(cache_dir)
         stem = f"{fingerprint[:16]}-{height}x{width}"
         cache_files = (base / "images" / f"{stem}.npy", base / "images" / f"{stem}.json")
 
@@ -591,7 +619,10 @@ def _read_cache(
         expected_kept = [name for i, name in enumerate(dataset.relative_names) if i not in bad]
         if meta["files"] != expected_kept:
             return None
-        images = np.load(array_path, allow_pickle=False)
+        # Copy-on-write map: pages come straight from the OS file cache and only the ones used are
+        # read (a resumed run with cached features touches a few hundred images, not all of them);
+        # writes stay private to the caller and never reach the cache file.
+        images = np.load(array_path, mmap_mode="c", allow_pickle=False)
     except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning("ignoring unreadable image cache %s: %s", meta_path, error)
         return None
@@ -616,7 +647,8 @@ def inspect_dataset(
     :func:`steeldefect.splits.make_splits` with these arguments over the readable images, or
     ``split_error``) and ``duplicate_groups``: one entry per set of files with identical decoded pixels,
     with each file's class and split role (``test`` / ``fold<k>``), whether the group straddles the
-    train/test split and whether its files carry different labels.
+    train/test split (``straddles_split``) or different validation folds (``straddles_folds``), and
+    whether its files carry different labels (``conflicting_labels``).
     """
     dataset = scan_dataset(root)
     _, infos, bad = _decode_all(dataset, None, progress=False)
@@ -669,6 +701,10 @@ def inspect_dataset(
                 "roles": member_roles,
                 "straddles_split": bool(
                     member_roles and "test" in member_roles and any(r != "test" for r in member_roles)
+                ),
+                # Within training, copies in different folds validate on an image they also train on.
+                "straddles_folds": bool(
+                    member_roles and len({r for r in member_roles if r != "test"}) > 1
                 ),
                 "conflicting_labels": len({int(readable.labels[i]) for i in members}) > 1,
             }
@@ -728,6 +764,12 @@ def format_inspection(report: dict[str, Any]) -> str:
                 for a in tested
                 for b in trained
             ]
+        elif group["straddles_folds"]:
+            folds = ", ".join(sorted(set(group["roles"])))
+            warnings_out.append(
+                f"NOTE: duplicate images {', '.join(group['files'])} are in different cross-validation "
+                f"folds ({folds}): each of those folds trains on a copy of an image it validates"
+            )
     if bad:
         warnings_out.append(f"WARNING: {len(bad)} unreadable file(s); training needs skip_bad to proceed")
     return "\n".join(lines + warnings_out)

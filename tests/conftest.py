@@ -1,0 +1,107 @@
+"""Shared fixtures: small generated images and datasets, and the real NEU data when it is present.
+
+``make_image`` writes one image of any Pillow mode and format; ``make_neu_dataset`` writes a tiny
+dataset in any of the three layouts whose classes differ visibly (so a smoke test can learn them);
+``neu_dir`` is the real NEU-DET folder, skipped with the reason when absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# ../shared relative to the repository root, next to the checkout.
+DEFAULT_NEU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET"
+
+NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+NEU_CLS_PREFIX = {"crazing": "Cr", "inclusion": "In", "patches": "Pa", "pitted_surface": "PS",
+                  "rolled-in_scale": "RS", "scratches": "Sc"}
+_FORMAT_BY_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def write_image(
+    path: str | os.PathLike,
+    *,
+    size: tuple[int, int] = (16, 12),
+    mode: str = "RGB",
+    fmt: str | None = None,
+    seed: int = 0,
+    array: np.ndarray | None = None,
+) -> Path:
+    """Write a random image (``size`` = width, height) or ``array``; ``fmt`` defaults from the suffix.
+
+    Passing ``fmt`` different from the suffix writes e.g. PNG bytes into a ``.jpg`` file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array is not None:
+        image = Image.fromarray(array)
+    else:
+        rng = np.random.default_rng(seed)
+        width, height = size
+        gray = rng.integers(0, 256, size=(height, width), dtype=np.uint8)
+        image = Image.fromarray(np.stack([gray, np.roll(gray, 1, 0), np.roll(gray, 1, 1)], axis=-1)).convert(mode)
+    image.save(path, format=fmt or _FORMAT_BY_SUFFIX.get(path.suffix.lower(), "PNG"))
+    return path
+
+
+def class_pattern(label: int, index: int, size: tuple[int, int]) -> np.ndarray:
+    """A grey image whose stripe period depends on the class, plus per-image noise: learnable, not identical."""
+    width, height = size
+    rng = np.random.default_rng(1000 * label + index)
+    rows = np.arange(height)[:, None] * np.ones((1, width))
+    stripes = 127 + 100 * np.sin(2 * np.pi * rows / (3 + 2 * label))
+    noisy = stripes + rng.normal(0, 12, size=(height, width))
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def write_neu_dataset(
+    root: str | os.PathLike,
+    *,
+    per_class: int = 6,
+    classes: tuple[str, ...] = NEU_CLASSES,
+    layout: str = "neu-det",
+    size: tuple[int, int] = (32, 32),
+    suffix: str = ".jpg",
+) -> Path:
+    """Write ``per_class`` images per class as NEU-DET names, NEU-CLS names or one folder per class."""
+    root = Path(root)
+    for label, name in enumerate(classes):
+        for index in range(1, per_class + 1):
+            if layout == "neu-det":
+                path = root / f"{name}_{index}{suffix}"
+            elif layout == "neu-cls":
+                path = root / f"{NEU_CLS_PREFIX[name]}_{index}{suffix}"
+            elif layout == "folders":
+                path = root / name / f"img {index}{suffix}"
+            else:
+                raise ValueError(f"unknown layout {layout!r}")
+            write_image(path, array=class_pattern(label, index, size))
+    return root
+
+
+@pytest.fixture
+def make_image() -> Callable[..., Path]:
+    return write_image
+
+
+@pytest.fixture
+def make_neu_dataset() -> Callable[..., Path]:
+    return write_neu_dataset
+
+
+@pytest.fixture(scope="session")
+def neu_dir() -> Path:
+    """The real NEU-DET folder (``$STEELDEFECT_NEU_DIR`` overrides); skips when it is not there."""
+    path = Path(os.environ.get("STEELDEFECT_NEU_DIR") or DEFAULT_NEU_DIR).expanduser()
+    if not path.is_dir():
+        pytest.skip(
+            f"real NEU-DET images not found at {path} "
+            f"(provide ../shared/data/NEU-DET next to the repository or set STEELDEFECT_NEU_DIR)"
+        )
+    return path
