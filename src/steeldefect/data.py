@@ -24,6 +24,9 @@ SHA256SUMS*, ``*.txt *.md *.csv *.json *.yaml *.yml *.sha256 *.md5 *.xml``) are 
 file is a candidate image and is decoded by content, so a mislabelled or broken file is reported rather
 than silently skipped.
 
+:func:`read_image` prepares a single file exactly as :func:`load_images` does (for prediction), and
+:func:`is_ignored_file` is the side-file rule above, shared with callers that collect files themselves.
+
 Problems are collected, never raised one at a time: a :class:`DatasetError` lists every problem found,
 one line each, naming the file or folder concerned.
 
@@ -299,7 +302,7 @@ def _candidate_files(root: Path) -> list[Path]:
         seen_dirs.add(real)
         dirnames[:] = [d for d in dirnames if not _is_ignored_dir(d)]
         for filename in filenames:
-            if not _is_ignored_file(filename):
+            if not is_ignored_file(filename):
                 path = Path(dirpath, filename)
                 if path.is_file():
                     found.append(path)
@@ -310,7 +313,8 @@ def _is_ignored_dir(name: str) -> bool:
     return name.startswith(".") or name in _IGNORED_DIRS
 
 
-def _is_ignored_file(name: str) -> bool:
+def is_ignored_file(name: str) -> bool:
+    """True for hidden files and text-like side files (README, SHA256SUMS, *.txt, ...) that are never images."""
     lower = name.lower()
     return name.startswith(".") or lower.startswith(_IGNORED_PREFIXES) or lower.endswith(_IGNORED_SUFFIXES)
 
@@ -454,6 +458,24 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise _BadImage(f"unsupported image mode {image.mode!r} ({error})") from error
 
 
+def _to_array(image: Image.Image, image_size: tuple[int, int]) -> np.ndarray:
+    height, width = image_size
+    return np.asarray(_to_rgb(image).resize((width, height), Image.BILINEAR), dtype=np.uint8)
+
+
+def read_image(path: str | os.PathLike, image_size: tuple[int, int] = (224, 224)) -> np.ndarray:
+    """One image exactly as :func:`load_images` prepares it: (height, width, 3) uint8 RGB.
+
+    For prediction, so a deployed model sees the same pixels it was trained on. Raises
+    :class:`DatasetError` (``"<path>: <problem>"``) for a file that cannot be decoded.
+    """
+    path = Path(path)
+    try:
+        return _to_array(_decode(path), (int(image_size[0]), int(image_size[1])))
+    except _BadImage as problem:
+        raise DatasetError(f"{path}: {problem}") from None
+
+
 def _pixel_hash(image: Image.Image) -> str:
     digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
     digest.update(image.tobytes())
@@ -482,8 +504,7 @@ def _decode_all(
             image = _decode(path)
             info = ImageInfo(names[i], image.width, image.height, image.mode, _pixel_hash(image))
             if images is not None:
-                rgb = _to_rgb(image)
-                images[i] = np.asarray(rgb.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+                images[i] = _to_array(image, (height, width))
         except _BadImage as problem:
             bad[i] = str(problem)
         else:

@@ -20,7 +20,9 @@ from steeldefect.data import (
     format_inspection,
     image_infos,
     inspect_dataset,
+    is_ignored_file,
     load_images,
+    read_image,
     scan_dataset,
 )
 from steeldefect.splits import make_splits
@@ -347,6 +349,25 @@ def test_resize_uses_height_width_order(tmp_path, make_image):
     assert images.shape == (2, 5, 20, 3)
     expected = np.asarray(Image.open(tmp_path / "a" / "wide.png").convert("RGB").resize((20, 5), Image.BILINEAR))
     np.testing.assert_array_equal(images[0], expected)
+
+
+def test_read_image_matches_load_images(tmp_path, make_image):
+    make_image(tmp_path / "a" / "x.png", size=(30, 20), mode="L")
+    dataset = _single_image_dataset(tmp_path, "a/x.png")
+    _, images = load_images(dataset, image_size=(7, 9), cache_dir=False, progress=False)
+    np.testing.assert_array_equal(read_image(tmp_path / "a" / "x.png", (7, 9)), images[0])
+    (tmp_path / "a" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"empty\.jpg: empty file"):
+        read_image(tmp_path / "a" / "empty.jpg")
+
+
+@pytest.mark.parametrize(
+    ("name", "ignored"),
+    [("README", True), ("readme.md", True), ("LICENSE.txt", True), ("SHA256SUMS", True), ("a.csv", True),
+     ("x.YAML", True), ("crazing_1.xml", True), (".DS_Store", True), ("a.jpg", False), ("notes", False)],
+)
+def test_is_ignored_file(name, ignored):
+    assert is_ignored_file(name) is ignored
 
 
 def test_progress_bar_shows_counts(tmp_path, make_neu_dataset, capsys):
