@@ -1,0 +1,119 @@
+"""End to end on a tiny generated dataset with the tiny backbone: train -> export -> evaluate ->
+report, resumption after an interruption, and 'all' skipping backbones whose weights are missing."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from steeldefect import cli, pipeline, training
+from steeldefect.files import read_json
+from tiny import TINY, make_dataset, register_tiny_backbone
+
+FAST = dict(learning_rates=[0.01, 0.001], epochs=4, batch_size=8, n_folds=2, image_size=(32, 32), progress=False)
+
+
+@pytest.fixture()
+def tiny_env(tmp_path, monkeypatch):
+    register_tiny_backbone(monkeypatch, tmp_path / "keras")
+    monkeypatch.setenv("STEELDEFECT_CACHE", str(tmp_path / "cache"))
+    return make_dataset(tmp_path / "data")
+
+
+def test_reproduce_end_to_end_skips_missing_weights(tiny_env, tmp_path):
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = pipeline.reproduce(tiny_env, run, backbones=["all"], runs=3, warmup=1, calibration_samples=12, **FAST)
+    skipped = [str(w.message) for w in caught if "skipping" in str(w.message)]
+    assert len(skipped) == 3 and all("steeldefect weights install" in message for message in skipped)
+    for name in ("mobilenet", "efficientnetb0", "vgg16"):
+        assert summary["backbones"][name]["status"] == pipeline.NOT_RUN_WEIGHTS_MISSING
+    entry = summary["backbones"][TINY]
+    assert entry["status"] == "done"
+    assert set(entry["variants"]) == {"keras", "fp32", "fp16", "int8"}
+    for variant in ("fp32", "fp16", "int8"):
+        stats = entry["variants"][variant]
+        assert stats["n_models"] == 2
+        assert stats["size_mib"]["mean"] > 0 and stats["latency_ms_median"]["mean"] > 0
+    # The patterns are easy: a frozen random conv net + head must beat chance (33%) clearly.
+    assert entry["variants"]["keras"]["accuracy"]["mean"] > 60
+    assert abs(entry["variants"]["fp32"]["accuracy"]["mean"] - entry["variants"]["keras"]["accuracy"]["mean"]) < 1e-6
+    report = (run / "report.md").read_text()
+    assert "not run: weights missing" in report
+    assert (run / "splits.csv").is_file() and (run / "calibration.csv").is_file()
+    assert (run / TINY / "quant_debug.csv").is_file() and (run / TINY / "quant_debug.png").is_file()
+    config = read_json(run / "config.json")
+    assert config["commands"]["train"]["options"]["seed"] == 42
+
+
+def test_train_resumes_after_interruption_with_same_numbers(tiny_env, tmp_path, monkeypatch):
+    reference = pipeline.train(tiny_env, tmp_path / "uninterrupted", backbones=[TINY], **FAST)
+
+    real_fit = training.fit_head
+    calls = {"n": 0}
+
+    def flaky_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the third grid cell
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit_head", flaky_fit)
+    run = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(tiny_env, run, backbones=[TINY], **FAST)
+    finished = sorted(p.parent.name + "/" + p.parent.parent.name for p in run.glob(f"{TINY}/grid/*/*/metrics.json"))
+    assert len(finished) == 2
+
+    trained_again = {"n": 0}
+
+    def counting_fit(*args, **kwargs):
+        trained_again["n"] += 1
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit_head", counting_fit)
+    resumed = pipeline.train(tiny_env, run, backbones=[TINY], **FAST)
+    assert trained_again["n"] == 2  # only the two unfinished cells of 2 rates x 2 folds
+    ours, theirs = resumed["backbones"][TINY], reference["backbones"][TINY]
+    assert ours["best_learning_rate"] == theirs["best_learning_rate"]
+    assert ours["variants"]["keras"] == theirs["variants"]["keras"]
+
+
+def test_rerun_with_other_options_is_refused(tiny_env, tmp_path):
+    run = tmp_path / "run"
+    pipeline.train(tiny_env, run, backbones=[TINY], **FAST)
+    with pytest.raises(ValueError, match="other options"):
+        pipeline.train(tiny_env, run, backbones=[TINY], **{**FAST, "epochs": 5})
+
+
+def test_named_backbone_with_missing_weights_is_an_error(tiny_env, tmp_path, capsys):
+    code = cli.main(["--quiet", "train", "--data", str(tiny_env), "--backbone", "mobilenet", "--out", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "mobilenet_1_0_224_tf_no_top.h5" in err and "steeldefect weights install" in err
+    assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_cli_train_then_predict(tiny_env, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = cli.main(
+        ["--quiet", "train", "--data", str(tiny_env), "--backbone", TINY, "--out", str(run), "--folds", "2",
+         "--learning-rates", "0.01", "--epochs", "3", "--batch-size", "8", "--image-size", "32"]
+    )
+    assert code == 0
+    assert json.loads((run / "summary.json").read_text())["backbones"][TINY]["best_learning_rate"] == 0.01
+    model = run / TINY / "models" / "fold0.keras"
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    capsys.readouterr()
+    code = cli.main(["--quiet", "predict", str(model), str(tiny_env / "dots"), str(tmp_path / "bad.jpg"), "--top-k", "2"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 1  # one file failed
+    assert any("bad.jpg: ERROR" in line for line in out)
+    assert out[-1].startswith("summary: 12 classified, 1 failed")
+    assert sum(", " in line and "dots" in line.split(":")[1] for line in out[:-1]) >= 1
+    grid = np.genfromtxt(run / TINY / "cv_grid.csv", delimiter=",", names=True)
+    assert len(grid) == 2

@@ -1,0 +1,93 @@
+"""Heads, the grid, metrics and the joined model, on synthetic features."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from steeldefect import training
+
+
+def separable(n_per_class=40, classes=3, shape=(2, 2, 8), seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (classes, *shape))
+    labels = np.repeat(np.arange(classes), n_per_class)
+    features = centres[labels] + rng.normal(0, 1, (len(labels), *shape))
+    return features.astype(np.float32), labels
+
+
+def test_heads_have_the_reference_layers():
+    flatten = training.build_head((7, 7, 1024), 6)
+    kinds = [type(layer).__name__ for layer in flatten.layers]
+    assert kinds == ["InputLayer", "Flatten", "Dense", "Dropout", "Dense", "Dense"]
+    assert [layer.units for layer in flatten.layers if hasattr(layer, "units")] == [128, 64, 6]
+    assert flatten.layers[3].rate == 0.2
+    pooled = training.build_head((7, 7, 1024), 6, kind="pooled")
+    assert type(pooled.layers[1]).__name__ == "GlobalAveragePooling2D"
+    # The Flatten head holds 50,176 x 128 weights; the pooled one a fiftieth of that.
+    assert flatten.count_params() > 40 * pooled.count_params()
+    with pytest.raises(ValueError, match="head must be one of"):
+        training.build_head((7, 7, 8), 6, kind="attention")
+
+
+def test_fit_head_learns_and_is_deterministic():
+    features, labels = separable()
+    head_a, history = training.fit_head(features, labels, n_classes=3, learning_rate=1e-2, epochs=8, batch_size=16, seed=5)
+    head_b, _ = training.fit_head(features, labels, n_classes=3, learning_rate=1e-2, epochs=8, batch_size=16, seed=5)
+    predicted = training.predict_proba(head_a, features).argmax(1)
+    assert (predicted == labels).mean() > 0.9
+    assert len(history["loss"]) == 8
+    np.testing.assert_array_equal(training.predict_proba(head_a, features), training.predict_proba(head_b, features))
+
+
+def test_grid_resumes_finished_cells(tmp_path, monkeypatch):
+    features, labels = separable()
+    folds = [(np.arange(0, 120, 2), np.arange(1, 120, 2)), (np.arange(1, 120, 2), np.arange(0, 120, 2))]
+    kwargs = dict(out_dir=tmp_path, n_classes=3, learning_rates=[0.01, 0.001], epochs=3, batch_size=16, progress=False)
+    rows = training.run_grid(features, labels, folds, **kwargs)
+    assert [(r["learning_rate"], r["fold"]) for r in rows] == [(0.01, 0), (0.01, 1), (0.001, 0), (0.001, 1)]
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(training, "fit_head", must_not_train)
+    assert training.run_grid(features, labels, folds, **kwargs) == rows
+
+
+def test_best_rate_by_mean_validation_accuracy():
+    rows = [
+        {"learning_rate": 0.01, "val_accuracy": 90.0}, {"learning_rate": 0.01, "val_accuracy": 99.0},
+        {"learning_rate": 0.001, "val_accuracy": 95.0}, {"learning_rate": 0.001, "val_accuracy": 95.0},
+        {"learning_rate": 0.0001, "val_accuracy": 96.0}, {"learning_rate": 0.0001, "val_accuracy": 93.0},
+    ]
+    assert training.select_best_rate(rows) == 0.001
+
+
+def test_metrics_match_hand_computation():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0])
+    metrics = training.classification_metrics(y_true, y_pred, 3)
+    assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert metrics["accuracy"] == pytest.approx(400 / 6)
+    assert metrics["precision_macro"] == pytest.approx(100 * (0.5 + 2 / 3 + 1) / 3)
+    assert metrics["recall_macro"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
+    assert training.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0}
+
+
+def test_joined_model_agrees_with_features_plus_head(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    backbone = keras.Model(inputs, keras.layers.Conv2D(4, 3, strides=4)(keras.layers.Rescaling(1 / 255)(inputs)))
+    images = np.random.default_rng(1).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    features = np.asarray(backbone(images.astype(np.float32)))
+    head, _ = training.fit_head(features, np.arange(10) % 2, n_classes=2, epochs=1, batch_size=4)
+    joined = training.join_model(backbone, head, "joined")
+    agreement = training.check_joined_agrees(joined, head, images, features)
+    assert agreement["prediction_agreement"] == 1.0
+    path = training.save_model_atomic(joined, tmp_path / "m.keras")
+    reloaded = keras.models.load_model(path)
+    np.testing.assert_allclose(reloaded(images.astype(np.float32)), joined(images.astype(np.float32)), atol=1e-6)
+    other_head, _ = training.fit_head(features, np.arange(10) % 2, n_classes=2, epochs=1, batch_size=4, seed=9)
+    with pytest.raises(AssertionError, match="disagrees"):
+        training.check_joined_agrees(joined, other_head, images, features, atol=1e-9)
