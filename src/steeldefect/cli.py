@@ -115,8 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # TensorFlow's converter logs every temporary SavedModel it writes; only our messages matter here.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
-    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     progress = not args.quiet
+    default_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
         return _dispatch(args, progress)
     except KeyboardInterrupt:
@@ -130,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         raise
+    finally:
+        warnings.formatwarning = default_format
 
 
 def _dispatch(args: argparse.Namespace, progress: bool) -> int:

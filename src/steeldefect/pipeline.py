@@ -233,6 +233,7 @@ def train_backbone(
         )
     write_csv(folder / "cv_grid.csv", rows)
     best_rate = training.select_best_rate(rows)
+    training.prune_heads(folder, best_rate)
 
     with training.timed(stage_times, "test"):
         heads = [

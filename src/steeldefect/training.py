@@ -10,6 +10,7 @@ one Keras model taking raw pixels, so deployment sees a single model.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -23,7 +24,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_score, recall_score
 from tqdm.auto import tqdm
 
-from steeldefect.files import read_json, write_csv, write_json
+from steeldefect.files import atomic_write_bytes, read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def fit_head(
         .shuffle(len(features), seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size)
     )
-    history = head.fit(train_data, epochs=epochs, validation_data=validation_data, verbose=0)
+    history = head.fit(train_data, epochs=epochs, validation_data=validation_data, shuffle=False, verbose=0)
     return head, {key: [float(v) for v in values] for key, values in history.history.items()}
 
 
@@ -165,7 +166,7 @@ def run_grid(
         for cell in cells:
             cell_dir = Path(out_dir) / "grid" / cell.folder
             metrics_path = cell_dir / "metrics.json"
-            if metrics_path.is_file() and (cell_dir / "head.weights.h5").is_file():
+            if metrics_path.is_file():
                 rows.append(read_json(metrics_path))
                 bar.set_postfix_str(f"lr={cell.learning_rate:g} fold {cell.fold} (cached)")
                 bar.update(1)
@@ -194,7 +195,7 @@ def run_grid(
                 "val_recall_macro": metrics["recall_macro"],
                 "train_seconds": time.perf_counter() - started,
             }
-            save_weights_atomic(head, cell_dir / "head.weights.h5")
+            save_head(head, cell_dir / HEAD_FILE)
             write_json(cell_dir / "history.json", history)
             write_json(metrics_path, row)
             rows.append(row)
@@ -210,18 +211,21 @@ def select_best_rate(rows: Sequence[dict[str, Any]]) -> float:
     return max(means, key=lambda rate: np.mean(means[rate]))
 
 
-def save_weights_atomic(model: keras.Model, path: Path) -> Path:
-    # Keras insists on the .weights.h5 suffix, so the temporary file keeps it.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".weights.h5")
-    os.close(fd)
-    try:
-        model.save_weights(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+HEAD_FILE = "head.npz"
+
+
+def save_head(head: keras.Model, path: Path) -> Path:
+    """The head's weights only: Keras' save_weights would add Adam's two moments (3x the size)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, *head.get_weights())
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def prune_heads(out_dir: Path, keep_rate: float) -> None:
+    """Drop the heads of the rates that lost the grid; their metrics and histories stay."""
+    for head_path in (Path(out_dir) / "grid").glob(f"lr*/fold*/{HEAD_FILE}"):
+        if head_path.parent.parent.name != f"lr{keep_rate:g}":
+            head_path.unlink()
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> Path:
@@ -238,8 +242,12 @@ def save_model_atomic(model: keras.Model, path: Path) -> Path:
 
 
 def load_head(cell_dir: Path, feature_shape: Sequence[int], n_classes: int, kind: str) -> keras.Model:
+    path = Path(cell_dir) / HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: trained head missing (deleted by hand?); train into a new --out folder")
     head = build_head(feature_shape, n_classes, kind=kind)
-    head.load_weights(Path(cell_dir) / "head.weights.h5")
+    with np.load(path) as stored:
+        head.set_weights([stored[f"arr_{i}"] for i in range(len(stored.files))])
     return head
 
 

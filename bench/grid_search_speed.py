@@ -1,0 +1,105 @@
+"""Cached features vs the reference's training loop, timed side by side in one run.
+
+Usage (from the repository root)::
+
+    python bench/grid_search_speed.py [NEU-DET folder] [--backbone mobilenet] [--reference-epochs 2]
+
+The reference trains backbone + head on images, so every epoch of every (rate, fold) cell runs the
+frozen backbone again. We run the backbone once per image, then train each head on the cached
+features. This bench times, for one learning rate and one fold of 15 epochs:
+  reference: the full model fitted on the fold's training images (the backbone's forward pass is
+             the cost; its per-epoch time is measured over --reference-epochs epochs, then x 15);
+  ours:      one feature extraction over all images + the head fitted on cached features.
+and extrapolates both to the full grid of 3 rates x 5 folds. The backbone's weights are random
+(``weights="none"``): they change no timing, and the official files are not on every machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from steeldefect import backbones, training
+from steeldefect.cpuinfo import cpu_description
+from steeldefect.data import load_images, scan_dataset
+from steeldefect.features import extract_features
+from steeldefect.splits import make_splits
+
+DEFAULT_NEU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET"
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self.started)
+
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path, nargs="?", default=DEFAULT_NEU_DIR)
+    parser.add_argument("--backbone", default="mobilenet")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--reference-epochs", type=int, default=2, help="epochs actually timed for the reference way")
+    parser.add_argument("--rates", type=int, default=3)
+    parser.add_argument("--folds", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    print(f"cpu: {cpu_description()}; threads: TensorFlow default ({os.cpu_count()} cores)")
+    dataset = scan_dataset(args.data)
+    dataset, images = load_images(dataset, progress=False)
+    splits = make_splits(dataset.labels, seed=42, n_folds=args.folds)
+    train_idx, val_idx = splits.folds[0]
+    n_classes = len(dataset.class_names)
+    print(f"data: {len(images)} images; one fold trains on {len(train_idx)}; backbone {args.backbone} (random weights)")
+
+    # Ours: the backbone once over every image, then one head on cached features.
+    model = backbones.build_backbone(args.backbone, weights="none")
+    started = time.perf_counter()
+    features = extract_features(model, images, progress=False)
+    extraction = time.perf_counter() - started
+    started = time.perf_counter()
+    training.fit_head(features[train_idx], dataset.labels[train_idx], n_classes=n_classes, learning_rate=1e-4,
+                      epochs=args.epochs, validation=(features[val_idx], dataset.labels[val_idx]))
+    head_cell = time.perf_counter() - started
+
+    # Reference: backbone + head trained on images (frozen backbone, so identical maths).
+    keras.utils.set_random_seed(42)
+    head = training.build_head(model.output_shape[1:], n_classes)
+    full = training.join_model(model, head, "reference_way")
+    full.compile(optimizer=keras.optimizers.Adam(1e-4), loss="categorical_crossentropy", metrics=["accuracy"])
+    timer = EpochTimer()
+    x_train = images[train_idx].astype(np.float32)
+    y_train = keras.utils.to_categorical(dataset.labels[train_idx], n_classes)
+    x_val = images[val_idx].astype(np.float32)
+    y_val = keras.utils.to_categorical(dataset.labels[val_idx], n_classes)
+    full.fit(x_train, y_train, batch_size=64, epochs=args.reference_epochs, validation_data=(x_val, y_val),
+             callbacks=[timer], verbose=0)
+    per_epoch = float(np.median(timer.times))
+    reference_cell = per_epoch * args.epochs
+
+    cells = args.rates * args.folds
+    ours_cell_total = head_cell + extraction
+    ours_grid = extraction + cells * head_cell
+    reference_grid = cells * reference_cell
+    print()
+    print(f"reference epoch (images through backbone + head): {per_epoch:8.1f} s  (median of {len(timer.times)} timed)")
+    print(f"one cell, {args.epochs} epochs   reference: {reference_cell:8.1f} s   ours: {head_cell:6.1f} s head"
+          f" + {extraction:.1f} s one-off extraction = {ours_cell_total:.1f} s   speed-up {reference_cell / ours_cell_total:5.1f}x")
+    print(f"full grid {args.rates} rates x {args.folds} folds   reference: {reference_grid / 60:8.1f} min   "
+          f"ours: {ours_grid / 60:6.1f} min   speed-up {reference_grid / ours_grid:5.1f}x")
+    print(f"head training alone vs reference cell: {reference_cell / head_cell:5.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
