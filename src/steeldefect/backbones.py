@@ -92,11 +92,8 @@ def keras_models_dir() -> Path:
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    digest = hashlib.new(algorithm)
     with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
 def _keras_application(constructor, preprocess_layer: Callable[[], keras.layers.Layer] | None):

@@ -180,11 +180,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def verify_sha256(path: str | os.PathLike, expected: str) -> None:
