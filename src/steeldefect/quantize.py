@@ -12,13 +12,15 @@ details (for a softmax LiteRT fixes them at 1/256 and 0).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from steeldefect.files import atomic_write_bytes
+from steeldefect.files import atomic_write_bytes, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,10 @@ def make_converter(model, variant: str, calibration_images: np.ndarray | None = 
 
 
 def convert(model, variant: str, calibration_images: np.ndarray | None = None) -> bytes:
-    return make_converter(model, variant, calibration_images).convert()
+    # The Keras -> SavedModel step prints every captured variable's TensorSpec to stdout; that would
+    # bury the progress bars and break `--format json` style output of callers.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return make_converter(model, variant, calibration_images).convert()
 
 
 def export_model(model, variant: str, path: Path, calibration_images: np.ndarray | None = None) -> Path:
@@ -140,14 +145,11 @@ def quantization_error_report(
     quantization step: ~0.29 is the floor of uniform rounding; much more means range trouble.
     """
     import csv
-    import io
 
     import tensorflow as tf
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot) draws with Agg without switching matplotlib's global backend.
+    from matplotlib.figure import Figure
 
     # The debugger instruments a float-I/O model, so this converter keeps float input and output.
     converter = _converter(model, model.input_shape[1:])
@@ -156,7 +158,8 @@ def quantization_error_report(
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=lambda: ([image.astype(np.float32)[None]] for image in debug_images)
     )
-    debugger.run()
+    with contextlib.redirect_stdout(io.StringIO()):
+        debugger.run()
     buffer = io.StringIO()
     debugger.layer_statistics_dump(buffer)
     rows = list(csv.DictReader(io.StringIO(buffer.getvalue())))
@@ -165,13 +168,12 @@ def quantization_error_report(
         mse = float(row["mean_squared_error"])
         row["rmse/scale"] = f"{(np.sqrt(mse) / scale) if scale else float('nan'):.6f}"
     fieldnames = list(rows[0].keys()) if rows else []
-    from steeldefect.files import write_csv
-
     write_csv(out_csv, rows, fieldnames)
     ranked = sorted(
         (row for row in rows if row["rmse/scale"] != "nan"), key=lambda row: float(row["rmse/scale"]), reverse=True
     )[:top]
-    figure, axis = plt.subplots(figsize=(9, max(3, 0.3 * len(ranked) + 1)))
+    figure = Figure(figsize=(9, max(3, 0.3 * len(ranked) + 1)))
+    axis = figure.subplots()
     labels = [_short_tensor_name(row["tensor_name"]) for row in ranked][::-1]
     axis.barh(labels, [float(row["rmse/scale"]) for row in ranked][::-1], color="tab:red")
     axis.axvline(1 / np.sqrt(12), color="grey", linestyle="--", label="rounding floor (0.29)")
@@ -181,7 +183,6 @@ def quantization_error_report(
     figure.tight_layout()
     buffer_png = io.BytesIO()
     figure.savefig(buffer_png, format="png", dpi=110)
-    plt.close(figure)
     atomic_write_bytes(out_png, buffer_png.getvalue())
     return rows
 
