@@ -431,9 +431,14 @@ def evaluate(
                 fold_text, variant = path.name.split(".")[:2]
                 result_path = Path(str(path) + ".eval.json")
                 bar.set_postfix_str(path.name)
-                if result_path.is_file() and result_path.stat().st_mtime >= path.stat().st_mtime:
-                    result = read_json(result_path)
-                else:
+                result = read_json(result_path) if result_path.is_file() else None
+                protocol = {"threads": threads, "warmup": warmup, "runs": runs}
+                # Reuse a measurement only if it was made on this very file with the same protocol.
+                if (
+                    result is None
+                    or result_path.stat().st_mtime < path.stat().st_mtime
+                    or any(result.get(key) != value for key, value in protocol.items())
+                ):
                     result = evaluate_module.evaluate_tflite(
                         path, images, labels, n_classes, threads=threads, warmup=warmup, runs=runs
                     ) | {"fold": int(fold_text.removeprefix("fold")), "cpu": cpu_description()}

@@ -49,6 +49,11 @@ def test_reproduce_end_to_end_skips_missing_weights(tiny_env, tmp_path):
     config = read_json(run / "config.json")
     assert config["commands"]["train"]["options"]["seed"] == 42
 
+    # Evaluating again with another thread count measures again instead of reusing old timings.
+    again = pipeline.evaluate(run, threads=1, warmup=1, runs=2, progress=False)
+    assert again["backbones"][TINY]["variants"]["int8"]["threads"] == 1
+    assert read_json(run / TINY / "models" / "fold0.int8.tflite.eval.json")["threads"] == 1
+
 
 def test_train_resumes_after_interruption_with_same_numbers(tiny_env, tmp_path, monkeypatch):
     reference = pipeline.train(tiny_env, tmp_path / "uninterrupted", backbones=[TINY], **FAST)
