@@ -30,13 +30,20 @@ class WeightsMissingError(RuntimeError):
     """The pretrained weight file a backbone needs is absent or fails its check."""
 
 
-@keras.saving.register_keras_serializable(package="steeldefect")
-class CaffePreprocess(keras.layers.Layer):
-    """VGG-16's "caffe" preprocessing as a layer: RGB -> BGR, then subtract the ImageNet BGR means."""
+def caffe_preprocess_layer() -> keras.layers.Layer:
+    """VGG-16's "caffe" preprocessing (RGB -> BGR, minus the ImageNet BGR means) as a fixed 1x1 conv.
 
-    def call(self, inputs):
-        bgr = keras.ops.flip(inputs, axis=-1)
-        return bgr - keras.ops.convert_to_tensor(_CAFFE_BGR_MEAN, dtype=inputs.dtype)
+    A convolution rather than a flip + subtract: XNNPACK has no REVERSE_V2 kernel, so a flip would
+    split the exported graph, and a plain Conv2D reloads without any custom-object registration.
+    The 0/1 kernel and the bias survive fp16 and int8 quantization exactly.
+    """
+    layer = keras.layers.Conv2D(3, 1, use_bias=True, trainable=False, name="caffe_bgr_mean")
+    layer.build((None, None, None, 3))
+    kernel = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    for out_channel, in_channel in enumerate((2, 1, 0)):
+        kernel[0, 0, in_channel, out_channel] = 1.0
+    layer.set_weights([kernel, -np.asarray(_CAFFE_BGR_MEAN, dtype=np.float32)])
+    return layer
 
 
 @dataclass(frozen=True)
@@ -98,13 +105,13 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 
 def _keras_application(constructor, preprocess_layer: Callable[[], keras.layers.Layer] | None):
     def build(weights_path: Path | None, preprocessing: bool, input_shape: tuple[int, int, int]) -> keras.Model:
+        # The official file is loaded into the bare Keras application first (its HDF5 loader matches
+        # layers by position), then the preprocessing is put in front of it.
+        base = constructor(include_top=False, weights=str(weights_path) if weights_path else None, input_shape=input_shape)
+        if not (preprocessing and preprocess_layer):
+            return base
         inputs = keras.Input(shape=input_shape, name="pixels")
-        x = preprocess_layer()(inputs) if (preprocessing and preprocess_layer) else inputs
-        return constructor(
-            include_top=False,
-            weights=str(weights_path) if weights_path else None,
-            input_tensor=x,
-        )
+        return keras.Model(inputs, base(preprocess_layer()(inputs)), name=base.name)
 
     return build
 
@@ -164,7 +171,7 @@ REGISTRY: dict[str, BackboneSpec] = {
                 58_889_256,
                 "6d6bbae143d832006294945121d1f1fc",
             ),
-            _build=_keras_application(keras.applications.VGG16, CaffePreprocess),
+            _build=_keras_application(keras.applications.VGG16, caffe_preprocess_layer),
             weights_source="keras",
         ),
         BackboneSpec(
@@ -351,7 +358,7 @@ __all__ = [
     "REFERENCE_BACKBONES",
     "REGISTRY",
     "BackboneSpec",
-    "CaffePreprocess",
+    "caffe_preprocess_layer",
     "WeightsMissingError",
     "build_backbone",
     "get_backbone",

@@ -66,8 +66,6 @@ class _Runner:
         if Path(model_path).suffix == ".keras":
             import keras
 
-            import steeldefect.backbones  # noqa: F401  (registers the custom preprocessing layer)
-
             self.keras_model = keras.models.load_model(model_path)
         else:
             from steeldefect.evaluate import make_interpreter

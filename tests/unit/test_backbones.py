@@ -42,14 +42,20 @@ def test_random_weights_only_when_asked_and_preprocessing_inside(name, empty_ker
     assert not model.trainable
     assert model.input_shape == (None, 64, 64, 3)
     reference = backbones.build_backbone(name, weights="none", preprocessing="reference", image_size=(64, 64))
-    assert len(reference.layers) < len(model.layers) or name == "efficientnetb0"
+    expected_first = {"mobilenet": "rescaling", "vgg16": "caffe_bgr_mean"}.get(name)
+    if expected_first:
+        assert model.layers[1].name.startswith(expected_first)
+        assert not reference.layers[1].name.startswith(expected_first)
+    else:  # EfficientNetB0 scales inside Keras' own model, so "reference" changes nothing for it.
+        assert [type(layer) for layer in model.layers] == [type(layer) for layer in reference.layers]
 
 
 def test_mobilenet_and_vgg_preprocessing_layers():
     model = backbones.build_backbone("mobilenet", weights="none", image_size=(32, 32))
     rescale = model.layers[1]
+    assert isinstance(rescale, keras.layers.Rescaling)
     np.testing.assert_allclose(rescale(np.array([[0.0, 127.5, 255.0]])), [[-1.0, 0.0, 1.0]])
-    caffe = backbones.CaffePreprocess()
+    caffe = backbones.caffe_preprocess_layer()
     out = np.asarray(caffe(np.array([[[[10.0, 20.0, 30.0]]]], np.float32)))
     np.testing.assert_allclose(out[0, 0, 0], [30 - 103.939, 20 - 116.779, 10 - 123.68], rtol=1e-6)
 
