@@ -8,6 +8,9 @@ dataset in any of the three layouts whose classes differ visibly (so a smoke tes
 from __future__ import annotations
 
 import os
+
+# TensorFlow reads this once at import: keep its C++ start-up logging out of failure reports.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pathlib import Path
 from typing import Callable
 

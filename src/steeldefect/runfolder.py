@@ -108,8 +108,9 @@ def record_config(run: Path, command: str, options: dict[str, Any]) -> Path:
     return write_json(path, config)
 
 
-# Options that change how a run is carried out but not what it computes.
-_RESUME_FREE_OPTIONS = {"progress", "cache_dir", "threads", "out", "skip_missing_weights"}
+# Options that change how a run is carried out but not what it computes (evaluate re-measures
+# every model whose recorded thread count or timing protocol differs).
+_RESUME_FREE_OPTIONS = {"progress", "cache_dir", "threads", "warmup", "runs", "out", "skip_missing_weights"}
 
 
 def load_summary(run: Path) -> dict[str, Any]:
