@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-epochs", type=int, default=2, help="epochs actually timed for the reference way")
     parser.add_argument("--rates", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--head", choices=training.HEAD_CHOICES, default="flatten")
     args = parser.parse_args(argv)
 
     print(f"cpu: {cpu_description()}; threads: TensorFlow default ({os.cpu_count()} cores)")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = make_splits(dataset.labels, seed=42, n_folds=args.folds)
     train_idx, val_idx = splits.folds[0]
     n_classes = len(dataset.class_names)
-    print(f"data: {len(images)} images; one fold trains on {len(train_idx)}; backbone {args.backbone} (random weights)")
+    print(f"data: {len(images)} images; one fold trains on {len(train_idx)}; backbone {args.backbone} (random weights), {args.head} head")
 
     # Ours: the backbone once over every image, then one head on cached features.
     model = backbones.build_backbone(args.backbone, weights="none")
@@ -68,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     features = extract_features(model, images, progress=False)
     extraction = time.perf_counter() - started
     started = time.perf_counter()
-    training.fit_head(features[train_idx], dataset.labels[train_idx], n_classes=n_classes, learning_rate=1e-4,
+    training.fit_head(features[train_idx], dataset.labels[train_idx], n_classes=n_classes, kind=args.head, learning_rate=1e-4,
                       epochs=args.epochs, validation=(features[val_idx], dataset.labels[val_idx]))
     head_cell = time.perf_counter() - started
 
     # Reference: backbone + head trained on images (frozen backbone, so identical maths).
     keras.utils.set_random_seed(42)
-    head = training.build_head(model.output_shape[1:], n_classes)
+    head = training.build_head(model.output_shape[1:], n_classes, kind=args.head)
     full = training.join_model(model, head, "reference_way")
     full.compile(optimizer=keras.optimizers.Adam(1e-4), loss="categorical_crossentropy", metrics=["accuracy"])
     timer = EpochTimer()
