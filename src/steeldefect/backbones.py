@@ -349,10 +349,6 @@ def install_weights(folder: Path) -> list[tuple[str, str]]:
     return outcomes
 
 
-def feature_count(name: str) -> int:
-    return int(np.prod(get_backbone(name).feature_shape))
-
-
 __all__ = [
     "ALL_BACKBONES",
     "REFERENCE_BACKBONES",

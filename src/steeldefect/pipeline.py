@@ -458,8 +458,6 @@ def evaluate(
         update_summary(run, name, variants=variants_summary, wall_time_s=stage_times)
     write_csv(run / "tflite_metrics.csv", table)
     write_json(run / "tflite_metrics.json", table)
-    from steeldefect.runfolder import set_summary_field
-
     set_summary_field(run, "latency_machine", {"cpu": cpu_description(), "threads": threads})
     log.info("evaluation written to %s/tflite_metrics.csv and summary.json", run)
     return read_json(run / "summary.json")
@@ -495,7 +493,6 @@ def reproduce(
 ) -> dict[str, Any]:
     """The whole study in one call: train -> export -> evaluate -> report (each step resumable)."""
     from steeldefect.report import write_report
-    from steeldefect.runfolder import set_summary_field
 
     train_options.setdefault("backbones", ["all"])
     started = time.perf_counter()

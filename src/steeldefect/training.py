@@ -9,6 +9,7 @@ one Keras model taking raw pixels, so deployment sees a single model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -17,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -299,17 +300,11 @@ def write_test_metrics(out_dir: Path, variant: str, per_model: list[dict[str, An
     return aggregated
 
 
-def timed(stage_times: dict[str, float], stage: str) -> Callable:
-    """Decorator-free stage timer: ``with timed(times, 'grid')``."""
-    return _StageTimer(stage_times, stage)
-
-
-class _StageTimer:
-    def __init__(self, times: dict[str, float], stage: str) -> None:
-        self.times, self.stage = times, stage
-
-    def __enter__(self) -> None:
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.times[self.stage] = round(self.times.get(self.stage, 0.0) + time.perf_counter() - self.started, 3)
+@contextlib.contextmanager
+def timed(stage_times: dict[str, float], stage: str) -> Iterator[None]:
+    """``with timed(times, "grid"):`` adds the block's wall time (s) to ``times["grid"]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stage_times[stage] = round(stage_times.get(stage, 0.0) + time.perf_counter() - started, 3)
