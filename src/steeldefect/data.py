@@ -25,7 +25,7 @@ file is a candidate image and is decoded by content, so a mislabelled or broken 
 than silently skipped.
 
 :func:`read_image` prepares a single file exactly as :func:`load_images` does (for prediction), and
-:func:`is_ignored_file` is the side-file rule above, shared with callers that collect files themselves.
+:func:`candidate_files` is the file walk above, shared with callers that collect files themselves.
 
 Problems are collected, never raised one at a time: a :class:`DatasetError` lists every problem found,
 one line each, naming the file or folder concerned.
@@ -198,7 +198,7 @@ def scan_dataset(root: str | os.PathLike, *, skip_bad: bool = False, min_per_cla
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
 
-    candidates = _candidate_files(root)
+    candidates = candidate_files(root)
     if not candidates:
         raise DatasetError(
             f"{root}: no image files found (hidden files and text files such as README or *.txt are ignored)"
@@ -290,7 +290,8 @@ def scan_dataset(root: str | os.PathLike, *, skip_bad: bool = False, min_per_cla
     return dataset
 
 
-def _candidate_files(root: Path) -> list[Path]:
+def candidate_files(root: Path) -> list[Path]:
+    """Every non-ignored file under ``root`` (hidden folders and text side files skipped), unsorted."""
     found: list[Path] = []
     seen_dirs: set[str] = set()
     # followlinks so that class folders can be symlinked in; seen_dirs stops symlink cycles.

@@ -16,12 +16,13 @@ import collections
 import hashlib
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import keras
 import numpy as np
+
+from steeldefect.files import atomic_save
 
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 LITE0_PTH_NAME = "efficientnet-lite0-57934424.pth"
@@ -338,17 +339,7 @@ def ensure_lite0_weights(keras_home: Path | None = None) -> Path:
     state_dict = read_legacy_pth(pth_source_path(), expected_sha256=LITE0_SHA256)
     model = build_efficientnet_lite0(include_top=True)
     load_pth_into_model(model, state_dict)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Keras insists on the .weights.h5 suffix even for the temp file; os.replace makes it atomic.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".weights.h5")
-    os.close(fd)
-    try:
-        model.save_weights(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_save(target, model.save_weights, ".weights.h5")
 
 
 def build_pretrained_lite0(include_top: bool = False, preprocessing: bool = True, batch_size: int | None = None,

@@ -52,16 +52,14 @@ def prepare_data(
     test_fraction: float = 0.15,
     n_folds: int = 5,
     seed: int = 42,
-    cache_dir: Path | None | bool = None,
+    cache_dir: Path | None = None,
     skip_bad: bool = False,
     progress: bool = True,
 ) -> PreparedData:
     """Load the images, fix the split, and record both in the run folder."""
-    dataset = data_module.scan_dataset(data, skip_bad=skip_bad, min_per_class=n_folds)
-    dataset, images = data_module.load_images(
-        dataset, image_size=image_size, cache_dir=cache_dir, skip_bad=skip_bad, progress=progress
+    dataset, images, fingerprint = _load_dataset(
+        data, image_size=image_size, cache_dir=cache_dir, skip_bad=skip_bad, n_folds=n_folds, progress=progress
     )
-    fingerprint = data_module.dataset_fingerprint(dataset, image_size)
     splits = splits_module.make_splits(dataset.labels, test_fraction=test_fraction, n_folds=n_folds, seed=seed)
     run = Path(run)
     splits_path = run / "splits.csv"
@@ -86,6 +84,18 @@ def prepare_data(
     )
     log.info("dataset %s: %d images, fingerprint %s", data, len(dataset.paths), fingerprint[:16])
     return PreparedData(dataset, images, fingerprint, splits)
+
+
+def _load_dataset(
+    data: Path, *, image_size: tuple[int, int], cache_dir: Path | None, skip_bad: bool, n_folds: int, progress: bool
+) -> tuple[Any, np.ndarray, str]:
+    """Scan, decode (through the image cache) and fingerprint a dataset; every class needs at least
+    ``n_folds`` usable images, also after ``skip_bad`` dropped some."""
+    dataset = data_module.scan_dataset(data, skip_bad=skip_bad, min_per_class=n_folds)
+    dataset, images = data_module.load_images(
+        dataset, image_size=image_size, cache_dir=cache_dir, skip_bad=skip_bad, min_per_class=n_folds, progress=progress
+    )
+    return dataset, images, data_module.dataset_fingerprint(dataset, image_size)
 
 
 def train(
@@ -214,7 +224,7 @@ def train_backbone(
             backbone=name,
             weights_id=weights_id + (f"-seed{seed}" if weights == "none" else ""),
             preprocessing=preprocessing,
-            cache_dir=cache_dir if cache_dir is not False else None,
+            cache_dir=cache_dir,
             progress=progress,
         )
     with training.timed(stage_times, "grid"):
@@ -319,15 +329,14 @@ def load_run_data(run: Path, *, progress: bool = True) -> tuple[PreparedData, di
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: not a run folder (run `steeldefect train` first)")
     options = read_json(config_path)["commands"]["train"]["options"]
-    dataset = data_module.scan_dataset(options["data"], skip_bad=options["skip_bad"], min_per_class=options["n_folds"])
-    dataset, images = data_module.load_images(
-        dataset,
+    dataset, images, fingerprint = _load_dataset(
+        options["data"],
         image_size=tuple(options["image_size"]),
         cache_dir=Path(options["cache_dir"]),
         skip_bad=options["skip_bad"],
+        n_folds=options["n_folds"],
         progress=progress,
     )
-    fingerprint = data_module.dataset_fingerprint(dataset, tuple(options["image_size"]))
     recorded = read_json(run / "dataset.json")["fingerprint"]
     if fingerprint != recorded:
         raise ValueError(

@@ -40,21 +40,13 @@ def load_metadata(model_path: Path) -> dict:
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:
-    """Files as given, and every non-hidden file under given folders (text files are skipped)."""
-    from steeldefect.data import is_ignored_file
+    """Files as given, and under given folders every file the dataset scan would consider an image
+    candidate (hidden files and text side files are skipped), sorted."""
+    from steeldefect.data import candidate_files
 
     found: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir():
-            found.extend(
-                sorted(
-                    p for p in path.rglob("*")
-                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                    and not is_ignored_file(p.name)
-                )
-            )
-        else:
-            found.append(path)
+        found.extend(sorted(candidate_files(path)) if path.is_dir() else [path])
     return found
 
 

@@ -13,8 +13,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_score, recall_score
 from tqdm.auto import tqdm
 
-from steeldefect.files import atomic_write_bytes, read_json, write_csv, write_json
+from steeldefect.files import atomic_save, atomic_write_bytes, read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -230,16 +228,7 @@ def prune_heads(out_dir: Path, keep_rate: float) -> None:
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".keras")
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic_save(path, model.save, ".keras")
 
 
 def load_head(cell_dir: Path, feature_shape: Sequence[int], n_classes: int, kind: str) -> keras.Model:
