@@ -41,6 +41,24 @@ def test_fit_head_learns_and_is_deterministic():
     np.testing.assert_array_equal(training.predict_proba(head_a, features), training.predict_proba(head_b, features))
 
 
+@pytest.mark.parametrize("kind", ["flatten", "pooled"])
+def test_a_reused_trainer_trains_each_cell_as_a_fresh_one(kind):
+    # The grid compiles one trainer and reuses it; a resumed grid may train any cell first, so a
+    # cell must not depend on what the trainer trained before it.
+    features, labels = separable()
+    trainer = training.HeadTrainer(features.shape[1:], 3, kind=kind, batch_size=16)
+    trainer.fit(features, labels, learning_rate=1e-1, epochs=3, seed=1)
+    reused, history = trainer.fit(features, labels, learning_rate=1e-2, epochs=6, seed=2, validation=(features, labels))
+    fresh, _ = training.fit_head(features, labels, n_classes=3, kind=kind, learning_rate=1e-2, epochs=6, batch_size=16, seed=2)
+    assert [type(layer).__name__ for layer in reused.layers] == [type(layer).__name__ for layer in fresh.layers]
+    np.testing.assert_allclose(training.predict_proba(reused, features), training.predict_proba(fresh, features), atol=1e-6)
+    # The history a user plots: per-epoch training and validation loss/accuracy, and it learned.
+    assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert history["val_accuracy"][-1] > 0.9 and history["loss"][-1] < history["loss"][0]
+    with pytest.raises(ValueError, match="trainer for"):
+        trainer.fit(features[:, :1], labels, learning_rate=1e-2)
+
+
 def test_grid_resumes_finished_cells(tmp_path, monkeypatch):
     features, labels = separable()
     folds = [(np.arange(0, 120, 2), np.arange(1, 120, 2)), (np.arange(1, 120, 2), np.arange(0, 120, 2))]
