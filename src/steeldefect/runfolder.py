@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,23 @@ def environment() -> dict[str, str]:
         "scikit_learn": sklearn.__version__,
         "platform": platform.platform(),
         "cpu": cpu_description(),
+        "source": source_revision(),
     }
+
+
+def source_revision() -> str:
+    """The git commit the package was run from (``+dirty`` with local edits), or "unknown" outside
+    a checkout: the version number alone does not say which code produced a number."""
+    package_dir = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=package_dir,
+                               capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def record_config(run: Path, command: str, options: dict[str, Any]) -> Path:

@@ -48,6 +48,9 @@ def test_reproduce_end_to_end_skips_missing_weights(tiny_env, tmp_path):
     assert (run / TINY / "quant_debug.csv").is_file() and (run / TINY / "quant_debug.png").is_file()
     config = read_json(run / "config.json")
     assert config["commands"]["train"]["options"]["seed"] == 42
+    # Which code produced the numbers: this checkout's commit (tests run from a git clone).
+    source = config["commands"]["train"]["environment"]["source"]
+    assert source == "unknown" or len(source.split("+")[0]) == 40
 
     # Evaluating again with another thread count measures again instead of reusing old timings.
     again = pipeline.evaluate(run, threads=1, warmup=1, runs=2, progress=False)
