@@ -25,6 +25,7 @@ from steeldefect.evaluate import delegate_partitions, make_interpreter, measure_
 from steeldefect.runfolder import fold_model_path, load_summary
 
 VARIANTS = ("fp32", "fp16", "int8")
+OPTIONAL = ("int8-mixed",)  # timed too when the run has it (`steeldefect export RUN --variants int8-mixed`)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,12 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rng = np.random.default_rng(0)
     header = f"{'backbone':<20} {'threads':>7} " + " ".join(f"{v + ' ms':>10}" for v in VARIANTS)
-    header += f" {'fp16/fp32':>10} {'int8/fp32':>10}  partitions"
+    header += f" {'fp16/fp32':>10} {'int8/fp32':>10} {'mixed/fp32':>10}  partitions"
     print(header)
     print("-" * len(header))
     for name in names:
         paths = {variant: fold_model_path(args.run, name, 0, variant) for variant in VARIANTS}
         missing = [str(path) for path in paths.values() if not path.is_file()]
+        paths |= {v: fold_model_path(args.run, name, 0, v) for v in OPTIONAL if fold_model_path(args.run, name, 0, v).is_file()}
         if missing:
             print(f"{name:<20} missing: {', '.join(missing)} (run `steeldefect export {args.run}`)")
             continue
@@ -64,19 +66,20 @@ def main(argv: list[str] | None = None) -> int:
             interpreters = {variant: make_interpreter(path, threads) for variant, path in paths.items()}
             height, width = interpreters["fp32"].get_input_details()[0]["shape"][1:3]
             image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            medians: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+            medians: dict[str, list[float]] = {variant: [] for variant in paths}
             for round_index in range(args.rounds):
-                for variant in VARIANTS:
+                for variant in paths:
                     result = measure_latency(
                         interpreters[variant], image, warmup=args.warmup if round_index == 0 else 2, runs=args.runs
                     )
                     medians[variant].append(result["latency_ms_median"])
             median = {variant: float(np.median(values)) for variant, values in medians.items()}
-            partitions = ",".join(str(delegate_partitions(interpreters[v])) for v in VARIANTS)
+            partitions = ",".join(str(delegate_partitions(interpreters[v])) for v in paths)
+            mixed = f"{median['int8-mixed'] / median['fp32']:>10.2f}" if "int8-mixed" in median else f"{'-':>10}"
             print(
                 f"{name:<20} {threads:>7} "
                 + " ".join(f"{median[v]:>10.2f}" for v in VARIANTS)
-                + f" {median['fp16'] / median['fp32']:>10.2f} {median['int8'] / median['fp32']:>10.2f}  {partitions}"
+                + f" {median['fp16'] / median['fp32']:>10.2f} {median['int8'] / median['fp32']:>10.2f} {mixed}  {partitions}"
             )
     return 0
 

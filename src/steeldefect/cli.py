@@ -54,7 +54,7 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from steeldefect.quantize import VARIANTS
+    from steeldefect.quantize import DEFAULT_VARIANTS, VARIANTS
 
     parser = argparse.ArgumentParser(prog="steeldefect", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="LiteRT fp32 / fp16 / full-integer int8 models of a run")
     export.add_argument("run", type=Path)
-    export.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    export.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
+                        help="int8-mixed: int8 except the high-resolution start, kept float (for CPUs without "
+                             "int8 dot-product instructions; see the README)")
     export.add_argument("--calibration-samples", type=int, default=200)
     export.add_argument("--no-quant-report", action="store_true", help="skip the per-layer int8 error report")
 

@@ -356,7 +356,7 @@ def trained_backbones(run: Path) -> list[str]:
 def export(
     run: Path,
     *,
-    variants: Sequence[str] = ("fp32", "fp16", "int8"),
+    variants: Sequence[str] = ("fp32", "fp16", "int8"),  # quantize.DEFAULT_VARIANTS
     calibration_samples: int = 200,
     quant_report: bool = True,
     progress: bool = True,
@@ -391,10 +391,10 @@ def export(
                 if not (target.is_file() and meta_path.is_file()):
                     source = fold_model_path(run, name, fold, "keras")
                     model = keras.models.load_model(source)
-                    quantize.export_model(model, variant, target, calibration_images if variant == "int8" else None)
+                    quantize.export_model(model, variant, target, calibration_images if variant in quantize.QUANTIZED_VARIANTS else None)
                     meta = read_json(sidecar_path(source)) | {"variant": variant, "verified": None}
                     meta["tflite"] = quantize.tensor_summary(target)
-                    if variant == "int8":
+                    if variant in quantize.QUANTIZED_VARIANTS:
                         meta["calibration"] = {"samples": len(calibration), "split": "train", "file": "calibration.csv"}
                     write_json(meta_path, meta)
                 written.append(target)

@@ -24,7 +24,9 @@ from steeldefect.files import atomic_write_bytes, write_csv
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("fp32", "fp16", "int8")
+VARIANTS = ("fp32", "fp16", "int8", "int8-mixed")
+DEFAULT_VARIANTS = ("fp32", "fp16", "int8")  # the reference's three; int8-mixed on request
+QUANTIZED_VARIANTS = ("int8", "int8-mixed")
 
 
 def calibration_indices(
@@ -76,8 +78,8 @@ def make_converter(model, variant: str, calibration_images: np.ndarray | None = 
     """A TFLiteConverter configured for one variant (also used by the quantization debugger)."""
     import tensorflow as tf
 
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"variant must be one of fp32, fp16, int8, got {variant!r}")
     converter = _converter(model, model.input_shape[1:])
     if variant == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -94,10 +96,52 @@ def make_converter(model, variant: str, calibration_images: np.ndarray | None = 
 
 
 def convert(model, variant: str, calibration_images: np.ndarray | None = None) -> bytes:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     # The Keras -> SavedModel step prints every captured variable's TensorSpec to stdout; that would
     # bury the progress bars and break `--format json` style output of callers.
     with contextlib.redirect_stdout(io.StringIO()):
+        if variant == "int8-mixed":
+            return _convert_mixed(model, calibration_images)
         return make_converter(model, variant, calibration_images).convert()
+
+
+def high_resolution_outputs(int8_flatbuffer: bytes, min_fraction: float = 1 / 8) -> list[str]:
+    """Output tensors of the ops that work at >= ``min_fraction`` of the input's resolution.
+
+    On CPUs without int8 dot-product instructions XNNPACK's int8 kernels lose to its fp32 ones on the
+    large, few-channel maps at the start of a CNN (above all the 3-channel stem convolution, 5x
+    slower) and win on the small, channel-heavy rest (bench/int8_stages.py): that start is the part
+    ``int8-mixed`` keeps in float.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=int8_flatbuffer)
+    details = {detail["index"]: detail for detail in interpreter.get_tensor_details()}
+    input_height = int(interpreter.get_input_details()[0]["shape"][1])
+    names = []
+    for op in interpreter._get_ops_details():
+        for index in op["outputs"]:
+            shape = details[index]["shape"]
+            if op["op_name"] != "QUANTIZE" and len(shape) == 4 and shape[1] >= input_height * min_fraction:
+                names.append(details[index]["name"])
+    return names
+
+
+def _convert_mixed(model, calibration_images: np.ndarray | None) -> bytes:
+    """int8 from 1/8 resolution on, float before: the converter's own selective quantization
+    (QuantizationDebugger deny-list). Input: float32 raw pixels 0..255; output: float32 probabilities."""
+    import tensorflow as tf
+
+    full_integer = make_converter(model, "int8", calibration_images).convert()
+    converter = make_converter(model, "int8", calibration_images)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter,
+        debug_dataset=representative_dataset(calibration_images[:1]),
+        debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=high_resolution_outputs(full_integer)),
+    )
+    return debugger.get_nondebug_quantized_model()
 
 
 def export_model(model, variant: str, path: Path, calibration_images: np.ndarray | None = None) -> Path:

@@ -106,10 +106,14 @@ def record_config(run: Path, command: str, options: dict[str, Any]) -> Path:
     config = read_json(path) if path.exists() else {"commands": {}}
     previous = config["commands"].get(command)
     if previous is not None:
+        if isinstance(previous["options"].get("variants"), list) and "variants" in options:
+            # Exporting another variant adds files and changes none: the folder records the union.
+            options = {**options, "variants": previous["options"]["variants"]
+                       + [v for v in options["variants"] if v not in previous["options"]["variants"]]}
         changed = {
             key: (previous["options"].get(key), value)
             for key, value in options.items()
-            if key not in _RESUME_FREE_OPTIONS and previous["options"].get(key) != value
+            if key not in _RESUME_FREE_OPTIONS and key != "variants" and previous["options"].get(key) != value
         }
         if changed:
             details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())

@@ -57,6 +57,13 @@ def test_reproduce_end_to_end_skips_missing_weights(tiny_env, tmp_path):
     assert again["backbones"][TINY]["variants"]["int8"]["threads"] == 1
     assert read_json(run / TINY / "models" / "fold0.int8.tflite.eval.json")["threads"] == 1
 
+    # Adding a variant to a finished run is allowed (it changes no existing number) and is evaluated.
+    pipeline.export(run, variants=["int8-mixed"], calibration_samples=12, quant_report=False, progress=False)
+    variants = read_json(run / "config.json")["commands"]["export"]["options"]["variants"]
+    assert variants == ["fp32", "fp16", "int8", "int8-mixed"]
+    mixed = pipeline.evaluate(run, threads=1, warmup=1, runs=2, progress=False)["backbones"][TINY]["variants"]["int8-mixed"]
+    assert mixed["n_models"] == 2 and mixed["accuracy"]["mean"] > 60
+
 
 def test_train_resumes_after_interruption_with_same_numbers(tiny_env, tmp_path, monkeypatch):
     reference = pipeline.train(tiny_env, tmp_path / "uninterrupted", backbones=[TINY], **FAST)

@@ -66,8 +66,28 @@ def test_int8_agrees_with_float(small_model, exported, images):
 
 
 def test_whole_graph_is_delegated_to_xnnpack(exported):
-    for path in exported.values():
-        assert evaluate.delegate_partitions(evaluate.make_interpreter(path, threads=1)) == 1
+    for variant, path in exported.items():
+        interpreter = evaluate.make_interpreter(path, threads=1)
+        # int8-mixed: one float and one int8 partition (XNNPACK splits at the QUANTIZE between them).
+        assert evaluate.delegate_partitions(interpreter) == (2 if variant == "int8-mixed" else 1), variant
+
+
+def test_int8_mixed_keeps_the_high_resolution_start_in_float(small_model, exported, images):
+    summary = quantize.tensor_summary(exported["int8-mixed"])
+    assert summary["inputs"][0]["dtype"] == "float32" and summary["outputs"][0]["dtype"] == "float32"
+    interpreter = evaluate.make_interpreter(exported["int8-mixed"], threads=1)
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    kinds = [(op["op_name"], details[op["outputs"][0]]["dtype"].__name__) for op in interpreter._get_ops_details()
+             if op["op_name"] != "DELEGATE"]
+    # 32x32 input: the 16x16 convolutions are >= 1/8 resolution, so float; the head is int8.
+    assert ("CONV_2D", "float32") in kinds and ("DEPTHWISE_CONV_2D", "float32") in kinds
+    assert ("FULLY_CONNECTED", "int8") in kinds and ("QUANTIZE", "int8") in kinds
+    probabilities = evaluate.predict_tflite(interpreter, images)  # raw pixels, given as float32
+    float_probs = np.asarray(small_model(images.astype(np.float32)))
+    assert np.abs(probabilities - float_probs).max() < 0.08
+    assert (probabilities.argmax(1) == float_probs.argmax(1)).mean() >= 0.9
+    with pytest.raises(ValueError, match="calibration"):
+        quantize.convert(small_model, "int8-mixed", None)
 
 
 def test_calibration_never_touches_test_images_and_is_balanced():
