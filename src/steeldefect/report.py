@@ -117,6 +117,7 @@ def write_report(run: Path) -> Path:
               "mean ± std over the fold models; the reference = mean ± std of single runs without warm-up "
               "on a Colab CPU, so the two columns are not measured the same way.",
               "- CSV: [report_tables/table5_size_latency.csv](report_tables/table5_size_latency.csv)", ""]
+    lines += _extra_variants_section(run, names, backbones)
     lines += _cv_section(run, names, backbones)
     lines += _plots_section(run, names, backbones, summary)
     return atomic_write_text(run / "report.md", "\n".join(lines).rstrip("\n") + "\n")
@@ -337,6 +338,30 @@ def _size_latency_table(
             csv_row["ref_latency_ms_mean"], csv_row["ref_latency_ms_std"] = _mean_std(ref_latency)
             csv_rows.append(csv_row)
     return header, rows, csv_rows
+
+
+def _extra_variants_section(run: Path, names: list[str], backbones: dict[str, Any]) -> list[str]:
+    """Variants the reference has no column for (``int8-mixed``), in one table of their own."""
+    header = ["Backbone", "Variant", "Accuracy", "Macro precision", "Macro recall", "Size MiB",
+              "Latency ms (median)", "Latency ms (p90)", "Models"]
+    rows, csv_rows = [], []
+    for name in names:
+        entry = backbones.get(name)
+        extra = [v for v in ((entry or {}).get("variants") or {}) if v not in VARIANTS]
+        for variant in extra:
+            ours = _variant(entry, variant) or {}
+            keys = ("accuracy", "precision_macro", "recall_macro", "size_mib", "latency_ms_median", "latency_ms_p90")
+            rows.append([_display(name, entry), variant, *(_fmt(ours.get(key)) for key in keys), str(ours.get("n_models", MISSING))])
+            csv_row: dict[str, Any] = {"backbone": name, "variant": variant, "n_models": ours.get("n_models", "")}
+            for key in keys:
+                csv_row[f"{key}_mean"], csv_row[f"{key}_std"] = _mean_std(ours.get(key))
+            csv_rows.append(csv_row)
+    if not rows:
+        return []
+    write_csv(run / "report_tables" / "extra_variants.csv", csv_rows)
+    return ["## Beyond the reference — other exported variants", "",
+            "`int8-mixed`: int8 except the high-resolution start, kept in float (see the README).", "",
+            _md_table(header, rows), "", "CSV: [report_tables/extra_variants.csv](report_tables/extra_variants.csv)", ""]
 
 
 def _cv_stats(entry: dict[str, Any], rows: list[dict[str, float]]) -> dict[float, dict[str, Any]]:

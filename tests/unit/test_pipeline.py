@@ -63,6 +63,9 @@ def test_reproduce_end_to_end_skips_missing_weights(tiny_env, tmp_path):
     assert variants == ["fp32", "fp16", "int8", "int8-mixed"]
     mixed = pipeline.evaluate(run, threads=1, warmup=1, runs=2, progress=False)["backbones"][TINY]["variants"]["int8-mixed"]
     assert mixed["n_models"] == 2 and mixed["accuracy"]["mean"] > 60
+    from steeldefect.report import write_report
+
+    assert "| int8-mixed |" in write_report(run).read_text()
 
 
 def test_train_resumes_after_interruption_with_same_numbers(tiny_env, tmp_path, monkeypatch):
