@@ -133,8 +133,8 @@ def _convert_mixed(model, calibration_images: np.ndarray | None) -> bytes:
     (QuantizationDebugger deny-list). Input: float32 raw pixels 0..255; output: float32 probabilities."""
     import tensorflow as tf
 
-    # The deny-list names tensors of the calibrated int8 graph (fused conv+BN+ReLU names, shapes after
-    # conversion), so that graph is converted once just to read them; the float graph's differ.
+    # The deny-list must name tensors as the debugger's calibrated int8 graph names them (fused
+    # conv+BN+ReLU outputs), so that graph is converted once to read names and shapes from.
     full_integer = make_converter(model, "int8", calibration_images).convert()
     converter = make_converter(model, "int8", calibration_images)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
