@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         paths = {variant: fold_model_path(args.run, name, 0, variant) for variant in VARIANTS}
         missing = [str(path) for path in paths.values() if not path.is_file()]
-        paths |= {v: fold_model_path(args.run, name, 0, v) for v in OPTIONAL if fold_model_path(args.run, name, 0, v).is_file()}
+        optional = {variant: fold_model_path(args.run, name, 0, variant) for variant in OPTIONAL}
+        paths |= {variant: path for variant, path in optional.items() if path.is_file()}
         if missing:
             print(f"{name:<20} missing: {', '.join(missing)} (run `steeldefect export {args.run}`)")
             continue

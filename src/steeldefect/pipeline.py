@@ -22,6 +22,7 @@ from steeldefect import splits as splits_module
 from steeldefect import training
 from steeldefect.features import cached_features
 from steeldefect.files import default_cache_dir, read_json, write_csv, write_json
+from steeldefect.quantize import DEFAULT_VARIANTS
 from steeldefect.runfolder import (
     backbone_dir,
     fold_model_path,
@@ -356,7 +357,7 @@ def trained_backbones(run: Path) -> list[str]:
 def export(
     run: Path,
     *,
-    variants: Sequence[str] = ("fp32", "fp16", "int8"),  # quantize.DEFAULT_VARIANTS
+    variants: Sequence[str] = DEFAULT_VARIANTS,
     calibration_samples: int = 200,
     quant_report: bool = True,
     progress: bool = True,

@@ -78,8 +78,8 @@ def make_converter(model, variant: str, calibration_images: np.ndarray | None = 
     """A TFLiteConverter configured for one variant (also used by the quantization debugger)."""
     import tensorflow as tf
 
-    if variant not in ("fp32", "fp16", "int8"):
-        raise ValueError(f"variant must be one of fp32, fp16, int8, got {variant!r}")
+    if variant not in DEFAULT_VARIANTS:
+        raise ValueError(f"a converter is configured for one of {DEFAULT_VARIANTS}, got {variant!r}")
     converter = _converter(model, model.input_shape[1:])
     if variant == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]

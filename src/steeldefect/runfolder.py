@@ -106,14 +106,13 @@ def record_config(run: Path, command: str, options: dict[str, Any]) -> Path:
     config = read_json(path) if path.exists() else {"commands": {}}
     previous = config["commands"].get(command)
     if previous is not None:
-        if isinstance(previous["options"].get("variants"), list) and "variants" in options:
-            # Exporting another variant adds files and changes none: the folder records the union.
-            options = {**options, "variants": previous["options"]["variants"]
-                       + [v for v in options["variants"] if v not in previous["options"]["variants"]]}
+        for key in _ADDITIVE_OPTIONS & options.keys():
+            earlier = list(previous["options"].get(key) or [])
+            options = {**options, key: earlier + [v for v in options[key] if v not in earlier]}
         changed = {
             key: (previous["options"].get(key), value)
             for key, value in options.items()
-            if key not in _RESUME_FREE_OPTIONS and key != "variants" and previous["options"].get(key) != value
+            if key not in _RESUME_FREE_OPTIONS | _ADDITIVE_OPTIONS and previous["options"].get(key) != value
         }
         if changed:
             details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
@@ -132,6 +131,9 @@ def record_config(run: Path, command: str, options: dict[str, Any]) -> Path:
 # Options that change how a run is carried out but not what it computes (evaluate re-measures
 # every model whose recorded thread count or timing protocol differs).
 _RESUME_FREE_OPTIONS = {"progress", "cache_dir", "threads", "warmup", "runs", "out", "skip_missing_weights"}
+# List options that may grow: exporting another variant adds files and changes none, so the folder
+# records the union of what was asked.
+_ADDITIVE_OPTIONS = {"variants"}
 
 
 def load_summary(run: Path) -> dict[str, Any]:

@@ -76,9 +76,8 @@ class HeadTrainer:
         self.kind = kind
         self.batch_size = batch_size
         self.dropout = dropout
-        head = build_head(self.feature_shape, n_classes, kind=kind, dropout=dropout)
-        # The part of the head that has weights and sees the (pooled or flattened) features.
-        self._dense_input = (head.layers[1].output.shape[-1],) if kind == "pooled" else self.feature_shape
+        # The part of the head that has weights sees the pooled (one value per channel) or whole maps.
+        self._dense_input = self.feature_shape[-1:] if kind == "pooled" else self.feature_shape
         self._template = build_head(self._dense_input, n_classes, kind="flatten", dropout=dropout, name="template")
         self._optimizer = keras.optimizers.Adam(learning_rate=1e-3)
         self._optimizer.build(self._template.trainable_variables)
@@ -119,7 +118,7 @@ class HeadTrainer:
             raise ValueError(f"features of shape {features.shape[1:]} given to a trainer for {self.feature_shape}")
         keras.utils.set_random_seed(seed)
         head = build_head(self.feature_shape, self.n_classes, kind=self.kind, dropout=self.dropout)
-        head_weights = [v for v in head.variables]
+        head_weights = list(head.variables)
         for target, source in zip(self._template.variables, head_weights, strict=True):
             target.assign(source)  # weights and the dropout's seed state, both from this cell's seed
         for variable in self._optimizer.variables:
@@ -134,33 +133,30 @@ class HeadTrainer:
         order = np.random.default_rng(seed)
         history: dict[str, list[float]] = {"accuracy": [], "loss": []}
         for _ in range(epochs):
-            # One contiguous reshuffled copy per epoch, then slices: cheaper than gathering per batch.
             permutation = order.permutation(len(x))
-            x_epoch, y_epoch = x[permutation], y[permutation]
-            loss_sum = correct = 0.0
-            for start in range(0, len(x), self.batch_size):
-                stop = min(start + self.batch_size, len(x))
-                loss, n_correct = self._train_step(x_epoch[start:stop], y_epoch[start:stop])
-                loss_sum += float(loss) * (stop - start)
-                correct += float(n_correct)
-            history["loss"].append(loss_sum / len(x))
-            history["accuracy"].append(correct / len(x))
+            loss, accuracy = _sweep(self._train_step, x[permutation], y[permutation], self.batch_size)
+            history["loss"].append(loss)
+            history["accuracy"].append(accuracy)
             if validation is not None:
-                val_loss, val_accuracy = self._batched_eval(x_val, y_val)
+                val_loss, val_accuracy = _sweep(self._evaluate, x_val, y_val, 256)
                 history.setdefault("val_loss", []).append(val_loss)
                 history.setdefault("val_accuracy", []).append(val_accuracy)
         for target, source in zip(head_weights, self._template.variables, strict=True):
             target.assign(source)
         return head, history
 
-    def _batched_eval(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> tuple[float, float]:
-        loss_sum = correct = 0.0
-        for start in range(0, len(x), batch_size):
-            stop = min(start + batch_size, len(x))
-            loss, n_correct = self._evaluate(x[start:stop], y[start:stop])
-            loss_sum += float(loss) * (stop - start)
-            correct += float(n_correct)
-        return loss_sum / max(len(x), 1), correct / max(len(x), 1)
+
+
+def _sweep(step, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
+    """``step`` over consecutive batches; mean loss (weighted by batch size, as Keras reports it)
+    and accuracy. Slices of a contiguous array, cheaper than gathering every batch."""
+    loss_sum = correct = 0.0
+    for start in range(0, len(x), batch_size):
+        stop = min(start + batch_size, len(x))
+        loss, n_correct = step(x[start:stop], y[start:stop])
+        loss_sum += float(loss) * (stop - start)
+        correct += float(n_correct)
+    return loss_sum / max(len(x), 1), correct / max(len(x), 1)
 
 
 def _n_correct(y, probabilities):
