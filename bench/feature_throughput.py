@@ -1,12 +1,16 @@
-"""Feature-extraction throughput: EfficientNet-Lite0 vs Keras EfficientNetB0, side by side.
+"""Feature-extraction throughput, side by side: backbones x engines (Keras, LiteRT float32).
 
 Usage (from the repository root)::
 
     python bench/feature_throughput.py [NEU-DET folder] [--images 256] [--rounds 3]
 
-Both backbones take the same NEU images in the same batches, alternating batch by batch so that a
-noisy neighbour slows both alike. EfficientNetB0 has random weights (timing does not depend on
-them); Lite0 has its real ImageNet weights. Prints images/s for each and the ratio.
+Every backbone takes the same NEU images, alternating batch by batch (32 images) between backbones
+and engines, so that a noisy neighbour slows all alike. Engines: Keras ``predict_on_batch`` (batch
+32) and the LiteRT interpreter on the converted float32 model (XNNPACK, one image per invoke), which
+is what ``steeldefect`` extracts features with; the one-off conversion is timed apart.
+EfficientNet-Lite0 has its real ImageNet weights, the Keras backbones random ones (timing does not
+depend on them, and their official files are not on every machine). Prints images/s, the Lite0 /
+EfficientNetB0 ratio per engine and the LiteRT / Keras ratio per backbone.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import numpy as np
 from steeldefect import backbones
 from steeldefect.cpuinfo import cpu_description
 from steeldefect.data import load_images, scan_dataset
+from steeldefect.evaluate import make_interpreter, predict_tflite
+from steeldefect.quantize import convert
 
 DEFAULT_NEU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET"
 
@@ -31,30 +37,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnetb0", "mobilenet"])
     args = parser.parse_args(argv)
 
-    print(f"cpu: {cpu_description()}; threads: TensorFlow default ({os.cpu_count()} cores)")
     dataset, images = load_images(scan_dataset(args.data), progress=False)
-    images = images[np.random.default_rng(0).permutation(len(images))[: args.images]].astype(np.float32)
-    models = {
-        "efficientnet_lite0 (ImageNet)": backbones.build_backbone("efficientnet_lite0"),
-        "efficientnetb0 (random weights)": backbones.build_backbone("efficientnetb0", weights="none"),
-    }
-    for model in models.values():  # trace and warm up outside the timing
-        model.predict_on_batch(images[: args.batch_size])
-    seconds = {name: 0.0 for name in models}
+    images = images[np.random.default_rng(0).permutation(len(images))[: args.images]]
+    models, interpreters, conversion = {}, {}, {}
+    for name in args.backbones:
+        models[name] = backbones.build_backbone(name, weights="imagenet" if name == "efficientnet_lite0" else "none")
+        started = time.perf_counter()
+        interpreters[name] = make_interpreter(convert(models[name], "fp32"))
+        conversion[name] = time.perf_counter() - started
+        print(f"{name}: converted to LiteRT float32 in {conversion[name]:.1f} s (once per feature cache)")
+        models[name].predict_on_batch(images[: args.batch_size].astype(np.float32))  # trace outside the timing
+        predict_tflite(interpreters[name], images[:2])
+    print(f"cpu: {cpu_description()}; threads: TensorFlow default, LiteRT {os.cpu_count()} (all cores)")
+
+    seconds = {(name, engine): 0.0 for name in models for engine in ("keras", "litert")}
     for _ in range(args.rounds):
         for start in range(0, len(images), args.batch_size):
             batch = images[start : start + args.batch_size]
-            for name, model in models.items():
+            for name in models:
                 started = time.perf_counter()
-                model.predict_on_batch(batch)
-                seconds[name] += time.perf_counter() - started
-    rates = {name: args.rounds * len(images) / value for name, value in seconds.items()}
-    for name, rate in rates.items():
-        print(f"{name:<34} {rate:7.1f} images/s")
-    lite, b0 = rates.values()
-    print(f"Lite0 / EfficientNetB0 throughput ratio: {lite / b0:.2f}x  ({args.rounds} rounds x {len(images)} images, batch {args.batch_size})")
+                models[name].predict_on_batch(batch.astype(np.float32))
+                seconds[name, "keras"] += time.perf_counter() - started
+                started = time.perf_counter()
+                predict_tflite(interpreters[name], batch)
+                seconds[name, "litert"] += time.perf_counter() - started
+    rate = {key: args.rounds * len(images) / value for key, value in seconds.items()}
+    print(f"\n{'images/s':<20} {'keras':>8} {'litert':>8} {'litert/keras':>13}")
+    for name in models:
+        print(f"{name:<20} {rate[name, 'keras']:8.1f} {rate[name, 'litert']:8.1f} {rate[name, 'litert'] / rate[name, 'keras']:12.2f}x")
+    if {"efficientnet_lite0", "efficientnetb0"} <= set(models):
+        for engine in ("keras", "litert"):
+            ratio = rate["efficientnet_lite0", engine] / rate["efficientnetb0", engine]
+            print(f"Lite0 / EfficientNetB0 throughput, {engine}: {ratio:.2f}x")
+        # What a feature cache miss costs on the whole dataset: conversion once, then every image.
+        whole = {name: conversion[name] + len(dataset.paths) / rate[name, "litert"] for name in models}
+        print(f"whole dataset ({len(dataset.paths)} images) with LiteRT, conversion included: "
+              + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in whole.items())
+              + f"; Lite0 / EfficientNetB0 {whole['efficientnetb0'] / whole['efficientnet_lite0']:.2f}x")
+    print(f"({args.rounds} rounds x {len(images)} images)")
     return 0
 
 

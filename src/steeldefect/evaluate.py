@@ -16,10 +16,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 
-def make_interpreter(model_path: Path, threads: int | None = None):
+def make_interpreter(model: Path | bytes, threads: int | None = None):
+    """A LiteRT interpreter (XNNPACK) for a .tflite file or flatbuffer bytes, tensors allocated."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(model_path), num_threads=threads or os.cpu_count() or 1)
+    source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+    interpreter = Interpreter(**source, num_threads=threads or os.cpu_count() or 1)
     interpreter.allocate_tensors()
     return interpreter
 
@@ -51,7 +53,8 @@ def from_output(raw: np.ndarray, detail: dict) -> np.ndarray:
 
 
 def predict_tflite(interpreter, images: np.ndarray, *, progress: bool = False, desc: str = "tflite") -> np.ndarray:
-    """Class probabilities (N, C) for uint8 images (N, H, W, 3), one invoke per image."""
+    """Outputs (N, ...) for uint8 images (N, H, W, 3), one invoke per image: class probabilities
+    for a classifier, feature maps for a backbone."""
     input_detail = interpreter.get_input_details()[0]
     output_detail = interpreter.get_output_details()[0]
     outputs = []
@@ -59,7 +62,7 @@ def predict_tflite(interpreter, images: np.ndarray, *, progress: bool = False, d
         interpreter.set_tensor(input_detail["index"], to_input(image, input_detail))
         interpreter.invoke()
         outputs.append(from_output(interpreter.get_tensor(output_detail["index"])[0], output_detail))
-    return np.stack(outputs) if outputs else np.zeros((0, output_detail["shape"][-1]), np.float32)
+    return np.stack(outputs) if outputs else np.zeros((0, *output_detail["shape"][1:]), np.float32)
 
 
 def measure_latency(interpreter, image: np.ndarray, *, warmup: int = 10, runs: int = 50) -> dict[str, float]:

@@ -45,3 +45,21 @@ def test_every_ingredient_changes_the_key(change):
 def test_cpu_description_names_model_cores_and_int8_features():
     text = cpu_description()
     assert "cores" in text and "int8 features:" in text
+
+
+def test_extracted_features_match_the_keras_backbone():
+    """Features come from the converted LiteRT model; they must be the Keras backbone's outputs."""
+    from steeldefect.features import extract_features
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu6")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    model = keras.Model(inputs, keras.layers.BatchNormalization()(x))
+    images = np.random.default_rng(2).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    features = extract_features(model, images, progress=False)
+    expected = np.asarray(model.predict_on_batch(images.astype(np.float32)))
+    assert features.shape == expected.shape == (4, 8, 8, 8) and features.dtype == np.float32
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+    assert extract_features(model, images[:0], progress=False).shape == (0, 8, 8, 8)
