@@ -384,6 +384,7 @@ def export(
         stage_times: dict[str, float] = {}
         n_folds = len(prepared.splits.folds)
         jobs = [(fold, variant) for fold in range(n_folds) for variant in variants]
+        loaded: tuple[int | None, Any] = (None, None)  # one fold's Keras model, for all its variants
         with training.timed(stage_times, "export"), _progress(len(jobs), f"{name} export", progress) as bar:
             for fold, variant in jobs:
                 target = fold_model_path(run, name, fold, variant)
@@ -391,8 +392,16 @@ def export(
                 bar.set_postfix_str(f"fold {fold} {variant}")
                 if not (target.is_file() and meta_path.is_file()):
                     source = fold_model_path(run, name, fold, "keras")
-                    model = keras.models.load_model(source)
-                    quantize.export_model(model, variant, target, calibration_images if variant in quantize.QUANTIZED_VARIANTS else None)
+                    if loaded[0] != fold:
+                        loaded = (fold, keras.models.load_model(source))
+                    full_integer = fold_model_path(run, name, fold, "int8")
+                    quantize.export_model(
+                        loaded[1],
+                        variant,
+                        target,
+                        calibration_images if variant in quantize.QUANTIZED_VARIANTS else None,
+                        int8_flatbuffer=full_integer.read_bytes() if variant == "int8-mixed" and full_integer.is_file() else None,
+                    )
                     meta = read_json(sidecar_path(source)) | {"variant": variant, "verified": None}
                     meta["tflite"] = quantize.tensor_summary(target)
                     if variant in quantize.QUANTIZED_VARIANTS:

@@ -88,6 +88,9 @@ def test_int8_mixed_keeps_the_high_resolution_start_in_float(small_model, export
     assert (probabilities.argmax(1) == float_probs.argmax(1)).mean() >= 0.9
     with pytest.raises(ValueError, match="calibration"):
         quantize.convert(small_model, "int8-mixed", None)
+    # Export hands int8-mixed the full-integer model it just wrote; the result must not change.
+    reused = quantize.convert(small_model, "int8-mixed", images[:30], int8_flatbuffer=exported["int8"].read_bytes())
+    assert reused == exported["int8-mixed"].read_bytes()
 
 
 def test_calibration_never_touches_test_images_and_is_balanced():
