@@ -19,7 +19,7 @@ TINY = "tiny"
 CLASSES = ("dots", "stripes", "flat")
 
 
-def _build_tiny(weights_path, preprocessing, input_shape):
+def build_tiny(weights_path, preprocessing, input_shape):
     inputs = keras.Input(shape=input_shape, name="pixels")
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs) if preprocessing else inputs
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="tiny_conv1")(x)
@@ -36,7 +36,7 @@ def register_tiny_backbone(monkeypatch, keras_home: Path, *, in_all: bool = True
     keras.utils.set_random_seed(0)
     path = Path(keras_home) / "models" / "tiny.weights.h5"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _build_tiny(None, True, (32, 32, 3)).save_weights(path)
+    build_tiny(None, True, (32, 32, 3)).save_weights(path)
     spec = backbones.BackboneSpec(
         name=TINY,
         display_name="Tiny",
@@ -44,7 +44,7 @@ def register_tiny_backbone(monkeypatch, keras_home: Path, *, in_all: bool = True
         weight_file=backbones.WeightFile(
             path.name, "file://nowhere", path.stat().st_size, hashlib.md5(path.read_bytes()).hexdigest()
         ),
-        _build=_build_tiny,
+        _build=build_tiny,
         weights_source="keras",
     )
     monkeypatch.setitem(backbones.REGISTRY, TINY, spec)

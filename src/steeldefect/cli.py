@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(train, ["efficientnet_lite0"])
     train.add_argument("--out", type=Path, default=None, help="run folder (default runs/train-<timestamp>)")
 
-    export = commands.add_parser("export", help="LiteRT fp32 / fp16 / full-integer int8 models of a run")
+    export = commands.add_parser("export", help="LiteRT fp32 / fp16 / full-integer int8 / int8-mixed models of a run")
     export.add_argument("run", type=Path)
     export.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
                         help="int8-mixed: int8 except the high-resolution start, kept float (for CPUs without "

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from steeldefect.cpuinfo import cpu_description
-from steeldefect.features import cached_features, feature_cache_key
+from steeldefect.features import cached_features, extract_features, feature_cache_key
+from tiny import build_tiny
 
 
 def tiny_model():
@@ -49,17 +50,11 @@ def test_cpu_description_names_model_cores_and_int8_features():
 
 def test_extracted_features_match_the_keras_backbone():
     """Features come from the converted LiteRT model; they must be the Keras backbone's outputs."""
-    from steeldefect.features import extract_features
-
     keras.utils.set_random_seed(1)
-    inputs = keras.Input((16, 16, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu6")(x)
-    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
-    model = keras.Model(inputs, keras.layers.BatchNormalization()(x))
+    model = build_tiny(None, True, (16, 16, 3))  # rescaling inside, two strided convolutions
     images = np.random.default_rng(2).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     features = extract_features(model, images, progress=False)
     expected = np.asarray(model.predict_on_batch(images.astype(np.float32)))
-    assert features.shape == expected.shape == (4, 8, 8, 8) and features.dtype == np.float32
+    assert features.shape == expected.shape == (4, 4, 4, 16) and features.dtype == np.float32
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
-    assert extract_features(model, images[:0], progress=False).shape == (0, 8, 8, 8)
+    assert extract_features(model, images[:0], progress=False).shape == (0, 4, 4, 16)
