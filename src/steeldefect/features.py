@@ -2,11 +2,11 @@
 
 The backbone is frozen, so its output for an image never changes across learning rates, folds and
 epochs: the reference recomputed it 3 x 5 x 15 times. It runs once per image on the LiteRT
-interpreter (XNNPACK, float32), the runtime the exported models deploy on: on the 2-core machine here
-MobileNetV1 extracts about 3x as many images per second there as through Keras (108 vs 35 images/s,
-conversion 8 s included once; ``bench/feature_throughput.py``). The cache key holds everything that could
-change the numbers (dataset fingerprint, backbone, weights identity, preprocessing, input size), so a
-stale cache cannot be picked up by mistake.
+interpreter (XNNPACK, float32), the runtime the exported models deploy on: 2.7-3.9x the images per
+second of Keras on the 2-core machine here, after a one-off conversion of 8-26 s
+(``bench/feature_throughput.py``). The cache key holds everything that could change the numbers
+(dataset fingerprint, backbone, weights identity, preprocessing, input size, engine), so a stale
+cache cannot be picked up by mistake.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from tqdm.auto import tqdm
 
 from steeldefect.files import save_npy, write_json
 

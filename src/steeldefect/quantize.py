@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("fp32", "fp16", "int8", "int8-mixed")
 # The reference's three, plus int8-mixed: on CPUs without int8 dot products (AVX2-only x86) full int8
-# is no faster than fp32 (pooled Lite0: 1.03-1.08x its time), int8-mixed is (bench/latency.py).
+# is no faster than fp32 (pooled Lite0: 0.97-1.08x its time), int8-mixed is (bench/latency.py).
 DEFAULT_VARIANTS = VARIANTS
 QUANTIZED_VARIANTS = ("int8", "int8-mixed")
 
