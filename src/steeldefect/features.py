@@ -2,7 +2,7 @@
 
 The backbone is frozen, so its output for an image never changes across learning rates, folds and
 epochs: the reference recomputed it 3 x 5 x 15 times. It runs once per image on the LiteRT
-interpreter (XNNPACK, float32), the runtime the exported models deploy on: 2.7-3.9x the images per
+interpreter (XNNPACK, float32), the runtime the exported models deploy on: 2.5-3.8x the images per
 second of Keras on the 2-core machine here, after a one-off conversion of 8-26 s
 (``bench/feature_throughput.py``). The cache key holds everything that could change the numbers
 (dataset fingerprint, backbone, weights identity, preprocessing, input size, engine), so a stale
