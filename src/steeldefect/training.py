@@ -154,9 +154,10 @@ def _sweep(step, x: np.ndarray, y: np.ndarray, batch_size: int, order: np.ndarra
     array each epoch (250 MB for a Flatten head on MobileNet maps)."""
     loss_sum = correct = 0.0
     for start in range(0, len(x), batch_size):
-        rows = slice(start, min(start + batch_size, len(x))) if order is None else order[start : start + batch_size]
+        stop = min(start + batch_size, len(x))
+        rows = slice(start, stop) if order is None else order[start:stop]
         loss, n_correct = step(x[rows], y[rows])
-        loss_sum += float(loss) * len(y[rows])
+        loss_sum += float(loss) * (stop - start)
         correct += float(n_correct)
     return loss_sum / max(len(x), 1), correct / max(len(x), 1)
 
