@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         # What a feature cache miss costs on the whole dataset: conversion once, then every image.
         whole = {name: conversion[name] + len(dataset.paths) / rate[name, "litert"] for name in models}
         print(f"whole dataset ({len(dataset.paths)} images) with LiteRT, conversion included: "
-              + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in whole.items())
+              + ", ".join(f"{name} {total:.0f} s" for name, total in whole.items())
               + f"; Lite0 / EfficientNetB0 {whole['efficientnetb0'] / whole['efficientnet_lite0']:.2f}x")
     print(f"({args.rounds} rounds x {len(images)} images)")
     return 0
