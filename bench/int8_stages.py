@@ -23,11 +23,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from steeldefect import backbones, quantize
+from steeldefect import backbones
+from steeldefect import export as quantize
 from steeldefect.cpuinfo import cpu_model, int8_features
 from steeldefect.data import load_images, scan_dataset
 from steeldefect.efficientnet_lite import LITE0_STAGES
-from steeldefect.evaluate import delegate_partitions, make_interpreter, measure_latency
+from steeldefect.evaluate import measure_latency
+from steeldefect.runtime import delegate_partitions, make_interpreter
 
 DEFAULT_NEU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET"
 

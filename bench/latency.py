@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from steeldefect.cpuinfo import cpu_flags, cpu_model, int8_features
-from steeldefect.evaluate import delegate_partitions, make_interpreter, measure_latency
+from steeldefect.evaluate import measure_latency
+from steeldefect.runtime import delegate_partitions, make_interpreter
 from steeldefect.runfolder import fold_model_path, load_summary
 
 VARIANTS = ("fp32", "fp16", "int8")

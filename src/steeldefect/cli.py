@@ -54,7 +54,7 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from steeldefect.quantize import DEFAULT_VARIANTS, VARIANTS
+    from steeldefect.conversion import DEFAULT_VARIANTS, VARIANTS
 
     parser = argparse.ArgumentParser(prog="steeldefect", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

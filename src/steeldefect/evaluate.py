@@ -1,4 +1,4 @@
-"""Running .tflite models with the LiteRT interpreter: predictions, test metrics, size and latency.
+"""Evaluation of exported .tflite models: test metrics, size on disk and latency.
 
 Latency follows what a deployed inspection station sees: batch 1, a fixed thread count (recorded),
 warm-up invokes first, then the median and p90 of many timed ``invoke()`` calls; turning a uint8
@@ -7,62 +7,14 @@ image into the input tensor is timed apart, since a camera pipeline may do it el
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-
-def make_interpreter(model: Path | bytes, threads: int | None = None):
-    """A LiteRT interpreter (XNNPACK) for a .tflite file or flatbuffer bytes, tensors allocated."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
-    interpreter = Interpreter(**source, num_threads=threads or os.cpu_count() or 1)
-    interpreter.allocate_tensors()
-    return interpreter
-
-
-def delegate_partitions(interpreter) -> int:
-    """How many XNNPACK partitions the graph was split into (1 = the whole graph is delegated)."""
-    return sum(1 for op in interpreter._get_ops_details() if op["op_name"] == "DELEGATE")
-
-
-def to_input(image: np.ndarray, detail: dict) -> np.ndarray:
-    """A uint8 RGB image (H, W, 3) as the model's batch-1 input tensor, whatever its dtype."""
-    dtype = np.dtype(detail["dtype"])
-    batch = image[None]
-    if dtype == np.float32 or dtype == np.float16:
-        return batch.astype(dtype)
-    scale, zero_point = detail["quantization"]
-    if scale == 1.0 and zero_point == 0 and dtype == np.uint8:
-        return np.ascontiguousarray(batch, dtype=np.uint8)  # raw pixels are the quantized input
-    info = np.iinfo(dtype)
-    return np.clip(np.round(batch / scale + zero_point), info.min, info.max).astype(dtype)
-
-
-def from_output(raw: np.ndarray, detail: dict) -> np.ndarray:
-    """Model output as float class probabilities (dequantized for integer outputs)."""
-    if np.issubdtype(raw.dtype, np.integer):
-        scale, zero_point = detail["quantization"]
-        return (raw.astype(np.float32) - zero_point) * scale
-    return raw.astype(np.float32)
-
-
-def predict_tflite(interpreter, images: np.ndarray, *, progress: bool = False, desc: str = "tflite") -> np.ndarray:
-    """Outputs (N, ...) for uint8 images (N, H, W, 3), one invoke per image: class probabilities
-    for a classifier, feature maps for a backbone."""
-    input_detail = interpreter.get_input_details()[0]
-    output_detail = interpreter.get_output_details()[0]
-    outputs = []
-    for image in tqdm(images, desc=desc, unit="img", disable=not progress, leave=False):
-        interpreter.set_tensor(input_detail["index"], to_input(image, input_detail))
-        interpreter.invoke()
-        outputs.append(from_output(interpreter.get_tensor(output_detail["index"])[0], output_detail))
-    return np.stack(outputs) if outputs else np.zeros((0, *output_detail["shape"][1:]), np.float32)
+from steeldefect.metrics import classification_metrics
+from steeldefect.runtime import delegate_partitions, make_interpreter, predict_tflite, resolve_threads, to_input
 
 
 def measure_latency(interpreter, image: np.ndarray, *, warmup: int = 10, runs: int = 50) -> dict[str, float]:
@@ -106,9 +58,7 @@ def evaluate_tflite(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Test metrics, size on disk and latency of one .tflite model."""
-    from steeldefect.training import classification_metrics
-
-    threads = threads or os.cpu_count() or 1
+    threads = resolve_threads(threads)
     interpreter = make_interpreter(model_path, threads)
     probabilities = predict_tflite(interpreter, images, progress=progress, desc=Path(model_path).name)
     metrics = classification_metrics(labels, probabilities.argmax(axis=1), n_classes)

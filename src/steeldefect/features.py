@@ -52,8 +52,8 @@ def extract_features(
     The model is converted to a float32 LiteRT flatbuffer (batch 1, weights unchanged) and run on
     XNNPACK with every core, one image per invoke (larger batches were no faster here).
     """
-    from steeldefect.evaluate import make_interpreter, predict_tflite
-    from steeldefect.quantize import convert
+    from steeldefect.conversion import convert
+    from steeldefect.runtime import make_interpreter, predict_tflite
 
     if len(images) == 0:
         return np.zeros((0, *model.output_shape[1:]), dtype=np.float32)

@@ -21,8 +21,9 @@ from steeldefect import data as data_module
 from steeldefect import splits as splits_module
 from steeldefect import training
 from steeldefect.features import cached_features
+from steeldefect.metrics import mean_std
 from steeldefect.files import default_cache_dir, read_json, write_csv, write_json
-from steeldefect.quantize import DEFAULT_VARIANTS
+from steeldefect.conversion import DEFAULT_VARIANTS, QUANTIZED_VARIANTS
 from steeldefect.runfolder import (
     backbone_dir,
     fold_model_path,
@@ -292,7 +293,7 @@ def _cv_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     by_rate: dict[str, list[float]] = {}
     for row in rows:
         by_rate.setdefault(f"{row['learning_rate']:g}", []).append(row["val_accuracy"])
-    return {rate: training.mean_std(values) for rate, values in by_rate.items()}
+    return {rate: mean_std(values) for rate, values in by_rate.items()}
 
 
 def model_metadata(
@@ -365,12 +366,12 @@ def export(
     """Convert every fold model of every trained backbone to the LiteRT variants (resumable)."""
     import keras
 
-    from steeldefect import quantize
+    from steeldefect import export as export_stage
 
     run = Path(run)
     prepared, options = load_run_data(run, progress=progress)
     record_config(run, "export", {"variants": list(variants), "calibration_samples": calibration_samples})
-    calibration = quantize.calibration_indices(
+    calibration = export_stage.calibration_indices(
         prepared.dataset.labels, prepared.splits.train_indices, calibration_samples, seed=options["seed"]
     )
     # Recorded so anyone can check that calibration never saw a test image.
@@ -395,16 +396,16 @@ def export(
                     if loaded[0] != fold:
                         loaded = (fold, keras.models.load_model(source))
                     full_integer = fold_model_path(run, name, fold, "int8")
-                    quantize.export_model(
+                    export_stage.export_model(
                         loaded[1],
                         variant,
                         target,
-                        calibration_images if variant in quantize.QUANTIZED_VARIANTS else None,
+                        calibration_images if variant in QUANTIZED_VARIANTS else None,
                         int8_flatbuffer=full_integer.read_bytes() if variant == "int8-mixed" and full_integer.is_file() else None,
                     )
                     meta = read_json(sidecar_path(source)) | {"variant": variant, "verified": None}
-                    meta["tflite"] = quantize.tensor_summary(target)
-                    if variant in quantize.QUANTIZED_VARIANTS:
+                    meta["tflite"] = export_stage.tensor_summary(target)
+                    if variant in QUANTIZED_VARIANTS:
                         meta["calibration"] = {"samples": len(calibration), "split": "train", "file": "calibration.csv"}
                     write_json(meta_path, meta)
                 written.append(target)
@@ -415,7 +416,7 @@ def export(
                 with training.timed(stage_times, "quant_debug"):
                     model = keras.models.load_model(fold_model_path(run, name, 0, "keras"))
                     # The debugger compares float and int8 layer outputs on a few training images.
-                    quantize.quantization_error_report(
+                    export_stage.quantization_error_report(
                         model, calibration_images, calibration_images[:: max(1, len(calibration) // 20)][:20],
                         csv_path, backbone_dir(run, name) / "quant_debug.png",
                     )
@@ -469,7 +470,7 @@ def evaluate(
             results.sort(key=lambda r: r["fold"])
             aggregated = training.write_test_metrics(backbone_dir(run, name), variant, results, prepared.dataset.class_names)
             for key in ("size_mib", "latency_ms_median", "latency_ms_p90", "input_prep_ms_median"):
-                aggregated[key] = training.mean_std([r[key] for r in results])
+                aggregated[key] = mean_std([r[key] for r in results])
             aggregated["threads"] = threads
             aggregated["xnnpack_partitions"] = sorted({r["xnnpack_partitions"] for r in results})
             variants_summary[variant] = aggregated

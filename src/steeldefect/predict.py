@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from steeldefect.files import read_json
-from steeldefect.runfolder import sidecar_path
+from steeldefect.modelfile import Classifier, read_model_info
+from steeldefect.modelfile import top_k as top_k_classes
 
 
 @dataclass
@@ -25,18 +25,6 @@ class Prediction:
     path: Path
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
-
-
-def load_metadata(model_path: Path) -> dict:
-    meta_path = sidecar_path(Path(model_path))
-    if not Path(model_path).is_file():
-        raise FileNotFoundError(f"{model_path}: model file not found")
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: metadata missing; it must travel with the model (class names, input size)")
-    meta = read_json(meta_path)
-    if not meta.get("class_names"):
-        raise ValueError(f"{meta_path}: no class_names in the model metadata")
-    return meta
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:
@@ -50,26 +38,16 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
-class _Runner:
-    """One loaded model answering batch-1 probability queries."""
+class _KerasRunner:
+    """A .keras model answering probability queries (for models not yet exported)."""
 
-    def __init__(self, model_path: Path, threads: int | None) -> None:
-        self.keras_model = None
-        if Path(model_path).suffix == ".keras":
-            import keras
+    def __init__(self, model_path: Path) -> None:
+        import keras
 
-            self.keras_model = keras.models.load_model(model_path)
-        else:
-            from steeldefect.evaluate import make_interpreter
+        self.model = keras.models.load_model(model_path)
 
-            self.interpreter = make_interpreter(model_path, threads)
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        if self.keras_model is not None:
-            return np.asarray(self.keras_model.predict_on_batch(image[None].astype(np.float32)))[0]
-        from steeldefect.evaluate import predict_tflite
-
-        return predict_tflite(self.interpreter, image[None])[0]
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict_on_batch(images.astype(np.float32)))
 
 
 def predict_paths(
@@ -77,21 +55,18 @@ def predict_paths(
 ) -> list[Prediction]:
     from steeldefect.data import read_image
 
-    meta = load_metadata(model_path)
-    class_names = meta["class_names"]
-    size = (int(meta["input"]["height"]), int(meta["input"]["width"]))
-    runner = _Runner(Path(model_path), threads)
-    top_k = max(1, min(top_k, len(class_names)))
+    model_path = Path(model_path)
+    info = read_model_info(model_path)
+    runner = _KerasRunner(model_path) if model_path.suffix == ".keras" else Classifier(model_path, threads, info)
     results = []
     for path in tqdm(collect_images(paths), desc="predict", unit="img", disable=not progress):
         try:
-            image = read_image(path, size)
+            image = read_image(path, info.input_size)
         except Exception as error:  # any unreadable file is that file's problem, not the batch's
             results.append(Prediction(path, error=str(error)))
             continue
-        probabilities = runner(image)
-        order = np.argsort(probabilities)[::-1][:top_k]
-        results.append(Prediction(path, [(class_names[i], float(probabilities[i])) for i in order]))
+        probabilities = runner.probabilities(image[None])[0]
+        results.append(Prediction(path, top_k_classes(probabilities, info.class_names, top_k)))
     return results
 
 

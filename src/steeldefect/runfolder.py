@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from steeldefect.files import read_json, write_json
+from steeldefect.modelfile import sidecar_path  # noqa: F401  (re-exported: part of the layout)
 
 SUMMARY_SCHEMA_VERSION = 1
 
@@ -46,9 +47,54 @@ def fold_model_path(run: Path, backbone: str, fold: int, variant: str) -> Path:
     return models_dir(run, backbone) / f"fold{fold}{suffix}"
 
 
-def sidecar_path(model_path: Path) -> Path:
-    """Metadata file that travels with a model: class names, input size, provenance."""
-    return Path(str(model_path) + ".json")
+def parse_model_name(path: Path) -> tuple[int, str]:
+    """(fold, variant) of a fold model file named by :func:`fold_model_path`."""
+    name = Path(path).name
+    stem, _, rest = name.partition(".")
+    variant = "keras" if rest == "keras" else rest.removesuffix(".tflite")
+    if not stem.startswith("fold") or not stem[4:].isdigit() or not variant or rest == variant:
+        raise ValueError(f"{path}: not a fold model file name (fold<k>.keras or fold<k>.<variant>.tflite)")
+    return int(stem[4:]), variant
+
+
+def exported_models(run: Path, backbone: str) -> list[Path]:
+    """Every exported fold .tflite of a backbone, sorted by name."""
+    return sorted(models_dir(run, backbone).glob("fold*.tflite"))
+
+
+def evaluation_record_path(model_path: Path) -> Path:
+    """Where `evaluate` keeps one model's test metrics, size and latency."""
+    return Path(str(model_path) + ".eval.json")
+
+
+def deploy_dir(run: Path) -> Path:
+    return Path(run) / "deploy"
+
+
+def deploy_model_path(run: Path, variant: str) -> Path:
+    return deploy_dir(run) / f"model.{variant}.tflite"
+
+
+def deployable_model(run: Path, variant: str = "int8") -> Path:
+    """The one model of a run to put on a line: ``RUN/deploy/model.<variant>.tflite`` when the run has
+    one, else the fold model of that variant with the best recorded test accuracy (ties: lowest
+    fold; fold 0 when nothing was evaluated)."""
+    run = Path(run)
+    deployed = deploy_model_path(run, variant)
+    if deployed.is_file():
+        return deployed
+    candidates = []
+    for backbone in load_summary(run)["backbones"]:
+        for path in exported_models(run, backbone):
+            fold, found_variant = parse_model_name(path)
+            if found_variant != variant:
+                continue
+            record = evaluation_record_path(path)
+            accuracy = read_json(record).get("accuracy", 0.0) if record.is_file() else 0.0
+            candidates.append((-float(accuracy), backbone, fold, path))
+    if not candidates:
+        raise FileNotFoundError(f"{run}: no exported {variant} model in this run folder (run `steeldefect export` first)")
+    return min(candidates)[3]
 
 
 def environment() -> dict[str, str]:

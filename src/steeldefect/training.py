@@ -20,10 +20,10 @@ from typing import Any, Iterator, Sequence
 
 import keras
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_score, recall_score
 from tqdm.auto import tqdm
 
 from steeldefect.files import atomic_save, atomic_write_bytes, read_json, write_csv, write_json
+from steeldefect.metrics import METRIC_NAMES, aggregate, classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -200,35 +200,6 @@ def predict_proba(head: keras.Model, features: np.ndarray, batch_size: int = 256
     return np.concatenate(
         [np.asarray(head(features[start : start + batch_size], training=False)) for start in range(0, len(features), batch_size)]
     )
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, Any]:
-    """Accuracy, macro precision/recall (percent), per-class recall and the confusion matrix."""
-    class_ids = list(range(n_classes))
-    return {
-        "accuracy": 100.0 * accuracy_score(y_true, y_pred),
-        "precision_macro": 100.0 * precision_score(y_true, y_pred, labels=class_ids, average="macro", zero_division=0),
-        "recall_macro": 100.0 * recall_score(y_true, y_pred, labels=class_ids, average="macro", zero_division=0),
-        "recall_per_class": [
-            100.0 * r for r in recall_score(y_true, y_pred, labels=class_ids, average=None, zero_division=0)
-        ],
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=class_ids).tolist(),
-    }
-
-
-METRIC_NAMES = ("accuracy", "precision_macro", "recall_macro")
-
-
-def mean_std(values: Sequence[float]) -> dict[str, float]:
-    """Mean and population std (numpy's default, as the reference's np.std) over fold models."""
-    array = np.asarray(values, dtype=float)
-    return {"mean": float(array.mean()), "std": float(array.std())}
-
-
-def aggregate(per_model: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {name: mean_std([m[name] for m in per_model]) for name in METRIC_NAMES}
-    out["n_models"] = len(per_model)
-    return out
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steeldefect import evaluate, pipeline, quantize
+from steeldefect import evaluate, pipeline
+from steeldefect import export as quantize
 from steeldefect.data import CLASS_NAMES_NEU
 from steeldefect.files import read_json
 

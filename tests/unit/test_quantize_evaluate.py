@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect import evaluate, quantize, training
+from steeldefect import conversion, evaluate, runtime, training
+from steeldefect import export as quantize
 from steeldefect.splits import make_splits
 
 
@@ -32,7 +33,7 @@ def exported(small_model, images, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tflite")
     return {
         variant: quantize.export_model(small_model, variant, folder / f"m.{variant}.tflite", images[:30])
-        for variant in quantize.VARIANTS
+        for variant in conversion.VARIANTS
     }
 
 
@@ -57,39 +58,39 @@ def test_int8_is_full_integer_with_raw_uint8_pixels_in(exported):
 
 def test_int8_agrees_with_float(small_model, exported, images):
     float_probs = np.asarray(small_model(images.astype(np.float32)))
-    interpreter = evaluate.make_interpreter(exported["int8"], threads=1)
-    int8_probs = evaluate.predict_tflite(interpreter, images)
+    interpreter = runtime.make_interpreter(exported["int8"], threads=1)
+    int8_probs = runtime.predict_tflite(interpreter, images)
     assert np.abs(int8_probs - float_probs).max() < 0.08
     assert (int8_probs.argmax(1) == float_probs.argmax(1)).mean() >= 0.9
-    fp32 = evaluate.predict_tflite(evaluate.make_interpreter(exported["fp32"], threads=1), images)
+    fp32 = runtime.predict_tflite(runtime.make_interpreter(exported["fp32"], threads=1), images)
     np.testing.assert_allclose(fp32, float_probs, atol=1e-5)
 
 
 def test_whole_graph_is_delegated_to_xnnpack(exported):
     for variant, path in exported.items():
-        interpreter = evaluate.make_interpreter(path, threads=1)
+        interpreter = runtime.make_interpreter(path, threads=1)
         # int8-mixed: one float and one int8 partition (XNNPACK splits at the QUANTIZE between them).
-        assert evaluate.delegate_partitions(interpreter) == (2 if variant == "int8-mixed" else 1), variant
+        assert runtime.delegate_partitions(interpreter) == (2 if variant == "int8-mixed" else 1), variant
 
 
 def test_int8_mixed_keeps_the_high_resolution_start_in_float(small_model, exported, images):
     summary = quantize.tensor_summary(exported["int8-mixed"])
     assert summary["inputs"][0]["dtype"] == "float32" and summary["outputs"][0]["dtype"] == "float32"
-    interpreter = evaluate.make_interpreter(exported["int8-mixed"], threads=1)
+    interpreter = runtime.make_interpreter(exported["int8-mixed"], threads=1)
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
     kinds = [(op["op_name"], details[op["outputs"][0]]["dtype"].__name__) for op in interpreter._get_ops_details()
              if op["op_name"] != "DELEGATE"]
     # 32x32 input: the 16x16 convolutions are >= 1/8 resolution, so float; the head is int8.
     assert ("CONV_2D", "float32") in kinds and ("DEPTHWISE_CONV_2D", "float32") in kinds
     assert ("FULLY_CONNECTED", "int8") in kinds and ("QUANTIZE", "int8") in kinds
-    probabilities = evaluate.predict_tflite(interpreter, images)  # raw pixels, given as float32
+    probabilities = runtime.predict_tflite(interpreter, images)  # raw pixels, given as float32
     float_probs = np.asarray(small_model(images.astype(np.float32)))
     assert np.abs(probabilities - float_probs).max() < 0.08
     assert (probabilities.argmax(1) == float_probs.argmax(1)).mean() >= 0.9
     with pytest.raises(ValueError, match="calibration"):
-        quantize.convert(small_model, "int8-mixed", None)
+        conversion.convert(small_model, "int8-mixed", None)
     # Export hands int8-mixed the full-integer model it just wrote; the result must not change.
-    reused = quantize.convert(small_model, "int8-mixed", images[:30], int8_flatbuffer=exported["int8"].read_bytes())
+    reused = conversion.convert(small_model, "int8-mixed", images[:30], int8_flatbuffer=exported["int8"].read_bytes())
     assert reused == exported["int8-mixed"].read_bytes()
 
 
@@ -128,3 +129,33 @@ def test_quantization_error_report_writes_csv_and_png(small_model, images, tmp_p
     assert rows and all("rmse/scale" in row for row in rows)
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "q.csv").read_text().splitlines()[0].count("rmse/scale") == 1
+
+
+def test_int8_mixed_reuses_the_folds_full_integer_conversion(small_model, images, monkeypatch):
+    """Exporting int8 then int8-mixed for one model converts the full-integer graph once: the mixed
+    variant reads its tensor names from the int8 flatbuffer it is handed."""
+    full_integer_conversions = []
+    original = conversion.make_converter
+
+    def counting(model, variant, calibration_images=None):
+        converter = original(model, variant, calibration_images)
+        if variant == "int8":
+            plain_convert = converter.convert
+
+            def convert():
+                # The debugger behind int8-mixed calls convert() for its calibrate-only pass, which
+                # is its own work; only a complete full-integer conversion counts here.
+                if not getattr(converter, "_experimental_calibrate_only", False):
+                    full_integer_conversions.append(variant)
+                return plain_convert()
+
+            converter.convert = convert
+        return converter
+
+    monkeypatch.setattr(conversion, "make_converter", counting)
+    int8 = conversion.convert(small_model, "int8", images[:30])
+    mixed = conversion.convert(small_model, "int8-mixed", images[:30], int8_flatbuffer=int8)
+    assert len(full_integer_conversions) == 1
+    # Without the flatbuffer it must convert on its own, to the same model.
+    assert conversion.convert(small_model, "int8-mixed", images[:30]) == mixed
+    assert len(full_integer_conversions) == 2

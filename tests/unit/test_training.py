@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from steeldefect import metrics
 from steeldefect import training
 
 
@@ -85,12 +86,12 @@ def test_best_rate_by_mean_validation_accuracy():
 def test_metrics_match_hand_computation():
     y_true = np.array([0, 0, 1, 1, 2, 2])
     y_pred = np.array([0, 1, 1, 1, 2, 0])
-    metrics = training.classification_metrics(y_true, y_pred, 3)
-    assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    assert metrics["accuracy"] == pytest.approx(400 / 6)
-    assert metrics["precision_macro"] == pytest.approx(100 * (0.5 + 2 / 3 + 1) / 3)
-    assert metrics["recall_macro"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
-    assert training.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0}
+    result = metrics.classification_metrics(y_true, y_pred, 3)
+    assert result["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert result["accuracy"] == pytest.approx(400 / 6)
+    assert result["precision_macro"] == pytest.approx(100 * (0.5 + 2 / 3 + 1) / 3)
+    assert result["recall_macro"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
+    assert metrics.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0}
 
 
 def test_joined_model_agrees_with_features_plus_head(tmp_path):

@@ -1,0 +1,127 @@
+"""The export stage: each joined Keras model of a run -> LiteRT files (fp32, fp16, full-integer int8,
+int8-mixed) with their sidecars, the calibration images drawn from the training split, and the
+per-layer int8 error report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from steeldefect.conversion import QUANTIZED_VARIANTS, batch1_converter, convert, representative_dataset
+from steeldefect.files import atomic_write_bytes, write_csv
+
+log = logging.getLogger(__name__)
+
+def calibration_indices(
+    labels: np.ndarray, train_indices: np.ndarray, n_samples: int = 200, seed: int = 42
+) -> np.ndarray:
+    """``n_samples`` training images drawn evenly across classes (never the test split)."""
+    rng = np.random.default_rng(seed)
+    train_indices = np.asarray(train_indices)
+    classes = np.unique(labels[train_indices])
+    per_class = np.full(len(classes), n_samples // len(classes))
+    per_class[: n_samples % len(classes)] += 1
+    chosen = []
+    for cls, count in zip(classes, per_class):
+        pool = train_indices[labels[train_indices] == cls]
+        chosen.append(rng.choice(pool, size=min(count, len(pool)), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def export_model(
+    model, variant: str, path: Path, calibration_images: np.ndarray | None = None, *, int8_flatbuffer: bytes | None = None
+) -> Path:
+    """Convert a Keras model (raw pixels in, probabilities out) and write it atomically."""
+    flatbuffer = convert(model, variant, calibration_images, int8_flatbuffer=int8_flatbuffer)
+    atomic_write_bytes(path, flatbuffer)
+    log.info("exported %s (%.2f MiB)", path, len(flatbuffer) / 2**20)
+    return Path(path)
+
+
+def tensor_summary(model_path: Path) -> dict:
+    """Input/output dtypes and quantization of a .tflite file, and the dtypes used inside it."""
+    from steeldefect.runtime import make_interpreter
+
+    interpreter = make_interpreter(Path(model_path), threads=1)
+    details = interpreter.get_tensor_details()
+
+    def describe(tensor: dict) -> dict:
+        scale, zero_point = tensor["quantization"]
+        return {
+            "name": tensor["name"],
+            "shape": [int(v) for v in tensor["shape"]],
+            "dtype": np.dtype(tensor["dtype"]).name,
+            "scale": float(scale),
+            "zero_point": int(zero_point),
+        }
+
+    dtypes: dict[str, int] = {}
+    for tensor in details:
+        name = np.dtype(tensor["dtype"]).name
+        dtypes[name] = dtypes.get(name, 0) + 1
+    return {
+        "inputs": [describe(t) for t in interpreter.get_input_details()],
+        "outputs": [describe(t) for t in interpreter.get_output_details()],
+        "tensor_dtypes": dtypes,
+    }
+
+
+def quantization_error_report(
+    model, calibration_images: np.ndarray, debug_images: np.ndarray, out_csv: Path, out_png: Path, top: int = 25
+) -> list[dict]:
+    """Per-layer int8 error against float (QuantizationDebugger), as CSV and a bar chart.
+
+    ``rmse/scale`` is the RMSE between the float and dequantized outputs of a layer divided by its
+    quantization step: ~0.29 is the floor of uniform rounding; much more means range trouble.
+    """
+    import csv
+
+    import tensorflow as tf
+
+    # A bare Figure (no pyplot) draws with Agg without switching matplotlib's global backend.
+    from matplotlib.figure import Figure
+
+    # The debugger instruments a float-I/O model, so this converter keeps float input and output.
+    converter = batch1_converter(model, model.input_shape[1:])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative_dataset(calibration_images)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=lambda: ([image.astype(np.float32)[None]] for image in debug_images)
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        debugger.run()
+    buffer = io.StringIO()
+    debugger.layer_statistics_dump(buffer)
+    rows = list(csv.DictReader(io.StringIO(buffer.getvalue())))
+    for row in rows:
+        scale = float(row["scale"]) if row.get("scale") else 0.0
+        mse = float(row["mean_squared_error"])
+        row["rmse/scale"] = f"{(np.sqrt(mse) / scale) if scale else float('nan'):.6f}"
+    fieldnames = list(rows[0].keys()) if rows else []
+    write_csv(out_csv, rows, fieldnames)
+    ranked = sorted(
+        (row for row in rows if row["rmse/scale"] != "nan"), key=lambda row: float(row["rmse/scale"]), reverse=True
+    )[:top]
+    figure = Figure(figsize=(9, max(3, 0.3 * len(ranked) + 1)))
+    axis = figure.subplots()
+    labels = [_short_tensor_name(row["tensor_name"]) for row in ranked][::-1]
+    axis.barh(labels, [float(row["rmse/scale"]) for row in ranked][::-1], color="tab:red")
+    axis.axvline(1 / np.sqrt(12), color="grey", linestyle="--", label="rounding floor (0.29)")
+    axis.set_xlabel("RMSE / quantization scale (int8 vs float, per layer output)")
+    axis.set_title(f"Worst {len(ranked)} layers by int8 quantization error")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    buffer_png = io.BytesIO()
+    figure.savefig(buffer_png, format="png", dpi=110)
+    atomic_write_bytes(out_png, buffer_png.getvalue())
+    return rows
+
+
+def _short_tensor_name(name: str, limit: int = 60) -> str:
+    name = name.split(";")[0]
+    return name if len(name) <= limit else "..." + name[-limit:]
