@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from steeldefect import backbones
+from steeldefect.conversion import convert
 from steeldefect.cpuinfo import cpu_description
 from steeldefect.data import load_images, scan_dataset
 from steeldefect.runtime import make_interpreter, predict_tflite
-from steeldefect.conversion import convert
 
 DEFAULT_NEU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET"
 

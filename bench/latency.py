@@ -22,8 +22,8 @@ import numpy as np
 
 from steeldefect.cpuinfo import cpu_flags, cpu_model, int8_features
 from steeldefect.evaluate import measure_latency
-from steeldefect.runtime import delegate_partitions, make_interpreter
 from steeldefect.runfolder import fold_model_path, load_summary
+from steeldefect.runtime import delegate_partitions, make_interpreter
 
 VARIANTS = ("fp32", "fp16", "int8")
 OPTIONAL = ("int8-mixed",)  # timed too when the run has it (`steeldefect export RUN --variants int8-mixed`)

@@ -11,8 +11,8 @@ import os
 
 # TensorFlow reads this once at import: keep its C++ start-up logging out of failure reports.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest

@@ -10,63 +10,33 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the terminal
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
-    parser.add_argument("--seed", type=int, default=42, help="fixes splits, initialisation and shuffling")
-    parser.add_argument("--test-fraction", type=float, default=0.15)
-    parser.add_argument("--folds", type=int, default=5, dest="n_folds")
-    parser.add_argument("--image-size", type=int, default=224, help="square input size in pixels")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-image and feature cache")
-    parser.add_argument("--skip-bad", action="store_true", help="exclude unreadable images with a warning")
-
-
-def _add_train_options(parser: argparse.ArgumentParser, default_backbones: Sequence[str]) -> None:
-    from steeldefect.backbones import PREPROCESSING_CHOICES, REGISTRY, WEIGHTS_CHOICES
-    from steeldefect.training import DEFAULT_LEARNING_RATES, HEAD_CHOICES
-
-    parser.add_argument(
-        "--backbone",
-        nargs="+",
-        default=list(default_backbones),
-        choices=[*REGISTRY, "all"],
-        dest="backbones",
-        help="backbones to train; 'all' skips those whose weights are missing (default: %(default)s)",
-    )
-    parser.add_argument("--weights", choices=WEIGHTS_CHOICES, default="imagenet", help="'none' = random init, explicitly")
-    parser.add_argument("--preprocessing", choices=PREPROCESSING_CHOICES, default="model",
-                        help="'reference' feeds raw 0..255 pixels with no scaling, as the reference study did")
-    parser.add_argument("--head", choices=HEAD_CHOICES, default="flatten")
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=list(DEFAULT_LEARNING_RATES))
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=64)
-
-
-def _add_eval_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None, help="interpreter threads (default: all cores)")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--runs", type=int, default=50, help="timed invokes per model")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from steeldefect.conversion import DEFAULT_VARIANTS, VARIANTS
+    from steeldefect.backbones import REGISTRY
+    from steeldefect.options import (
+        DataOptions,
+        EvaluateOptions,
+        ExportOptions,
+        PredictOptions,
+        TrainOptions,
+        add_arguments,
+    )
 
     parser = argparse.ArgumentParser(prog="steeldefect", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    backbone_choices = {"backbones": (*REGISTRY, "all")}
 
     data = commands.add_parser("data", help="inspect a dataset folder")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     inspect = data_commands.add_parser("inspect", help="layout, class counts, sizes, modes, duplicates")
     inspect.add_argument("root", type=Path)
-    inspect.add_argument("--seed", type=int, default=42)
-    inspect.add_argument("--test-fraction", type=float, default=0.15)
-    inspect.add_argument("--folds", type=int, default=5, dest="n_folds")
+    add_arguments(inspect, DataOptions, only=("seed", "test_fraction", "n_folds"))
 
     weights = commands.add_parser("weights", help="pretrained weights in Keras' cache")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
@@ -75,38 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("folder", type=Path)
 
     train = commands.add_parser("train", help="features -> LR grid x CV folds -> test metrics -> .keras models")
-    _add_data_options(train)
-    _add_train_options(train, ["efficientnet_lite0"])
+    train.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
+    add_arguments(train, TrainOptions, extra_choices=backbone_choices)
     train.add_argument("--out", type=Path, default=None, help="run folder (default runs/train-<timestamp>)")
 
     export = commands.add_parser("export", help="LiteRT fp32 / fp16 / full-integer int8 / int8-mixed models of a run")
     export.add_argument("run", type=Path)
-    export.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
-                        help="int8-mixed: int8 except the high-resolution start, kept float (for CPUs without "
-                             "int8 dot-product instructions; see the README)")
-    export.add_argument("--calibration-samples", type=int, default=200)
-    export.add_argument("--no-quant-report", action="store_true", help="skip the per-layer int8 error report")
+    add_arguments(export, ExportOptions)
 
     evaluate = commands.add_parser("evaluate", help="test metrics, size and latency of a run's .tflite models")
     evaluate.add_argument("run", type=Path)
-    _add_eval_options(evaluate)
+    add_arguments(evaluate, EvaluateOptions)
 
     report = commands.add_parser("report", help="write RUN/report.md, its CSVs and plots (reads, never recomputes)")
     report.add_argument("run", type=Path)
 
     reproduce = commands.add_parser("reproduce", help="the whole study: train -> export -> evaluate -> report")
-    _add_data_options(reproduce)
-    _add_train_options(reproduce, ["all"])
-    _add_eval_options(reproduce)
-    reproduce.add_argument("--calibration-samples", type=int, default=200)
+    reproduce.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
+    add_arguments(reproduce, TrainOptions, defaults={"backbones": ("all",)}, extra_choices=backbone_choices)
+    add_arguments(reproduce, ExportOptions, only=("calibration_samples",))
+    add_arguments(reproduce, EvaluateOptions)
     reproduce.add_argument("--out", type=Path, default=None, help="run folder (default runs/reproduce-<timestamp>)")
 
     predict = commands.add_parser("predict", help="classify images with a .tflite or .keras model")
     predict.add_argument("model", type=Path)
     predict.add_argument("paths", type=Path, nargs="+", help="image files or folders")
-    predict.add_argument("--top-k", type=int, default=1)
-    predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    predict.add_argument("--threads", type=int, default=None)
+    add_arguments(predict, PredictOptions)
     return parser
 
 
@@ -139,52 +103,43 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     from steeldefect import pipeline
+    from steeldefect.options import (
+        EvaluateOptions,
+        ExportOptions,
+        PredictOptions,
+        TrainOptions,
+        from_namespace,
+    )
     from steeldefect.runfolder import default_run_dir
 
     if args.command == "data":
-        from steeldefect.data import format_inspection, inspect_dataset
+        from steeldefect.inspection import format_inspection, inspect_dataset
 
         report = inspect_dataset(args.root, test_fraction=args.test_fraction, n_folds=args.n_folds, seed=args.seed)
         print(format_inspection(report))
         return 0
     if args.command == "weights":
         return _weights(args)
-    if args.command in ("train", "reproduce"):
+    if args.command == "train":
         out = args.out or default_run_dir(args.command)
-        common = dict(
-            backbones=args.backbones,
-            weights=args.weights,
-            preprocessing=args.preprocessing,
-            head=args.head,
-            learning_rates=args.learning_rates,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            test_fraction=args.test_fraction,
-            n_folds=args.n_folds,
-            seed=args.seed,
-            image_size=(args.image_size, args.image_size),
-            cache_dir=args.cache_dir,
-            skip_bad=args.skip_bad,
-            progress=progress,
+        pipeline.train(args.data, out, from_namespace(TrainOptions, args), progress=progress)
+        print(f"run folder: {out}")
+        return 0
+    if args.command == "reproduce":
+        out = args.out or default_run_dir(args.command)
+        export_options = ExportOptions(calibration_samples=args.calibration_samples)
+        pipeline.reproduce(
+            args.data, out, from_namespace(TrainOptions, args), export_options,
+            from_namespace(EvaluateOptions, args), progress=progress,
         )
-        if args.command == "train":
-            pipeline.train(args.data, out, **common)
-        else:
-            pipeline.reproduce(
-                args.data, out, threads=args.threads, warmup=args.warmup, runs=args.runs,
-                calibration_samples=args.calibration_samples, **common,
-            )
         print(f"run folder: {out}")
         return 0
     if args.command == "export":
-        pipeline.export(
-            args.run, variants=args.variants, calibration_samples=args.calibration_samples,
-            quant_report=not args.no_quant_report, progress=progress,
-        )
+        pipeline.export(args.run, from_namespace(ExportOptions, args), progress=progress)
         print(f"models: {args.run}/*/models")
         return 0
     if args.command == "evaluate":
-        pipeline.evaluate(args.run, threads=args.threads, warmup=args.warmup, runs=args.runs, progress=progress)
+        pipeline.evaluate(args.run, from_namespace(EvaluateOptions, args), progress=progress)
         print(f"metrics: {args.run}/tflite_metrics.csv, {args.run}/summary.json")
         return 0
     if args.command == "report":
@@ -196,8 +151,9 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "predict":
         from steeldefect.predict import format_predictions, predict_paths
 
-        results = predict_paths(args.model, args.paths, top_k=args.top_k, threads=args.threads, progress=progress)
-        print(format_predictions(results, args.format))
+        options = from_namespace(PredictOptions, args)
+        results = predict_paths(args.model, args.paths, top_k=options.top_k, threads=options.threads, progress=progress)
+        print(format_predictions(results, options.format))
         failed = sum(1 for result in results if result.error)
         return 1 if failed else 0
     raise AssertionError(args.command)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 

@@ -1,4 +1,5 @@
-"""Find, validate, decode and cache the images of a steel-defect dataset.
+"""Find, validate and decode the images of a steel-defect dataset (the decoded arrays are cached by
+:mod:`steeldefect.imagecache`; :mod:`steeldefect.inspection` describes a dataset for a person).
 
 Three layouts are recognised by :func:`scan_dataset`:
 
@@ -32,7 +33,7 @@ one line each, naming the file or folder concerned.
 
 Where the per-image information lives: :func:`image_infos` decodes each file at its original size and
 returns one :class:`ImageInfo` (relative name, width, height, stored mode, pixel hash) per image;
-:func:`inspect_dataset` uses it to find exact duplicates. :func:`load_images` records the same
+:func:`steeldefect.inspection.inspect_dataset` uses it to find exact duplicates. :func:`load_images` records the same
 information for the images it keeps under ``"images"`` in the JSON file next to its cached array.
 """
 
@@ -46,17 +47,17 @@ import logging
 import os
 import re
 import warnings
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from steeldefect.files import default_cache_dir, read_json, save_npy, write_json
-from steeldefect.splits import make_splits
+from steeldefect.files import default_cache_dir
+from steeldefect.imagecache import read_cache, write_cache
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,6 @@ _IGNORED_DIRS = ("__MACOSX",)
 # Bumped whenever decoding changes the pixels it produces, so fingerprints (and every cache keyed by
 # them, including backbone features elsewhere) can never mix old and new pixels.
 _DECODER_VERSION = 1
-_CACHE_FORMAT = 1
 
 Layout = Literal["folders", "neu-det", "neu-cls"]
 
@@ -513,6 +513,13 @@ def _decode_all(
     return images, infos, bad
 
 
+def decode_infos(dataset: Dataset, *, progress: bool = False) -> tuple[list[ImageInfo | None], dict[int, str]]:
+    """Every file's :class:`ImageInfo` (None where bad) and the bad files (index -> problem), without
+    raising: for reports that describe a dataset as it is."""
+    _, infos, bad = _decode_all(dataset, None, progress=progress)
+    return infos, bad
+
+
 def image_infos(dataset: Dataset, *, skip_bad: bool = False, progress: bool = False) -> list[ImageInfo]:
     """Size, stored mode and pixel hash of every image at its original size, in dataset order.
 
@@ -560,7 +567,7 @@ def load_images(
         stem = f"{fingerprint[:16]}-{height}x{width}"
         cache_files = (base / "images" / f"{stem}.npy", base / "images" / f"{stem}.json")
 
-    cached = _read_cache(cache_files, dataset, fingerprint, (height, width)) if cache_files else None
+    cached = read_cache(cache_files, dataset, fingerprint, (height, width)) if cache_files else None
     if cached is not None:
         kept_images, bad = cached
     else:
@@ -570,7 +577,7 @@ def load_images(
         kept_images = images if keep.all() else images[keep]
         if cache_files:
             # Cached even when bad files are present, so a rerun with skip_bad=True is instant.
-            _write_cache(cache_files, dataset, fingerprint, (height, width), kept_images, infos, bad)
+            write_cache(cache_files, dataset, fingerprint, (height, width), kept_images, infos, bad)
 
     _report_bad(dataset, bad, skip_bad)
     if not bad:
@@ -591,211 +598,3 @@ def _report_bad(dataset: Dataset, bad: dict[int, str], skip_bad: bool) -> None:
     warnings.warn(
         f"skipping {len(lines)} unreadable image file(s):\n" + "\n".join(lines), BadImageWarning, stacklevel=3
     )
-
-
-def _write_cache(
-    files: tuple[Path, Path],
-    dataset: Dataset,
-    fingerprint: str,
-    image_size: tuple[int, int],
-    kept_images: np.ndarray,
-    infos: list[ImageInfo | None],
-    bad: dict[int, str],
-) -> None:
-    array_path, meta_path = files
-    names = dataset.relative_names
-    try:
-        # The array first, the JSON last: the JSON marks the entry complete, so a run killed between
-        # the two writes leaves a cache miss, never a half-written hit.
-        save_npy(array_path, kept_images)
-        write_json(
-            meta_path,
-            {
-                "format": _CACHE_FORMAT,
-                "fingerprint": fingerprint,
-                "image_size": list(image_size),
-                "layout": dataset.layout,
-                "class_names": list(dataset.class_names),
-                "files": [names[i] for i in range(len(dataset)) if i not in bad],
-                "bad": {names[i]: problem for i, problem in sorted(bad.items())},
-                "images": [asdict(info) for info in infos if info is not None],
-            },
-        )
-    except OSError as error:
-        # A read-only or full cache disk must not stop training; it only costs the next run a decode.
-        logger.warning("could not write image cache %s: %s", array_path, error)
-
-
-def _read_cache(
-    files: tuple[Path, Path], dataset: Dataset, fingerprint: str, image_size: tuple[int, int]
-) -> tuple[np.ndarray, dict[int, str]] | None:
-    array_path, meta_path = files
-    if not (meta_path.is_file() and array_path.is_file()):
-        return None
-    try:
-        meta = read_json(meta_path)
-        if meta.get("format") != _CACHE_FORMAT or meta.get("fingerprint") != fingerprint:
-            return None
-        index_of = {name: i for i, name in enumerate(dataset.relative_names)}
-        bad = {index_of[name]: problem for name, problem in meta["bad"].items()}
-        expected_kept = [name for i, name in enumerate(dataset.relative_names) if i not in bad]
-        if meta["files"] != expected_kept:
-            return None
-        # Copy-on-write map: pages come straight from the OS file cache and only the ones used are
-        # read (a resumed run with cached features touches a few hundred images, not all of them);
-        # writes stay private to the caller and never reach the cache file.
-        images = np.load(array_path, mmap_mode="c", allow_pickle=False)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        logger.warning("ignoring unreadable image cache %s: %s", meta_path, error)
-        return None
-    if images.dtype != np.uint8 or images.shape != (len(expected_kept), *image_size, 3):
-        logger.warning("ignoring image cache %s: unexpected array %s %s", array_path, images.dtype, images.shape)
-        return None
-    return images, bad
-
-
-# --------------------------------------------------------------------------------------------------
-# Inspection
-# --------------------------------------------------------------------------------------------------
-
-
-def inspect_dataset(
-    root: str | os.PathLike, *, test_fraction: float = 0.15, n_folds: int = 5, seed: int = 42
-) -> dict[str, Any]:
-    """Describe a dataset as a JSON-serialisable dict, without stopping at bad files.
-
-    Keys: ``root, layout, n_images, class_names, class_counts, image_sizes`` (``"WxH" -> count``),
-    ``image_modes``, ``bad_files`` (relative name -> problem), ``split`` (the split of
-    :func:`steeldefect.splits.make_splits` with these arguments over the readable images, or
-    ``split_error``) and ``duplicate_groups``: one entry per set of files with identical decoded pixels,
-    with each file's class and split role (``test`` / ``fold<k>``), whether the group straddles the
-    train/test split (``straddles_split``) or different validation folds (``straddles_folds``), and
-    whether its files carry different labels (``conflicting_labels``).
-    """
-    dataset = scan_dataset(root)
-    _, infos, bad = _decode_all(dataset, None, progress=False)
-    readable = dataset.subset([i for i in range(len(dataset)) if i not in bad])
-    readable_infos = [info for info in infos if info is not None]
-    names = readable.relative_names
-
-    report: dict[str, Any] = {
-        "root": str(dataset.root),
-        "layout": dataset.layout,
-        "n_images": len(dataset),
-        "class_names": list(dataset.class_names),
-        "class_counts": dataset.counts(),
-        "image_sizes": dict(Counter(f"{info.width}x{info.height}" for info in readable_infos).most_common()),
-        "image_modes": dict(Counter(info.mode for info in readable_infos).most_common()),
-        "bad_files": {dataset.relative_names[i]: problem for i, problem in sorted(bad.items())},
-    }
-
-    roles: list[str] | None = None
-    try:
-        splits = make_splits(
-            readable.labels, test_fraction=test_fraction, n_folds=n_folds, seed=seed, class_names=readable.class_names
-        )
-    except ValueError as error:
-        report["split_error"] = str(error)
-    else:
-        roles = [splits.role_of(i) for i in range(len(readable))]
-        report["split"] = {
-            "seed": seed,
-            "test_fraction": test_fraction,
-            "n_folds": n_folds,
-            "n_test": int(len(splits.test_indices)),
-            "n_train": int(len(splits.train_indices)),
-            "test_per_class": readable.subset(splits.test_indices).counts(),
-            "val_per_fold": [int(len(val)) for _, val in splits.folds],
-        }
-
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, info in enumerate(readable_infos):
-        groups[info.pixel_hash].append(i)
-    duplicates = []
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        member_roles = [roles[i] for i in members] if roles else None
-        duplicates.append(
-            {
-                "files": [names[i] for i in members],
-                "classes": [readable.class_names[readable.labels[i]] for i in members],
-                "roles": member_roles,
-                "straddles_split": bool(
-                    member_roles and "test" in member_roles and any(r != "test" for r in member_roles)
-                ),
-                # Within training, copies in different folds validate on an image they also train on.
-                "straddles_folds": bool(
-                    member_roles and len({r for r in member_roles if r != "test"}) > 1
-                ),
-                "conflicting_labels": len({int(readable.labels[i]) for i in members}) > 1,
-            }
-        )
-    report["duplicate_groups"] = duplicates
-    return report
-
-
-def format_inspection(report: dict[str, Any]) -> str:
-    """Human-readable text for an :func:`inspect_dataset` report, warnings last."""
-    lines = [
-        f"Dataset: {report['root']}",
-        f"Layout: {report['layout']}, {report['n_images']} files, {len(report['class_names'])} classes",
-        "Images per class:",
-    ]
-    width = max((len(name) for name in report["class_counts"]), default=0)
-    lines += [f"  {name:<{width}}  {count}" for name, count in report["class_counts"].items()]
-    lines.append("Image sizes (width x height): " + _format_counts(report["image_sizes"]))
-    lines.append("Image modes: " + _format_counts(report["image_modes"]))
-
-    bad = report["bad_files"]
-    lines.append(f"Unreadable files: {len(bad) or 'none'}")
-    lines += [f"  {name}: {problem}" for name, problem in bad.items()]
-
-    split = report.get("split")
-    if split:
-        per_class = split["test_per_class"].values()
-        lines.append(
-            f"Split (seed {split['seed']}, test fraction {split['test_fraction']}, {split['n_folds']} folds): "
-            f"{split['n_test']} test ({min(per_class)}-{max(per_class)} per class), {split['n_train']} train, "
-            f"validation per fold {', '.join(map(str, split['val_per_fold']))}"
-        )
-    else:
-        lines.append(f"Split: not possible: {report.get('split_error')}")
-
-    duplicates = report["duplicate_groups"]
-    lines.append(f"Exact duplicates (identical decoded pixels): {len(duplicates) or 'none'}")
-    for group in duplicates:
-        roles = group["roles"] or [None] * len(group["files"])
-        members = ", ".join(
-            f"{name} [{cls}{', ' + role if role else ''}]"
-            for name, cls, role in zip(group["files"], group["classes"], roles)
-        )
-        lines.append(f"  {members}")
-
-    warnings_out = []
-    for group in duplicates:
-        if group["conflicting_labels"]:
-            warnings_out.append(
-                f"WARNING: identical images with different classes: {', '.join(group['files'])}"
-            )
-        if group["straddles_split"]:
-            tested = [n for n, r in zip(group["files"], group["roles"]) if r == "test"]
-            trained = [n for n, r in zip(group["files"], group["roles"]) if r != "test"]
-            warnings_out += [
-                f"WARNING: duplicate images {a} and {b} fall on both sides of the train/test split"
-                for a in tested
-                for b in trained
-            ]
-        elif group["straddles_folds"]:
-            folds = ", ".join(sorted(set(group["roles"])))
-            warnings_out.append(
-                f"NOTE: duplicate images {', '.join(group['files'])} are in different cross-validation "
-                f"folds ({folds}): each of those folds trains on a copy of an image it validates"
-            )
-    if bad:
-        warnings_out.append(f"WARNING: {len(bad)} unreadable file(s); training needs skip_bad to proceed")
-    return "\n".join(lines + warnings_out)
-
-
-def _format_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{key}: {value}" for key, value in counts.items()) or "none"

@@ -191,7 +191,7 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
         raise WeightsIntegrityError(f"{path}: sha256 mismatch, expected {expected}, got {actual}")
 
 
-def read_legacy_pth(path: str | os.PathLike, expected_sha256: str | None = None) -> "collections.OrderedDict[str, np.ndarray]":
+def read_legacy_pth(path: str | os.PathLike, expected_sha256: str | None = None) -> collections.OrderedDict[str, np.ndarray]:
     """Read a legacy (non-zip) ``torch.save`` state dict into numpy arrays, in file order."""
     path = Path(path)
     if expected_sha256 is not None:

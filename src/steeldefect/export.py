@@ -8,14 +8,17 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from steeldefect import runfolder
 from steeldefect.conversion import QUANTIZED_VARIANTS, batch1_converter, convert, representative_dataset
-from steeldefect.files import atomic_write_bytes, write_csv
+from steeldefect.files import atomic_write_bytes, read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
+
 
 def calibration_indices(
     labels: np.ndarray, train_indices: np.ndarray, n_samples: int = 200, seed: int = 42
@@ -41,6 +44,87 @@ def export_model(
     atomic_write_bytes(path, flatbuffer)
     log.info("exported %s (%.2f MiB)", path, len(flatbuffer) / 2**20)
     return Path(path)
+
+
+def export_backbone(
+    run: Path,
+    backbone: str,
+    variants: Sequence[str],
+    calibration_images: np.ndarray,
+    *,
+    n_folds: int,
+    workers: int = 1,
+    progress: bool = True,
+) -> list[Path]:
+    """Every (fold, variant) LiteRT file of one backbone of a run, with its sidecar (resumable: a
+    file whose sidecar exists is done).
+
+    Folds are independent, so they are converted ``workers`` at a time, each in its own process:
+    the converter and int8 calibration keep about one core busy. Within a fold the variants run in
+    order, so ``int8-mixed`` reuses the ``int8`` flatbuffer converted just before it.
+    """
+    from tqdm.auto import tqdm
+
+    pending = {
+        fold: [variant for variant in variants if not _is_exported(runfolder.fold_model_path(run, backbone, fold, variant))]
+        for fold in range(n_folds)
+    }
+    pending = {fold: todo for fold, todo in pending.items() if todo}
+    total = sum(len(todo) for todo in pending.values())
+    with tqdm(total=total, desc=f"{backbone} export", unit="model", disable=not progress) as bar:
+        if workers <= 1 or len(pending) <= 1:
+            for fold, todo in pending.items():
+                export_fold(run, backbone, fold, todo, calibration_images, on_done=lambda _: bar.update(1))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            # "spawn": a forked TensorFlow runtime is not safe to use in the child.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context) as pool:
+                futures = [
+                    pool.submit(export_fold, run, backbone, fold, todo, calibration_images)
+                    for fold, todo in pending.items()
+                ]
+                for future in as_completed(futures):
+                    bar.update(len(future.result()))
+    return [runfolder.fold_model_path(run, backbone, fold, variant) for fold in range(n_folds) for variant in variants]
+
+
+def _is_exported(target: Path) -> bool:
+    return target.is_file() and runfolder.sidecar_path(target).is_file()
+
+
+def export_fold(
+    run: Path, backbone: str, fold: int, variants: Sequence[str], calibration_images: np.ndarray, on_done=None
+) -> list[Path]:
+    """Convert one fold's joined Keras model to ``variants`` (in order) and write each with its sidecar."""
+    import keras
+
+    source = runfolder.fold_model_path(run, backbone, fold, "keras")
+    model = keras.models.load_model(source)
+    written = []
+    for variant in variants:
+        target = runfolder.fold_model_path(run, backbone, fold, variant)
+        full_integer = runfolder.fold_model_path(run, backbone, fold, "int8")
+        export_model(
+            model,
+            variant,
+            target,
+            calibration_images if variant in QUANTIZED_VARIANTS else None,
+            int8_flatbuffer=full_integer.read_bytes() if variant == "int8-mixed" and _is_exported(full_integer) else None,
+        )
+        meta = read_json(runfolder.sidecar_path(source)) | {"variant": variant, "verified": None}
+        meta["tflite"] = tensor_summary(target)
+        if variant in QUANTIZED_VARIANTS:
+            meta["calibration"] = {
+                "samples": len(calibration_images), "split": "train", "file": runfolder.calibration_path(run).name
+            }
+        write_json(runfolder.sidecar_path(target), meta)
+        written.append(target)
+        if on_done is not None:
+            on_done(target)
+    return written
 
 
 def tensor_summary(model_path: Path) -> dict:

@@ -6,7 +6,8 @@ Keras and LiteRT models, and the mean ± std over the K fold models that the rep
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_score, recall_score

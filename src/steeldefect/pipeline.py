@@ -10,22 +10,22 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from steeldefect import backbones as backbone_registry
 from steeldefect import data as data_module
+from steeldefect import runfolder, training
 from steeldefect import splits as splits_module
-from steeldefect import training
 from steeldefect.features import cached_features
-from steeldefect.metrics import mean_std
 from steeldefect.files import default_cache_dir, read_json, write_csv, write_json
-from steeldefect.conversion import DEFAULT_VARIANTS, QUANTIZED_VARIANTS
+from steeldefect.metrics import mean_std
+from steeldefect.options import DataOptions, EvaluateOptions, ExportOptions, TrainOptions
 from steeldefect.runfolder import (
-    backbone_dir,
     fold_model_path,
     record_config,
     set_summary_field,
@@ -46,37 +46,52 @@ class PreparedData:
     splits: Any
 
 
-def prepare_data(
-    data: Path,
-    run: Path,
-    *,
-    image_size: tuple[int, int] = (224, 224),
-    test_fraction: float = 0.15,
-    n_folds: int = 5,
-    seed: int = 42,
-    cache_dir: Path | None = None,
-    skip_bad: bool = False,
-    progress: bool = True,
-) -> PreparedData:
-    """Load the images, fix the split, and record both in the run folder."""
-    dataset, images, fingerprint = _load_dataset(
-        data, image_size=image_size, cache_dir=cache_dir, skip_bad=skip_bad, n_folds=n_folds, progress=progress
+def load_data(data: Path, options: DataOptions, *, progress: bool = True) -> PreparedData:
+    """Scan, decode (through the image cache) and fingerprint a dataset, and fix its split.
+
+    Every class needs enough usable images for the test split and the folds asked for (also after
+    ``skip_bad`` dropped some); a class that is too small is refused with one line naming it.
+    """
+    size = (options.image_size, options.image_size)
+    min_per_class = splits_module.minimum_class_size(options.test_fraction, options.n_folds)
+    dataset = data_module.scan_dataset(data, skip_bad=options.skip_bad, min_per_class=min_per_class)
+    dataset, images = data_module.load_images(
+        dataset, image_size=size, cache_dir=options.cache_dir or default_cache_dir(), skip_bad=options.skip_bad,
+        min_per_class=min_per_class, progress=progress,
     )
-    splits = splits_module.make_splits(dataset.labels, test_fraction=test_fraction, n_folds=n_folds, seed=seed)
-    run = Path(run)
-    splits_path = run / "splits.csv"
-    if splits_path.exists():
-        previous = splits_module.read_splits_csv(splits_path, dataset)
-        if not np.array_equal(previous.test_indices, splits.test_indices):
-            raise ValueError(f"{splits_path}: the data changed since this run folder was made; use a new --out")
-    splits_module.write_splits_csv(splits_path, dataset, splits)
+    fingerprint = data_module.dataset_fingerprint(dataset, size)
+    splits = splits_module.make_splits(
+        dataset.labels, test_fraction=options.test_fraction, n_folds=options.n_folds, seed=options.seed,
+        class_names=dataset.class_names,
+    )
+    return PreparedData(dataset, images, fingerprint, splits)
+
+
+def check_same_data(prepared: PreparedData, data: Path, run: Path) -> None:
+    """A run folder holds one dataset: refuse data whose fingerprint differs from the recorded one."""
+    dataset_record = runfolder.dataset_path(run)
+    if dataset_record.is_file():
+        recorded = read_json(dataset_record).get("fingerprint")
+        if recorded != prepared.fingerprint:
+            raise ValueError(
+                f"{run}: this run folder was made from other data (fingerprint {str(recorded)[:16]}), "
+                f"{data} now gives {prepared.fingerprint[:16]}; use a new --out"
+            )
+
+
+def record_data(prepared: PreparedData, data: Path, run: Path) -> None:
+    """Write the dataset record and split of a run."""
+    dataset, splits = prepared.dataset, prepared.splits
+    dataset_record = runfolder.dataset_path(run)
+    splits_module.write_splits_csv(runfolder.splits_path(run), dataset, splits)
+    height, width = (int(v) for v in prepared.images.shape[1:3])
     write_json(
-        run / "dataset.json",
+        dataset_record,
         {
             "root": str(Path(data).resolve()),
             "layout": dataset.layout,
-            "fingerprint": fingerprint,
-            "image_size": list(image_size),
+            "fingerprint": prepared.fingerprint,
+            "image_size": [height, width],
             "n_images": len(dataset.paths),
             "class_names": list(dataset.class_names),
             "counts": dataset.counts(),
@@ -84,137 +99,82 @@ def prepare_data(
             "n_train": int(len(splits.train_indices)),
         },
     )
-    log.info("dataset %s: %d images, fingerprint %s", data, len(dataset.paths), fingerprint[:16])
-    return PreparedData(dataset, images, fingerprint, splits)
-
-
-def _load_dataset(
-    data: Path, *, image_size: tuple[int, int], cache_dir: Path | None, skip_bad: bool, n_folds: int, progress: bool
-) -> tuple[Any, np.ndarray, str]:
-    """Scan, decode (through the image cache) and fingerprint a dataset; every class needs at least
-    ``n_folds`` usable images, also after ``skip_bad`` dropped some."""
-    dataset = data_module.scan_dataset(data, skip_bad=skip_bad, min_per_class=n_folds)
-    dataset, images = data_module.load_images(
-        dataset, image_size=image_size, cache_dir=cache_dir, skip_bad=skip_bad, min_per_class=n_folds, progress=progress
-    )
-    return dataset, images, data_module.dataset_fingerprint(dataset, image_size)
+    log.info("dataset %s: %d images, fingerprint %s", data, len(dataset.paths), prepared.fingerprint[:16])
 
 
 def train(
-    data: Path,
-    out: Path,
-    *,
-    backbones: Sequence[str] = ("efficientnet_lite0",),
-    weights: str = "imagenet",
-    preprocessing: str = "model",
-    head: str = "flatten",
-    learning_rates: Sequence[float] = training.DEFAULT_LEARNING_RATES,
-    epochs: int = 15,
-    batch_size: int = 64,
-    test_fraction: float = 0.15,
-    n_folds: int = 5,
-    seed: int = 42,
-    image_size: tuple[int, int] = (224, 224),
-    cache_dir: Path | None = None,
-    skip_bad: bool = False,
-    progress: bool = True,
+    data: Path, out: Path, options: TrainOptions | None = None, *, progress: bool = True, **overrides: Any
 ) -> dict[str, Any]:
     """Features -> LR grid x K folds -> test metrics -> joined .keras models, per backbone.
 
-    ``backbones`` may contain ``all``: then a backbone whose pretrained weights are missing is
-    skipped with a warning and marked in the summary; a backbone named explicitly is an error.
+    ``options`` (default :class:`TrainOptions`), with any field overridden by keyword. ``backbones``
+    may contain ``all``: then a backbone whose pretrained weights are missing is skipped with a
+    warning and marked in the summary; a backbone named explicitly is an error.
     """
+    options = _with(options or TrainOptions(), overrides)
     out = Path(out)
-    requested = list(backbones)
-    names = backbone_registry.resolve_backbones(requested)
-    skip_missing = "all" in requested
-    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
-    options = {
-        "data": str(Path(data).resolve()),
-        "backbones": names,
-        "weights": weights,
-        "preprocessing": preprocessing,
-        "head": head,
-        "learning_rates": [float(rate) for rate in learning_rates],
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "test_fraction": test_fraction,
-        "n_folds": n_folds,
-        "seed": seed,
-        "image_size": list(image_size),
-        "skip_bad": skip_bad,
-        "cache_dir": str(cache_dir),
-    }
-    if weights == "imagenet" and not skip_missing:
+    names = backbone_registry.resolve_backbones(list(options.backbones))
+    skip_missing = "all" in options.backbones
+    cache_dir = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir()
+    options = replace(options, cache_dir=cache_dir)
+    if options.weights == "imagenet" and not skip_missing:
         for name in names:  # fail before any work when an explicitly named backbone cannot run
             backbone_registry.weights_path(name)
-    out.mkdir(parents=True, exist_ok=True)
-    record_config(out, "train", options)
-    prepared = prepare_data(
-        data,
-        out,
-        image_size=image_size,
-        test_fraction=test_fraction,
-        n_folds=n_folds,
-        seed=seed,
-        cache_dir=cache_dir,
-        skip_bad=skip_bad,
-        progress=progress,
-    )
-    set_summary_field(out, "dataset", read_json(out / "dataset.json"))
+    # Everything that can be refused (bad data, a class too small, changed data) is checked before
+    # the run folder records anything, so a failed start leaves the folder as it was.
+    prepared = load_data(data, options, progress=progress)
+    _prepare_out(out)
+    check_same_data(prepared, data, out)
+    record_config(out, "train", {"data": str(Path(data).resolve()), **options.record()})
+    record_data(prepared, data, out)
+    set_summary_field(out, "dataset", read_json(runfolder.dataset_path(out)))
     for name in names:
         try:
-            train_backbone(
-                prepared,
-                out,
-                name,
-                weights=weights,
-                preprocessing=preprocessing,
-                head=head,
-                learning_rates=learning_rates,
-                epochs=epochs,
-                batch_size=batch_size,
-                seed=seed,
-                cache_dir=cache_dir,
-                progress=progress,
-            )
+            train_backbone(prepared, out, name, options, progress=progress)
         except backbone_registry.WeightsMissingError as error:
             if not skip_missing:
                 raise
             warnings.warn(f"skipping {name}: {error}", stacklevel=2)
             update_summary(out, name, status=NOT_RUN_WEIGHTS_MISSING, reason=str(error))
     log.info("training results written to %s", out)
-    return read_json(out / "summary.json")
+    return runfolder.load_summary(out)
+
+
+def _with(options: Any, overrides: dict[str, Any]) -> Any:
+    """``options`` with the given fields replaced (lists become tuples); unknown names are refused."""
+    known = {spec.name for spec in fields(options)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)} for {type(options).__name__}")
+    return replace(options, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the run folder, or say in one line why it cannot be (a file, no permission, ...)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: --out exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{out}: cannot create the run folder ({error.strerror or error})") from error
 
 
 def train_backbone(
-    prepared: PreparedData,
-    out: Path,
-    name: str,
-    *,
-    weights: str,
-    preprocessing: str,
-    head: str,
-    learning_rates: Sequence[float],
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    cache_dir: Path | None,
-    progress: bool,
+    prepared: PreparedData, out: Path, name: str, options: TrainOptions, *, progress: bool = True
 ) -> dict[str, Any]:
     spec = backbone_registry.get_backbone(name)
-    folder = backbone_dir(out, name)
     dataset, images, splits = prepared.dataset, prepared.images, prepared.splits
     n_classes = len(dataset.class_names)
     stage_times: dict[str, float] = {}
-    weights_id = backbone_registry.weights_id(name, weights)
+    weights_id = backbone_registry.weights_id(name, options.weights)
     backbone_model = None
 
     def get_backbone():
         nonlocal backbone_model
         if backbone_model is None:
             backbone_model = backbone_registry.build_backbone(
-                name, weights=weights, preprocessing=preprocessing, seed=seed, image_size=images.shape[1:3]
+                name, weights=options.weights, preprocessing=options.preprocessing, seed=options.seed,
+                image_size=images.shape[1:3],
             )
         return backbone_model
 
@@ -224,9 +184,9 @@ def train_backbone(
             images,
             dataset_fingerprint=prepared.fingerprint,
             backbone=name,
-            weights_id=weights_id + (f"-seed{seed}" if weights == "none" else ""),
-            preprocessing=preprocessing,
-            cache_dir=cache_dir,
+            weights_id=weights_id + (f"-seed{options.seed}" if options.weights == "none" else ""),
+            preprocessing=options.preprocessing,
+            cache_dir=options.cache_dir,
             progress=progress,
         )
     with training.timed(stage_times, "grid"):
@@ -234,27 +194,28 @@ def train_backbone(
             features,
             dataset.labels,
             splits.folds,
-            out_dir=folder,
+            run=out,
+            backbone=name,
             n_classes=n_classes,
-            learning_rates=learning_rates,
-            kind=head,
-            epochs=epochs,
-            batch_size=batch_size,
-            seed=seed,
+            learning_rates=options.learning_rates,
+            kind=options.head,
+            epochs=options.epochs,
+            batch_size=options.batch_size,
+            seed=options.seed,
             progress=progress,
         )
-    write_csv(folder / "cv_grid.csv", rows)
+    write_csv(runfolder.cv_grid_path(out, name), rows)
     best_rate = training.select_best_rate(rows)
-    training.prune_heads(folder, best_rate)
+    training.prune_heads(out, name, best_rate)
 
     with training.timed(stage_times, "test"):
         heads = [
-            training.load_head(folder / "grid" / training.GridCell(best_rate, fold).folder, features.shape[1:], n_classes, head)
+            training.load_head(runfolder.head_path(out, name, best_rate, fold), features.shape[1:], n_classes, options.head)
             for fold in range(len(splits.folds))
         ]
         test_idx = splits.test_indices
         per_model = training.evaluate_fold_heads(heads, features[test_idx], dataset.labels[test_idx], n_classes)
-        keras_aggregate = training.write_test_metrics(folder, "keras", per_model, dataset.class_names)
+        keras_aggregate = training.write_test_metrics(out, name, "keras", per_model, dataset.class_names)
 
     with training.timed(stage_times, "join"):
         for fold, fold_head in enumerate(heads):
@@ -267,9 +228,7 @@ def train_backbone(
             training.save_model_atomic(joined, path)
             write_json(
                 meta_path,
-                model_metadata(
-                    name, "keras", fold, best_rate, dataset.class_names, prepared, preprocessing, head, weights_id
-                )
+                model_metadata(name, "keras", fold, best_rate, prepared, options, weights_id)
                 | {"verified": True, "agreement_on_test": agreement},
             )
 
@@ -277,8 +236,8 @@ def train_backbone(
         "status": "done",
         "display_name": spec.display_name,
         "weights": weights_id,
-        "preprocessing": preprocessing,
-        "head": head,
+        "preprocessing": options.preprocessing,
+        "head": options.head,
         "best_learning_rate": best_rate,
         "cv": _cv_summary(rows),
         "variants": {"keras": keras_aggregate},
@@ -301,158 +260,127 @@ def model_metadata(
     variant: str,
     fold: int,
     learning_rate: float,
-    class_names: Sequence[str],
     prepared: PreparedData,
-    preprocessing: str,
-    head: str,
+    options: TrainOptions,
     weights_id: str,
 ) -> dict[str, Any]:
     """What travels with a model file so that `predict` needs nothing else."""
     height, width = (int(v) for v in prepared.images.shape[1:3])
     return {
-        "class_names": list(class_names),
+        "class_names": list(prepared.dataset.class_names),
         "input": {"height": height, "width": width, "channels": 3, "pixels": "RGB 0..255"},
         "backbone": backbone,
         "variant": variant,
         "fold": fold,
         "learning_rate": learning_rate,
-        "head": head,
-        "preprocessing": preprocessing,
+        "head": options.head,
+        "preprocessing": options.preprocessing,
         "weights": weights_id,
         "dataset_fingerprint": prepared.fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
-def load_run_data(run: Path, *, progress: bool = True) -> tuple[PreparedData, dict[str, Any]]:
+def run_train_options(run: Path) -> tuple[Path, TrainOptions]:
+    """The dataset folder and training options a run was made with, from its config.json."""
+    path = runfolder.config_path(run)
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: not a run folder (no config.json; run `steeldefect train` first)")
+    recorded = dict(read_json(path)["commands"]["train"]["options"])
+    data = Path(recorded.pop("data"))
+    if isinstance(recorded.get("image_size"), list):  # run folders made before options were dataclasses
+        recorded["image_size"] = int(recorded["image_size"][0])
+    known = {spec.name for spec in fields(TrainOptions)}
+    return data, TrainOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known})
+
+
+def load_run_data(run: Path, *, progress: bool = True) -> tuple[PreparedData, TrainOptions]:
     """The images and split a run was trained on, re-read through the image cache."""
     run = Path(run)
-    config_path = run / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: not a run folder (run `steeldefect train` first)")
-    options = read_json(config_path)["commands"]["train"]["options"]
-    dataset, images, fingerprint = _load_dataset(
-        options["data"],
-        image_size=tuple(options["image_size"]),
-        cache_dir=Path(options["cache_dir"]),
-        skip_bad=options["skip_bad"],
-        n_folds=options["n_folds"],
-        progress=progress,
-    )
-    recorded = read_json(run / "dataset.json")["fingerprint"]
-    if fingerprint != recorded:
+    data, options = run_train_options(run)
+    prepared = load_data(data, options, progress=progress)
+    recorded = read_json(runfolder.dataset_path(run))["fingerprint"]
+    if prepared.fingerprint != recorded:
         raise ValueError(
-            f"{options['data']}: the images changed since {run} was trained (fingerprint {fingerprint[:12]} "
+            f"{data}: the images changed since {run} was trained (fingerprint {prepared.fingerprint[:12]} "
             f"!= {recorded[:12]})"
         )
-    splits = splits_module.read_splits_csv(run / "splits.csv", dataset)
-    return PreparedData(dataset, images, fingerprint, splits), options
+    splits = splits_module.read_splits_csv(runfolder.splits_path(run), prepared.dataset)
+    return PreparedData(prepared.dataset, prepared.images, prepared.fingerprint, splits), options
 
 
 def trained_backbones(run: Path) -> list[str]:
-    from steeldefect.runfolder import load_summary
-
-    return [name for name, entry in load_summary(run)["backbones"].items() if entry.get("status") == "done"]
+    return [name for name, entry in runfolder.load_summary(run)["backbones"].items() if entry.get("status") == "done"]
 
 
-def export(
-    run: Path,
-    *,
-    variants: Sequence[str] = DEFAULT_VARIANTS,
-    calibration_samples: int = 200,
-    quant_report: bool = True,
-    progress: bool = True,
-) -> list[Path]:
+def export(run: Path, options: ExportOptions | None = None, *, progress: bool = True, **overrides: Any) -> list[Path]:
     """Convert every fold model of every trained backbone to the LiteRT variants (resumable)."""
-    import keras
-
     from steeldefect import export as export_stage
+    from steeldefect.runtime import resolve_threads
 
+    options = _with(options or ExportOptions(), overrides)
     run = Path(run)
-    prepared, options = load_run_data(run, progress=progress)
-    record_config(run, "export", {"variants": list(variants), "calibration_samples": calibration_samples})
+    prepared, train_options = load_run_data(run, progress=progress)
+    record_config(run, "export", options.record())
     calibration = export_stage.calibration_indices(
-        prepared.dataset.labels, prepared.splits.train_indices, calibration_samples, seed=options["seed"]
+        prepared.dataset.labels, prepared.splits.train_indices, options.calibration_samples, seed=train_options.seed
     )
     # Recorded so anyone can check that calibration never saw a test image.
     write_csv(
-        run / "calibration.csv",
+        runfolder.calibration_path(run),
         [{"index": int(i), "file": prepared.dataset.relative_names[i]} for i in calibration],
     )
     calibration_images = prepared.images[calibration]
     written = []
     for name in trained_backbones(run):
         stage_times: dict[str, float] = {}
-        n_folds = len(prepared.splits.folds)
-        jobs = [(fold, variant) for fold in range(n_folds) for variant in variants]
-        loaded: tuple[int | None, Any] = (None, None)  # one fold's Keras model, for all its variants
-        with training.timed(stage_times, "export"), _progress(len(jobs), f"{name} export", progress) as bar:
-            for fold, variant in jobs:
-                target = fold_model_path(run, name, fold, variant)
-                meta_path = sidecar_path(target)
-                bar.set_postfix_str(f"fold {fold} {variant}")
-                if not (target.is_file() and meta_path.is_file()):
-                    source = fold_model_path(run, name, fold, "keras")
-                    if loaded[0] != fold:
-                        loaded = (fold, keras.models.load_model(source))
-                    full_integer = fold_model_path(run, name, fold, "int8")
-                    export_stage.export_model(
-                        loaded[1],
-                        variant,
-                        target,
-                        calibration_images if variant in QUANTIZED_VARIANTS else None,
-                        int8_flatbuffer=full_integer.read_bytes() if variant == "int8-mixed" and full_integer.is_file() else None,
-                    )
-                    meta = read_json(sidecar_path(source)) | {"variant": variant, "verified": None}
-                    meta["tflite"] = export_stage.tensor_summary(target)
-                    if variant in QUANTIZED_VARIANTS:
-                        meta["calibration"] = {"samples": len(calibration), "split": "train", "file": "calibration.csv"}
-                    write_json(meta_path, meta)
-                written.append(target)
-                bar.update(1)
-        if quant_report and "int8" in variants:
-            csv_path = backbone_dir(run, name) / "quant_debug.csv"
-            if not csv_path.is_file():
-                with training.timed(stage_times, "quant_debug"):
-                    model = keras.models.load_model(fold_model_path(run, name, 0, "keras"))
-                    # The debugger compares float and int8 layer outputs on a few training images.
-                    export_stage.quantization_error_report(
-                        model, calibration_images, calibration_images[:: max(1, len(calibration) // 20)][:20],
-                        csv_path, backbone_dir(run, name) / "quant_debug.png",
-                    )
+        with training.timed(stage_times, "export"):
+            written += export_stage.export_backbone(
+                run, name, options.variants, calibration_images, n_folds=len(prepared.splits.folds),
+                workers=resolve_threads(options.workers), progress=progress,
+            )
+        csv_path = runfolder.quant_debug_path(run, name, "csv")
+        if options.quant_report and "int8" in options.variants and not csv_path.is_file():
+            import keras
+
+            with training.timed(stage_times, "quant_debug"):
+                model = keras.models.load_model(fold_model_path(run, name, 0, "keras"))
+                # The debugger compares float and int8 layer outputs on a few training images.
+                export_stage.quantization_error_report(
+                    model, calibration_images, calibration_images[:: max(1, len(calibration) // 20)][:20],
+                    csv_path, runfolder.quant_debug_path(run, name, "png"),
+                )
         update_summary(run, name, wall_time_s=stage_times)
     log.info("LiteRT models written under %s/*/models", run)
     return written
 
 
-def evaluate(
-    run: Path, *, threads: int | None = None, warmup: int = 10, runs: int = 50, progress: bool = True
-) -> dict[str, Any]:
+def evaluate(run: Path, options: EvaluateOptions | None = None, *, progress: bool = True, **overrides: Any) -> dict[str, Any]:
     """Test metrics, size and latency of every exported .tflite; mean ± std per backbone x variant."""
-    import os
-
     from steeldefect import evaluate as evaluate_module
     from steeldefect.cpuinfo import cpu_description
+    from steeldefect.runtime import resolve_threads
 
+    options = _with(options or EvaluateOptions(), overrides)
     run = Path(run)
-    threads = threads or os.cpu_count() or 1
+    threads = resolve_threads(options.threads)
     prepared, _ = load_run_data(run, progress=progress)
-    record_config(run, "evaluate", {"threads": threads, "warmup": warmup, "runs": runs})
+    record_config(run, "evaluate", options.record())
     test_idx = prepared.splits.test_indices
     images, labels = prepared.images[test_idx], prepared.dataset.labels[test_idx]
     n_classes = len(prepared.dataset.class_names)
+    protocol = {"threads": threads, "warmup": options.warmup, "runs": options.runs}
     table = []
     for name in trained_backbones(run):
         stage_times: dict[str, float] = {}
-        models = sorted(backbone_dir(run, name).glob("models/fold*.tflite"))
+        models = runfolder.exported_models(run, name)
         by_variant: dict[str, list[dict[str, Any]]] = {}
         with training.timed(stage_times, "evaluate"), _progress(len(models), f"{name} evaluate", progress) as bar:
             for path in models:
-                fold_text, variant = path.name.split(".")[:2]
-                result_path = Path(str(path) + ".eval.json")
+                fold, variant = runfolder.parse_model_name(path)
+                result_path = runfolder.evaluation_record_path(path)
                 bar.set_postfix_str(path.name)
                 result = read_json(result_path) if result_path.is_file() else None
-                protocol = {"threads": threads, "warmup": warmup, "runs": runs}
                 # Reuse a measurement only if it was made on this very file with the same protocol.
                 if (
                     result is None
@@ -460,15 +388,15 @@ def evaluate(
                     or any(result.get(key) != value for key, value in protocol.items())
                 ):
                     result = evaluate_module.evaluate_tflite(
-                        path, images, labels, n_classes, threads=threads, warmup=warmup, runs=runs
-                    ) | {"fold": int(fold_text.removeprefix("fold")), "cpu": cpu_description()}
+                        path, images, labels, n_classes, threads=threads, warmup=options.warmup, runs=options.runs
+                    ) | {"fold": fold, "cpu": cpu_description()}
                     write_json(result_path, result)
                 by_variant.setdefault(variant, []).append(result)
                 bar.update(1)
         variants_summary = {}
         for variant, results in by_variant.items():
             results.sort(key=lambda r: r["fold"])
-            aggregated = training.write_test_metrics(backbone_dir(run, name), variant, results, prepared.dataset.class_names)
+            aggregated = training.write_test_metrics(run, name, variant, results, prepared.dataset.class_names)
             for key in ("size_mib", "latency_ms_median", "latency_ms_p90", "input_prep_ms_median"):
                 aggregated[key] = mean_std([r[key] for r in results])
             aggregated["threads"] = threads
@@ -476,11 +404,11 @@ def evaluate(
             variants_summary[variant] = aggregated
             table.append({"backbone": name, "variant": variant, **_flat(aggregated)})
         update_summary(run, name, variants=variants_summary, wall_time_s=stage_times)
-    write_csv(run / "tflite_metrics.csv", table)
-    write_json(run / "tflite_metrics.json", table)
+    write_csv(runfolder.tflite_metrics_path(run, "csv"), table)
+    write_json(runfolder.tflite_metrics_path(run, "json"), table)
     set_summary_field(run, "latency_machine", {"cpu": cpu_description(), "threads": threads})
-    log.info("evaluation written to %s/tflite_metrics.csv and summary.json", run)
-    return read_json(run / "summary.json")
+    log.info("evaluation written to %s and summary.json", runfolder.tflite_metrics_path(run, "csv"))
+    return runfolder.load_summary(run)
 
 
 def _flat(aggregated: dict[str, Any]) -> dict[str, Any]:
@@ -503,27 +431,37 @@ def _progress(total: int, desc: str, enabled: bool):
 def reproduce(
     data: Path,
     out: Path,
+    train_options: TrainOptions | None = None,
+    export_options: ExportOptions | None = None,
+    evaluate_options: EvaluateOptions | None = None,
     *,
-    threads: int | None = None,
-    warmup: int = 10,
-    runs: int = 50,
-    calibration_samples: int = 200,
     progress: bool = True,
-    **train_options: Any,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """The whole study in one call: train -> export -> evaluate -> report (each step resumable)."""
+    """The whole study in one call: train -> export -> evaluate -> report (each step resumable).
+
+    Keyword overrides go to whichever options class has a field of that name.
+    """
     from steeldefect.report import write_report
 
-    train_options.setdefault("backbones", ["all"])
+    chosen = [train_options or TrainOptions(backbones=("all",)), export_options or ExportOptions(),
+              evaluate_options or EvaluateOptions()]
+    unknown = set(overrides) - {spec.name for options in chosen for spec in fields(options)}
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))} for reproduce")
+    train_options, export_options, evaluate_options = (
+        _with(options, {k: v for k, v in overrides.items() if k in {spec.name for spec in fields(options)}})
+        for options in chosen
+    )
     started = time.perf_counter()
-    train(data, out, progress=progress, **train_options)
+    train(data, out, train_options, progress=progress)
     if trained_backbones(out):
-        export(out, calibration_samples=calibration_samples, progress=progress)
-        evaluate(out, threads=threads, warmup=warmup, runs=runs, progress=progress)
+        export(out, export_options, progress=progress)
+        evaluate(out, evaluate_options, progress=progress)
     else:
         log.warning("no backbone could be trained (weights missing?); nothing to export or evaluate")
     # Wall time of this invocation; a resumed run reports only the time it took to finish.
     set_summary_field(out, "reproduce_wall_time_s", round(time.perf_counter() - started, 1))
     report_path = write_report(out)
     log.info("report written to %s", report_path)
-    return read_json(Path(out) / "summary.json")
+    return runfolder.load_summary(out)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from steeldefect import runfolder
 from steeldefect.files import atomic_write_bytes, atomic_write_text, read_json, write_csv
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,8 @@ REFERENCE_LATENCY_MS: dict[str, dict[str, MeanStd]] = {
 def write_report(run: Path) -> Path:
     """Write RUN/report.md, RUN/report_tables/*.csv and RUN/plots/*.png; return the report's path."""
     run = Path(run).resolve()
-    summary = _load(run / "summary.json") or {}
-    config = _load(run / "config.json") or {}
+    summary = _load(runfolder.summary_path(run)) or {}
+    config = _load(runfolder.config_path(run)) or {}
     backbones: dict[str, dict[str, Any]] = summary.get("backbones") or {}
     names = [n for n in BACKBONE_ORDER if n in REFERENCE_METRICS or n in backbones]
     names += sorted(set(backbones) - set(names))
@@ -104,12 +106,12 @@ def write_report(run: Path) -> Path:
     for number, variant, title in METRIC_TABLES:
         header, rows, csv_rows = _metric_table(names, backbones, variant)
         csv_name = f"table{number}_{variant}.csv"
-        write_csv(run / "report_tables" / csv_name, csv_rows)
+        write_csv(runfolder.report_tables_dir(run) / csv_name, csv_rows)
         lines += [f"## Table {number} — {title}: test metrics (%)", "", _md_table(header, rows), "",
                   f"Ours and the reference: mean ± std over the fold models (`Models` = how many of ours). "
                   f"CSV: [report_tables/{csv_name}](report_tables/{csv_name})", ""]
     header, rows, csv_rows = _size_latency_table(run, names, backbones)
-    write_csv(run / "report_tables" / "table5_size_latency.csv", csv_rows)
+    write_csv(runfolder.report_tables_dir(run) / "table5_size_latency.csv", csv_rows)
     lines += ["## Table 5 — model size and latency", "", _md_table(header, rows), "",
               "- Size: ours in MiB (2^20 bytes, mean over the fold model files; Keras = our `.keras` file), "
               "the reference's in MB as printed (its Keras size is an `.h5` file).",
@@ -120,7 +122,7 @@ def write_report(run: Path) -> Path:
     lines += _extra_variants_section(run, names, backbones)
     lines += _cv_section(run, names, backbones)
     lines += _plots_section(run, names, backbones, summary)
-    return atomic_write_text(run / "report.md", "\n".join(lines).rstrip("\n") + "\n")
+    return atomic_write_text(runfolder.report_path(run), "\n".join(lines).rstrip("\n") + "\n")
 
 
 # ---------------------------------------------------------------- reading the run
@@ -165,7 +167,7 @@ def _variant(entry: dict[str, Any] | None, variant: str) -> dict[str, Any] | Non
 
 def _keras_size_mib(run: Path, name: str) -> float | None:
     """Mean size of our saved fold models (reading file sizes, not recomputing anything)."""
-    sizes = [path.stat().st_size / 2**20 for path in sorted((run / name / "models").glob("fold*.keras"))]
+    sizes = [path.stat().st_size / 2**20 for path in runfolder.keras_models(run, name)]
     return float(np.mean(sizes)) if sizes else None
 
 
@@ -236,7 +238,7 @@ def _header(
              f"- Run folder: `{run}`"]
     if not summary:
         lines.append("- `summary.json` missing or unreadable: no figures of ours below")
-    dataset = summary.get("dataset") or _load(run / "dataset.json") or {}
+    dataset = summary.get("dataset") or _load(runfolder.dataset_path(run)) or {}
     if dataset:
         counts = ", ".join(f"{k} {v}" for k, v in (dataset.get("counts") or {}).items())
         lines.append(
@@ -358,7 +360,7 @@ def _extra_variants_section(run: Path, names: list[str], backbones: dict[str, An
             csv_rows.append(csv_row)
     if not rows:
         return []
-    write_csv(run / "report_tables" / "extra_variants.csv", csv_rows)
+    write_csv(runfolder.report_tables_dir(run) / "extra_variants.csv", csv_rows)
     return ["## Beyond the reference — other exported variants", "",
             "`int8-mixed`: int8 except the high-resolution start, kept in float (see the README).", "",
             _md_table(header, rows), "", "CSV: [report_tables/extra_variants.csv](report_tables/extra_variants.csv)", ""]
@@ -383,14 +385,14 @@ def _cv_section(run: Path, names: list[str], backbones: dict[str, Any]) -> list[
         if _status(entry) != "done":
             continue
         best = entry.get("best_learning_rate")
-        for rate, stat in _cv_stats(entry, _read_cv_rows(run / name / "cv_grid.csv")).items():
+        for rate, stat in _cv_stats(entry, _read_cv_rows(runfolder.cv_grid_path(run, name))).items():
             is_best = best is not None and float(best) == rate
             rows.append([_display(name, entry), f"{rate:g}", _fmt(stat), str(stat["folds"] or MISSING),
                          "**best**" if is_best else ""])
             mean, std = _mean_std(stat)
             csv_rows.append({"backbone": name, "learning_rate": f"{rate:g}", "val_accuracy_mean": mean,
                              "val_accuracy_std": std, "folds": stat["folds"], "best": int(is_best)})
-    write_csv(run / "report_tables" / "cv_grid.csv", csv_rows,
+    write_csv(runfolder.report_tables_dir(run) / "cv_grid.csv", csv_rows,
               ["backbone", "learning_rate", "val_accuracy_mean", "val_accuracy_std", "folds", "best"])
     table = _md_table(["Backbone", "Learning rate", "Val accuracy % (mean ± std)", "Folds", ""], rows) \
         if rows else "No cross-validation results in this run."
@@ -409,7 +411,7 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _plots_section(run: Path, names: list[str], backbones: dict[str, Any], summary: dict[str, Any]) -> list[str]:
-    plots = run / "plots"
+    plots = runfolder.plots_dir(run)
     lines = ["## Plots", ""]
     fallback_classes = (summary.get("dataset") or {}).get("class_names") or []
     for name in names:
@@ -418,21 +420,20 @@ def _plots_section(run: Path, names: list[str], backbones: dict[str, Any], summa
             continue
         display = _display(name, entry)
         lines += [f"### {display}", ""]
-        rows = _read_cv_rows(run / name / "cv_grid.csv")
+        rows = _read_cv_rows(runfolder.cv_grid_path(run, name))
         if rows:
             _plot_cv_grid(rows, _cv_stats(entry, rows), display, plots / f"cv_grid_{name}.png")
             lines += [f"![{display} CV grid](plots/cv_grid_{name}.png)", ""]
         best = entry.get("best_learning_rate")
-        paths = (run / name / "grid" / f"lr{best:g}").glob("fold*/history.json") if best else []
         # Numeric fold order, so fold10 follows fold9 and colours match across plots.
-        paths = sorted(paths, key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else -1)
-        histories = [(p.parent.name, h) for p in paths if (h := _load(p))]
+        paths = runfolder.history_paths(run, name, best) if best else []
+        histories = [(f"fold{fold}", h) for fold, p in paths if (h := _load(p))]
         if histories:
             title = f"{display}, learning rate {best:g}"
             _plot_training_curves(histories, title, plots / f"training_curves_{name}.png")
             lines += [f"![{display} training curves](plots/training_curves_{name}.png)", ""]
         for variant in ("keras", "int8"):
-            metrics = _load(run / name / f"test_metrics_{variant}.json") or {}
+            metrics = _load(runfolder.test_metrics_path(run, name, variant)) or {}
             matrices = [m["confusion_matrix"] for m in metrics.get("per_model", []) if m.get("confusion_matrix")]
             if matrices and len({np.shape(m) for m in matrices}) == 1:  # one class list for all models
                 total = np.sum(np.asarray(matrices, dtype=int), axis=0)
@@ -440,10 +441,11 @@ def _plots_section(run: Path, names: list[str], backbones: dict[str, Any], summa
                 title = f"{display} {variant}: test confusion, sum over {len(matrices)} fold models"
                 _plot_confusion(total, classes, title, plots / f"confusion_{name}_{variant}.png")
                 lines += [f"![{display} {variant} confusion](plots/confusion_{name}_{variant}.png)", ""]
-        if (run / name / "quant_debug.png").is_file():
-            csv_link = f" ([CSV]({name}/quant_debug.csv))" if (run / name / "quant_debug.csv").is_file() else ""
+        png, csv_file = runfolder.quant_debug_path(run, name, "png"), runfolder.quant_debug_path(run, name, "csv")
+        if png.is_file():
+            csv_link = f" ([CSV]({csv_file.relative_to(run).as_posix()}))" if csv_file.is_file() else ""
             lines += [f"Per-layer int8 quantization error (fold 0): "
-                      f"![{display} int8 error]({name}/quant_debug.png){csv_link}", ""]
+                      f"![{display} int8 error]({png.relative_to(run).as_posix()}){csv_link}", ""]
     points = []
     for name in names:
         for variant in ("fp32", "fp16", "int8"):

@@ -1,17 +1,21 @@
-"""The run folder: one place that knows where every artefact of a run lives.
+"""The run folder: one place that knows where every artefact of a run lives. Every other module asks
+here for a path; none builds one by hand.
 
 Layout (``RUN`` is the ``--out`` folder)::
 
     RUN/config.json                  every resolved option of every command run into this folder
     RUN/dataset.json                 dataset root, layout, fingerprint, classes, counts
     RUN/splits.csv                   file, class, role (test | fold<k>)
+    RUN/calibration.csv              the training images that calibrated int8
     RUN/summary.json                 the stable summary (schema in the README)
     RUN/<backbone>/cv_grid.csv       validation metrics per (learning rate, fold)
-    RUN/<backbone>/grid/lr<rate>/fold<k>/{head.weights.h5,history.json,metrics.json}
-    RUN/<backbone>/test_metrics.{json,csv}
-    RUN/<backbone>/models/fold<k>.keras (+ .tflite variants), each with a <model>.json sidecar
-    RUN/<backbone>/tflite_metrics.{json,csv}, quant_debug.{csv,png}
-    RUN/report.md, RUN/plots/*.png
+    RUN/<backbone>/grid/lr<rate>/fold<k>/{head.npz,history.json,metrics.json}
+    RUN/<backbone>/test_metrics_<variant>.{json,csv}
+    RUN/<backbone>/models/fold<k>.keras (+ fold<k>.<variant>.tflite), each with a <model>.json sidecar
+                                     and, once evaluated, a <model>.eval.json record
+    RUN/<backbone>/quant_debug.{csv,png}
+    RUN/tflite_metrics.{json,csv}
+    RUN/report.md, RUN/report_tables/*.csv, RUN/plots/*.png
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ from typing import Any
 
 from steeldefect.files import read_json, write_json
 from steeldefect.modelfile import sidecar_path  # noqa: F401  (re-exported: part of the layout)
+from steeldefect.options import (
+    EvaluateOptions,
+    ExportOptions,
+    TrainOptions,
+    additive_options,
+    resume_free_options,
+)
 
 SUMMARY_SCHEMA_VERSION = 1
 
@@ -34,8 +45,94 @@ def default_run_dir(command: str) -> Path:
     return Path("runs") / f"{command}-{stamp}"
 
 
+def config_path(run: Path) -> Path:
+    return Path(run) / "config.json"
+
+
+def dataset_path(run: Path) -> Path:
+    return Path(run) / "dataset.json"
+
+
+def splits_path(run: Path) -> Path:
+    return Path(run) / "splits.csv"
+
+
+def summary_path(run: Path) -> Path:
+    return Path(run) / "summary.json"
+
+
+def calibration_path(run: Path) -> Path:
+    return Path(run) / "calibration.csv"
+
+
+def tflite_metrics_path(run: Path, suffix: str) -> Path:
+    """``suffix``: ``"json"`` or ``"csv"``."""
+    return Path(run) / f"tflite_metrics.{suffix}"
+
+
+def report_path(run: Path) -> Path:
+    return Path(run) / "report.md"
+
+
+def report_tables_dir(run: Path) -> Path:
+    return Path(run) / "report_tables"
+
+
+def plots_dir(run: Path) -> Path:
+    return Path(run) / "plots"
+
+
 def backbone_dir(run: Path, backbone: str) -> Path:
     return Path(run) / backbone
+
+
+def cv_grid_path(run: Path, backbone: str) -> Path:
+    return backbone_dir(run, backbone) / "cv_grid.csv"
+
+
+def grid_dir(run: Path, backbone: str) -> Path:
+    return backbone_dir(run, backbone) / "grid"
+
+
+def grid_cell_dir(run: Path, backbone: str, learning_rate: float, fold: int) -> Path:
+    return grid_dir(run, backbone) / f"lr{learning_rate:g}" / f"fold{fold}"
+
+
+def head_path(run: Path, backbone: str, learning_rate: float, fold: int) -> Path:
+    """A trained head's weights (``head.npz``)."""
+    return grid_cell_dir(run, backbone, learning_rate, fold) / "head.npz"
+
+
+def history_path(run: Path, backbone: str, learning_rate: float, fold: int) -> Path:
+    return grid_cell_dir(run, backbone, learning_rate, fold) / "history.json"
+
+
+def cell_metrics_path(run: Path, backbone: str, learning_rate: float, fold: int) -> Path:
+    """A grid cell's validation metrics, written last: its presence means the cell is done."""
+    return grid_cell_dir(run, backbone, learning_rate, fold) / "metrics.json"
+
+
+def head_paths(run: Path, backbone: str) -> list[tuple[float, int, Path]]:
+    """(learning rate, fold, path) of every head still stored in the grid."""
+    found = []
+    for path in grid_dir(run, backbone).glob("lr*/fold*/head.npz"):
+        found.append((float(path.parent.parent.name.removeprefix("lr")), int(path.parent.name.removeprefix("fold")), path))
+    return sorted(found)
+
+
+def history_paths(run: Path, backbone: str, learning_rate: float) -> list[tuple[int, Path]]:
+    """(fold, path) of the training histories of one learning rate, in fold order."""
+    found = grid_cell_dir(run, backbone, learning_rate, 0).parent.glob("fold*/history.json")
+    return sorted((int(path.parent.name.removeprefix("fold")), path) for path in found)
+
+
+def test_metrics_path(run: Path, backbone: str, variant: str, suffix: str = "json") -> Path:
+    return backbone_dir(run, backbone) / f"test_metrics_{variant}.{suffix}"
+
+
+def quant_debug_path(run: Path, backbone: str, suffix: str) -> Path:
+    """``suffix``: ``"csv"`` (per-layer int8 error) or ``"png"`` (its chart)."""
+    return backbone_dir(run, backbone) / f"quant_debug.{suffix}"
 
 
 def models_dir(run: Path, backbone: str) -> Path:
@@ -60,6 +157,11 @@ def parse_model_name(path: Path) -> tuple[int, str]:
 def exported_models(run: Path, backbone: str) -> list[Path]:
     """Every exported fold .tflite of a backbone, sorted by name."""
     return sorted(models_dir(run, backbone).glob("fold*.tflite"))
+
+
+def keras_models(run: Path, backbone: str) -> list[Path]:
+    """Every joined fold .keras model of a backbone, sorted by name."""
+    return sorted(models_dir(run, backbone).glob("fold*.keras"))
 
 
 def evaluation_record_path(model_path: Path) -> Path:
@@ -148,8 +250,12 @@ def record_config(run: Path, command: str, options: dict[str, Any]) -> Path:
     A run folder may be resumed, but only with the same options for the same command: mixing two
     configurations in one folder would make its numbers unattributable.
     """
-    path = Path(run) / "config.json"
+    path = config_path(run)
     config = read_json(path) if path.exists() else {"commands": {}}
+    if _nothing_computed(run):
+        # A start that failed before computing anything (bad data, say) leaves only config.json:
+        # such a folder may take corrected options.
+        config = {"commands": {}}
     previous = config["commands"].get(command)
     if previous is not None:
         for key in _ADDITIVE_OPTIONS & options.keys():
@@ -174,16 +280,20 @@ def record_config(run: Path, command: str, options: dict[str, Any]) -> Path:
     return write_json(path, config)
 
 
+def _nothing_computed(run: Path) -> bool:
+    return all(entry.name == config_path(run).name for entry in Path(run).iterdir()) if Path(run).is_dir() else True
+
+
 # Options that change how a run is carried out but not what it computes (evaluate re-measures
-# every model whose recorded thread count or timing protocol differs).
-_RESUME_FREE_OPTIONS = {"progress", "cache_dir", "threads", "warmup", "runs", "out", "skip_missing_weights"}
-# List options that may grow: exporting another variant adds files and changes none, so the folder
-# records the union of what was asked.
-_ADDITIVE_OPTIONS = {"variants"}
+# every model whose recorded thread count or timing protocol differs), and list options that may
+# grow (exporting another variant adds files and changes none, so the folder records the union).
+_OPTION_CLASSES = (TrainOptions, ExportOptions, EvaluateOptions)
+_RESUME_FREE_OPTIONS = resume_free_options(*_OPTION_CLASSES)
+_ADDITIVE_OPTIONS = additive_options(*_OPTION_CLASSES)
 
 
 def load_summary(run: Path) -> dict[str, Any]:
-    path = Path(run) / "summary.json"
+    path = summary_path(run)
     if path.exists():
         return read_json(path)
     return {"schema_version": SUMMARY_SCHEMA_VERSION, "backbones": {}}
@@ -198,12 +308,12 @@ def update_summary(run: Path, backbone: str, **fields: Any) -> dict[str, Any]:
             entry[key].update(value)
         else:
             entry[key] = value
-    write_json(Path(run) / "summary.json", summary)
+    write_json(summary_path(run), summary)
     return summary
 
 
 def set_summary_field(run: Path, key: str, value: Any) -> dict[str, Any]:
     summary = load_summary(run)
     summary[key] = value
-    write_json(Path(run) / "summary.json", summary)
+    write_json(summary_path(run), summary)
     return summary

@@ -13,9 +13,10 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
@@ -81,6 +82,12 @@ class Splits:
         return "test" if fold is None else f"fold{fold}"
 
 
+def minimum_class_size(test_fraction: float, n_folds: int) -> int:
+    """Images a class needs so that a stratified split can give it at least one test image and
+    ``n_folds`` training images (one per validation fold)."""
+    return max(n_folds + 1, math.ceil(1.0 / test_fraction - 1e-9))
+
+
 def make_splits(
     labels: Sequence[int] | np.ndarray,
     *,
@@ -123,6 +130,17 @@ def make_splits(
     train_indices, test_indices = train_test_split(
         indices, test_size=test_fraction, stratify=labels, random_state=seed, shuffle=True
     )
+    # A class with no test image would be reported with a recall of 0 and averaged into the macro
+    # figures: refuse it instead.
+    untested = [
+        f"{describe(c)} ({n} images)" for c, n in zip(classes, counts) if not np.any(labels[test_indices] == c)
+    ]
+    if untested:
+        raise ValueError(
+            f"{', '.join(untested)}: no image left for the test split at a test fraction of {test_fraction}; "
+            f"each class needs at least {minimum_class_size(test_fraction, n_folds)} images "
+            f"for a test fraction of {test_fraction} and {n_folds} folds"
+        )
     train_classes, train_counts = np.unique(labels[train_indices], return_counts=True)
     too_small = [
         f"{describe(c)} has {n} training image(s)"

@@ -14,21 +14,23 @@ import hashlib
 import io
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 from tqdm.auto import tqdm
 
+from steeldefect import runfolder
 from steeldefect.files import atomic_save, atomic_write_bytes, read_json, write_csv, write_json
 from steeldefect.metrics import METRIC_NAMES, aggregate, classification_metrics
+from steeldefect.options import HEAD_CHOICES, TrainOptions
 
 log = logging.getLogger(__name__)
 
-HEAD_CHOICES = ("flatten", "pooled")
-DEFAULT_LEARNING_RATES = (0.01, 0.001, 0.0001)
+DEFAULT_LEARNING_RATES = TrainOptions().learning_rates
 
 
 def build_head(
@@ -207,17 +209,14 @@ class GridCell:
     learning_rate: float
     fold: int
 
-    @property
-    def folder(self) -> str:
-        return f"lr{self.learning_rate:g}/fold{self.fold}"
-
 
 def run_grid(
     features: np.ndarray,
     labels: np.ndarray,
     folds: Sequence[tuple[np.ndarray, np.ndarray]],
     *,
-    out_dir: Path,
+    run: Path,
+    backbone: str,
     n_classes: int,
     learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES,
     kind: str = "flatten",
@@ -236,8 +235,7 @@ def run_grid(
     trainer = None  # built on the first cell that needs training, so a fully cached grid compiles nothing
     with tqdm(total=len(cells), desc="LR grid x folds", unit="head", disable=not progress) as bar:
         for cell in cells:
-            cell_dir = Path(out_dir) / "grid" / cell.folder
-            metrics_path = cell_dir / "metrics.json"
+            metrics_path = runfolder.cell_metrics_path(run, backbone, cell.learning_rate, cell.fold)
             if metrics_path.is_file():
                 rows.append(read_json(metrics_path))
                 bar.set_postfix_str(f"lr={cell.learning_rate:g} fold {cell.fold} (cached)")
@@ -270,8 +268,8 @@ def run_grid(
                 "val_recall_macro": metrics["recall_macro"],
                 "train_seconds": time.perf_counter() - started,
             }
-            save_head(head, cell_dir / HEAD_FILE)
-            write_json(cell_dir / "history.json", history)
+            save_head(head, runfolder.head_path(run, backbone, cell.learning_rate, cell.fold))
+            write_json(runfolder.history_path(run, backbone, cell.learning_rate, cell.fold), history)
             write_json(metrics_path, row)
             rows.append(row)
             bar.update(1)
@@ -286,9 +284,6 @@ def select_best_rate(rows: Sequence[dict[str, Any]]) -> float:
     return max(means, key=lambda rate: np.mean(means[rate]))
 
 
-HEAD_FILE = "head.npz"
-
-
 def save_head(head: keras.Model, path: Path) -> Path:
     """The head's weights only: Keras' save_weights would add Adam's two moments (3x the size)."""
     buffer = io.BytesIO()
@@ -296,19 +291,19 @@ def save_head(head: keras.Model, path: Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def prune_heads(out_dir: Path, keep_rate: float) -> None:
+def prune_heads(run: Path, backbone: str, keep_rate: float) -> None:
     """Drop the heads of the rates that lost the grid; their metrics and histories stay."""
-    for head_path in (Path(out_dir) / "grid").glob(f"lr*/fold*/{HEAD_FILE}"):
-        if head_path.parent.parent.name != f"lr{keep_rate:g}":
-            head_path.unlink()
+    for rate, _, path in runfolder.head_paths(run, backbone):
+        if f"{rate:g}" != f"{keep_rate:g}":
+            path.unlink()
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> Path:
     return atomic_save(path, model.save, ".keras")
 
 
-def load_head(cell_dir: Path, feature_shape: Sequence[int], n_classes: int, kind: str) -> keras.Model:
-    path = Path(cell_dir) / HEAD_FILE
+def load_head(path: Path, feature_shape: Sequence[int], n_classes: int, kind: str) -> keras.Model:
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: trained head missing (deleted by hand?); train into a new --out folder")
     head = build_head(feature_shape, n_classes, kind=kind)
@@ -348,15 +343,17 @@ def evaluate_fold_heads(
     return results
 
 
-def write_test_metrics(out_dir: Path, variant: str, per_model: list[dict[str, Any]], class_names: Sequence[str]) -> dict:
+def write_test_metrics(
+    run: Path, backbone: str, variant: str, per_model: list[dict[str, Any]], class_names: Sequence[str]
+) -> dict:
     """Per-model and mean ± std test metrics as JSON and CSV (the report reads these)."""
     aggregated = aggregate(per_model)
     write_json(
-        Path(out_dir) / f"test_metrics_{variant}.json",
+        runfolder.test_metrics_path(run, backbone, variant, "json"),
         {"variant": variant, "class_names": list(class_names), "per_model": per_model, "aggregate": aggregated},
     )
     write_csv(
-        Path(out_dir) / f"test_metrics_{variant}.csv",
+        runfolder.test_metrics_path(run, backbone, variant, "csv"),
         [
             {"fold": m["fold"], **{name: round(m[name], 4) for name in METRIC_NAMES}}
             for m in per_model

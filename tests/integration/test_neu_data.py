@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steeldefect.data import CLASS_NAMES_NEU, format_inspection, inspect_dataset, load_images, scan_dataset
+from steeldefect.data import CLASS_NAMES_NEU, load_images, scan_dataset
+from steeldefect.inspection import format_inspection, inspect_dataset
 from steeldefect.splits import make_splits
 
 pytestmark = pytest.mark.integration

@@ -17,14 +17,13 @@ from steeldefect.data import (
     Dataset,
     DatasetError,
     dataset_fingerprint,
-    format_inspection,
     image_infos,
-    inspect_dataset,
     is_ignored_file,
     load_images,
     read_image,
     scan_dataset,
 )
+from steeldefect.inspection import format_inspection, inspect_dataset
 from steeldefect.splits import make_splits
 
 # --------------------------------------------------------------------------------------------------

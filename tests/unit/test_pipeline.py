@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from steeldefect import cli, pipeline, training
 from steeldefect.files import read_json
 from tiny import TINY, make_dataset, register_tiny_backbone
 
-FAST = dict(learning_rates=[0.01, 0.001], epochs=4, batch_size=8, n_folds=2, image_size=(32, 32), progress=False)
+FAST = dict(learning_rates=[0.01, 0.001], epochs=4, batch_size=8, n_folds=2, image_size=32, progress=False)
 
 
 @pytest.fixture()
@@ -139,3 +140,22 @@ def test_cli_train_then_predict(tiny_env, tmp_path, capsys):
     assert sum(", " in line and "dots" in line.split(":")[1] for line in out[:-1]) >= 1
     grid = np.genfromtxt(run / TINY / "cv_grid.csv", delimiter=",", names=True)
     assert len(grid) == 2
+
+
+def test_summary_numbers_unchanged_by_the_restructure(tmp_path, monkeypatch):
+    """Every accuracy, precision, recall, CV figure and model size of a tiny reproduce run equals what
+    the code before the structure change (commit 997ae84) wrote for the same data, options and seed."""
+    golden = json.loads((Path(__file__).parents[1] / "fixtures" / "golden_tiny_summary.json").read_text())[TINY]
+    register_tiny_backbone(monkeypatch, tmp_path / "keras")
+    monkeypatch.setenv("STEELDEFECT_CACHE", str(tmp_path / "cache"))
+    data = make_dataset(tmp_path / "data", per_class=16, seed=3)
+    summary = pipeline.reproduce(
+        data, tmp_path / "run", backbones=[TINY], runs=2, warmup=1, calibration_samples=12,
+        **{**FAST, "learning_rates": [0.01, 0.001]},
+    )
+    entry = summary["backbones"][TINY]
+    assert entry["best_learning_rate"] == golden["best_learning_rate"]
+    assert entry["cv"] == golden["cv"]
+    assert set(entry["variants"]) == set(golden["variants"])
+    for variant, expected in golden["variants"].items():
+        assert {key: entry["variants"][variant][key] for key in expected} == expected, variant

@@ -6,8 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect import metrics
-from steeldefect import training
+from steeldefect import metrics, training
 
 
 def separable(n_per_class=40, classes=3, shape=(2, 2, 8), seed=0):
@@ -63,7 +62,7 @@ def test_a_reused_trainer_trains_each_cell_as_a_fresh_one(kind):
 def test_grid_resumes_finished_cells(tmp_path, monkeypatch):
     features, labels = separable()
     folds = [(np.arange(0, 120, 2), np.arange(1, 120, 2)), (np.arange(1, 120, 2), np.arange(0, 120, 2))]
-    kwargs = dict(out_dir=tmp_path, n_classes=3, learning_rates=[0.01, 0.001], epochs=3, batch_size=16, progress=False)
+    kwargs = dict(run=tmp_path, backbone="b", n_classes=3, learning_rates=[0.01, 0.001], epochs=3, batch_size=16, progress=False)
     rows = training.run_grid(features, labels, folds, **kwargs)
     assert [(r["learning_rate"], r["fold"]) for r in rows] == [(0.01, 0), (0.01, 1), (0.001, 0), (0.001, 1)]
 

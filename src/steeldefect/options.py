@@ -1,0 +1,231 @@
+"""Every command's options, defined once: one frozen dataclass per command holds the defaults, the
+help text and the checks. The CLI builds its arguments from these fields, the Python API takes the
+same objects, and the run folder records ``asdict`` of them, so the three cannot drift apart.
+
+A value that fails its check is refused before any work starts, by argparse with the usual
+``argument --epochs: ...`` line, or by the dataclass itself with the same wording for API callers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steeldefect.conversion import DEFAULT_VARIANTS, VARIANTS
+
+HEAD_CHOICES = ("flatten", "pooled")
+PREPROCESSING_CHOICES = ("model", "reference")
+WEIGHTS_CHOICES = ("imagenet", "none")
+FORMAT_CHOICES = ("table", "csv", "json")
+
+
+@dataclass(frozen=True)
+class Check:
+    """A value check: ``accepts(value)`` and how to say what is wanted ("an integer >= 1")."""
+
+    accepts: Callable[[Any], bool]
+    wanted: str
+
+
+AT_LEAST_1 = Check(lambda v: v >= 1, "an integer >= 1")
+AT_LEAST_0 = Check(lambda v: v >= 0, "an integer >= 0")
+POSITIVE = Check(lambda v: v > 0, "a number > 0")
+FRACTION = Check(lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
+AT_LEAST_2 = Check(lambda v: v >= 2, "an integer >= 2")
+
+
+def option(default: Any, help: str, *, flag: str | None = None, check: Check | None = None,
+           choices: tuple[str, ...] | None = None, resume_free: bool = False, additive: bool = False) -> Any:
+    """A dataclass field carrying its CLI flag, help, check and how a resumed run treats it.
+
+    ``resume_free``: changes how a run is carried out, not what it computes (a resumed run may
+    change it). ``additive``: a list that may only grow in a resumed run (export variants).
+    """
+    if isinstance(default, (list, tuple)):
+        default_tuple = tuple(default)
+        return field(default_factory=lambda: default_tuple, metadata=dict(
+            help=help, flag=flag, check=check, choices=choices, resume_free=resume_free, additive=additive))
+    return field(default=default, metadata=dict(
+        help=help, flag=flag, check=check, choices=choices, resume_free=resume_free, additive=additive))
+
+
+class _Options:
+    """Checks every field on construction, so an API caller is refused like a CLI user."""
+
+    def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            problem = _problem(spec, value)
+            if problem:
+                raise ValueError(f"{flag_of(spec)}: {problem}")
+
+    def record(self) -> dict[str, Any]:
+        """The options as the run folder records them (JSON-ready)."""
+        return {key: _jsonable(value) for key, value in dataclasses.asdict(self).items()}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _problem(spec: dataclasses.Field, value: Any) -> str | None:
+    values = value if isinstance(value, tuple) else (value,)
+    if isinstance(value, tuple) and not value:
+        return "needs at least one value"
+    check, choices = spec.metadata.get("check"), spec.metadata.get("choices")
+    for item in values:
+        if item is None:
+            continue
+        if choices and item not in choices:
+            return f"invalid choice {item!r} (choose from {', '.join(choices)})"
+        if check and not check.accepts(item):
+            return f"must be {check.wanted}, got {item!r}"
+    return None
+
+
+def flag_of(spec: dataclasses.Field) -> str:
+    return spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class DataOptions(_Options):
+    """How a dataset becomes arrays and splits."""
+
+    seed: int = option(42, "fixes splits, initialisation and shuffling")
+    test_fraction: float = option(0.15, "share of each class held out as the test split", check=FRACTION)
+    n_folds: int = option(5, "cross-validation folds", flag="--folds", check=AT_LEAST_2)
+    image_size: int = option(224, "square input size in pixels", check=AT_LEAST_1)
+    cache_dir: Path | None = option(None, "decoded-image and feature cache (default $STEELDEFECT_CACHE or "
+                                    "~/.cache/steeldefect)", resume_free=True)
+    skip_bad: bool = option(False, "exclude unreadable images with a warning")
+
+
+@dataclass(frozen=True)
+class TrainOptions(DataOptions):
+    """`train`: features -> learning-rate grid x CV folds -> test metrics -> joined .keras models."""
+
+    backbones: tuple[str, ...] = option(("efficientnet_lite0",), "backbones to train; 'all' skips those "
+                                        "whose weights are missing", flag="--backbone")
+    weights: str = option("imagenet", "'none' = random init, explicitly", choices=WEIGHTS_CHOICES)
+    preprocessing: str = option("model", "'reference' feeds raw 0..255 pixels with no scaling, as the "
+                                "reference study did", choices=PREPROCESSING_CHOICES)
+    head: str = option("flatten", "classifier head on the frozen features", choices=HEAD_CHOICES)
+    learning_rates: tuple[float, ...] = option((0.01, 0.001, 0.0001), "the learning-rate grid", check=POSITIVE)
+    epochs: int = option(15, "epochs per head", check=AT_LEAST_1)
+    batch_size: int = option(64, "head training batch size", check=AT_LEAST_1)
+
+
+@dataclass(frozen=True)
+class ExportOptions(_Options):
+    """`export`: LiteRT variants of every fold model of a run."""
+
+    variants: tuple[str, ...] = option(DEFAULT_VARIANTS, "int8-mixed: int8 except the high-resolution start, "
+                                       "kept float (for CPUs without int8 dot-product instructions)",
+                                       choices=VARIANTS, additive=True)
+    calibration_samples: int = option(200, "training images used to calibrate int8", check=AT_LEAST_1)
+    quant_report: bool = option(True, "per-layer int8 error report (--no-quant-report skips it)",
+                                flag="--no-quant-report", resume_free=True)
+    workers: int = option(0, "folds converted at once, each in its own process (0 = one per core)",
+                          check=AT_LEAST_0, resume_free=True)
+
+
+@dataclass(frozen=True)
+class EvaluateOptions(_Options):
+    """`evaluate`: test metrics, size and latency of a run's .tflite models."""
+
+    threads: int = option(0, "interpreter threads (0 = all cores)", check=AT_LEAST_0, resume_free=True)
+    warmup: int = option(10, "untimed invokes before timing", check=AT_LEAST_1, resume_free=True)
+    runs: int = option(50, "timed invokes per model", check=AT_LEAST_1, resume_free=True)
+
+
+@dataclass(frozen=True)
+class PredictOptions(_Options):
+    """`predict`: classify images with an exported model."""
+
+    top_k: int = option(1, "how many classes to list per image", check=AT_LEAST_1)
+    format: str = option("table", "output format", choices=FORMAT_CHOICES)
+    threads: int = option(0, "interpreter threads (0 = all cores)", check=AT_LEAST_0)
+
+
+def resume_free_options(*classes: type) -> set[str]:
+    return {spec.name for cls in classes for spec in dataclasses.fields(cls) if spec.metadata.get("resume_free")}
+
+
+def additive_options(*classes: type) -> set[str]:
+    return {spec.name for cls in classes for spec in dataclasses.fields(cls) if spec.metadata.get("additive")}
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, defaults: dict[str, Any] | None = None,
+                  extra_choices: dict[str, tuple[str, ...]] | None = None, only: tuple[str, ...] | None = None) -> None:
+    """One argparse argument per field of ``cls``: flag, default, help, choices and check from the field.
+
+    ``defaults`` overrides a field's default for this command only (``reproduce`` trains ``all``);
+    ``extra_choices`` lists choices known only at parse time (the backbone registry).
+    """
+    defaults = defaults or {}
+    for spec in dataclasses.fields(cls):
+        if only is not None and spec.name not in only:
+            continue
+        default = defaults.get(spec.name, spec.default if spec.default is not dataclasses.MISSING else spec.default_factory())
+        flag = flag_of(spec)
+        help_text = spec.metadata["help"]
+        if spec.type in ("bool", bool):
+            # A flag switches the default off (--no-quant-report) or on (--skip-bad).
+            action = "store_false" if flag.startswith("--no-") else "store_true"
+            parser.add_argument(flag, dest=spec.name, action=action, default=default, help=help_text)
+            continue
+        base, many = _base_type(spec.type)
+        choices = (extra_choices or {}).get(spec.name) or spec.metadata.get("choices")
+        kwargs: dict[str, Any] = dict(dest=spec.name, default=list(default) if many else default,
+                                      type=_checked(base, spec), help=f"{help_text} (default: %(default)s)")
+        if many:
+            kwargs["nargs"] = "+"
+        if choices:
+            kwargs["choices"] = list(choices)
+            kwargs["metavar"] = "{" + ",".join(choices) + "}"
+        parser.add_argument(flag, **kwargs)
+
+
+def _base_type(annotation: Any) -> tuple[Callable[[str], Any], bool]:
+    text = str(annotation)
+    many = text.startswith("tuple[")
+    if "float" in text:
+        return float, many
+    if "int" in text:
+        return int, many
+    if "Path" in text:
+        return Path, many
+    return str, many
+
+
+def _checked(base: Callable[[str], Any], spec: dataclasses.Field) -> Callable[[str], Any]:
+    check = spec.metadata.get("check")
+
+    def parse(text: str) -> Any:
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {check.wanted if check else base.__name__}, got {text!r}") from None
+        if check and not check.accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {check.wanted}, got {text}")
+        return value
+
+    parse.__name__ = base.__name__
+    return parse
+
+
+def from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
+    """The dataclass of ``cls`` filled from parsed arguments (lists become tuples)."""
+    values = {}
+    for spec in dataclasses.fields(cls):
+        value = getattr(namespace, spec.name)
+        values[spec.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
