@@ -93,8 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from steeldefect.backbones import WeightsMissingError
         from steeldefect.data import DatasetError
 
-        if isinstance(error, (WeightsMissingError, DatasetError, FileNotFoundError, ValueError)):
+        if isinstance(error, (WeightsMissingError, DatasetError, ValueError)):
             print(f"error: {error}", file=sys.stderr)
+            return 2
+        if isinstance(error, OSError):
+            # Permission denied, disk full, a missing file: name the path, not the stack. Files
+            # already written are complete (atomic writes), so a re-run resumes.
+            where = f"{error.filename}: " if error.filename else ""
+            print(f"error: {where}{error.strerror or error}", file=sys.stderr)
             return 2
         raise
     finally:
