@@ -130,6 +130,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         out = args.out or default_run_dir(args.command)
         pipeline.train(args.data, out, from_namespace(TrainOptions, args), progress=progress)
         print(f"run folder: {out}")
+        _print_deploy(out)
         return 0
     if args.command == "reproduce":
         out = args.out or default_run_dir(args.command)
@@ -139,10 +140,12 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
             from_namespace(EvaluateOptions, args), progress=progress,
         )
         print(f"run folder: {out}")
+        _print_deploy(out)
         return 0
     if args.command == "export":
         pipeline.export(args.run, from_namespace(ExportOptions, args), progress=progress)
         print(f"models: {args.run}/*/models")
+        _print_deploy(args.run)
         return 0
     if args.command == "evaluate":
         pipeline.evaluate(args.run, from_namespace(EvaluateOptions, args), progress=progress)
@@ -163,6 +166,16 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         failed = sum(1 for result in results if result.error)
         return 1 if failed else 0
     raise AssertionError(args.command)
+
+
+def _print_deploy(run: Path) -> None:
+    """The last line of train/export/reproduce: the one model to put on a line."""
+    from steeldefect.runfolder import deploy_model_path
+
+    for variant in ("int8", "keras"):
+        if deploy_model_path(run, variant).is_file():
+            print(f"model to deploy: {deploy_model_path(run, variant)}")
+            return
 
 
 def _weights(args: argparse.Namespace) -> int:

@@ -56,8 +56,8 @@ def export_backbone(
     workers: int = 1,
     progress: bool = True,
 ) -> list[Path]:
-    """Every (fold, variant) LiteRT file of one backbone of a run, with its sidecar (resumable: a
-    file whose sidecar exists is done).
+    """Every (fold, variant) LiteRT file of one backbone of a run, and of its final model (refitted
+    on all training images), with its sidecar (resumable: a file whose sidecar exists is done).
 
     Folds are independent, so they are converted ``workers`` at a time, each in its own process:
     the converter and int8 calibration keep about one core busy. Within a fold the variants run in
@@ -65,9 +65,12 @@ def export_backbone(
     """
     from tqdm.auto import tqdm
 
+    models = [*range(n_folds)]
+    if runfolder.fold_model_path(run, backbone, runfolder.FINAL, "keras").is_file():
+        models.append(runfolder.FINAL)  # the model to deploy, exported like the folds
     pending = {
         fold: [variant for variant in variants if not _is_exported(runfolder.fold_model_path(run, backbone, fold, variant))]
-        for fold in range(n_folds)
+        for fold in models
     }
     pending = {fold: todo for fold, todo in pending.items() if todo}
     total = sum(len(todo) for todo in pending.values())
@@ -88,7 +91,7 @@ def export_backbone(
                 ]
                 for future in as_completed(futures):
                     bar.update(len(future.result()))
-    return [runfolder.fold_model_path(run, backbone, fold, variant) for fold in range(n_folds) for variant in variants]
+    return [runfolder.fold_model_path(run, backbone, fold, variant) for fold in models for variant in variants]
 
 
 def _is_exported(target: Path) -> bool:
@@ -96,12 +99,16 @@ def _is_exported(target: Path) -> bool:
 
 
 def export_fold(
-    run: Path, backbone: str, fold: int, variants: Sequence[str], calibration_images: np.ndarray, on_done=None
+    run: Path, backbone: str, fold: int | str, variants: Sequence[str], calibration_images: np.ndarray, on_done=None
 ) -> list[Path]:
     """Convert one fold's joined Keras model to ``variants`` (in order) and write each with its sidecar."""
     import keras
 
     source = runfolder.fold_model_path(run, backbone, fold, "keras")
+    # Keras numbers auto-named layers per process; those names end up as tensor names in the
+    # flatbuffer. A fresh session per fold makes every file the same whichever process (or how
+    # many folds before it) converts it.
+    keras.backend.clear_session()
     model = keras.models.load_model(source)
     written = []
     for variant in variants:

@@ -136,6 +136,7 @@ def train(
                 raise
             warnings.warn(f"skipping {name}: {error}", stacklevel=2)
             update_summary(out, name, status=NOT_RUN_WEIGHTS_MISSING, reason=str(error))
+    update_deploy(out)
     log.info("training results written to %s", out)
     return runfolder.load_summary(out)
 
@@ -217,13 +218,22 @@ def train_backbone(
         per_model = training.evaluate_fold_heads(heads, features[test_idx], dataset.labels[test_idx], n_classes)
         keras_aggregate = training.write_test_metrics(out, name, "keras", per_model, dataset.class_names)
 
+    with training.timed(stage_times, "final"):
+        final_head = training.fit_final_head(
+            features, dataset.labels, splits.train_indices, run=out, backbone=name, n_classes=n_classes,
+            learning_rate=best_rate, kind=options.head, epochs=options.epochs, batch_size=options.batch_size,
+            seed=options.seed,
+        )
+        (final_metrics,) = training.evaluate_fold_heads([final_head], features[test_idx], dataset.labels[test_idx], n_classes)
+        final_metrics.pop("fold")
+
     with training.timed(stage_times, "join"):
-        for fold, fold_head in enumerate(heads):
+        for fold, fold_head in [*enumerate(heads), (runfolder.FINAL, final_head)]:
             path = fold_model_path(out, name, fold, "keras")
             meta_path = sidecar_path(path)
             if path.is_file() and meta_path.is_file() and read_json(meta_path).get("verified"):
                 continue
-            joined = training.join_model(get_backbone(), fold_head, name=f"{name}_fold{fold}")
+            joined = training.join_model(get_backbone(), fold_head, name=f"{name}_{path.stem}")
             agreement = training.check_joined_agrees(joined, fold_head, images[test_idx], features[test_idx])
             training.save_model_atomic(joined, path)
             write_json(
@@ -241,6 +251,7 @@ def train_backbone(
         "best_learning_rate": best_rate,
         "cv": _cv_summary(rows),
         "variants": {"keras": keras_aggregate},
+        "final": {"keras": final_metrics},
         "wall_time_s": stage_times,
     }
     update_summary(out, name, **summary_entry)
@@ -258,7 +269,7 @@ def _cv_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def model_metadata(
     backbone: str,
     variant: str,
-    fold: int,
+    fold: int | str,
     learning_rate: float,
     prepared: PreparedData,
     options: TrainOptions,
@@ -351,6 +362,7 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
                     csv_path, runfolder.quant_debug_path(run, name, "png"),
                 )
         update_summary(run, name, wall_time_s=stage_times)
+    update_deploy(run)
     log.info("LiteRT models written under %s/*/models", run)
     return written
 
@@ -373,8 +385,9 @@ def evaluate(run: Path, options: EvaluateOptions | None = None, *, progress: boo
     table = []
     for name in trained_backbones(run):
         stage_times: dict[str, float] = {}
-        models = runfolder.exported_models(run, name)
+        models = runfolder.exported_models(run, name) + runfolder.final_models(run, name)
         by_variant: dict[str, list[dict[str, Any]]] = {}
+        final: dict[str, dict[str, Any]] = {}
         with training.timed(stage_times, "evaluate"), _progress(len(models), f"{name} evaluate", progress) as bar:
             for path in models:
                 fold, variant = runfolder.parse_model_name(path)
@@ -391,7 +404,10 @@ def evaluate(run: Path, options: EvaluateOptions | None = None, *, progress: boo
                         path, images, labels, n_classes, threads=threads, warmup=options.warmup, runs=options.runs
                     ) | {"fold": fold, "cpu": cpu_description()}
                     write_json(result_path, result)
-                by_variant.setdefault(variant, []).append(result)
+                if fold == runfolder.FINAL:
+                    final[variant] = result
+                else:
+                    by_variant.setdefault(variant, []).append(result)
                 bar.update(1)
         variants_summary = {}
         for variant, results in by_variant.items():
@@ -403,12 +419,69 @@ def evaluate(run: Path, options: EvaluateOptions | None = None, *, progress: boo
             aggregated["xnnpack_partitions"] = sorted({r["xnnpack_partitions"] for r in results})
             variants_summary[variant] = aggregated
             table.append({"backbone": name, "variant": variant, **_flat(aggregated)})
-        update_summary(run, name, variants=variants_summary, wall_time_s=stage_times)
+        update_summary(run, name, variants=variants_summary, final=final, wall_time_s=stage_times)
     write_csv(runfolder.tflite_metrics_path(run, "csv"), table)
     write_json(runfolder.tflite_metrics_path(run, "json"), table)
     set_summary_field(run, "latency_machine", {"cpu": cpu_description(), "threads": threads})
+    update_deploy(run)
     log.info("evaluation written to %s and summary.json", runfolder.tflite_metrics_path(run, "csv"))
     return runfolder.load_summary(run)
+
+
+def update_deploy(run: Path) -> Path | None:
+    """Put the run's model to deploy into ``RUN/deploy/``: the final model (refitted on all training
+    images) of the trained backbone with the best mean CV accuracy at its chosen rate (ties: the
+    first trained), every variant exported so far, each with its sidecar; ``deploy.json`` says what
+    it is and how it tested. Returns the folder, or None when no backbone was trained."""
+    from steeldefect.conversion import VARIANTS
+
+    summary = runfolder.load_summary(run)
+    done = {name: entry for name, entry in summary["backbones"].items() if entry.get("status") == "done"}
+    if not done:
+        return None
+    best = max(done, key=lambda name: done[name]["cv"][f"{done[name]['best_learning_rate']:g}"]["mean"])
+    entry = done[best]
+    models = {}
+    for variant in ("keras", *VARIANTS):
+        source = fold_model_path(run, best, runfolder.FINAL, variant)
+        target = runfolder.deploy_model_path(run, variant)
+        if not (source.is_file() and sidecar_path(source).is_file()):
+            target.unlink(missing_ok=True)
+            sidecar_path(target).unlink(missing_ok=True)
+            continue
+        _link_or_copy(source, target)
+        meta = read_json(sidecar_path(source)) | {"deployed_from": str(source.relative_to(run))}
+        write_json(sidecar_path(target), meta)
+        models[variant] = str(target.relative_to(run))
+    record = {
+        "backbone": best,
+        "display_name": entry.get("display_name", best),
+        "learning_rate": entry["best_learning_rate"],
+        "cv_accuracy": entry["cv"][f"{entry['best_learning_rate']:g}"],
+        "trained_on": "every training image (all folds), after the grid chose the rate",
+        "models": models,
+        "test": {variant: {key: metrics[key] for key in ("accuracy", "precision_macro", "recall_macro", "size_mib")
+                           if key in metrics} for variant, metrics in entry.get("final", {}).items()},
+    }
+    write_json(runfolder.deploy_record_path(run), record)
+    set_summary_field(run, "deploy", record)
+    return runfolder.deploy_dir(run)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes the same bytes as ``source``: a hard link where the file system allows it
+    (no second copy of a 40 MB model), else a copy; atomic either way."""
+    import os
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
 
 
 def _flat(aggregated: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,10 @@ def predict_paths(
     from steeldefect.data import read_image
 
     model_path = Path(model_path)
+    if model_path.is_dir():  # a run folder: its model to deploy
+        from steeldefect.runfolder import deployable_model
+
+        model_path = deployable_model(model_path)
     info = read_model_info(model_path)
     runner = _KerasRunner(model_path) if model_path.suffix == ".keras" else Classifier(model_path, threads, info)
     results = []

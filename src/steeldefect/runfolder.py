@@ -139,24 +139,44 @@ def models_dir(run: Path, backbone: str) -> Path:
     return backbone_dir(run, backbone) / "models"
 
 
-def fold_model_path(run: Path, backbone: str, fold: int, variant: str) -> Path:
+# The model refitted on the whole training split after the grid: the one to deploy.
+FINAL = "final"
+
+
+def fold_model_path(run: Path, backbone: str, fold: int | str, variant: str) -> Path:
+    """``fold``: a fold number, or :data:`FINAL` for the model refitted on all training images."""
     suffix = ".keras" if variant == "keras" else f".{variant}.tflite"
-    return models_dir(run, backbone) / f"fold{fold}{suffix}"
+    stem = FINAL if fold == FINAL else f"fold{int(fold)}"
+    return models_dir(run, backbone) / f"{stem}{suffix}"
 
 
-def parse_model_name(path: Path) -> tuple[int, str]:
-    """(fold, variant) of a fold model file named by :func:`fold_model_path`."""
+def parse_model_name(path: Path) -> tuple[int | str, str]:
+    """(fold or :data:`FINAL`, variant) of a model file named by :func:`fold_model_path`."""
     name = Path(path).name
     stem, _, rest = name.partition(".")
     variant = "keras" if rest == "keras" else rest.removesuffix(".tflite")
-    if not stem.startswith("fold") or not stem[4:].isdigit() or not variant or rest == variant:
-        raise ValueError(f"{path}: not a fold model file name (fold<k>.keras or fold<k>.<variant>.tflite)")
-    return int(stem[4:]), variant
+    is_fold = stem.startswith("fold") and stem[4:].isdigit()
+    if not (is_fold or stem == FINAL) or not variant or rest == variant:
+        raise ValueError(f"{path}: not a model file name of a run (fold<k>|final).keras or .<variant>.tflite)")
+    return (int(stem[4:]) if is_fold else FINAL), variant
+
+
+def final_head_path(run: Path, backbone: str) -> Path:
+    return backbone_dir(run, backbone) / FINAL / "head.npz"
+
+
+def final_history_path(run: Path, backbone: str) -> Path:
+    return backbone_dir(run, backbone) / FINAL / "history.json"
 
 
 def exported_models(run: Path, backbone: str) -> list[Path]:
     """Every exported fold .tflite of a backbone, sorted by name."""
     return sorted(models_dir(run, backbone).glob("fold*.tflite"))
+
+
+def final_models(run: Path, backbone: str) -> list[Path]:
+    """The exported .tflite files of the model refitted on all training images."""
+    return sorted(models_dir(run, backbone).glob(f"{FINAL}.*.tflite"))
 
 
 def keras_models(run: Path, backbone: str) -> list[Path]:
@@ -174,29 +194,23 @@ def deploy_dir(run: Path) -> Path:
 
 
 def deploy_model_path(run: Path, variant: str) -> Path:
-    return deploy_dir(run) / f"model.{variant}.tflite"
+    """``RUN/deploy/model.<variant>.tflite`` (``model.keras`` for ``variant="keras"``)."""
+    return deploy_dir(run) / ("model.keras" if variant == "keras" else f"model.{variant}.tflite")
+
+
+def deploy_record_path(run: Path) -> Path:
+    return deploy_dir(run) / "deploy.json"
 
 
 def deployable_model(run: Path, variant: str = "int8") -> Path:
-    """The one model of a run to put on a line: ``RUN/deploy/model.<variant>.tflite`` when the run has
-    one, else the fold model of that variant with the best recorded test accuracy (ties: lowest
-    fold; fold 0 when nothing was evaluated)."""
+    """The one model of a run to put on a line: ``RUN/deploy/model.<variant>.tflite``."""
     run = Path(run)
+    if not config_path(run).is_file():
+        raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
     deployed = deploy_model_path(run, variant)
-    if deployed.is_file():
-        return deployed
-    candidates = []
-    for backbone in load_summary(run)["backbones"]:
-        for path in exported_models(run, backbone):
-            fold, found_variant = parse_model_name(path)
-            if found_variant != variant:
-                continue
-            record = evaluation_record_path(path)
-            accuracy = read_json(record).get("accuracy", 0.0) if record.is_file() else 0.0
-            candidates.append((-float(accuracy), backbone, fold, path))
-    if not candidates:
-        raise FileNotFoundError(f"{run}: no exported {variant} model in this run folder (run `steeldefect export` first)")
-    return min(candidates)[3]
+    if not deployed.is_file():
+        raise FileNotFoundError(f"{deployed}: this run has no {variant} model to deploy (run `steeldefect export {run}`)")
+    return deployed
 
 
 def environment() -> dict[str, str]:

@@ -276,6 +276,40 @@ def run_grid(
     return rows
 
 
+def fit_final_head(
+    features: np.ndarray,
+    labels: np.ndarray,
+    train_indices: np.ndarray,
+    *,
+    run: Path,
+    backbone: str,
+    n_classes: int,
+    learning_rate: float,
+    kind: str = "flatten",
+    epochs: int = 15,
+    batch_size: int = 64,
+    seed: int = 42,
+) -> keras.Model:
+    """The head to deploy: refitted on every training image (all folds) with the rate the grid
+    chose, as is usual after cross-validation; reused when a previous run already fitted it."""
+    path = runfolder.final_head_path(run, backbone)
+    if path.is_file():
+        return load_head(path, features.shape[1:], n_classes, kind)
+    head, history = fit_head(
+        features[train_indices],
+        labels[train_indices],
+        n_classes=n_classes,
+        kind=kind,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=derived_seed(seed, learning_rate, runfolder.FINAL),
+    )
+    save_head(head, path)
+    write_json(runfolder.final_history_path(run, backbone), history)
+    return head
+
+
 def select_best_rate(rows: Sequence[dict[str, Any]]) -> float:
     """Best learning rate by mean validation accuracy; a tie goes to the rate listed first."""
     means: dict[float, list[float]] = {}

@@ -49,6 +49,21 @@ def test_reproduce_end_to_end_skips_missing_weights(tiny_env, tmp_path):
     assert (run / TINY / "quant_debug.csv").is_file() and (run / TINY / "quant_debug.png").is_file()
     config = read_json(run / "config.json")
     assert config["commands"]["train"]["options"]["seed"] == 42
+
+    # One model to deploy: the head refitted on all training images, exported like the folds,
+    # evaluated once on the test split, and what `predict RUN` uses.
+    deploy = read_json(run / "deploy" / "deploy.json")
+    assert deploy["backbone"] == TINY and deploy["learning_rate"] == entry["best_learning_rate"]
+    for variant in ("keras", "fp32", "fp16", "int8", "int8-mixed"):
+        assert (run / "deploy" / deploy["models"][variant].split("/")[-1]).is_file()
+        assert deploy["test"][variant]["accuracy"] > 60
+    assert summary["deploy"]["models"]["int8"] == "deploy/model.int8.tflite"
+    assert read_json(run / "deploy" / "model.int8.tflite.json")["fold"] == "final"
+    from steeldefect.predict import predict_paths
+
+    via_run = predict_paths(run, [tiny_env / "dots"], top_k=1)
+    via_file = predict_paths(run / "deploy" / "model.int8.tflite", [tiny_env / "dots"], top_k=1)
+    assert [r.top for r in via_run] == [r.top for r in via_file] and len(via_run) == 12
     # Which code produced the numbers: this checkout's commit (tests run from a git clone).
     source = config["commands"]["train"]["environment"]["source"]
     assert source == "unknown" or len(source.split("+")[0]) == 40
@@ -100,7 +115,7 @@ def test_train_resumes_after_interruption_with_same_numbers(tiny_env, tmp_path, 
 
     monkeypatch.setattr(training, "fit_head", counting_fit)
     resumed = pipeline.train(tiny_env, run, backbones=[TINY], **FAST)
-    assert trained_again["n"] == 2  # only the two unfinished cells of 2 rates x 2 folds
+    assert trained_again["n"] == 3  # the two unfinished cells of 2 rates x 2 folds, then the final head
     ours, theirs = resumed["backbones"][TINY], reference["backbones"][TINY]
     assert ours["best_learning_rate"] == theirs["best_learning_rate"]
     assert ours["variants"]["keras"] == theirs["variants"]["keras"]
