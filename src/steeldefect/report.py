@@ -103,6 +103,7 @@ def write_report(run: Path) -> Path:
     names += sorted(set(backbones) - set(names))
 
     lines = _header(run, summary, config, names, backbones)
+    lines += _deploy_section(summary)
     for number, variant, title in METRIC_TABLES:
         header, rows, csv_rows = _metric_table(names, backbones, variant)
         csv_name = f"table{number}_{variant}.csv"
@@ -123,6 +124,27 @@ def write_report(run: Path) -> Path:
     lines += _cv_section(run, names, backbones)
     lines += _plots_section(run, names, backbones, summary)
     return atomic_write_text(runfolder.report_path(run), "\n".join(lines).rstrip("\n") + "\n")
+
+
+def _deploy_section(summary: dict[str, Any]) -> list[str]:
+    """The one model to put on a line, how it was made and how it tested (single model, no ± std)."""
+    deploy = summary.get("deploy")
+    if not deploy:
+        return []
+    rows = []
+    for variant, path in deploy.get("models", {}).items():
+        test = deploy.get("test", {}).get(variant, {})
+        rows.append([f"`{path}`", variant, _fmt(test.get("accuracy")), _fmt(test.get("precision_macro")),
+                     _fmt(test.get("recall_macro")), _fmt(test.get("size_mib"))])
+    cv = deploy.get("cv_accuracy") or {}
+    return [
+        "## Model to deploy", "",
+        f"{deploy.get('display_name', deploy.get('backbone'))}, head refitted on every training image at learning "
+        f"rate {deploy.get('learning_rate', 0):g} (chosen by the grid: CV accuracy {_fmt(cv.get('mean'))} ± "
+        f"{_fmt(cv.get('std'))}), then joined, exported and tested once on the test split. "
+        "`steeldefect predict RUN PATH...` uses `deploy/model.int8.tflite`.", "",
+        _md_table(["File", "Variant", "Accuracy", "Precision", "Recall", "Size (MiB)"], rows), "",
+    ]
 
 
 # ---------------------------------------------------------------- reading the run
