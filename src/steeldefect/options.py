@@ -21,6 +21,7 @@ HEAD_CHOICES = ("flatten", "pooled")
 PREPROCESSING_CHOICES = ("model", "reference")
 WEIGHTS_CHOICES = ("imagenet", "none")
 FORMAT_CHOICES = ("table", "csv", "json")
+CLASS_WEIGHT_CHOICES = ("auto", "balanced", "none")
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,9 @@ class TrainOptions(DataOptions):
     learning_rates: tuple[float, ...] = option((0.01, 0.001, 0.0001), "the learning-rate grid", check=POSITIVE)
     epochs: int = option(15, "epochs per head", check=AT_LEAST_1)
     batch_size: int = option(64, "head training batch size", check=AT_LEAST_1)
+    class_weight: str = option("auto", "loss weight per class: 'balanced' = n_images / (n_classes x class count); "
+                               "'auto' = balanced when the largest class has more than twice the images of the "
+                               "smallest", choices=CLASS_WEIGHT_CHOICES)
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,10 @@ def train_backbone(
             cache_dir=options.cache_dir,
             progress=progress,
         )
+    weights = training.class_weights(dataset.labels[splits.train_indices], n_classes, options.class_weight)
+    if weights is not None:
+        log.info("class weights (%s): %s", options.class_weight,
+                 ", ".join(f"{c} {w:.2f}" for c, w in zip(dataset.class_names, weights)))
     with training.timed(stage_times, "grid"):
         rows = training.run_grid(
             features,
@@ -203,6 +207,7 @@ def train_backbone(
             epochs=options.epochs,
             batch_size=options.batch_size,
             seed=options.seed,
+            class_weight=options.class_weight,
             progress=progress,
         )
     write_csv(runfolder.cv_grid_path(out, name), rows)
@@ -222,7 +227,7 @@ def train_backbone(
         final_head = training.fit_final_head(
             features, dataset.labels, splits.train_indices, run=out, backbone=name, n_classes=n_classes,
             learning_rate=best_rate, kind=options.head, epochs=options.epochs, batch_size=options.batch_size,
-            seed=options.seed,
+            seed=options.seed, class_weight=options.class_weight,
         )
         (final_metrics,) = training.evaluate_fold_heads([final_head], features[test_idx], dataset.labels[test_idx], n_classes)
         final_metrics.pop("fold")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from steeldefect import runfolder
 from steeldefect.files import atomic_save, atomic_write_bytes, read_json, write_csv, write_json
 from steeldefect.metrics import METRIC_NAMES, aggregate, classification_metrics
-from steeldefect.options import HEAD_CHOICES, TrainOptions
+from steeldefect.options import CLASS_WEIGHT_CHOICES, HEAD_CHOICES, TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,10 @@ class HeadTrainer:
         epochs: int = 15,
         seed: int = 0,
         validation: tuple[np.ndarray, np.ndarray] | None = None,
+        class_weight: np.ndarray | None = None,
     ) -> tuple[keras.Model, dict[str, list[float]]]:
+        """``class_weight`` (one per class) scales each image's loss by its class's weight: with a
+        one-hot target, a target scaled by ``w`` gives exactly ``w`` times the cross-entropy."""
         if tuple(features.shape[1:]) != self.feature_shape:
             raise ValueError(f"features of shape {features.shape[1:]} given to a trainer for {self.feature_shape}")
         keras.utils.set_random_seed(seed)
@@ -129,6 +132,8 @@ class HeadTrainer:
 
         x = self._dense_features(features)
         y = keras.utils.to_categorical(labels, self.n_classes).astype(np.float32)
+        if class_weight is not None:
+            y = y * np.asarray(class_weight, dtype=np.float32)[None, :]
         if validation is not None:
             x_val = self._dense_features(validation[0])
             y_val = keras.utils.to_categorical(validation[1], self.n_classes).astype(np.float32)
@@ -182,6 +187,7 @@ def fit_head(
     seed: int = 0,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     trainer: HeadTrainer | None = None,
+    class_weight: np.ndarray | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Train one head with Adam + categorical cross-entropy; returns (head, per-epoch history).
 
@@ -191,7 +197,24 @@ def fit_head(
         trainer = HeadTrainer(features.shape[1:], n_classes, kind=kind, batch_size=batch_size)
     elif (trainer.kind, trainer.n_classes, trainer.batch_size) != (kind, n_classes, batch_size):
         raise ValueError("trainer was built for another head kind, class count or batch size")
-    return trainer.fit(features, labels, learning_rate=learning_rate, epochs=epochs, seed=seed, validation=validation)
+    return trainer.fit(
+        features, labels, learning_rate=learning_rate, epochs=epochs, seed=seed, validation=validation,
+        class_weight=class_weight,
+    )
+
+
+def class_weights(labels: np.ndarray, n_classes: int, mode: str = "auto") -> np.ndarray | None:
+    """Per-class loss weights for ``mode``: ``none`` -> None; ``balanced`` -> scikit-learn's
+    ``n_samples / (n_classes * count)``; ``auto`` -> balanced when the largest class has more than
+    twice the images of the smallest, else None."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    if mode not in CLASS_WEIGHT_CHOICES:
+        raise ValueError(f"class weight must be one of {CLASS_WEIGHT_CHOICES}, got {mode!r}")
+    counts = np.bincount(np.asarray(labels), minlength=n_classes)
+    if mode == "none" or (mode == "auto" and counts.max() <= 2 * counts.min()):
+        return None
+    return compute_class_weight("balanced", classes=np.arange(n_classes), y=np.asarray(labels)).astype(np.float32)
 
 
 def predict_proba(head: keras.Model, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -223,6 +246,7 @@ def run_grid(
     epochs: int = 15,
     batch_size: int = 64,
     seed: int = 42,
+    class_weight: str = "none",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train every (rate, fold) head, or reuse the ones a previous run finished.
@@ -257,6 +281,7 @@ def run_grid(
                 seed=derived_seed(seed, cell.learning_rate, cell.fold),
                 validation=(features[val_idx], labels[val_idx]),
                 trainer=trainer,
+                class_weight=class_weights(labels[train_idx], n_classes, class_weight),
             )
             predicted = predict_proba(head, features[val_idx]).argmax(axis=1)
             metrics = classification_metrics(labels[val_idx], predicted, n_classes)
@@ -289,6 +314,7 @@ def fit_final_head(
     epochs: int = 15,
     batch_size: int = 64,
     seed: int = 42,
+    class_weight: str = "none",
 ) -> keras.Model:
     """The head to deploy: refitted on every training image (all folds) with the rate the grid
     chose, as is usual after cross-validation; reused when a previous run already fitted it."""
@@ -304,6 +330,7 @@ def fit_final_head(
         epochs=epochs,
         batch_size=batch_size,
         seed=derived_seed(seed, learning_rate, runfolder.FINAL),
+        class_weight=class_weights(labels[train_indices], n_classes, class_weight),
     )
     save_head(head, path)
     write_json(runfolder.final_history_path(run, backbone), history)

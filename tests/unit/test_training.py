@@ -109,3 +109,31 @@ def test_joined_model_agrees_with_features_plus_head(tmp_path):
     other_head, _ = training.fit_head(features, np.arange(10) % 2, n_classes=2, epochs=1, batch_size=4, seed=9)
     with pytest.raises(AssertionError, match="disagrees"):
         training.check_joined_agrees(joined, other_head, images, features, atol=1e-9)
+
+
+def test_class_weights_are_sklearns_and_auto_switches_at_two_to_one():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.repeat([0, 1, 2], [40, 10, 20])
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
+    np.testing.assert_allclose(training.class_weights(labels, 3, "balanced"), expected, rtol=1e-6)
+    np.testing.assert_allclose(training.class_weights(labels, 3, "auto"), expected, rtol=1e-6)  # 40 > 2 x 10
+    assert training.class_weights(np.repeat([0, 1, 2], [20, 10, 15]), 3, "auto") is None  # 20 = 2 x 10
+    assert training.class_weights(labels, 3, "none") is None
+
+
+def test_balanced_weights_raise_the_rare_class_recall():
+    rng = np.random.default_rng(0)
+    counts = (200, 200, 8)
+    centres = rng.normal(0, 0.5, (3, 2, 2, 8))  # overlapping classes: the rare one loses without weights
+    labels = np.repeat(np.arange(3), counts)
+    features = (centres[labels] + rng.normal(0, 1, (len(labels), 2, 2, 8))).astype(np.float32)
+    test_labels = np.repeat(np.arange(3), 100)
+    test = (centres[test_labels] + rng.normal(0, 1, (300, 2, 2, 8))).astype(np.float32)
+    recall = {}
+    for mode in ("none", "balanced"):
+        head, _ = training.fit_head(features, labels, n_classes=3, learning_rate=0.01, epochs=10, batch_size=32, seed=1,
+                                    class_weight=training.class_weights(labels, 3, mode))
+        predicted = training.predict_proba(head, test).argmax(1)
+        recall[mode] = (predicted[test_labels == 2] == 2).mean()
+    assert recall["balanced"] > recall["none"] + 0.2, recall
