@@ -45,6 +45,8 @@ def _add_train_options(parser: argparse.ArgumentParser, default_backbones: Seque
     parser.add_argument("--learning-rates", type=float, nargs="+", default=list(DEFAULT_LEARNING_RATES))
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--download-weights", action="store_true",
+                        help="first fetch missing official Keras weight files (nothing is downloaded without this)")
 
 
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     weights_commands.add_parser("status", help="which backbone weights are present, missing or corrupt")
     install = weights_commands.add_parser("install", help="copy official Keras weight files from a folder")
     install.add_argument("folder", type=Path)
+    download = weights_commands.add_parser(
+        "download", help="fetch the official Keras weight files (hash-checked) into $KERAS_HOME/models")
+    download.add_argument("names", nargs="*", default=["all"], metavar="NAME",
+                          help="backbones, or 'all' (default); Lite0's weights come from its package instead")
 
     train = commands.add_parser("train", help="features -> LR grid x CV folds -> test metrics -> .keras models")
     _add_data_options(train)
@@ -126,10 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: finished steps are kept; re-run the same command to resume", file=sys.stderr)
         return 130
     except Exception as error:  # one clear line for anticipated failures; full trace for bugs
-        from steeldefect.backbones import WeightsMissingError
+        from steeldefect.backbones import WeightsDownloadError, WeightsMissingError
         from steeldefect.data import DatasetError
 
-        if isinstance(error, (WeightsMissingError, DatasetError, FileNotFoundError, ValueError)):
+        if isinstance(error, (WeightsMissingError, WeightsDownloadError, DatasetError, FileNotFoundError, ValueError)):
             print(f"error: {error}", file=sys.stderr)
             return 2
         raise
@@ -150,6 +156,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "weights":
         return _weights(args)
     if args.command in ("train", "reproduce"):
+        if args.download_weights and _download(args.backbones, progress) != 0:
+            return 1
         out = args.out or default_run_dir(args.command)
         common = dict(
             backbones=args.backbones,
@@ -212,10 +220,25 @@ def _weights(args: argparse.Namespace) -> int:
         for row in rows:
             print(f"{row.backbone:<{width}}  {row.state:<8}  {row.path}  [{row.source}]")
         return 0 if all(row.state == "present" for row in rows) else 1
+    if args.weights_command == "download":
+        return _download(args.names, progress=not args.quiet)
     outcomes = backbones.install_weights(args.folder)
     for filename, outcome in outcomes:
         print(f"{filename}: {outcome}")
     return 1 if any(outcome.startswith("refused") for _, outcome in outcomes) else 0
+
+
+def _download(names: Sequence[str], progress: bool) -> int:
+    """Download, print one line per file; non-zero when any file was refused or failed."""
+    from steeldefect import backbones
+
+    outcomes = backbones.download_weights(names, progress=progress)
+    for filename, outcome in outcomes:
+        print(f"{filename}: {outcome}")
+    failed = [f"{filename}: {outcome}" for filename, outcome in outcomes if outcome.startswith(("refused", "failed"))]
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""Atomic file writes and the default cache location.
+"""Atomic file writes, file hashing and the cache locations (ours and Keras').
 
 Every file the pipeline writes goes through these helpers: a run killed mid-write leaves either the
 old file or the new one, never a truncated one that a resumed run would trust.
@@ -7,6 +7,7 @@ old file or the new one, never a truncated one that a resumed run would trust.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -23,6 +24,27 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "steeldefect"
+
+
+def keras_home() -> Path:
+    """Keras' cache root, by the rule ``keras.utils.get_file`` applies when it downloads.
+
+    ``$KERAS_HOME`` when the variable is set, else ``~/.keras``; ``/tmp/.keras`` when the home folder is
+    not writable or ``KERAS_HOME`` is set but empty (Keras takes the empty string as a path it cannot
+    write to). Read at each call, not at import as Keras does, so a changed environment is seen.
+    """
+    fallback = Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()) / ".keras"
+    if "KERAS_HOME" in os.environ:
+        value = os.environ["KERAS_HOME"]
+        return Path(value).expanduser() if value else fallback
+    home = os.path.expanduser("~")
+    return Path(home) / ".keras" if os.access(home, os.W_OK) else fallback
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks (weight files are tens of MB)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
