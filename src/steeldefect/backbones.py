@@ -143,7 +143,7 @@ class WeightFile:
 
     def how_to_get(self, backbone: str) -> str:
         return (
-            f"Get it online with: steeldefect weights download {backbone} (or train/reproduce "
+            f"get it online with: steeldefect weights download {backbone} (or train/reproduce "
             f"--download-weights); offline, copy {self.filename} from an online machine's ~/.keras/models "
             f"into a folder and run: steeldefect weights install FOLDER"
         )
