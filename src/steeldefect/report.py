@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from steeldefect.files import atomic_write_bytes, atomic_write_text, read_json, write_csv
+from steeldefect.runfolder import require_run
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,11 @@ REFERENCE_LATENCY_MS: dict[str, dict[str, MeanStd]] = {
 
 
 def write_report(run: Path) -> Path:
-    """Write RUN/report.md, RUN/report_tables/*.csv and RUN/plots/*.png; return the report's path."""
-    run = Path(run).resolve()
+    """Write RUN/report.md, RUN/report_tables/*.csv and RUN/plots/*.png; return the report's path.
+
+    Raises :class:`steeldefect.runfolder.NotARunError` (nothing written) when ``run`` holds no run.
+    """
+    run = require_run(Path(run)).resolve()
     summary = _load(run / "summary.json") or {}
     config = _load(run / "config.json") or {}
     backbones: dict[str, dict[str, Any]] = summary.get("backbones") or {}
