@@ -66,7 +66,8 @@ def classifier(keras_home):
         weights = ensure_lite0_weights()
         assert weights == lite0_weights_path() == keras_home / "models" / weights.name
         assert weights.is_file()
-        assert [p.name for p in weights.parent.iterdir()] == [weights.name]  # no temp file left behind
+        # No temp file left behind; the converted file's own sha256 recorded beside it.
+        assert sorted(p.name for p in weights.parent.iterdir()) == [weights.name, weights.name + ".sha256"]
         return build_pretrained_lite0(include_top=True)
 
 
