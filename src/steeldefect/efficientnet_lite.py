@@ -22,7 +22,8 @@ from typing import Any, BinaryIO
 import keras
 import numpy as np
 
-from steeldefect.files import atomic_save, atomic_write_text, file_digest, keras_home as default_keras_home
+from steeldefect.files import atomic_save, atomic_write_text, file_digest
+from steeldefect.files import keras_home as default_keras_home
 
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 LITE0_PTH_NAME = "efficientnet-lite0-57934424.pth"

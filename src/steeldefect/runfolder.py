@@ -225,5 +225,7 @@ def require_run(run: Path) -> Path:
     if not run.is_dir():
         raise NotARunError(f"{run}: is a file, not a run folder")
     if not (run / "summary.json").is_file():
-        raise NotARunError(f"{run}: not a run folder (no summary.json; give the --out folder of `train` or `reproduce`)")
+        raise NotARunError(
+            f"{run}: not a run folder (no summary.json; give the --out folder of `train` or `reproduce`)"
+        )
     return run

@@ -31,9 +31,9 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from tiny import TINY, make_dataset, register_tiny_backbone
 
 from steeldefect import backbones, cli
-from tiny import TINY, make_dataset, register_tiny_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = "--folds 2 --learning-rates 0.01 --epochs 2 --batch-size 8 --image-size 32"
@@ -134,6 +134,7 @@ CASES = [
     Case("mobilenet-missing", f"train --data {{data}} --backbone mobilenet --out {{out}} {FAST}",
          "{keras}/models/mobilenet_1_0_224_tf_no_top.h5"),
     Case("weights-install-folder-missing", "weights install {tmp}/usb", "{tmp}/usb"),
+    Case("weights-download-unknown-backbone", "weights download resnet", "'resnet'"),
     # Run folders
     Case("report-typo", "report {tmp}/runz", "{tmp}/runz"),
     Case("report-on-a-file", "report {run}/summary.json", "{run}/summary.json"),

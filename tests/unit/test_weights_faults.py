@@ -19,10 +19,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from tiny import TINY, make_dataset, register_tiny_backbone
 
 from steeldefect import backbones, cli, efficientnet_lite
 from steeldefect.files import file_digest, keras_home
-from tiny import TINY, make_dataset, register_tiny_backbone
 
 MOBILENET = "mobilenet_1_0_224_tf_no_top.h5"
 FAST_TRAIN = ["--folds", "2", "--learning-rates", "0.01", "--epochs", "2", "--batch-size", "8", "--image-size", "32"]
