@@ -37,7 +37,7 @@ class WeightsMissingError(RuntimeError):
 
 
 class WeightsDownloadError(RuntimeError):
-    """The weights server cannot be reached (offline, DNS, refused): one line naming the URL."""
+    """A download cannot proceed at all (host unreachable, Keras' cache not writable): one line naming it."""
 
 
 def caffe_preprocess_layer() -> keras.layers.Layer:
@@ -449,8 +449,11 @@ def download_weights(
 
 
 def _download_one(wanted: WeightFile, target: Path, url: str, progress: bool) -> str:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{wanted.filename}.", suffix=".download", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{wanted.filename}.", suffix=".download", dir=target.parent))
+    except OSError as error:  # checked before any byte is fetched
+        raise WeightsDownloadError(f"{target.parent}: cannot write there ({error.strerror or error})") from None
     interactive = keras.config.is_interactive_logging_enabled()
     timeout = socket.getdefaulttimeout()
     try:

@@ -143,6 +143,9 @@ CASES = [
     Case("inspect-unreadable-class-folder", "data inspect {data}", "{data}/dots", setup=chmod("{data}/dots", 0o000),
          as_user=True),
     Case("report-read-only-run", "report {run}", "{run}", setup=chmod("{run}", 0o555), as_user=True),
+    # Fails on the folder before fetching anything, so it never reaches the internet.
+    Case("weights-download-read-only-cache", "weights download mobilenet", "{keras}/models",
+         setup=chmod("{keras}", 0o555), as_user=True),
 ]
 
 # Rows that fail today for a reason someone else is fixing: id -> reason (strict: they must fail).
@@ -179,7 +182,7 @@ def snapshot(world: World) -> dict[str, tuple[int, int, str]]:
 # TensorFlow's C++ start-up logging (absl / oneDNN), printed by the library before steeldefect runs;
 # only subprocess rows see it, since in-process it was printed once when TensorFlow was imported.
 _LIBRARY_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} \S+ +\d+ \S+:\d+\]"
-                            r"|To enable the following instructions)")
+                            r"|To enable the following instructions|Matplotlib is building the font cache)")
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -202,13 +205,22 @@ def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def run_as_nobody(argv: list[str], world: World) -> tuple[int, str]:
+@pytest.fixture(scope="session")
+def shared_mpl_dir():
+    """One Matplotlib config folder for every subprocess row: its font cache is built once, not per row."""
+    folder = Path(tempfile.mkdtemp(prefix="steeldefect-mpl-", dir="/tmp"))
+    folder.chmod(0o777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_as_nobody(argv: list[str], world: World, mpl_dir: Path) -> tuple[int, str]:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
         "HOME": str(world.tmp / "home"),
         "KERAS_HOME": str(world.keras),
-        "MPLCONFIGDIR": str(world.tmp / "home" / "mpl"),
+        "MPLCONFIGDIR": str(mpl_dir),
         "STEELDEFECT_CACHE": str(world.tmp / "cache"),
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
@@ -237,7 +249,7 @@ def _nobody_can_run() -> str | None:
     [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[c.id])]
                   if c.id in KNOWN_FAILURES else []) for c in CASES],
 )
-def test_bad_input_gets_one_line_and_changes_nothing(case: Case, tmp_path, monkeypatch, capsys):
+def test_bad_input_gets_one_line_and_changes_nothing(case: Case, tmp_path, monkeypatch, capsys, request):
     if case.as_user:
         reason = _nobody_can_run()
         if reason:
@@ -259,7 +271,10 @@ def test_bad_input_gets_one_line_and_changes_nothing(case: Case, tmp_path, monke
             case.setup(world)
         before = snapshot(world)
         argv = ["--quiet", *shlex.split(world.fill(case.argv))]
-        code, stderr = run_as_nobody(argv, world) if case.as_user else run_in_process(argv, capsys)
+        if case.as_user:
+            code, stderr = run_as_nobody(argv, world, request.getfixturevalue("shared_mpl_dir"))
+        else:
+            code, stderr = run_in_process(argv, capsys)
 
         assert code not in (0, None), f"exit status {code}; stderr:\n{stderr}"
         assert "Traceback" not in stderr, stderr
