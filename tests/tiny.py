@@ -41,11 +41,10 @@ def register_tiny_backbone(monkeypatch, keras_home: Path, *, in_all: bool = True
         name=TINY,
         display_name="Tiny",
         feature_shape=(8, 8, 16),
-        weight_file=backbones.WeightFile(
-            path.name, "file://nowhere", path.stat().st_size, hashlib.md5(path.read_bytes()).hexdigest()
+        weights=backbones.WeightFile(
+            path.name, "tiny/" + path.name, path.stat().st_size, hashlib.md5(path.read_bytes()).hexdigest()
         ),
         _build=build_tiny,
-        weights_source="keras",
     )
     monkeypatch.setitem(backbones.REGISTRY, TINY, spec)
     if in_all:

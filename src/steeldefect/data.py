@@ -112,6 +112,10 @@ class BadImageWarning(UserWarning):
     """Files skipped because of ``skip_bad=True``; the message lists each one."""
 
 
+class SymlinkWarning(UserWarning):
+    """A symlink in a dataset was skipped: a loop back to a folder above it, or a dangling link."""
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """The files of a dataset and their labels, in the documented fixed order.
@@ -264,7 +268,7 @@ def scan_dataset(root: str | os.PathLike, *, skip_bad: bool = False, min_per_cla
         class_names = CLASS_NAMES_NEU
         class_of = [NEU_CLS_PREFIXES[NEU_CLS_PATTERN.match(p.name).group(1)] for p in candidates]  # type: ignore[union-attr]
     else:
-        class_dirs = {entry.name: entry for entry in root.iterdir() if entry.is_dir() and not _is_ignored_dir(entry.name)}
+        class_dirs = _class_dirs(root)
         class_names = tuple(sorted(class_dirs))
         class_of = [p.relative_to(root).parts[0] for p in candidates]
 
@@ -291,23 +295,77 @@ def scan_dataset(root: str | os.PathLike, *, skip_bad: bool = False, min_per_cla
 
 
 def candidate_files(root: Path) -> list[Path]:
-    """Every non-ignored file under ``root`` (hidden folders and text side files skipped), unsorted."""
-    found: list[Path] = []
-    seen_dirs: set[str] = set()
-    # followlinks so that class folders can be symlinked in; seen_dirs stops symlink cycles.
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        dirnames[:] = [d for d in dirnames if not _is_ignored_dir(d)]
-        for filename in filenames:
-            if not is_ignored_file(filename):
-                path = Path(dirpath, filename)
-                if path.is_file():
-                    found.append(path)
-    return found
+    """Every non-ignored file under ``root`` (hidden folders and text side files skipped), unsorted.
+
+    Symlinks are followed and every real file is returned once: at its real location when that lies
+    inside ``root`` (so ``patches/inc_link -> ../inclusion`` adds nothing to ``patches`` and takes
+    nothing from ``inclusion``), else at the first link reaching it in name order (a link to a file or
+    folder outside ``root`` counts where the link is). A link back to a folder it sits in (a loop) and
+    a dangling link are skipped with a :class:`SymlinkWarning`; an unreadable folder is a DatasetError.
+    """
+    root = Path(root)
+    real_root = os.path.realpath(root)
+    found: dict[str, Path] = {}  # real path -> the path returned for it
+    # Depth first with an explicit stack (no recursion limit); each entry carries the real paths of the
+    # folders above it, which is what tells a loop (a link to an ancestor) from a second way in.
+    stack: list[tuple[Path, tuple[str, ...]]] = [(root, (real_root,))]
+    while stack:
+        folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            raise DatasetError(f"{folder}: cannot read folder ({error.strerror or error})") from None
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_dir():
+                if _is_ignored_dir(entry.name):
+                    continue
+                real = os.path.realpath(path)
+                if real in ancestors:
+                    warnings.warn(f"{path}: symlink loop (leads back to {real}); skipped", SymlinkWarning, stacklevel=2)
+                    continue
+                subfolders.append((path, (*ancestors, real)))
+            elif entry.is_file():
+                if is_ignored_file(entry.name):
+                    continue
+                real = os.path.realpath(path)
+                own = _own_path(real, real_root, root, is_file=True)
+                if own is not None:
+                    found[real] = own
+                else:
+                    found.setdefault(real, path)
+            elif entry.is_symlink():
+                warnings.warn(f"{path}: dangling symlink (target missing or a loop); skipped", SymlinkWarning,
+                              stacklevel=2)
+        stack.extend(reversed(subfolders))  # popped in name order, so "first link" is well defined
+    return list(found.values())
+
+
+def _own_path(real: str, real_root: str, root: Path, *, is_file: bool) -> Path | None:
+    """``real``'s path under ``root`` when it lies inside the dataset where the walk sees it itself
+    (not hidden, not under an ignored folder), else None."""
+    relative = os.path.relpath(real, real_root)
+    if relative == os.curdir:
+        return root
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return None
+    *folders, name = Path(relative).parts
+    if any(_is_ignored_dir(part) for part in folders) or (is_ignored_file(name) if is_file else _is_ignored_dir(name)):
+        return None
+    return root / relative
+
+
+def _class_dirs(root: Path) -> dict[str, Path]:
+    """First-level class folders; a symlink to a folder inside the dataset is an alias, not a class."""
+    real_root = os.path.realpath(root)
+    return {
+        entry.name: entry
+        for entry in root.iterdir()
+        if entry.is_dir() and not _is_ignored_dir(entry.name)
+        and not (entry.is_symlink() and _own_path(os.path.realpath(entry), real_root, root, is_file=False) is not None)
+    }
 
 
 def _is_ignored_dir(name: str) -> bool:

@@ -13,16 +13,17 @@ a fixed 32-filter stem / 1280-filter head.  The weights were trained with Tensor
 from __future__ import annotations
 
 import collections
-import hashlib
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import keras
 import numpy as np
 
-from steeldefect.files import atomic_save
+from steeldefect.files import atomic_save, atomic_write_text, file_digest
+from steeldefect.files import keras_home as default_keras_home
 
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 LITE0_PTH_NAME = "efficientnet-lite0-57934424.pth"
@@ -180,13 +181,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _StorageRef(pid[2], pid[1].dtype, pid[4], view)
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def verify_sha256(path: str | os.PathLike, expected: str) -> None:
-    actual = sha256_of(path)
+    actual = file_digest(path)
     if actual != expected.lower():
         raise WeightsIntegrityError(f"{path}: sha256 mismatch, expected {expected}, got {actual}")
 
@@ -325,30 +321,74 @@ def pth_source_path() -> Path:
 
 
 def lite0_weights_path(keras_home: Path | None = None) -> Path:
-    """Where the converted weights live: ``$KERAS_HOME/models/`` (Keras' rule, default ``~/.keras``)."""
-    if keras_home is None:
-        keras_home = Path(os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras"))
-    return Path(keras_home) / "models" / f"efficientnet_lite0_{LITE0_SHA256[:12]}.weights.h5"
+    """Where the converted weights live: ``<Keras home>/models/`` (see :func:`steeldefect.files.keras_home`)."""
+    home = default_keras_home() if keras_home is None else Path(keras_home)
+    return home / "models" / f"efficientnet_lite0_{LITE0_SHA256[:12]}.weights.h5"
+
+
+def recorded_hash_path(weights: Path) -> Path:
+    """The converted file's own sha256, recorded beside it (``sha256sum`` format) when it is written."""
+    return Path(str(weights) + ".sha256")
+
+
+def converted_weights_problem(weights: Path) -> str | None:
+    """None when ``weights`` is a converted file whose bytes match its recorded sha256, else why not
+    (``missing``, ``unverified: ...`` when no hash was recorded, ``corrupt: ...``).
+
+    The hash is the converted file's own, recorded at conversion: the ``.h5`` bytes depend on the
+    HDF5 library, so they cannot be pinned in the source the way the ``.pth``'s hash is.
+    """
+    if not weights.is_file():
+        return "missing"
+    record = recorded_hash_path(weights)
+    if not record.exists():
+        return f"unverified: no recorded sha256 ({record.name}; converted by an earlier steeldefect)"
+    try:
+        recorded = record.read_text(encoding="utf-8").split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return f"corrupt: unreadable recorded sha256 ({record.name})"
+    actual = file_digest(weights)
+    if actual != recorded:
+        return f"corrupt: sha256 {actual[:12]}..., recorded {recorded[:12]}..."
+    return None
 
 
 def ensure_lite0_weights(keras_home: Path | None = None) -> Path:
-    """Convert the hash-checked ``.pth`` into a Keras ``.weights.h5`` once; return its path."""
+    """Return the converted ``.weights.h5``, converting the hash-checked ``.pth`` when it is missing or
+    does not match its recorded sha256 (then with a warning naming the file)."""
     target = lite0_weights_path(keras_home)
-    if target.is_file():
+    problem = converted_weights_problem(target)
+    if problem is None:
         return target
+    if problem != "missing":
+        warnings.warn(f"{target}: {problem}; re-converting it from the installed package", stacklevel=2)
     state_dict = read_legacy_pth(pth_source_path(), expected_sha256=LITE0_SHA256)
     model = build_efficientnet_lite0(include_top=True)
     load_pth_into_model(model, state_dict)
-    return atomic_save(target, model.save_weights, ".weights.h5")
+    atomic_save(target, model.save_weights, ".weights.h5")
+    # Written after the weights: a crash in between leaves a file without a matching hash, which the
+    # next run converts again rather than trusting.
+    atomic_write_text(recorded_hash_path(target), f"{file_digest(target)}  {target.name}\n")
+    return target
+
+
+def build_lite0_trunk(weights_path: Path | None, preprocessing: bool = True,
+                      input_shape: tuple[int, int, int] = (224, 224, 3), batch_size: int | None = None) -> keras.Model:
+    """Lite0 up to the head ReLU6 (7x7x1280 at 224), with ``weights_path`` loaded when given."""
+    model = build_efficientnet_lite0(include_top=True, preprocessing=preprocessing, input_shape=input_shape,
+                                     batch_size=batch_size)
+    if weights_path is not None:
+        # The weights file is keyed by layer name, so the Rescaling layer's presence doesn't matter.
+        model.load_weights(weights_path)
+    return keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="efficientnet_lite0")
 
 
 def build_pretrained_lite0(include_top: bool = False, preprocessing: bool = True, batch_size: int | None = None,
                            keras_home: Path | None = None) -> keras.Model:
-    """Lite0 with ImageNet weights; without the top it ends at the head ReLU6 (7x7x1280 at 224)."""
+    """Lite0 with ImageNet weights; without the top it is :func:`build_lite0_trunk`."""
     weights = ensure_lite0_weights(keras_home)
+    if not include_top:
+        return build_lite0_trunk(weights, preprocessing, batch_size=batch_size)
     model = build_efficientnet_lite0(include_top=True, preprocessing=preprocessing, batch_size=batch_size)
-    # The weights file is keyed by layer name, so the Rescaling layer's presence doesn't matter.
     model.load_weights(weights)
-    if include_top:
-        return model
-    return keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="efficientnet_lite0")
+    return model

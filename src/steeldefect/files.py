@@ -1,4 +1,4 @@
-"""Atomic file writes and the default cache location.
+"""Atomic file writes, file hashing and the cache locations (ours and Keras').
 
 Every file the pipeline writes goes through these helpers: a run killed mid-write leaves either the
 old file or the new one, never a truncated one that a resumed run would trust.
@@ -7,6 +7,7 @@ old file or the new one, never a truncated one that a resumed run would trust.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -26,6 +27,27 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "steeldefect"
 
 
+def keras_home() -> Path:
+    """Keras' cache root, by the rule ``keras.utils.get_file`` applies when it downloads.
+
+    ``$KERAS_HOME`` when the variable is set, else ``~/.keras``; ``/tmp/.keras`` when the home folder is
+    not writable or ``KERAS_HOME`` is set but empty (Keras takes the empty string as a path it cannot
+    write to). Read at each call, not at import as Keras does, so a changed environment is seen.
+    """
+    fallback = Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()) / ".keras"
+    if "KERAS_HOME" in os.environ:
+        value = os.environ["KERAS_HOME"]
+        return Path(value).expanduser() if value else fallback
+    home = os.path.expanduser("~")
+    return Path(home) / ".keras" if os.access(home, os.W_OK) else fallback
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks (weight files are tens of MB)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, algorithm).hexdigest()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place. A failure
     (a full disk, say) leaves the old file, removes the temporary one and names ``path``."""
@@ -36,6 +58,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except OSError as error:
         raise OSError(error.errno, error.strerror, str(path)) from error
     try:
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -59,10 +82,26 @@ def atomic_save(path: str | os.PathLike, save: Callable[[str], None], suffix: st
     os.close(fd)
     try:
         save(tmp)
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 minus the umask). mkstemp makes its files 0o600,
+    which would leave every run folder and model unreadable to anyone but their creator."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)  # no other way to read it; set straight back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -9,7 +9,6 @@ reported as one line naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from steeldefect.files import file_digest
 from steeldefect.runtime import ModelFileError, input_size, make_interpreter, predict_tflite
 
 
 def sidecar_path(model_path: Path) -> Path:
     """Metadata file that travels with a model: class names, input size, provenance."""
     return Path(str(model_path) + ".json")
-
-
-def file_sha256(path: Path) -> str:
-    with Path(path).open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -72,7 +67,7 @@ def read_model_info(model_path: Path) -> ModelInfo:
     if min(size) < 1:
         raise ModelFileError(f"{meta_path}: input size {size} is not positive")
     variant = str(meta.get("variant") or ("keras" if model_path.suffix == ".keras" else "tflite"))
-    return ModelInfo(model_path, tuple(names), size, variant, file_sha256(model_path), meta)
+    return ModelInfo(model_path, tuple(names), size, variant, file_digest(model_path), meta)
 
 
 class Classifier:

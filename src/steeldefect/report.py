@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from steeldefect import runfolder
 from steeldefect.files import atomic_write_bytes, atomic_write_text, read_json, write_csv
+from steeldefect.runfolder import require_run
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,11 @@ REFERENCE_LATENCY_MS: dict[str, dict[str, MeanStd]] = {
 
 
 def write_report(run: Path) -> Path:
-    """Write RUN/report.md, RUN/report_tables/*.csv and RUN/plots/*.png; return the report's path."""
-    run = Path(run).resolve()
+    """Write RUN/report.md, RUN/report_tables/*.csv and RUN/plots/*.png; return the report's path.
+
+    Raises :class:`steeldefect.runfolder.NotARunError` (nothing written) when ``run`` holds no run.
+    """
+    run = require_run(Path(run)).resolve()
     summary = _load(runfolder.summary_path(run)) or {}
     config = _load(runfolder.config_path(run)) or {}
     backbones: dict[str, dict[str, Any]] = summary.get("backbones") or {}

@@ -331,3 +331,25 @@ def set_summary_field(run: Path, key: str, value: Any) -> dict[str, Any]:
     summary[key] = value
     write_json(summary_path(run), summary)
     return summary
+
+
+class NotARunError(ValueError):
+    """A path given as a run folder is not one (missing, a file, or holding no run)."""
+
+
+def require_run(run: Path) -> Path:
+    """``run`` when it is a run folder (it holds ``summary.json``), else NotARunError naming it and why.
+
+    Commands that read a run check this first so that a mistyped path is refused before anything is
+    written, instead of producing an empty report in a new folder.
+    """
+    run = Path(run)
+    if not run.exists():
+        raise NotARunError(f"{run}: no such run folder")
+    if not run.is_dir():
+        raise NotARunError(f"{run}: is a file, not a run folder")
+    if not (run / "summary.json").is_file():
+        raise NotARunError(
+            f"{run}: not a run folder (no summary.json; give the --out folder of `train` or `reproduce`)"
+        )
+    return run

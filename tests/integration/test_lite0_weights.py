@@ -17,8 +17,8 @@ from steeldefect.efficientnet_lite import (  # noqa: E402
     lite0_weights_path,
     pth_source_path,
     read_legacy_pth,
-    sha256_of,
 )
+from steeldefect.files import file_digest  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def state_dict():
 def test_installed_pth_identity():
     path = pth_source_path()
     assert path.name == LITE0_PTH_NAME
-    assert sha256_of(path) == LITE0_SHA256
+    assert file_digest(path) == LITE0_SHA256
 
 
 def test_reader_on_real_file(state_dict):
@@ -66,7 +66,8 @@ def classifier(keras_home):
         weights = ensure_lite0_weights()
         assert weights == lite0_weights_path() == keras_home / "models" / weights.name
         assert weights.is_file()
-        assert [p.name for p in weights.parent.iterdir()] == [weights.name]  # no temp file left behind
+        # No temp file left behind; the converted file's own sha256 recorded beside it.
+        assert sorted(p.name for p in weights.parent.iterdir()) == [weights.name, weights.name + ".sha256"]
         return build_pretrained_lite0(include_top=True)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -29,9 +31,9 @@ def test_missing_keras_weights_error_names_the_file_and_both_ways(name, empty_ke
     with pytest.raises(backbones.WeightsMissingError) as error:
         backbones.build_backbone(name)
     message = str(error.value)
-    filename = backbones.get_backbone(name).weight_file.filename
+    filename = backbones.get_backbone(name).weights.filename
     assert str(empty_keras_home / "models" / filename) in message
-    assert "weights='imagenet'" in message and "steeldefect weights install" in message
+    assert f"steeldefect weights download {name}" in message and "steeldefect weights install" in message
     assert "\n" not in message
 
 
@@ -65,9 +67,18 @@ def test_hashes_are_the_ones_in_keras_source():
         "vgg16": inspect.getsource(keras.src.applications.vgg16),
     }
     for name, source in sources.items():
-        assert backbones.get_backbone(name).weight_file.keras_hash in source
+        assert backbones.get_backbone(name).weights.keras_hash in source
     mobilenet_source = inspect.getsource(keras.src.applications.mobilenet)
-    assert backbones.get_backbone("mobilenet").weight_file.filename.replace("1_0_224", "%s_%d") in mobilenet_source
+    assert backbones.get_backbone("mobilenet").weights.filename.replace("1_0_224", "%s_%d") in mobilenet_source
+
+
+def test_download_urls_are_the_ones_keras_fetches():
+    apps = keras.src.applications
+    url = {name: backbones.get_backbone(name).weights.url() for name in backbones.REFERENCE_BACKBONES}
+    assert url["mobilenet"] == apps.mobilenet.BASE_WEIGHT_PATH + "mobilenet_1_0_224_tf_no_top.h5"
+    assert url["efficientnetb0"] == apps.efficientnet.BASE_WEIGHTS_PATH + "efficientnetb0_notop.h5"
+    assert url["vgg16"] == apps.vgg16.WEIGHTS_PATH_NO_TOP
+    assert backbones.get_backbone("efficientnetb0").weights.keras_hash == apps.efficientnet.WEIGHTS_HASHES["b0"][1]
 
 
 def test_install_refuses_a_corrupt_file_and_status_reports(tmp_path, empty_keras_home, capsys):
@@ -84,17 +95,29 @@ def test_install_refuses_a_corrupt_file_and_status_reports(tmp_path, empty_keras
     assert "mobilenet" in out and "missing" in out and "efficientnet_lite0" in out
 
 
-def test_install_copies_a_valid_file(tmp_path, monkeypatch, empty_keras_home):
-    payload = b"\x89HDF\r\n\x1a\n" + b"x" * 56
+def small_hdf5(path, seed=0):
+    """A small but real HDF5 weights file (two arrays), like a Keras .h5 in structure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as h5:
+        h5.attrs["layer_names"] = [b"conv1"]
+        h5.create_dataset("conv1/kernel", data=rng.normal(size=(3, 3, 3, 8)).astype("float32"))
+        h5.create_dataset("conv1/bias", data=np.zeros(8, "float32"))
+    return path
+
+
+def patch_mobilenet_size(monkeypatch, size):
+    """MobileNet's registry entry with ``size`` bytes (no pinned hash, as in Keras), for small test files."""
     spec = backbones.get_backbone("mobilenet")
-    patched = backbones.WeightFile(spec.weight_file.filename, spec.weight_file.url, len(payload), None)
-    monkeypatch.setitem(
-        backbones.REGISTRY, "mobilenet",
-        backbones.BackboneSpec(spec.name, spec.display_name, spec.feature_shape, patched, spec._build, spec.weights_source),
-    )
-    folder = tmp_path / "provision" / "nested"
-    folder.mkdir(parents=True)
-    (folder / patched.filename).write_bytes(payload)
+    patched = dataclasses.replace(spec.weights, size=size)
+    monkeypatch.setitem(backbones.REGISTRY, "mobilenet", dataclasses.replace(spec, weights=patched))
+    return patched
+
+
+def test_install_copies_a_valid_file(tmp_path, monkeypatch, empty_keras_home):
+    source = small_hdf5(tmp_path / "provision" / "nested" / "mobilenet_1_0_224_tf_no_top.h5")
+    payload = source.read_bytes()
+    patched = patch_mobilenet_size(monkeypatch, len(payload))
     outcomes = dict(backbones.install_weights(tmp_path / "provision"))
     assert outcomes[patched.filename].startswith("installed to")
     assert (empty_keras_home / "models" / patched.filename).read_bytes() == payload

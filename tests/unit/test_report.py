@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from steeldefect.report import write_report
+from steeldefect.runfolder import NotARunError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -164,9 +165,22 @@ def test_report_does_not_import_tensorflow(run: Path) -> None:
     assert (run / "report.md").is_file()
 
 
-def test_empty_or_partial_run_folder_still_gets_a_report(tmp_path: Path) -> None:
-    text = write_report(tmp_path).read_text(encoding="utf-8")
-    assert "summary.json` missing" in text and "config.json` missing" in text
+def test_folder_without_a_run_is_refused_and_nothing_written(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for path, reason in ((tmp_path / "empty", "no summary.json"), (tmp_path / "runs-typo", "no such run folder"),
+                         (tmp_path / "afile", "is a file")):
+        with pytest.raises(NotARunError, match=f"^{path}: .*{reason}"):
+            write_report(path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["afile", "empty"]
+
+
+def test_partial_run_folder_still_gets_a_report(tmp_path: Path) -> None:
+    # A summary that lost its config: the reference tables are still there and the gap is named.
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "summary.json").write_text('{"schema_version": 1, "backbones": {}}')
+    text = write_report(tmp_path / "bare").read_text(encoding="utf-8")
+    assert "config.json` missing" in text
     for number in range(1, 6):
         table_section(text, number)
     assert "99.63 ± 0.33" in row_of(table_section(text, 1), "VGG-16")
