@@ -404,7 +404,7 @@ def _count_problems(
         elif count < min_per_class:
             problems.append(
                 f"{where} has only {count} image(s){suffix}; at least {min_per_class} are needed "
-                f"(one per cross-validation fold)"
+                f"(at least one test image and one per cross-validation fold)"
             )
     return problems
 

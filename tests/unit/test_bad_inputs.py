@@ -128,6 +128,16 @@ CASES = [
     # Options
     Case("backbone-unknown", "train --data {data} --backbone resnet --out {out}", "--backbone"),
     Case("option-changed-in-run", f"train --data {{data}} --backbone tiny --out {{run}} {FAST}", "{run}/config.json"),
+    Case("epochs-zero", "train --data {data} --backbone tiny --out {out} --epochs 0", "--epochs"),
+    Case("learning-rate-negative", "train --data {data} --backbone tiny --out {out} --learning-rates -1", "--learning-rates"),
+    Case("batch-size-zero", "train --data {data} --backbone tiny --out {out} --batch-size 0", "--batch-size"),
+    Case("test-fraction-above-one", "train --data {data} --backbone tiny --out {out} --test-fraction 1.5",
+         "--test-fraction"),
+    Case("top-k-zero", "predict {tmp}/m.tflite {data} --top-k 0", "--top-k"),
+    Case("threads-negative", "evaluate {run} --threads -1", "--threads"),
+    Case("out-is-a-file", f"train --data {{data}} --backbone tiny --out {{run}}/summary.json {FAST}",
+         "{run}/summary.json"),
+    Case("predict-model-missing", "predict {tmp}/nope.tflite {data}", "{tmp}/nope.tflite"),
     # Weights
     Case("mobilenet-corrupt-inside", f"train --data {{data}} --backbone mobilenet --out {{out}} {FAST}",
          "{keras}/models/mobilenet_1_0_224_tf_no_top.h5", setup=corrupt_mobilenet),
@@ -149,9 +159,7 @@ CASES = [
 ]
 
 # Rows that fail today for a reason someone else is fixing: id -> reason (strict: they must fail).
-KNOWN_FAILURES: dict[str, str] = {
-    "report-read-only-run": "issue #13 item 6: a PermissionError / OSError is not yet one line naming the path",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 # ------------------------------------------------------------------ the harness
@@ -159,7 +167,7 @@ KNOWN_FAILURES: dict[str, str] = {
 
 def make_world(base: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     world = World(tmp=base, data=base / "data", run=base / "run", out=base / "out", keras=base / "keras")
-    make_dataset(world.data, per_class=6, size=32)
+    make_dataset(world.data, per_class=8, size=32)
     run_fixture.make_fake_run(world.run)
     register_tiny_backbone(monkeypatch, world.keras)
     monkeypatch.setenv("STEELDEFECT_CACHE", str(base / "cache"))
