@@ -73,3 +73,17 @@ def make_dataset(root: Path, per_class: int = 12, seed: int = 0, size: int = 40)
         for i in range(per_class):
             Image.fromarray(make_pattern_image(cls, rng, size)).save(folder / f"{name}_{i}.png")
     return Path(root)
+
+
+def write_hdf5(path: Path, seed: int = 0) -> Path:
+    """A small but real HDF5 weights file (two arrays), like a Keras .h5 in structure."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as h5:
+        h5.attrs["layer_names"] = [b"conv1"]
+        h5.create_dataset("conv1/kernel", data=rng.normal(size=(3, 3, 3, 8)).astype("float32"))
+        h5.create_dataset("conv1/bias", data=np.zeros(8, "float32"))
+    return path

@@ -36,7 +36,11 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
 
 
 def aggregate(per_model: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± std of each headline metric over fold models, and how many models that is."""
+    """Mean ± std of each headline metric (and of each class's recall) over fold models, and how
+    many models that is."""
     out: dict[str, Any] = {name: mean_std([m[name] for m in per_model]) for name in METRIC_NAMES}
+    if per_model and all("recall_per_class" in m for m in per_model):
+        # The rarest or hardest class is where a plant's model fails first: its recall, per class.
+        out["recall_per_class"] = [mean_std(values) for values in zip(*(m["recall_per_class"] for m in per_model))]
     out["n_models"] = len(per_model)
     return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 
 from steeldefect import backbones as backbone_registry
@@ -113,6 +114,10 @@ def train(
     """
     options = _with(options or TrainOptions(), overrides)
     out = Path(out)
+    # Keras numbers auto-named layers per process and those names are saved into the models (and
+    # from there into the .tflite files): a fresh session makes the files independent of what ran
+    # before in this process.
+    keras.backend.clear_session()
     names = backbone_registry.resolve_backbones(list(options.backbones))
     skip_missing = "all" in options.backbones
     cache_dir = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir()

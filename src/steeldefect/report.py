@@ -125,6 +125,7 @@ def write_report(run: Path) -> Path:
               "on a Colab CPU, so the two columns are not measured the same way.",
               "- CSV: [report_tables/table5_size_latency.csv](report_tables/table5_size_latency.csv)", ""]
     lines += _extra_variants_section(run, names, backbones)
+    lines += _per_class_section(run, names, backbones, summary)
     lines += _cv_section(run, names, backbones)
     lines += _plots_section(run, names, backbones, summary)
     return atomic_write_text(runfolder.report_path(run), "\n".join(lines).rstrip("\n") + "\n")
@@ -390,6 +391,30 @@ def _extra_variants_section(run: Path, names: list[str], backbones: dict[str, An
     return ["## Beyond the reference — other exported variants", "",
             "`int8-mixed`: int8 except the high-resolution start, kept in float (see the README).", "",
             _md_table(header, rows), "", "CSV: [report_tables/extra_variants.csv](report_tables/extra_variants.csv)", ""]
+
+
+def _per_class_section(run: Path, names: list[str], backbones: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """Recall of every class (mean ± std over the fold models): the rare or hard class shows here
+    first, while the macro figures average it away."""
+    classes = (summary.get("dataset") or {}).get("class_names") or []
+    rows, csv_rows = [], []
+    for name in names:
+        entry = backbones.get(name)
+        for variant in ("keras", *VARIANTS[1:], *[v for v in ((entry or {}).get("variants") or {}) if v not in VARIANTS]):
+            per_class = (_variant(entry, variant) or {}).get("recall_per_class")
+            if not per_class or len(per_class) != len(classes):
+                continue
+            rows.append([_display(name, entry), variant,
+                         *(f"{_fmt(value['mean'])} ± {_fmt(value['std'])}" for value in per_class)])
+            csv_rows.append({"backbone": name, "variant": variant,
+                             **{f"recall_{c}_mean": value["mean"] for c, value in zip(classes, per_class)},
+                             **{f"recall_{c}_std": value["std"] for c, value in zip(classes, per_class)}})
+    if not rows:
+        return []
+    write_csv(runfolder.report_tables_dir(run) / "per_class_recall.csv", csv_rows)
+    return ["## Recall per class (%)", "", _md_table(["Backbone", "Variant", *classes], rows), "",
+            "Mean ± std over the fold models. CSV: [report_tables/per_class_recall.csv](report_tables/per_class_recall.csv)",
+            ""]
 
 
 def _cv_stats(entry: dict[str, Any], rows: list[dict[str, float]]) -> dict[float, dict[str, Any]]:

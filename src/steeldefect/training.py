@@ -416,7 +416,8 @@ def write_test_metrics(
     write_csv(
         runfolder.test_metrics_path(run, backbone, variant, "csv"),
         [
-            {"fold": m["fold"], **{name: round(m[name], 4) for name in METRIC_NAMES}}
+            {"fold": m["fold"], **{name: round(m[name], 4) for name in METRIC_NAMES},
+             **{f"recall_{name}": round(value, 4) for name, value in zip(class_names, m.get("recall_per_class", []))}}
             for m in per_model
         ],
     )

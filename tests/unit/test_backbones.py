@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-import h5py
 import keras
 import numpy as np
 import pytest
 
 from steeldefect import backbones, cli
+from tiny import write_hdf5
 
 
 @pytest.fixture()
@@ -95,17 +95,6 @@ def test_install_refuses_a_corrupt_file_and_status_reports(tmp_path, empty_keras
     assert "mobilenet" in out and "missing" in out and "efficientnet_lite0" in out
 
 
-def small_hdf5(path, seed=0):
-    """A small but real HDF5 weights file (two arrays), like a Keras .h5 in structure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    with h5py.File(path, "w") as h5:
-        h5.attrs["layer_names"] = [b"conv1"]
-        h5.create_dataset("conv1/kernel", data=rng.normal(size=(3, 3, 3, 8)).astype("float32"))
-        h5.create_dataset("conv1/bias", data=np.zeros(8, "float32"))
-    return path
-
-
 def patch_mobilenet_size(monkeypatch, size):
     """MobileNet's registry entry with ``size`` bytes (no pinned hash, as in Keras), for small test files."""
     spec = backbones.get_backbone("mobilenet")
@@ -115,7 +104,7 @@ def patch_mobilenet_size(monkeypatch, size):
 
 
 def test_install_copies_a_valid_file(tmp_path, monkeypatch, empty_keras_home):
-    source = small_hdf5(tmp_path / "provision" / "nested" / "mobilenet_1_0_224_tf_no_top.h5")
+    source = write_hdf5(tmp_path / "provision" / "nested" / "mobilenet_1_0_224_tf_no_top.h5")
     payload = source.read_bytes()
     patched = patch_mobilenet_size(monkeypatch, len(payload))
     outcomes = dict(backbones.install_weights(tmp_path / "provision"))

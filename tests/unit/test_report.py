@@ -121,7 +121,7 @@ def test_header_cv_grid_and_csvs(run: Path) -> None:
     assert len(best) == 1 and "| 0.001 |" in best[0] and "| 3 |" in best[0]
     tables = run / "report_tables"
     names = sorted(p.name for p in tables.glob("*.csv"))
-    assert names == ["cv_grid.csv", "table1_keras.csv", "table2_fp32.csv", "table3_fp16.csv", "table4_int8.csv",
+    assert names == ["cv_grid.csv", "per_class_recall.csv", "table1_keras.csv", "table2_fp32.csv", "table3_fp16.csv", "table4_int8.csv",
                      "table5_size_latency.csv"]
     with open(tables / "table4_int8.csv", newline="") as handle:
         rows = {row["backbone"]: row for row in csv.DictReader(handle)}
@@ -198,3 +198,20 @@ def test_partial_run_folder_still_gets_a_report(tmp_path: Path) -> None:
     assert "not measured" not in row_of(table_section(text, 1), "EfficientNetB0")
     assert not (run / "plots" / "confusion_efficientnetb0_int8.png").exists()
     assert not (run / "plots" / "accuracy_size_latency.png").exists()
+
+
+def test_report_shows_recall_per_class(run):
+    text = write_report(run).read_text()
+    section = text.split("## Recall per class (%)")[1].split("\n## ")[0]
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line
+            for line in section.splitlines() if line.startswith("| EfficientNetB0")}
+    int8 = rows[("EfficientNetB0", "int8")]
+    assert int8.count("±") == 6
+    with open(run / "report_tables" / "per_class_recall.csv", newline="") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    keras_row = next(r for r in csv_rows if r["variant"] == "keras")
+    # The fixture's error e of fold f moves an image of class (f + e) % 6: the Keras models (0, 1, 2
+    # errors) never miss crazing, the int8 fold 0 (3 errors) misses one of its 5.
+    assert float(keras_row["recall_crazing_mean"]) == pytest.approx(100.0)
+    int8_row = next(r for r in csv_rows if r["variant"] == "int8")
+    assert float(int8_row["recall_crazing_mean"]) < 100.0

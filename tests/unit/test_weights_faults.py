@@ -22,20 +22,10 @@ import pytest
 
 from steeldefect import backbones, cli, efficientnet_lite
 from steeldefect.files import file_digest, keras_home
-from tiny import TINY, make_dataset, register_tiny_backbone
+from tiny import TINY, make_dataset, register_tiny_backbone, write_hdf5
 
 MOBILENET = "mobilenet_1_0_224_tf_no_top.h5"
 FAST_TRAIN = ["--folds", "2", "--learning-rates", "0.01", "--epochs", "2", "--batch-size", "8", "--image-size", "32"]
-
-
-def write_hdf5(path: Path, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    with h5py.File(path, "w") as h5:
-        h5.attrs["layer_names"] = [b"conv1"]
-        h5.create_dataset("conv1/kernel", data=rng.normal(size=(3, 3, 3, 8)).astype("float32"))
-        h5.create_dataset("conv1/bias", data=np.zeros(8, "float32"))
-    return path
 
 
 def hdf5_signature_then_garbage(path: Path, size: int) -> Path:
@@ -315,7 +305,7 @@ def test_train_download_weights_fetches_then_trains(tmp_path, server, monkeypatc
     serve(root, spec.weights, local)
     local.unlink()
     monkeypatch.setattr(backbones, "download_weights", functools.partial(backbones.download_weights, host=url))
-    data = make_dataset(tmp_path / "data", per_class=6)
+    data = make_dataset(tmp_path / "data", per_class=8)
     code = cli.main(["--quiet", "train", "--data", str(data), "--backbone", TINY, "--download-weights",
                      "--out", str(tmp_path / "run")] + FAST_TRAIN)
     assert code == 0, capsys.readouterr().err
