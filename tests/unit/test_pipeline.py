@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -164,6 +165,7 @@ def test_summary_numbers_unchanged_by_the_restructure(tmp_path, monkeypatch):
     register_tiny_backbone(monkeypatch, tmp_path / "keras")
     monkeypatch.setenv("STEELDEFECT_CACHE", str(tmp_path / "cache"))
     data = make_dataset(tmp_path / "data", per_class=16, seed=3)
+    keras.backend.clear_session()  # as the golden run: layer names (and so file sizes) from a fresh session
     summary = pipeline.reproduce(
         data, tmp_path / "run", backbones=[TINY], runs=2, warmup=1, calibration_samples=12,
         **{**FAST, "learning_rates": [0.01, 0.001]},
