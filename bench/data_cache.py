@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    PYTHONPATH=src python bench/data_cache.py [NEU-DET folder] [--size 224]
+    PYTHONPATH=src python bench/data_cache.py [NEU-DET folder] [--size 224] [--out bench/results/data_cache.json]
 
 The first load decodes, resizes and writes the cache; the second only hashes the files and maps the
 cached array. Both are timed in the same run, on the same machine, so the ratio is like for like. A
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+import benchio
 from steeldefect.cpuinfo import cpu_model
 from steeldefect.data import load_images, scan_dataset
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", type=Path, default=DEFAULT_NEU_DIR, help=f"default: {DEFAULT_NEU_DIR}")
     parser.add_argument("--size", type=int, default=224, help="square image size (default 224)")
+    parser.add_argument("--out", type=Path, default=benchio.RESULTS_DIR / "data_cache.json", help="results JSON file")
     args = parser.parse_args(argv)
     image_size = (args.size, args.size)
 
@@ -90,6 +92,22 @@ def main(argv: list[str] | None = None) -> int:
 
     first_total = first_seconds + first_read
     second_total = second_seconds + second_read
+    results = {
+        "data": {"root": str(dataset.root), "images": len(dataset), "layout": dataset.layout},
+        "array": {"shape": list(shape), "dtype": str(dtype), "cache_mib": cache_bytes / 2**20,
+                  "identical_on_reload": same},
+        "scan_s": scan_seconds,
+        # Seconds: "load" alone, and "load_and_read" = load + one full read of every pixel.
+        "first_load_decode_and_cache": {"load_s": first_seconds, "load_and_read_s": first_total},
+        "second_load_same_process": {"load_s": second_seconds, "load_and_read_s": second_total},
+        "second_load_new_process": {"load_s": child_load, "load_and_read_s": child_total},
+        "speedup": {
+            "same_process_load": first_seconds / second_seconds,
+            "same_process_load_and_read": first_total / second_total,
+            "new_process_load": first_seconds / child_load,
+            "new_process_load_and_read": first_total / child_total,
+        },
+    }
     print(f"data:         {dataset.root} ({len(dataset)} images, layout {dataset.layout})")
     print(f"array:        {shape} {dtype}, cache on disk {cache_bytes / 2**20:.1f} MiB, identical on reload")
     print(f"cpu:          {cpu_model()} ({platform.machine()}), os.cpu_count() = {os.cpu_count()}")
@@ -104,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{first_total / second_total:.1f}x with a full read; "
         f"new process {first_seconds / child_load:.1f}x load, {first_total / child_total:.1f}x with a full read"
     )
+    # Decoding runs in one Python thread; the cache read is a memory map.
+    benchio.save("data_cache", results, threads=1, out=args.out)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python bench/feature_throughput.py [NEU-DET folder] [--images 256] [--rounds 3]
+    python bench/feature_throughput.py [NEU-DET folder] [--images 256] [--rounds 3] [--out FILE.json]
 
 Every backbone takes the same NEU images, alternating batch by batch (32 images) between backbones
 and engines, so that a noisy neighbour slows all alike. Engines: Keras ``predict_on_batch`` (batch
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+import benchio
 from steeldefect import backbones
 from steeldefect.conversion import convert
 from steeldefect.cpuinfo import cpu_description
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnetb0", "mobilenet"])
+    parser.add_argument("--out", type=Path, default=benchio.RESULTS_DIR / "feature_throughput.json",
+                        help="results JSON file")
     args = parser.parse_args(argv)
 
     dataset, images = load_images(scan_dataset(args.data), progress=False)
@@ -65,19 +68,41 @@ def main(argv: list[str] | None = None) -> int:
                 predict_tflite(interpreters[name], batch)
                 seconds[name, "litert"] += time.perf_counter() - started
     rate = {key: args.rounds * len(images) / value for key, value in seconds.items()}
+    results: dict = {
+        "protocol": {"images": len(images), "rounds": args.rounds, "batch_size": args.batch_size,
+                     "keras": f"predict_on_batch, batch {args.batch_size}", "litert": "float32, one image per invoke"},
+        "backbones": {
+            name: {
+                "weights": "imagenet" if name == "efficientnet_lite0" else "random",
+                "conversion_s": conversion[name],
+                "images_per_s": {"keras": rate[name, "keras"], "litert": rate[name, "litert"]},
+                "litert_over_keras": rate[name, "litert"] / rate[name, "keras"],
+            }
+            for name in models
+        },
+    }
     print(f"\n{'images/s':<20} {'keras':>8} {'litert':>8} {'litert/keras':>13}")
     for name in models:
-        print(f"{name:<20} {rate[name, 'keras']:8.1f} {rate[name, 'litert']:8.1f} {rate[name, 'litert'] / rate[name, 'keras']:12.2f}x")
+        ratio = results["backbones"][name]["litert_over_keras"]
+        print(f"{name:<20} {rate[name, 'keras']:8.1f} {rate[name, 'litert']:8.1f} {ratio:12.2f}x")
     if {"efficientnet_lite0", "efficientnetb0"} <= set(models):
+        results["lite0_over_efficientnetb0_throughput"] = {}
         for engine in ("keras", "litert"):
             ratio = rate["efficientnet_lite0", engine] / rate["efficientnetb0", engine]
+            results["lite0_over_efficientnetb0_throughput"][engine] = ratio
             print(f"Lite0 / EfficientNetB0 throughput, {engine}: {ratio:.2f}x")
         # What a feature cache miss costs on the whole dataset: conversion once, then every image.
         whole = {name: conversion[name] + len(dataset.paths) / rate[name, "litert"] for name in models}
+        speedup = whole["efficientnetb0"] / whole["efficientnet_lite0"]
+        results["whole_dataset_litert_with_conversion"] = {
+            "images": len(dataset.paths), "seconds": whole, "lite0_over_efficientnetb0": speedup
+        }
         print(f"whole dataset ({len(dataset.paths)} images) with LiteRT, conversion included: "
               + ", ".join(f"{name} {total:.0f} s" for name, total in whole.items())
-              + f"; Lite0 / EfficientNetB0 {whole['efficientnetb0'] / whole['efficientnet_lite0']:.2f}x")
+              + f"; Lite0 / EfficientNetB0 {speedup:.2f}x")
     print(f"({args.rounds} rounds x {len(images)} images)")
+    benchio.save("feature_throughput", results, threads={"keras": "TensorFlow default", "litert": os.cpu_count()},
+                 out=args.out)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python bench/int8_stages.py [NEU-DET folder] [--threads 1 2] [--rounds 5] [--runs 20]
+    python bench/int8_stages.py [NEU-DET folder] [--threads 1 2] [--rounds 5] [--runs 20] [--out FILE.json]
 
 Builds Lite0 (real ImageNet weights, preprocessing inside) cut after the stem, after each of its
 seven MBConv stages and after the 1x1 head conv; converts every prefix to fp32 and to full-integer
@@ -23,6 +23,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import benchio
 from steeldefect import backbones
 from steeldefect import export as quantize
 from steeldefect.cpuinfo import cpu_model, int8_features
@@ -39,7 +40,7 @@ def cut_points(model: keras.Model) -> list[tuple[str, str]]:
     names = {layer.name for layer in model.layers}
     points = [("stem 3x3/2", "stem_relu")]
     block = -1
-    for stage, (repeats, kernel, stride, expand, channels) in enumerate(LITE0_STAGES, start=1):
+    for stage, (repeats, kernel, stride, _expand, channels) in enumerate(LITE0_STAGES, start=1):
         block += repeats
         last = f"block{block}_add" if f"block{block}_add" in names else f"block{block}_project_bn"
         points.append((f"stage {stage}: {repeats}x k{kernel} s{stride} -> {channels}", last))
@@ -63,24 +64,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all models")
     parser.add_argument("--runs", type=int, default=20, help="timed invokes per model per round")
     parser.add_argument("--calibration", type=int, default=24, help="calibration images per int8 prefix")
+    parser.add_argument("--out", type=Path, default=benchio.RESULTS_DIR / "int8_stages.json", help="results JSON file")
     args = parser.parse_args(argv)
 
     print(f"cpu:       {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical cores")
     print(f"int8 dot:  {', '.join(int8_features()) or 'none (no VNNI / AMX / dotprod)'}")
-    print(f"protocol:  batch 1, {args.rounds} interleaved rounds x {args.runs} timed invokes; stage = prefix difference")
+    print(f"protocol:  batch 1, {args.rounds} interleaved rounds x {args.runs} timed invokes; "
+          "stage = prefix difference")
 
     full = backbones.build_backbone("efficientnet_lite0")
     images = calibration_images(args.data, args.calibration)
     points = cut_points(full)
     with tempfile.TemporaryDirectory() as scratch:
         paths: dict[tuple[int, str], Path] = {}
-        for index, (label, layer) in enumerate(points):
+        for index, (_, layer) in enumerate(points):
             prefix = keras.Model(full.input, full.get_layer(layer).output, name=f"prefix{index}")
             for variant in ("fp32", "int8"):
                 path = Path(scratch) / f"prefix{index}.{variant}.tflite"
                 quantize.export_model(prefix, variant, path, images if variant == "int8" else None)
                 paths[index, variant] = path
         image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+        results: dict = {
+            "protocol": {"batch": 1, "rounds": args.rounds, "runs": args.runs, "calibration_images": len(images),
+                         "statistic": "median over rounds of each round's median ms; stage = prefix difference"},
+            "threads": {},
+        }
         for threads in args.threads:
             interpreters = {key: make_interpreter(path, threads) for key, path in paths.items()}
             split = [key for key, interpreter in interpreters.items() if delegate_partitions(interpreter) != 1]
@@ -88,18 +96,34 @@ def main(argv: list[str] | None = None) -> int:
             for round_index in range(args.rounds):
                 for key, interpreter in interpreters.items():
                     warmup = 5 if round_index == 0 else 2
-                    medians[key].append(measure_latency(interpreter, image, warmup=warmup, runs=args.runs)["latency_ms_median"])
+                    timing = measure_latency(interpreter, image, warmup=warmup, runs=args.runs)
+                    medians[key].append(timing["latency_ms_median"])
             ms = {key: float(np.median(values)) for key, values in medians.items()}
             print()
             print(f"threads {threads}" + (f"  (not one XNNPACK partition: {split})" if split else ""))
             print(f"{'stage':<34} {'fp32 ms':>8} {'int8 ms':>8} {'int8/fp32':>9}   cumulative fp32 / int8 / ratio")
+            rows = []
             previous = {"fp32": 0.0, "int8": 0.0}
-            for index, (label, _) in enumerate(points):
+            for index, (label, layer) in enumerate(points):
                 stage = {v: ms[index, v] - previous[v] for v in ("fp32", "int8")}
                 ratio = stage["int8"] / stage["fp32"] if stage["fp32"] > 0.05 else float("nan")
+                cumulative = ms[index, "int8"] / ms[index, "fp32"]
                 print(f"{label:<34} {stage['fp32']:>8.2f} {stage['int8']:>8.2f} {ratio:>9.2f}   "
-                      f"{ms[index, 'fp32']:6.2f} / {ms[index, 'int8']:6.2f} / {ms[index, 'int8'] / ms[index, 'fp32']:.2f}")
+                      f"{ms[index, 'fp32']:6.2f} / {ms[index, 'int8']:6.2f} / {cumulative:.2f}")
+                rows.append({
+                    "stage": label, "cut_after_layer": layer,
+                    "fp32_ms": stage["fp32"], "int8_ms": stage["int8"],
+                    # null when the fp32 stage is too short (<= 0.05 ms) for a meaningful ratio
+                    "int8_over_fp32": None if np.isnan(ratio) else ratio,
+                    "cumulative_fp32_ms": ms[index, "fp32"], "cumulative_int8_ms": ms[index, "int8"],
+                    "cumulative_int8_over_fp32": cumulative,
+                })
                 previous = {v: ms[index, v] for v in ("fp32", "int8")}
+            results["threads"][str(threads)] = {
+                "stages": rows,
+                "not_one_xnnpack_partition": [f"prefix{index}.{variant}" for index, variant in split],
+            }
+    benchio.save("int8_stages", results, threads=args.threads, out=args.out)
     return 0
 
 
