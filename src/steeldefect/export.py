@@ -8,14 +8,38 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from steeldefect.conversion import QUANTIZED_VARIANTS, batch1_converter, convert, representative_dataset
-from steeldefect.files import atomic_write_bytes, write_csv
+from steeldefect.files import atomic_write_bytes, read_json, write_csv
+from steeldefect.tflite_metadata import embed_metadata
 
 log = logging.getLogger(__name__)
+
+
+def provenance(run: Path, backbone: str, fold: int | None) -> dict[str, Any]:
+    """Where an exported model comes from, for its embedded metadata: run folder name, the source
+    revision that exported it, when, and the test accuracy of the Keras model it was converted from
+    (when the run recorded it; a variant's own accuracy is measured later by `evaluate`)."""
+    from steeldefect.runfolder import backbone_dir, source_revision
+
+    record: dict[str, Any] = {
+        "run": Path(run).resolve().name,
+        "source": source_revision(),
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    metrics_path = backbone_dir(run, backbone) / "test_metrics_keras.json"
+    if fold is not None and metrics_path.is_file():
+        for entry in read_json(metrics_path).get("per_model", []):
+            if entry.get("fold") == fold and "accuracy" in entry:
+                n_images = int(np.sum(entry["confusion_matrix"])) if "confusion_matrix" in entry else None
+                record["test_accuracy"] = {"of": "keras", "accuracy": entry["accuracy"], "n_images": n_images}
+    return record
+
 
 def calibration_indices(
     labels: np.ndarray, train_indices: np.ndarray, n_samples: int = 200, seed: int = 42
@@ -34,10 +58,22 @@ def calibration_indices(
 
 
 def export_model(
-    model, variant: str, path: Path, calibration_images: np.ndarray | None = None, *, int8_flatbuffer: bytes | None = None
+    model,
+    variant: str,
+    path: Path,
+    calibration_images: np.ndarray | None = None,
+    *,
+    int8_flatbuffer: bytes | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Convert a Keras model (raw pixels in, probabilities out) and write it atomically."""
+    """Convert a Keras model (raw pixels in, probabilities out) and write it atomically.
+
+    ``metadata``: the model's description (the dict its sidecar holds: class names, input size,
+    variant, calibration, provenance), embedded as TFLite Model Metadata so the file describes itself.
+    """
     flatbuffer = convert(model, variant, calibration_images, int8_flatbuffer=int8_flatbuffer)
+    if metadata is not None:
+        flatbuffer = embed_metadata(flatbuffer, metadata)
     atomic_write_bytes(path, flatbuffer)
     log.info("exported %s (%.2f MiB)", path, len(flatbuffer) / 2**20)
     return Path(path)
