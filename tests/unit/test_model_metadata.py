@@ -54,11 +54,11 @@ def description(variant: str) -> dict:
 
 @pytest.fixture(scope="module")
 def exported(small_model, images, tmp_path_factory):
-    """fp32, int8 and int8-mixed, each written once without and once with metadata."""
+    """Every variant, each written once without and once with metadata."""
     folder = tmp_path_factory.mktemp("meta")
     paths = {}
-    for variant in ("fp32", "int8", "int8-mixed"):
-        calibration = images[:16] if variant != "fp32" else None
+    for variant in ("fp32", "fp16", "int8", "int8-mixed"):
+        calibration = images[:16] if variant in ("int8", "int8-mixed") else None
         int8 = paths[("int8", False)].read_bytes() if variant == "int8-mixed" else None
         paths[(variant, False)] = export_stage.export_model(
             small_model, variant, folder / f"plain.{variant}.tflite", calibration, int8_flatbuffer=int8
@@ -78,7 +78,7 @@ def test_export_model_embeds_the_description(small_model, images, tmp_path):
     assert not sidecar_path(path).exists()
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int8", "int8-mixed"])
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8", "int8-mixed"])
 def test_metadata_changes_no_number_and_no_delegation(exported, images, variant):
     plain = runtime.make_interpreter(exported[(variant, False)], threads=1)
     with_meta = runtime.make_interpreter(exported[(variant, True)], threads=1)
@@ -152,6 +152,10 @@ def test_sidecar_that_disagrees_is_named_and_the_file_wins(exported, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_model_info(path).class_names == tuple(CLASSES)
+    # A broken sidecar cannot stop a model that describes itself.
+    sidecar_path(path).write_text("{broken")
+    with pytest.warns(UserWarning, match=rf"{sidecar_path(path).name}: not a JSON metadata file .* ignored"):
+        assert read_model_info(path).class_names == tuple(CLASSES)
 
 
 def test_old_export_without_metadata_still_works_with_its_sidecar(exported, images, tmp_path):
@@ -215,3 +219,32 @@ def test_embed_refuses_a_description_that_does_not_fit_the_model(exported):
         tflite_metadata.embed_metadata(flatbuffer, description("fp32") | {"input": {"height": 64, "width": 64}})
     with pytest.raises(ValueError, match="already carries TFLite metadata"):
         tflite_metadata.embed_metadata(exported[("fp32", True)].read_bytes(), description("fp32"))
+
+
+def test_export_stage_embeds_what_the_sidecar_says(tmp_path, monkeypatch, capsys):
+    from tiny import TINY, make_dataset, register_tiny_backbone
+
+    from steeldefect import pipeline
+
+    register_tiny_backbone(monkeypatch, tmp_path / "keras")
+    monkeypatch.setenv("STEELDEFECT_CACHE", str(tmp_path / "cache"))
+    data = make_dataset(tmp_path / "data")
+    run = tmp_path / "line-3"
+    pipeline.train(data, run, backbones=[TINY], learning_rates=[0.01], epochs=3, batch_size=8, n_folds=2,
+                   image_size=(32, 32), progress=False)
+    pipeline.export(run, variants=["int8"], calibration_samples=12, quant_report=False, progress=False)
+    model = run / TINY / "models" / "fold1.int8.tflite"
+    embedded = tflite_metadata.read_embedded_metadata(model)
+    sidecar = json.loads(sidecar_path(model).read_text())
+    assert embedded == {key: value for key, value in sidecar.items() if key != "tflite"}
+    assert embedded["variant"] == "int8" and embedded["fold"] == 1
+    provenance = embedded["provenance"]
+    assert provenance["run"] == "line-3"
+    keras_metrics = json.loads((run / TINY / "test_metrics_keras.json").read_text())["per_model"][1]
+    assert provenance["test_accuracy"] == {"of": "keras", "accuracy": keras_metrics["accuracy"],
+                                           "n_images": int(np.sum(keras_metrics["confusion_matrix"]))}
+    # The model file alone is enough for `predict`.
+    sidecar_path(model).unlink()
+    capsys.readouterr()
+    assert cli.main(["--quiet", "predict", str(model), str(data)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("summary: 36 classified, 0 failed")
