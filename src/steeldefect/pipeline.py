@@ -396,17 +396,19 @@ def export(
                     if loaded[0] != fold:
                         loaded = (fold, keras.models.load_model(source))
                     full_integer = fold_model_path(run, name, fold, "int8")
+                    meta = read_json(sidecar_path(source)) | {"variant": variant, "verified": None}
+                    if variant in QUANTIZED_VARIANTS:
+                        meta["calibration"] = {"samples": len(calibration), "split": "train", "file": "calibration.csv"}
+                    meta["provenance"] = export_stage.provenance(run, name, fold)
                     export_stage.export_model(
                         loaded[1],
                         variant,
                         target,
                         calibration_images if variant in QUANTIZED_VARIANTS else None,
                         int8_flatbuffer=full_integer.read_bytes() if variant == "int8-mixed" and full_integer.is_file() else None,
+                        metadata=meta,
                     )
-                    meta = read_json(sidecar_path(source)) | {"variant": variant, "verified": None}
                     meta["tflite"] = export_stage.tensor_summary(target)
-                    if variant in QUANTIZED_VARIANTS:
-                        meta["calibration"] = {"samples": len(calibration), "split": "train", "file": "calibration.csv"}
                     write_json(meta_path, meta)
                 written.append(target)
                 bar.update(1)
