@@ -34,6 +34,7 @@ from steeldefect.runtime import ModelFileError
 
 OUR_FILE = "steeldefect.json"
 LABELS_FILE = "labels.txt"
+MAX_DESCRIPTION_BYTES = 1 << 20
 _MISSING_MODULE = "mediapipe.tasks.cc.metadata.python._pywrap_metadata_version"
 
 
@@ -218,9 +219,16 @@ def read_embedded_metadata(model: Path | bytes) -> dict[str, Any] | None:
         return None
     try:
         with zipfile.ZipFile(stream) as archive:
-            members = set(archive.namelist())
+            members = {info.filename: info for info in archive.infolist()}
             if OUR_FILE not in members:
                 return None
+            # Model files are untrusted: a description is a few KiB, never worth a huge decompression.
+            for member in (OUR_FILE, LABELS_FILE):
+                if member in members and members[member].file_size > MAX_DESCRIPTION_BYTES:
+                    raise ModelFileError(
+                        f"{name}: {member} inside the model file is {members[member].file_size} bytes, "
+                        f"more than the {MAX_DESCRIPTION_BYTES} a model description may take"
+                    )
             text = archive.read(OUR_FILE).decode("utf-8")
             labels = archive.read(LABELS_FILE).decode("utf-8").splitlines() if LABELS_FILE in members else None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, UnicodeDecodeError, OSError, EOFError, ValueError) as error:

@@ -194,6 +194,8 @@ def test_corrupt_metadata_is_one_clear_line_naming_the_file(exported, tmp_path, 
             "no class_names",
         ),
     }
+    big = json.dumps(description("int8") | {"padding": " " * (2 << 20)}).encode()
+    cases["huge.tflite"] = (_with_archive(plain, {"steeldefect.json": big}), "more than the 1048576")
     # A flipped byte inside the stored JSON: the archive's checksum no longer matches.
     damaged = bytearray(exported[("int8", True)].read_bytes())
     offset = damaged.rindex(b'"dataset_fingerprint"')
