@@ -11,8 +11,8 @@ Associated files are packed as a zip archive appended to the flatbuffer (that is
 format's design), so reading them back needs only :mod:`zipfile`: `predict` and the service read
 ``steeldefect.json`` without importing MediaPipe or TensorFlow.
 
-Every MediaPipe wheel for NumPy 2 (0.10.30 to 1.2.3, checked 2026-11) ships the metadata writer
-without the compiled ``_pywrap_metadata_version`` module it imports, so the writer fails at import.
+The MediaPipe wheels for NumPy 2 (0.10.30, 1.2.3 and the 1.2.0 nightly checked) ship the metadata
+writer without the compiled ``_pywrap_metadata_version`` module it imports, so it fails at import.
 That module computes one field, the metadata's minimum parser version; :func:`min_parser_version`
 computes it the same way (it follows mediapipe/tasks/cc/metadata/metadata_version.cc) and stands in
 for the missing module only when the real one cannot be imported.
@@ -95,6 +95,8 @@ def _metadata_writer_modules():
     try:
         importlib.import_module(_MISSING_MODULE)
     except ImportError:
+        # Stand-in modules for the compiled one the wheel lacks (see the module docstring); a wheel
+        # that has the real module always gets it.
         parts = _MISSING_MODULE.split(".")
         for end in range(3, len(parts) + 1):
             name = ".".join(parts[:end])
@@ -117,8 +119,9 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any]) -> bytes:
     """``flatbuffer`` (a .tflite without metadata) with TFLite Model Metadata and ``meta`` inside.
 
     ``meta`` is the model's description as its sidecar holds it: at least ``class_names`` and
-    ``input`` (height, width); all of it is stored as ``steeldefect.json``. The graph, its tensors
-    and weights are unchanged; only the metadata buffer and the appended files are added.
+    ``input`` (height, width); all of it is stored as ``steeldefect.json``. The writer re-serializes
+    the flatbuffer with one buffer (the metadata) added and the files appended; the graph, tensors
+    and weights keep their values, so predictions are byte-identical (tests/unit/test_model_metadata.py).
     """
     metadata, metadata_info, writer_utils, schema = _metadata_writer_modules()
     class_names = [str(name) for name in meta["class_names"]]
