@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python bench/mediapipe_interop.py RUN [--fold 0] [--variants fp32 int8 int8-mixed]
+    python bench/mediapipe_interop.py RUN [--fold 0] [--variants fp32 fp16 int8 int8-mixed]
                                           [--models DIR] [--out FILE.json]
 
 Exports fold ``--fold`` of RUN's trained Keras model (the first trained backbone) again, as the
@@ -33,7 +33,7 @@ import numpy as np
 from steeldefect.cpuinfo import cpu_description, int8_features
 from steeldefect.files import read_json, write_json
 
-VARIANTS = ("fp32", "int8", "int8-mixed")
+VARIANTS = ("fp32", "fp16", "int8", "int8-mixed")
 
 
 def export_fold(run: Path, fold: int, variants: Sequence[str], out_dir: Path, backbone: str | None = None):

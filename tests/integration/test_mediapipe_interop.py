@@ -1,6 +1,6 @@
 """Interoperability on real NEU images: MediaPipe Tasks' ImageClassifier, which knows a model only
-from its embedded TFLite Model Metadata, names the same class as `predict` for fp32, int8 and
-int8-mixed files.
+from its embedded TFLite Model Metadata, names the same class as `predict` for fp32, fp16, int8
+and int8-mixed files.
 
 Uses the trained run named by ``$STEELDEFECT_INTEROP_RUN`` (its fold 0, all its test images) when
 set; otherwise trains a small real-NEU run here (50 images per class). Either way the models are
