@@ -8,16 +8,41 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from steeldefect import runfolder
 from steeldefect.conversion import QUANTIZED_VARIANTS, batch1_converter, convert, representative_dataset
 from steeldefect.files import atomic_write_bytes, read_json, write_csv, write_json
+from steeldefect.tflite_metadata import embed_metadata
 
 log = logging.getLogger(__name__)
+
+
+def provenance(run: Path, backbone: str, fold: int | str) -> dict[str, Any]:
+    """Where an exported model comes from, for its embedded metadata: run folder name, the source
+    revision that exported it, when, and the test accuracy of the Keras model it was converted from
+    (when the run recorded it; a variant's own accuracy is measured later by `evaluate`)."""
+    record: dict[str, Any] = {
+        "run": Path(run).resolve().name,
+        "source": runfolder.source_revision(),
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if fold == runfolder.FINAL:
+        entries = [runfolder.load_summary(run)["backbones"].get(backbone, {}).get("final", {}).get("keras", {})]
+    else:
+        metrics_path = runfolder.test_metrics_path(run, backbone, "keras")
+        entries = [e for e in read_json(metrics_path).get("per_model", []) if e.get("fold") == fold] \
+            if metrics_path.is_file() else []
+    for entry in entries:
+        if "accuracy" in entry:
+            n_images = int(np.sum(entry["confusion_matrix"])) if "confusion_matrix" in entry else None
+            record["test_accuracy"] = {"of": "keras", "accuracy": entry["accuracy"], "n_images": n_images}
+    return record
 
 
 def calibration_indices(
@@ -37,10 +62,22 @@ def calibration_indices(
 
 
 def export_model(
-    model, variant: str, path: Path, calibration_images: np.ndarray | None = None, *, int8_flatbuffer: bytes | None = None
+    model,
+    variant: str,
+    path: Path,
+    calibration_images: np.ndarray | None = None,
+    *,
+    int8_flatbuffer: bytes | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Convert a Keras model (raw pixels in, probabilities out) and write it atomically."""
+    """Convert a Keras model (raw pixels in, probabilities out) and write it atomically.
+
+    ``metadata``: the model's description (the dict its sidecar holds: class names, input size,
+    variant, calibration, provenance), embedded as TFLite Model Metadata so the file describes itself.
+    """
     flatbuffer = convert(model, variant, calibration_images, int8_flatbuffer=int8_flatbuffer)
+    if metadata is not None:
+        flatbuffer = embed_metadata(flatbuffer, metadata)
     atomic_write_bytes(path, flatbuffer)
     log.info("exported %s (%.2f MiB)", path, len(flatbuffer) / 2**20)
     return Path(path)
@@ -114,19 +151,23 @@ def export_fold(
     for variant in variants:
         target = runfolder.fold_model_path(run, backbone, fold, variant)
         full_integer = runfolder.fold_model_path(run, backbone, fold, "int8")
+        # The description is built first: it is embedded in the model file (which is the source of
+        # truth), and the sidecar repeats it with the tensor summary added.
+        meta = read_json(runfolder.sidecar_path(source)) | {"variant": variant, "verified": None}
+        if variant in QUANTIZED_VARIANTS:
+            meta["calibration"] = {
+                "samples": len(calibration_images), "split": "train", "file": runfolder.calibration_path(run).name
+            }
+        meta["provenance"] = provenance(run, backbone, fold)
         export_model(
             model,
             variant,
             target,
             calibration_images if variant in QUANTIZED_VARIANTS else None,
             int8_flatbuffer=full_integer.read_bytes() if variant == "int8-mixed" and _is_exported(full_integer) else None,
+            metadata=meta,
         )
-        meta = read_json(runfolder.sidecar_path(source)) | {"variant": variant, "verified": None}
         meta["tflite"] = tensor_summary(target)
-        if variant in QUANTIZED_VARIANTS:
-            meta["calibration"] = {
-                "samples": len(calibration_images), "split": "train", "file": runfolder.calibration_path(run).name
-            }
         write_json(runfolder.sidecar_path(target), meta)
         written.append(target)
         if on_done is not None:

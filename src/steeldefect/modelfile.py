@@ -2,14 +2,17 @@
 provenance. `predict`, the batch engines and the HTTP service all load models through here, so a
 model means the same thing to each of them.
 
-Today a model's description is its JSON sidecar ``<model>.json`` (written by `train` and `export`).
-Model files from elsewhere are untrusted input: every field read here is checked, and a problem is
-reported as one line naming the file.
+An exported .tflite carries its description inside (TFLite Model Metadata plus ``steeldefect.json``,
+see :mod:`steeldefect.tflite_metadata`): the model file is the source of truth. The JSON sidecar
+``<model>.json`` (written by `train` and `export`) describes .keras models and older exports
+without metadata. Model files from elsewhere are untrusted input: every field read here is checked,
+and a problem is reported as one line naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ import numpy as np
 
 from steeldefect.files import file_digest
 from steeldefect.runtime import ModelFileError, input_size, make_interpreter, predict_tflite
+from steeldefect.tflite_metadata import OUR_FILE, read_embedded_metadata
 
 
 def sidecar_path(model_path: Path) -> Path:
@@ -35,6 +39,8 @@ class ModelInfo:
     variant: str
     sha256: str
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Where the description was read: the model file itself (embedded metadata) or its sidecar.
+    described_by: Path | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -42,32 +48,66 @@ class ModelInfo:
 
 
 def read_model_info(model_path: Path) -> ModelInfo:
-    """Read and check a model's description; one-line :class:`ModelFileError` on any problem."""
+    """Read and check a model's description; one-line :class:`ModelFileError` on any problem.
+
+    A .tflite's embedded metadata comes first; the sidecar is the fallback for models without it
+    (older exports, .keras). When both exist and disagree, the model file wins and a warning names
+    the sidecar.
+    """
     model_path = Path(model_path)
     if not model_path.is_file():
         raise ModelFileError(f"{model_path}: model file not found")
     meta_path = sidecar_path(model_path)
-    if not meta_path.is_file():
-        raise ModelFileError(
-            f"{meta_path}: metadata missing; it must travel with the model (class names, input size)"
-        )
+    embedded = read_embedded_metadata(model_path) if model_path.suffix != ".keras" else None
+    if embedded is None:
+        if not meta_path.is_file():
+            raise ModelFileError(
+                f"{model_path}: no metadata inside the model file and no sidecar {meta_path.name} beside it "
+                "(class names, input size)"
+            )
+        meta, where, described_by = _read_sidecar(meta_path), str(meta_path), meta_path
+    else:
+        meta, where, described_by = embedded, f"{model_path} ({OUR_FILE} inside)", model_path
+        if meta_path.is_file():
+            _warn_if_sidecar_disagrees(meta_path, model_path, embedded)
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ModelFileError(f"{where}: no class_names list in the model metadata")
+    try:
+        size = (int(meta["input"]["height"]), int(meta["input"]["width"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelFileError(f"{where}: no input height/width in the model metadata") from error
+    if min(size) < 1:
+        raise ModelFileError(f"{where}: input size {size} is not positive")
+    variant = str(meta.get("variant") or ("keras" if model_path.suffix == ".keras" else "tflite"))
+    return ModelInfo(model_path, tuple(names), size, variant, file_digest(model_path), meta, described_by)
+
+
+def _read_sidecar(meta_path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelFileError(f"{meta_path}: not a JSON metadata file ({error})") from error
     if not isinstance(meta, dict):
         raise ModelFileError(f"{meta_path}: metadata must be a JSON object")
-    names = meta.get("class_names")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        raise ModelFileError(f"{meta_path}: no class_names list in the model metadata")
+    return meta
+
+
+def _warn_if_sidecar_disagrees(meta_path: Path, model_path: Path, embedded: dict[str, Any]) -> None:
+    """Fields both record must match; fields only the sidecar has (e.g. a tensor summary) are not
+    a disagreement, and are not used either."""
     try:
-        size = (int(meta["input"]["height"]), int(meta["input"]["width"]))
-    except (KeyError, TypeError, ValueError) as error:
-        raise ModelFileError(f"{meta_path}: no input height/width in the model metadata") from error
-    if min(size) < 1:
-        raise ModelFileError(f"{meta_path}: input size {size} is not positive")
-    variant = str(meta.get("variant") or ("keras" if model_path.suffix == ".keras" else "tflite"))
-    return ModelInfo(model_path, tuple(names), size, variant, file_digest(model_path), meta)
+        sidecar = _read_sidecar(meta_path)
+    except ModelFileError as error:
+        warnings.warn(f"{error}; ignored, the metadata inside {model_path.name} is used", stacklevel=3)
+        return
+    differing = sorted(key for key in embedded.keys() & sidecar.keys() if embedded[key] != sidecar[key])
+    if differing:
+        warnings.warn(
+            f"{meta_path}: disagrees with the metadata inside {model_path.name} on {', '.join(differing)}; "
+            "the model file's is used",
+            stacklevel=3,
+        )
 
 
 class Classifier:
@@ -80,15 +120,16 @@ class Classifier:
         self.info = info or read_model_info(model_path)
         self.interpreter = make_interpreter(Path(model_path), threads)
         actual = input_size(self.interpreter)
+        described_by = self.info.described_by or self.info.path
         if actual != self.info.input_size:
             raise ModelFileError(
-                f"{sidecar_path(self.info.path)}: input size {self.info.input_size[0]}x{self.info.input_size[1]} "
+                f"{described_by}: input size {self.info.input_size[0]}x{self.info.input_size[1]} "
                 f"does not match the model's {actual[0]}x{actual[1]}"
             )
         n_outputs = int(self.interpreter.get_output_details()[0]["shape"][-1])
         if n_outputs != len(self.info.class_names):
             raise ModelFileError(
-                f"{sidecar_path(self.info.path)}: {len(self.info.class_names)} class names for a model "
+                f"{described_by}: {len(self.info.class_names)} class names for a model "
                 f"with {n_outputs} outputs"
             )
 

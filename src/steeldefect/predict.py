@@ -1,7 +1,8 @@
-"""Classify new images with a deployed model (.tflite or .keras) and the class names beside it.
+"""Classify new images with a deployed model (.tflite or .keras).
 
-A model's sidecar ``<model>.json`` carries its class names and input size, so a model file and its
-sidecar are all a deployment needs. A bad image is reported on its own line; the rest still run.
+An exported .tflite carries its class names and input size inside, so the model file is all a
+deployment needs; a .keras model (or an older export) reads them from its sidecar ``<model>.json``.
+A bad image is reported on its own line; the rest still run.
 """
 
 from __future__ import annotations
