@@ -60,6 +60,9 @@ class _Options:
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
+            if isinstance(value, list):  # lists from JSON or callers; a frozen options object holds tuples
+                value = tuple(value)
+                object.__setattr__(self, spec.name, value)
             problem = _problem(spec, value)
             if problem:
                 raise ValueError(f"{flag_of(spec)}: {problem}")
@@ -78,13 +81,19 @@ def _jsonable(value: Any) -> Any:
 
 
 def _problem(spec: dataclasses.Field, value: Any) -> str | None:
-    values = value if isinstance(value, tuple) else (value,)
-    if isinstance(value, tuple) and not value:
+    many = str(spec.type).startswith("tuple[")
+    if many != isinstance(value, tuple):
+        return f"must be {'a list of values' if many else 'a single value'}, got {value!r}"
+    values = value if many else (value,)
+    if many and not value:
         return "needs at least one value"
     check, choices = spec.metadata.get("check"), spec.metadata.get("choices")
+    base, _ = _base_type(spec.type)
     for item in values:
         if item is None:
             continue
+        if base in (int, float) and (isinstance(item, bool) or not isinstance(item, (int, float) if base is float else int)):
+            return f"must be {'a number' if base is float else 'an integer'}, got {item!r}"
         if choices and item not in choices:
             return f"invalid choice {item!r} (choose from {', '.join(choices)})"
         if check and not check.accepts(item):

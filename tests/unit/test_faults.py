@@ -184,8 +184,13 @@ def test_predict_names_a_corrupt_model_file(exported, tmp_path, tiny_env, capsys
 
 @pytest.mark.parametrize("problem", ["not json", "wrong input size", "no class names"])
 def test_predict_names_a_bad_sidecar(exported, tmp_path, tiny_env, capsys, problem):
+    """A model exported before models described themselves has only its sidecar to go by."""
+    import keras
+
+    from steeldefect.conversion import convert
+
     model = tmp_path / "model.tflite"
-    shutil.copy(exported, model)
+    model.write_bytes(convert(keras.models.load_model(exported.parent / "fold0.keras"), "fp32"))
     meta = json.loads(Path(str(exported) + ".json").read_text())
     sidecar = Path(str(model) + ".json")
     if problem == "not json":
@@ -197,3 +202,11 @@ def test_predict_names_a_bad_sidecar(exported, tmp_path, tiny_env, capsys, probl
     code, err = run_cli(["predict", model, tiny_env / "dots"], capsys)
     assert code == 2
     assert_one_line(err, str(sidecar))
+
+
+def test_a_bad_sidecar_beside_a_self_describing_model_is_only_a_warning(exported, tiny_env, capsys):
+    sidecar = Path(str(exported) + ".json")
+    sidecar.write_text("{class_names: [")
+    with pytest.warns(UserWarning, match=str(sidecar)):
+        code, err = run_cli(["predict", exported, tiny_env / "dots"], capsys)
+    assert code == 0 and "Traceback" not in err

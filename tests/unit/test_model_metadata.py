@@ -232,7 +232,7 @@ def test_export_stage_embeds_what_the_sidecar_says(tmp_path, monkeypatch, capsys
     data = make_dataset(tmp_path / "data")
     run = tmp_path / "line-3"
     pipeline.train(data, run, backbones=[TINY], learning_rates=[0.01], epochs=3, batch_size=8, n_folds=2,
-                   image_size=(32, 32), progress=False)
+                   image_size=32, progress=False)
     pipeline.export(run, variants=["int8"], calibration_samples=12, quant_report=False, progress=False)
     model = run / TINY / "models" / "fold1.int8.tflite"
     embedded = tflite_metadata.read_embedded_metadata(model)
