@@ -107,6 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=1)
     predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
     predict.add_argument("--threads", type=int, default=None)
+
+    serve = commands.add_parser("serve", help="answer HTTP on the line: /v1/predict, the inspector page, audit log")
+    serve.add_argument("model", type=Path, help="an exported .tflite model, or a run folder (its deployable int8)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="interpreters answering at once (one per inference)")
+    serve.add_argument("--threads", type=int, default=None, help="threads per interpreter (default: all cores)")
+    serve.add_argument("--token", default=None, help="bearer token required by every endpoint except health "
+                                                     "(default: $STEELDEFECT_TOKEN; none when unset)")
+    audit = serve.add_mutually_exclusive_group()
+    audit.add_argument("--audit", type=Path, default=Path("steeldefect-audit.sqlite"), help="SQLite audit log")
+    audit.add_argument("--no-audit", action="store_true", help="do not record predictions")
+    serve.add_argument("--audit-keep", type=int, default=1_000_000, help="newest audit rows kept")
+    serve.add_argument("--max-upload-mb", type=float, default=8.0, help="largest request body accepted")
+    serve.add_argument("--top-k", type=int, default=3, help="classes per answer unless the request says top_k")
     return parser
 
 
@@ -138,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, progress: bool) -> int:
+    if args.command == "serve":
+        return _serve(args)
     from steeldefect import pipeline
     from steeldefect.runfolder import default_run_dir
 
@@ -201,6 +218,21 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         failed = sum(1 for result in results if result.error)
         return 1 if failed else 0
     raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Dispatched before anything imports TensorFlow: the service needs only LiteRT (memory, start time).
+    from steeldefect.audit import AuditError
+    from steeldefect.serve import ServeError, mebibytes, serve
+
+    try:
+        serve(args.model, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
+              token=args.token, audit_path=None if args.no_audit else args.audit, audit_keep=args.audit_keep,
+              max_upload_bytes=mebibytes(args.max_upload_mb), top_k_default=args.top_k)
+    except (ServeError, AuditError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _weights(args: argparse.Namespace) -> int:

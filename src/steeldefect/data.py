@@ -411,6 +411,10 @@ def _decode(path: Path) -> Image.Image:
         data = path.read_bytes()
     except OSError as error:
         raise _BadImage(f"cannot read file ({error.strerror or error})") from error
+    return _decode_bytes(data)
+
+
+def _decode_bytes(data: bytes) -> Image.Image:
     if not data:
         raise _BadImage("empty file (0 bytes)")
     try:
@@ -475,6 +479,17 @@ def read_image(path: str | os.PathLike, image_size: tuple[int, int] = (224, 224)
         return _to_array(_decode(path), (int(image_size[0]), int(image_size[1])))
     except _BadImage as problem:
         raise DatasetError(f"{path}: {problem}") from None
+
+
+def decode_image(data: bytes, image_size: tuple[int, int] = (224, 224), name: str = "image") -> np.ndarray:
+    """:func:`read_image` for bytes already in memory (an HTTP upload): the same decoding and resizing.
+
+    Raises :class:`DatasetError` (``"<name>: <problem>"``) for bytes that cannot be decoded.
+    """
+    try:
+        return _to_array(_decode_bytes(bytes(data)), (int(image_size[0]), int(image_size[1])))
+    except _BadImage as problem:
+        raise DatasetError(f"{name}: {problem}") from None
 
 
 def _pixel_hash(image: Image.Image) -> str:
