@@ -430,7 +430,7 @@ def _decode_bytes(data: bytes) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise _BadImage(f"image too large to decode safely ({error})") from error
     except Exception as error:  # noqa: BLE001 - any decoder failure is a property of this one file
-        if "truncated" in str(error):
+        if "truncated" in str(error).lower():
             raise _BadImage(f"truncated image data ({error})") from error
         raise _BadImage(f"corrupt image data, cannot decode ({type(error).__name__}: {error})") from error
     return image

@@ -152,7 +152,7 @@ class ClassifierPool:
 def _require_extra():
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401
+        import python_multipart  # noqa: F401
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as error:
@@ -234,6 +234,10 @@ def create_app(
     @app.exception_handler(_Reject)
     async def on_reject(request: Request, error: _Reject):
         return error_response(error.status, error.message, request, error.headers)
+
+    @app.exception_handler(_BodyTooLarge)
+    async def on_too_large(request: Request, error: _BodyTooLarge):  # a body without Content-Length grew too big
+        return error_response(413, _too_large_message(max_upload_bytes), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, error: StarletteHTTPException):
@@ -485,6 +489,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _too_large_message(limit: int) -> str:
+    return f"upload too large: the limit is {limit} bytes ({limit / 2**20:.1f} MiB, --max-upload-mb)"
+
+
 class _Gate:
     """ASGI wrapper in front of the app: metrics for every request, the bearer token, the body limit.
 
@@ -527,8 +535,7 @@ class _Gate:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
     def _too_large(self, scope):
-        return self.error(413, f"upload too large: the limit is {self.max_body} bytes "
-                               f"({self.max_body / 2**20:.1f} MiB, --max-upload-mb)", scope)
+        return self.error(413, _too_large_message(self.max_body), scope)
 
     def _check(self, scope):
         headers = dict(scope["headers"])
