@@ -76,7 +76,9 @@ function addCard(file) {
   thumb.src = url;
   const body = el("div", "body");
   body.append(el("div", "name", file.name), el("div", "class muted", "waiting…"));
-  card.append(thumb, body);
+  const head = el("div", "card-head");
+  head.append(thumb, body);
+  card.append(head, el("div", "bars"));
   $("results").prepend(card);
   return card;
 }
@@ -99,7 +101,7 @@ function showAnswer(card, answer) {
     fill.style.width = (100 * entry.probability).toFixed(1) + "%";
     bar.append(fill);
     row.append(el("span", "", entry.class), bar, el("span", "p", (100 * entry.probability).toFixed(1) + "%"));
-    body.append(row);
+    card.querySelector(".bars").append(row);
   });
   const meta = [`${answer.server_ms.toFixed(1)} ms`];
   if (answer.confidence !== null && answer.confidence !== undefined) {

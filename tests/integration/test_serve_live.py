@@ -1,0 +1,229 @@
+"""`steeldefect serve` as a real process on a free loopback port: hit over HTTP, stopped, killed; and
+the inspector page driven by a real headless Chromium.
+
+The model is ``$STEELDEFECT_SERVE_MODEL`` (a .tflite or a run folder, e.g. runs/neu-pooled) when set,
+else a small exported model built here. The browser test needs Debian's ``chromium`` and
+``chromium-driver`` and the ``selenium`` package; it skips, saying which is missing, without them.
+It saves a screenshot to ``test-artifacts/inspector.png`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+from serve_helpers import export_small_classifier  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+TOKEN = "line-3-token"
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory) -> Path:
+    given = os.environ.get("STEELDEFECT_SERVE_MODEL")
+    if given:
+        return Path(given)
+    return export_small_classifier(tmp_path_factory.mktemp("model"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`python -m steeldefect serve ...` in a subprocess, its stderr in a file."""
+
+    def __init__(self, model: Path, folder: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = folder / f"serve-{self.port}.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+        env.pop("STEELDEFECT_TOKEN", None)
+        self.log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "steeldefect", "serve", str(model), "--port", str(self.port), *args],
+            cwd=folder, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120  # the CLI imports TensorFlow before it reaches serve
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}: {self.log_path.read_text()}")
+            try:
+                if request(f"{self.url}/readyz")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.3)
+        self.stop(signal.SIGKILL)
+        raise AssertionError(f"server not ready after 120 s: {self.log_path.read_text()}")
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout=30)
+        finally:
+            self.log.close()
+        return code
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+def request(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            body = response.read()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        body, status = error.read(), error.code
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, {"text": body.decode(errors="replace")}
+
+
+def neu_samples(neu_dir: Path, per_class: int) -> list[Path]:
+    from conftest import NEU_CLASSES
+
+    return [neu_dir / "IMAGES" / f"{name}_{i}.jpg" for name in NEU_CLASSES for i in range(1, per_class + 1)]
+
+
+def test_real_process_answers_over_http_and_stops_cleanly(served_model, tmp_path, make_image):
+    image = make_image(tmp_path / "strip.png", size=(90, 70))
+    server = Server(served_model, tmp_path, "--audit", "audit.sqlite", "--workers", "2", "--threads", "1")
+    try:
+        status, answer = request(f"{server.url}/v1/predict", image.read_bytes(),
+                                 {"Content-Type": "image/png", "X-Client-Id": "coil-17"})
+        assert status == 200 and answer["client_id"] == "coil-17"
+        status, error = request(f"{server.url}/v1/predict", b"plain text", {"Content-Type": "image/png"})
+        assert status == 422 and "not an image" in error["error"]
+        status, history = request(f"{server.url}/v1/history")
+        assert [e["id"] for e in history["entries"]] == [answer["audit_id"]]
+        assert request(f"{server.url}/metrics")[0] == 200
+    finally:
+        code = server.stop(signal.SIGTERM)
+    # Uvicorn shuts down gracefully, then re-raises the signal so the exit status tells how it ended.
+    assert code in (0, -signal.SIGTERM)
+    log = server.output()
+    assert "steeldefect serve: stopping (1 answered)" in log
+    assert "steeldefect serve: " in log and f"on http://127.0.0.1:{server.port}" in log
+    assert "422 POST /v1/predict from 127.0.0.1: body: not an image" in log
+    assert "Traceback" not in log
+
+
+def test_sigkill_right_after_answers_loses_no_audit_entry(served_model, tmp_path, make_image):
+    image = make_image(tmp_path / "strip.jpg", size=(64, 64)).read_bytes()
+    server = Server(served_model, tmp_path, "--audit", "audit.sqlite")
+    try:
+        ids = [request(f"{server.url}/v1/predict", image, {"Content-Type": "image/jpeg"})[1]["audit_id"]
+               for _ in range(40)]
+    finally:
+        server.stop(signal.SIGKILL)  # no shutdown hook runs: only what was committed survives
+    with sqlite3.connect(tmp_path / "audit.sqlite") as db:
+        stored = [row[0] for row in db.execute("SELECT id FROM predictions ORDER BY id")]
+    assert stored == ids
+
+
+def test_serve_refuses_a_bad_model_and_a_busy_port(served_model, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "steeldefect", "serve", *map(str, args), "--no-audit"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"\0" * 100)
+    done = run(bad)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"error: {bad}.json: metadata missing; it must travel with the " \
+                                                   f"model (class names, input size)"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = run(served_model, "--port", taken.getsockname()[1])
+    assert done.returncode != 0
+    assert "address already in use" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.glob("*.sqlite")) == []
+
+
+@pytest.mark.integration
+def test_inspector_page_in_headless_chromium_shows_the_apis_answers(served_model, tmp_path, neu_dir):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("headless Chromium not available: apt-get install chromium chromium-driver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    samples = neu_samples(neu_dir, 2)
+    broken = tmp_path / "broken_strip.jpg"
+    broken.write_bytes(samples[0].read_bytes()[:900])  # a truncated camera frame: shown as an error
+    uploads = [*samples, broken]
+    server = Server(served_model, tmp_path, "--token", TOKEN, "--audit", "audit.sqlite")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    browser = None
+    try:
+        browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        # The page learns from the 401 that it needs a token and asks for it.
+        token_field = wait.until(lambda b: b.find_element(By.ID, "token-field") if
+                                 b.find_element(By.ID, "token-field").is_displayed() else None)
+        token_field.find_element(By.TAG_NAME, "input").send_keys(TOKEN + "\t")
+        wait.until(lambda b: "sha256" in b.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "client").send_keys("coil-4711")
+        browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in uploads))
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == len(uploads)
+                   and not b.find_elements(By.CSS_SELECTOR, ".card.pending"))
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "inspector.png"))
+        shown = {card.get_attribute("data-file"): (card.get_attribute("data-class"), card.get_attribute("data-error"))
+                 for card in browser.find_elements(By.CSS_SELECTOR, ".card")}
+        tally = {row.get_attribute("data-class"): int(row.find_element(By.CSS_SELECTOR, ".n").text)
+                 for row in browser.find_elements(By.CSS_SELECTOR, ".tally-row")}
+        count_text = browser.find_element(By.ID, "count").text
+    finally:
+        if browser is not None:
+            browser.quit()
+        history = request(f"{server.url}/v1/history", headers={"Authorization": f"Bearer {TOKEN}"})[1]
+        api = {path.name: request(f"{server.url}/v1/predict", path.read_bytes(),
+                                  {"Content-Type": "image/jpeg", "Authorization": f"Bearer {TOKEN}"})
+               for path in uploads}
+        server.stop()
+    for path in samples:
+        status, answer = api[path.name]
+        assert status == 200
+        assert shown[path.name] == (answer["class"], None), path.name
+    status, error = api[broken.name]
+    assert status == 422 and shown[broken.name][0] is None
+    assert shown[broken.name][1] == error["error"].replace("body: ", f"{broken.name}: ", 1)
+    expected_tally = {}
+    for path in samples:
+        expected_tally[api[path.name][1]["class"]] = expected_tally.get(api[path.name][1]["class"], 0) + 1
+    assert {name: n for name, n in tally.items() if n} == expected_tally
+    assert count_text == f"{len(samples)} images"
+    assert len(history["entries"]) == len(samples)  # the page's answers went to the audit log, with the coil
+    assert {entry["client_id"] for entry in history["entries"]} == {"coil-4711"}
