@@ -112,14 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", type=Path, help="an exported .tflite model, or a run folder (its deployable int8)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1, help="interpreters answering at once (one per inference)")
-    serve.add_argument("--threads", type=int, default=None, help="threads per interpreter (default: all cores)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="interpreters answering at once, one inference each (default: one per core)")
+    serve.add_argument("--threads", type=int, default=1, help="threads per interpreter (0 = all cores)")
     serve.add_argument("--token", default=None, help="bearer token required by every endpoint except health "
                                                      "(default: $STEELDEFECT_TOKEN; none when unset)")
     audit = serve.add_mutually_exclusive_group()
     audit.add_argument("--audit", type=Path, default=Path("steeldefect-audit.sqlite"), help="SQLite audit log")
     audit.add_argument("--no-audit", action="store_true", help="do not record predictions")
     serve.add_argument("--audit-keep", type=int, default=1_000_000, help="newest audit rows kept")
+    serve.add_argument("--audit-fsync", action="store_true",
+                       help="each audit commit waits for the disk: answered rows survive a power cut too")
+    serve.add_argument("--queue", type=int, default=32, help="requests that may wait for an interpreter (then 503)")
     serve.add_argument("--max-upload-mb", type=float, default=8.0, help="largest request body accepted")
     serve.add_argument("--top-k", type=int, default=3, help="classes per answer unless the request says top_k")
     return parser
@@ -228,7 +232,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve(args.model, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
               token=args.token, audit_path=None if args.no_audit else args.audit, audit_keep=args.audit_keep,
-              max_upload_bytes=mebibytes(args.max_upload_mb), top_k_default=args.top_k)
+              audit_fsync=args.audit_fsync, max_upload_bytes=mebibytes(args.max_upload_mb),
+              top_k_default=args.top_k, queue_size=args.queue)
     except (ServeError, AuditError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -49,6 +49,7 @@ DEFAULT_PORT = 8000
 DEFAULT_AUDIT_PATH = Path("steeldefect-audit.sqlite")
 DEFAULT_MAX_UPLOAD_BYTES = 8 * 2**20
 DEFAULT_TOP_K = 3
+DEFAULT_QUEUE = 32  # requests waiting for an interpreter; beyond it a client is told 503 at once
 MAX_BATCH_FILES = 64
 MAX_CLIENT_ID_CHARS = 128
 TOKEN_ENV = "STEELDEFECT_TOKEN"
@@ -149,6 +150,12 @@ class ClassifierPool:
             self._idle.put(classifier)
 
 
+def default_workers() -> int:
+    """One single-threaded interpreter per core: the most images/s once several clients send at once
+    (decoding runs beside inference). A lone client gets lower latency from ``workers=1, threads=0``."""
+    return os.cpu_count() or 1
+
+
 def _require_extra():
     try:
         import fastapi  # noqa: F401
@@ -167,21 +174,24 @@ def _static_files() -> dict[str, bytes]:
 def create_app(
     model: Path,
     *,
-    workers: int = 1,
-    threads: int | None = None,
+    workers: int | None = None,
+    threads: int | None = 1,
     token: str | None = None,
     audit_path: Path | None = DEFAULT_AUDIT_PATH,
     audit_keep: int = DEFAULT_KEEP,
+    audit_fsync: bool = False,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     top_k_default: int = DEFAULT_TOP_K,
-    queue_size: int | None = None,
+    queue_size: int = DEFAULT_QUEUE,
 ):
     """The FastAPI application serving ``model`` (a .tflite or a run folder).
 
-    Loads and warms ``workers`` interpreters of ``threads`` threads each before returning, so a
+    Loads and warms ``workers`` interpreters (default: one per core) of ``threads`` threads each
+    (0 or None = all cores) before returning, so a
     missing or corrupt model raises :class:`ModelFileError` here, not at the first request.
-    ``audit_path=None`` switches the audit log off. ``queue_size`` requests may wait for a free
-    interpreter (default ``4 * workers``); more are answered 503.
+    ``audit_path=None`` switches the audit log off; ``audit_fsync`` makes each commit wait for the disk
+    (see :mod:`steeldefect.audit`). ``queue_size`` requests may wait for a free interpreter beyond the
+    ``workers`` being answered; more are answered 503.
     """
     _require_extra()
     from fastapi import FastAPI, Request
@@ -191,15 +201,18 @@ def create_app(
 
     if max_upload_bytes < 1:
         raise ValueError(f"max upload size must be positive, got {max_upload_bytes} bytes")
+    if queue_size < 0:
+        raise ValueError(f"queue size must be >= 0, got {queue_size}")
+    workers = default_workers() if workers is None else workers
     model_path = resolve_model(model)
     info = read_model_info(model_path)
     trust = Trust.from_metadata(info)
     pool = ClassifierPool(model_path, info, workers, threads)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
-    audit = AuditLog(Path(audit_path), keep=audit_keep) if audit_path is not None else None
+    audit = AuditLog(Path(audit_path), keep=audit_keep, fsync=audit_fsync) if audit_path is not None else None
     metrics = _Metrics(info)
     static = _static_files()
-    admitted_max = workers + (4 * workers if queue_size is None else queue_size)
+    admitted_max = workers + queue_size
     top_k_default = max(1, min(top_k_default, len(info.class_names)))
     model_fields = {"name": info.name, "variant": info.variant, "sha256": info.sha256}
     state = {"in_flight": 0, "ready": True}
@@ -582,13 +595,15 @@ def serve(
     *,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
-    workers: int = 1,
-    threads: int | None = None,
+    workers: int | None = None,
+    threads: int | None = 1,
     token: str | None = None,
     audit_path: Path | None = DEFAULT_AUDIT_PATH,
     audit_keep: int = DEFAULT_KEEP,
+    audit_fsync: bool = False,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     top_k_default: int = DEFAULT_TOP_K,
+    queue_size: int = DEFAULT_QUEUE,
 ) -> None:
     """Load the model, then answer HTTP on ``host:port`` until interrupted (SIGINT/SIGTERM).
 
@@ -599,14 +614,16 @@ def serve(
 
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
     app = create_app(model, workers=workers, threads=threads, token=token, audit_path=audit_path,
-                     audit_keep=audit_keep, max_upload_bytes=max_upload_bytes, top_k_default=top_k_default)
+                     audit_keep=audit_keep, audit_fsync=audit_fsync, max_upload_bytes=max_upload_bytes,
+                     top_k_default=top_k_default, queue_size=queue_size)
     info: ModelInfo = app.state.model_info
     shown_host = f"[{host}]" if ":" in host else host
     log.info(
         "steeldefect serve: %s (%s, sha256 %s, %d classes, %dx%d) on http://%s:%d, %d worker(s) x %s thread(s), "
-        "audit %s, token %s, upload limit %.1f MiB",
+        "queue %d, audit %s, token %s, upload limit %.1f MiB",
         info.path, info.variant, info.sha256[:12], len(info.class_names), *info.input_size, shown_host, port,
-        workers, threads or "all", f"{audit_path} (keep {audit_keep} rows)" if audit_path else "off",
+        workers, threads or "all", queue_size,
+        f"{audit_path} (keep {audit_keep} rows{', fsync' if audit_fsync else ''})" if audit_path else "off",
         "required" if token else "off", max_upload_bytes / 2**20,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not token:

@@ -305,7 +305,7 @@ def test_model_health_readiness_and_page(client, model):
     assert description["provenance"]["backbone"] == "small-test"
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready["ready"] is True and ready["workers"] == 1
+    assert ready["ready"] is True and ready["workers"] == serve.default_workers()
     page = client.get("/")
     assert page.headers["content-type"].startswith("text/html") and 'src="inspector.js"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing loaded from elsewhere
