@@ -288,15 +288,17 @@ def main(argv: list[str] | None = None) -> int:
         "simd": [f for f in SIMD if f in flags], "int8_features": int8_features(),
         "server": {"workers": args.workers, "threads_per_interpreter": args.threads},
         "bare_threads": resolve_threads(args.bare_threads or None), "server_queue": args.queue,
-        "versions": {name: installed(name) for name in ("ai-edge-litert", "fastapi", "uvicorn", "starlette", "httptools",
-                                                      "uvloop", "numpy", "pillow", "prometheus-client")}
+        "versions": {name: installed(name) for name in ("ai-edge-litert", "fastapi", "uvicorn", "starlette",
+                                                        "httptools", "uvloop", "numpy", "pillow", "prometheus-client")}
         | {"python": platform.python_version()},
         "git": source_revision(),
     }
     print(f"cpu:      {machine['cpu']} ({machine['arch']}), {machine['logical_cores']} logical cores")
-    print(f"simd:     {' '.join(machine['simd']) or 'none found'}; int8 dot: {', '.join(machine['int8_features']) or 'none'}")
+    print(f"simd:     {' '.join(machine['simd']) or 'none found'}; "
+          f"int8 dot: {', '.join(machine['int8_features']) or 'none'}")
     print(f"model:    {model} ({len(images)} NEU JPEGs from {args.images})")
-    print(f"server:   {args.workers} worker(s) x {args.threads} thread(s); bare loop: {machine['bare_threads']} thread(s)")
+    print(f"server:   {args.workers} worker(s) x {args.threads} thread(s), queue {args.queue}; "
+          f"bare loop: {machine['bare_threads']} thread(s)")
     print(f"commit:   {machine['git']}")
 
     result: dict = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "machine": machine,
@@ -306,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     reference, expected = bare.run(images)  # every image's class: what each HTTP answer must say
     reference.pop("_seconds")
     result["bare_all_images"] = reference
-    print(f"\nbare loop, all {len(images)} images: decode+invoke {reference['decode_and_invoke']['images_per_s']} img/s "
+    print(f"\nbare loop, all {len(images)} images: "
+          f"decode+invoke {reference['decode_and_invoke']['images_per_s']} img/s "
           f"(p50 {reference['decode_and_invoke']['p50_ms']} ms, p99 {reference['decode_and_invoke']['p99_ms']} ms); "
           f"invoke only {reference['invoke_only']['images_per_s']} img/s (p50 {reference['invoke_only']['p50_ms']} ms)")
 
@@ -340,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                     server.kill(signal.SIGKILL)
             s = result[name]
             print(f"  {s['images_per_s']} req/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms; good {s['good']} "
-                  f"(wrong or failed {s['good_wrong_or_failed']}), bad {s['bad']} (not refused {s['bad_not_refused_4xx']}); "
+                  f"(wrong or failed {s['good_wrong_or_failed']}), bad {s['bad']} "
+                  f"(not refused {s['bad_not_refused_4xx']}); "
                   f"answered {s['answered']}, missing from the audit log after SIGKILL "
                   f"{s['answered_missing_from_audit_after_sigkill']}; RSS growth after warm-up "
                   f"{s['rss_growth_after_warmup_percent']}%")

@@ -11,7 +11,9 @@ from pathlib import Path
 NEU_CLASSES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
 
 
-def export_small_classifier(folder: Path, variant: str = "fp32", size: int = 32, extra_meta: dict | None = None) -> Path:
+def export_small_classifier(
+    folder: Path, variant: str = "fp32", size: int = 32, extra_meta: dict | None = None
+) -> Path:
     import keras
     import numpy as np
 

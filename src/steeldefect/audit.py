@@ -19,11 +19,12 @@ import logging
 import queue
 import sqlite3
 import threading
-from contextlib import closing
+from collections.abc import Sequence
 from concurrent.futures import Future
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class AuditRow:
 
 def utc_now() -> str:
     """ISO 8601 UTC with microseconds and a ``Z``: sorts as text in time order."""
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text: str) -> str:
@@ -79,8 +80,8 @@ def parse_time(text: str) -> str:
     except ValueError:
         raise ValueError(f"since={text!r} is not an ISO 8601 time (e.g. 2026-11-26T08:00:00Z)") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=_dt.timezone.utc)
-    return moment.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        moment = moment.replace(tzinfo=_dt.UTC)
+    return moment.astimezone(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class AuditLog:

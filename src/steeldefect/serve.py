@@ -159,8 +159,8 @@ def default_workers() -> int:
 def _require_extra():
     try:
         import fastapi  # noqa: F401
-        import python_multipart  # noqa: F401
         import prometheus_client  # noqa: F401
+        import python_multipart  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as error:
         raise ServeError(f"{EXTRA_HINT} ({error.name} is not installed)") from None

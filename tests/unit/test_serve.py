@@ -16,8 +16,8 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 from fastapi.testclient import TestClient  # noqa: E402
-from serve_helpers import NEU_CLASSES, export_small_classifier  # noqa: E402
 
+from serve_helpers import NEU_CLASSES, export_small_classifier  # noqa: E402
 from steeldefect import cli, serve  # noqa: E402
 from steeldefect.modelfile import Classifier, file_sha256  # noqa: E402
 from steeldefect.predict import predict_paths  # noqa: E402
@@ -163,8 +163,8 @@ def test_fifty_megabyte_upload_is_refused_with_the_default_limit(client):
 
 def test_batch_answers_in_order_and_a_bad_image_gets_its_own_error(client, model, images):
     order = [images["jpeg"], images["cmyk"], None, images["grey16"]]
-    parts = [("file", (p.name, p.read_bytes(), "image/jpeg") if p else ("broken.jpg", b"\xff\xd8\xff\xe0junk", "image/jpeg"))
-             for p in order]
+    broken = ("broken.jpg", b"\xff\xd8\xff\xe0junk", "image/jpeg")
+    parts = [("file", (p.name, p.read_bytes(), "image/jpeg") if p else broken) for p in order]
     response = client.post("/v1/predict/batch", files=parts, data={"client_id": "coil-9"}, params={"top_k": 2})
     assert response.status_code == 200
     body = response.json()
