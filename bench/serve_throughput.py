@@ -129,6 +129,11 @@ class Server:
         self.kill()
         raise SystemExit("server not ready after 180 s")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (all its threads)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -188,28 +193,34 @@ def load(port: int, bodies: list[tuple[int, bytes]], concurrency: int, on_progre
     return [r for r in results if r is not None]
 
 
-def level(port: int, bare: Bare, images: list[bytes], concurrency: int, n: int, seed: int, rounds: int) -> dict:
+def level(server: Server, bare: Bare, images: list[bytes], concurrency: int, n: int, seed: int, rounds: int) -> dict:
     """The bare loop and HTTP at ``concurrency`` on the same ``n`` images, interleaved in ``rounds``
     (bare chunk, HTTP chunk, bare chunk, ...) so that a noisy neighbour on a shared machine slows both
-    alike; images/s = images / summed time of each side."""
+    alike; images/s = images / summed time of each side. CPU milliseconds per image (the server
+    process's, the bare loop's) do not depend on what else runs on the machine."""
+    port = server.port
     rng = np.random.default_rng(seed)
     load(port, [(int(i), images[i]) for i in rng.integers(0, len(images), 4 * concurrency + 20)], concurrency)
     chosen = [int(i) for i in rng.integers(0, len(images), n)]
-    bare_seconds, http_seconds, records, bare_rows = 0.0, 0.0, [], []
+    bare_seconds, http_seconds, bare_cpu, server_cpu, records, bare_rows = 0.0, 0.0, 0.0, 0.0, [], []
     for chunk in np.array_split(np.arange(n), rounds):
         picked = [chosen[j] for j in chunk]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         figures, _ = bare.run([images[i] for i in picked])
         bare_seconds += time.perf_counter() - start
+        bare_cpu += time.process_time() - cpu
         bare_rows.append(figures)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), server.cpu_seconds()
         records += load(port, [(i, images[i]) for i in picked], concurrency)
         http_seconds += time.perf_counter() - start
+        server_cpu += server.cpu_seconds() - cpu
     errors = sum(r["status"] != 200 for r in records)
     bare_latency = [s for row in bare_rows for s in row.pop("_seconds")]
     row = {"concurrency": concurrency, "requests": n, "rounds": rounds, "errors": errors,
            "images_per_s": round(n / http_seconds, 2), **percentiles([r["seconds"] for r in records]),
-           "bare": {"images_per_s": round(n / bare_seconds, 2), **percentiles(bare_latency)}}
+           "server_cpu_ms_per_image": round(1000 * server_cpu / n, 3),
+           "bare": {"images_per_s": round(n / bare_seconds, 2), **percentiles(bare_latency),
+                    "cpu_ms_per_image": round(1000 * bare_cpu / n, 3)}}
     row["p99_over_p50"] = round(row["p99_ms"] / row["p50_ms"], 2)
     row["vs_bare"] = round(row["images_per_s"] / row["bare"]["images_per_s"], 3)
     return row
@@ -321,13 +332,14 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rows = []
                 for concurrency in (args.concurrency if audit else [c for c in args.concurrency if c <= 4]):
-                    row = level(server.port, bare, images, concurrency, args.level_requests, concurrency, args.rounds)
+                    row = level(server, bare, images, concurrency, args.level_requests, concurrency, args.rounds)
                     rows.append(row)
                     b = row["bare"]
                     print(f"audit {'on ' if audit else 'off'} c={concurrency:<3} HTTP {row['images_per_s']:>7} img/s "
                           f"p50 {row['p50_ms']:>6} ms p99 {row['p99_ms']:>6} ms (p99/p50 {row['p99_over_p50']:>5}) "
                           f"errors {row['errors']} | bare {b['images_per_s']:>6} img/s p50 {b['p50_ms']:>6} ms "
-                          f"p99 {b['p99_ms']:>6} ms | HTTP/bare {row['vs_bare']}", flush=True)
+                          f"p99 {b['p99_ms']:>6} ms | HTTP/bare {row['vs_bare']} | CPU ms/image: server "
+                          f"{row['server_cpu_ms_per_image']}, bare {b['cpu_ms_per_image']}", flush=True)
                 result["http"]["audit_on" if audit else "audit_off"] = rows
                 result["server_log_start"] = server.log_path.read_text().splitlines()[-1:]
             finally:
