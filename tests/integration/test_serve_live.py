@@ -136,6 +136,9 @@ def test_sigkill_right_after_answers_loses_no_audit_entry(served_model, tmp_path
                for _ in range(40)]
     finally:
         server.stop(signal.SIGKILL)  # no shutdown hook runs: only what was committed survives
+    start_line = [line for line in server.output().splitlines() if line.startswith("steeldefect serve: ")]
+    assert len(start_line) == 1 and f"{os.cpu_count()} worker(s) x 1 thread(s)" in start_line[0]
+    assert "Traceback" not in server.output()
     with sqlite3.connect(tmp_path / "audit.sqlite") as db:
         stored = [row[0] for row in db.execute("SELECT id FROM predictions ORDER BY id")]
     assert stored == ids
