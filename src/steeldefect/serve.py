@@ -286,15 +286,15 @@ def create_app(
         log.error("500 %s %s: %s: %s", request.method, request.url.path, type(error).__name__, error)
         return JSONResponse({"error": "internal error (logged on the server)", "status": 500}, status_code=500)
 
-    async def admitted(job):
-        """Run ``job`` (a coroutine) if fewer than the bound are in flight, else 503."""
+    async def admitted(start_job):
+        """Await ``start_job()`` if fewer than the bound are in flight, else 503 before any work starts."""
         if state["in_flight"] >= admitted_max:
             raise _Reject(503, f"busy: {admitted_max} requests already in progress; retry shortly",
                           {"Retry-After": "1"})
         state["in_flight"] += 1
         metrics.in_flight.inc()
         try:
-            return await job
+            return await start_job()
         finally:
             state["in_flight"] -= 1
             metrics.in_flight.dec()
@@ -400,7 +400,7 @@ def create_app(
                                f"or the image bytes as image/jpeg, image/png, image/bmp, image/tiff or "
                                f"application/octet-stream")
         client_id = check_client_id(client_id)
-        result = await admitted(run_one(data, name))
+        result = await admitted(lambda: run_one(data, name))
         body = answer(result, k, client_id)
         await record([body])
         body["server_ms"] = round(1000 * (time.perf_counter() - started), 3)
@@ -428,7 +428,7 @@ def create_app(
                 log.warning("%d POST /v1/predict/batch: %s", error.status, error.message)
                 return {"error": error.message}
 
-        results = await admitted(asyncio.gather(*(one(data, name) for data, name in contents)))
+        results = await admitted(lambda: asyncio.gather(*(one(data, name) for data, name in contents)))
         entries = [{"index": i, "filename": name, **(result if "error" in result else answer(result, k, client_id))}
                    for i, ((_, name), result) in enumerate(zip(contents, results))]
         await record([entry for entry in entries if "error" not in entry])

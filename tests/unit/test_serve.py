@@ -327,12 +327,14 @@ def test_metrics_count_requests_by_status_latency_and_classes(client, images):
         assert f'steeldefect_predictions_total{{class="{name}"}} {float(classes.count(name))}' in text
 
 
-def test_a_full_queue_is_answered_503_at_once(model, tmp_path, images, monkeypatch):
+def test_a_full_queue_is_answered_503_at_once_and_starts_no_work(model, tmp_path, images, monkeypatch):
     with make_client(model, tmp_path, workers=1, queue_size=0) as client:
         slow_started = threading.Event()
+        calls = []
         original = Classifier.probabilities
 
         def slow(self, batch):
+            calls.append(len(batch))
             slow_started.set()
             time.sleep(1.0)
             return original(self, batch)
@@ -346,8 +348,12 @@ def test_a_full_queue_is_answered_503_at_once(model, tmp_path, images, monkeypat
         busy = post_file(client, images["jpeg"])
         assert busy.status_code == 503 and busy.headers["Retry-After"] == "1" and "busy" in busy.json()["error"]
         assert time.perf_counter() - started < 0.9  # refused at once, not after waiting for the slow one
+        batch = client.post("/v1/predict/batch", files=[("file", ("a.jpg", images["jpeg"].read_bytes()))] * 3)
+        assert batch.status_code == 503
         worker.join()
         assert first["response"].status_code == 200
+        assert calls == [1]  # only the admitted request ran an inference: the refused ones started none
+        assert post_file(client, images["jpeg"]).status_code == 200  # and the service serves on
 
 
 def test_uncertainty_and_calibration_are_read_from_the_model_metadata(tmp_path, images):
