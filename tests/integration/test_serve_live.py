@@ -1,10 +1,11 @@
 """`steeldefect serve` as a real process on a free loopback port: hit over HTTP, stopped, killed; and
-the inspector page driven by a real headless Chromium.
+the inspector page driven by real headless browsers uploading real NEU images.
 
 The model is ``$STEELDEFECT_SERVE_MODEL`` (a .tflite or a run folder, e.g. runs/neu-pooled) when set,
-else a small exported model built here. The browser test needs Debian's ``chromium`` and
-``chromium-driver`` and the ``selenium`` package; it skips, saying which is missing, without them.
-It saves a screenshot to ``test-artifacts/inspector.png`` (git-ignored).
+else a small exported model built here. Chromium needs Debian's ``chromium`` and ``chromium-driver``
+and the ``selenium`` package; Firefox needs ``firefox-esr`` and ``marionette-driver`` (no geckodriver).
+Each browser test skips, saying what is missing, without them, and saves a screenshot to
+``test-artifacts/inspector-<browser>.png`` (git-ignored).
 """
 
 from __future__ import annotations
@@ -166,6 +167,61 @@ def test_serve_refuses_a_bad_model_and_a_busy_port(served_model, tmp_path):
     assert list(tmp_path.glob("*.sqlite")) == []
 
 
+# What the page shows, read the same way in both browsers.
+PAGE_STATE = """
+return {
+  cards: Array.from(document.querySelectorAll('.card')).map(c => [c.dataset.file, c.dataset.class || null,
+                                                                 c.dataset.error || null]),
+  pending: document.querySelectorAll('.card.pending').length,
+  tally: Array.from(document.querySelectorAll('.tally-row')).map(r => [r.dataset.class,
+                                                                      Number(r.querySelector('.n').textContent)]),
+  count: document.getElementById('count').textContent,
+  tokenShown: !document.getElementById('token-field').hidden
+    && getComputedStyle(document.getElementById('token-field')).display !== 'none',
+  model: document.getElementById('model').textContent,
+};
+"""
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "the page"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def uploads_for(neu_dir: Path, folder: Path) -> tuple[list[Path], Path]:
+    samples = neu_samples(neu_dir, 2)
+    broken = folder / "broken_strip.jpg"
+    broken.write_bytes(samples[0].read_bytes()[:900])  # a truncated camera frame: shown as an error
+    return samples, broken
+
+
+def check_page_against_api(server: Server, state: dict, samples: list[Path], broken: Path,
+                           headers: dict | None = None) -> None:
+    """Each card shows the class the API gives for the same file; the tally counts them."""
+    shown = {name: (cls, error) for name, cls, error in state["cards"]}
+    api = {path.name: request(f"{server.url}/v1/predict", path.read_bytes(),
+                              {"Content-Type": "image/jpeg", **(headers or {})})
+           for path in [*samples, broken]}
+    assert len(state["cards"]) == len(samples) + 1 and state["pending"] == 0
+    for path in samples:
+        status, answer = api[path.name]
+        assert status == 200
+        assert shown[path.name] == (answer["class"], None), path.name
+    status, error = api[broken.name]
+    assert status == 422 and shown[broken.name][0] is None
+    assert shown[broken.name][1] == error["error"].replace("body: ", f"{broken.name}: ", 1)
+    expected: dict[str, int] = {}
+    for path in samples:
+        expected[api[path.name][1]["class"]] = expected.get(api[path.name][1]["class"], 0) + 1
+    assert {name: n for name, n in state["tally"] if n} == expected
+    assert state["count"] == f"{len(samples)} images"
+
+
 @pytest.mark.integration
 def test_inspector_page_in_headless_chromium_shows_the_apis_answers(served_model, tmp_path, neu_dir):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
@@ -174,12 +230,8 @@ def test_inspector_page_in_headless_chromium_shows_the_apis_answers(served_model
     if not chromium or not driver_path:
         pytest.skip("headless Chromium not available: apt-get install chromium chromium-driver")
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    samples = neu_samples(neu_dir, 2)
-    broken = tmp_path / "broken_strip.jpg"
-    broken.write_bytes(samples[0].read_bytes()[:900])  # a truncated camera frame: shown as an error
-    uploads = [*samples, broken]
+    samples, broken = uploads_for(neu_dir, tmp_path)
     server = Server(served_model, tmp_path, "--token", TOKEN, "--audit", "audit.sqlite")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -191,42 +243,70 @@ def test_inspector_page_in_headless_chromium_shows_the_apis_answers(served_model
     try:
         browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
         browser.get(server.url + "/")
-        wait = WebDriverWait(browser, 60)
         # The page learns from the 401 that it needs a token and asks for it.
-        token_field = wait.until(lambda b: b.find_element(By.ID, "token-field") if
-                                 b.find_element(By.ID, "token-field").is_displayed() else None)
-        token_field.find_element(By.TAG_NAME, "input").send_keys(TOKEN + "\t")
-        wait.until(lambda b: "sha256" in b.find_element(By.ID, "model").text)
+        wait_for(lambda: browser.execute_script(PAGE_STATE)["tokenShown"], what="the token field")
+        browser.find_element(By.ID, "token").send_keys(TOKEN + "\t")
+        wait_for(lambda: "sha256" in browser.execute_script(PAGE_STATE)["model"], what="the model line")
         browser.find_element(By.ID, "client").send_keys("coil-4711")
-        browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in uploads))
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == len(uploads)
-                   and not b.find_elements(By.CSS_SELECTOR, ".card.pending"))
+        browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in [*samples, broken]))
+        state = wait_for(lambda: (lambda s: s if len(s["cards"]) == len(samples) + 1 and not s["pending"] else None)(
+            browser.execute_script(PAGE_STATE)), what="every card answered")
         ARTIFACTS.mkdir(exist_ok=True)
-        browser.save_screenshot(str(ARTIFACTS / "inspector.png"))
-        shown = {card.get_attribute("data-file"): (card.get_attribute("data-class"), card.get_attribute("data-error"))
-                 for card in browser.find_elements(By.CSS_SELECTOR, ".card")}
-        tally = {row.get_attribute("data-class"): int(row.find_element(By.CSS_SELECTOR, ".n").text)
-                 for row in browser.find_elements(By.CSS_SELECTOR, ".tally-row")}
-        count_text = browser.find_element(By.ID, "count").text
+        browser.save_screenshot(str(ARTIFACTS / "inspector-chromium.png"))
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        history = request(f"{server.url}/v1/history", headers=auth)[1]
+        check_page_against_api(server, state, samples, broken, auth)
     finally:
         if browser is not None:
             browser.quit()
-        history = request(f"{server.url}/v1/history", headers={"Authorization": f"Bearer {TOKEN}"})[1]
-        api = {path.name: request(f"{server.url}/v1/predict", path.read_bytes(),
-                                  {"Content-Type": "image/jpeg", "Authorization": f"Bearer {TOKEN}"})
-               for path in uploads}
         server.stop()
-    for path in samples:
-        status, answer = api[path.name]
-        assert status == 200
-        assert shown[path.name] == (answer["class"], None), path.name
-    status, error = api[broken.name]
-    assert status == 422 and shown[broken.name][0] is None
-    assert shown[broken.name][1] == error["error"].replace("body: ", f"{broken.name}: ", 1)
-    expected_tally = {}
-    for path in samples:
-        expected_tally[api[path.name][1]["class"]] = expected_tally.get(api[path.name][1]["class"], 0) + 1
-    assert {name: n for name, n in tally.items() if n} == expected_tally
-    assert count_text == f"{len(samples)} images"
     assert len(history["entries"]) == len(samples)  # the page's answers went to the audit log, with the coil
     assert {entry["client_id"] for entry in history["entries"]} == {"coil-4711"}
+
+
+@pytest.mark.integration
+def test_inspector_page_in_headless_firefox_shows_the_apis_answers(served_model, tmp_path, neu_dir):
+    """Firefox through its own Marionette protocol (no geckodriver needed), a service without token."""
+    marionette = pytest.importorskip("marionette_driver.marionette",
+                                     reason="marionette-driver is not installed (pip install marionette-driver)")
+    firefox = shutil.which("firefox-esr") or shutil.which("firefox")
+    if not firefox:
+        pytest.skip("headless Firefox not available: apt-get install firefox-esr")
+    from marionette_driver.by import By
+
+    samples, broken = uploads_for(neu_dir, tmp_path)
+    server = Server(served_model, tmp_path, "--no-audit")
+    profile = tmp_path / "firefox-profile"
+    profile.mkdir()
+    port = free_port()
+    prefs = {"marionette.port": port, "app.update.disabledForTesting": True, "browser.shell.checkDefaultBrowser": False,
+             "datareporting.policy.dataSubmissionEnabled": False, "toolkit.telemetry.enabled": False,
+             "network.captive-portal-service.enabled": False, "network.connectivity-service.enabled": False,
+             "browser.safebrowsing.malware.enabled": False, "browser.safebrowsing.phishing.enabled": False,
+             "extensions.update.enabled": False, "app.normandy.enabled": False,
+             "browser.startup.homepage_override.mstone": "ignore"}
+    user_js = "".join(f"user_pref({json.dumps(key)}, {json.dumps(value)});\n" for key, value in prefs.items())
+    (profile / "user.js").write_text(user_js)
+    browser = subprocess.Popen([firefox, "--headless", "--marionette", "--no-remote", "-profile", str(profile)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = None
+    try:
+        client = marionette.Marionette(host="127.0.0.1", port=port, startup_timeout=60)
+        client.start_session()
+        client.set_window_rect(width=1400, height=1000)
+        client.navigate(server.url + "/")
+        state = wait_for(lambda: (lambda s: s if "sha256" in s["model"] else None)(client.execute_script(PAGE_STATE)),
+                         what="the model line")
+        assert not state["tokenShown"]  # no token on this service: the page does not ask for one
+        client.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in [*samples, broken]))
+        state = wait_for(lambda: (lambda s: s if len(s["cards"]) == len(samples) + 1 and not s["pending"] else None)(
+            client.execute_script(PAGE_STATE)), what="every card answered")
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "inspector-firefox.png").write_bytes(client.screenshot(format="binary"))
+        check_page_against_api(server, state, samples, broken)
+    finally:
+        if client is not None:
+            client.delete_session()
+        browser.terminate()
+        browser.wait(timeout=30)
+        server.stop()
