@@ -17,6 +17,7 @@ Usage (from the repository root; the serve extra installed)::
    every answered request must be in the audit log.
 4. The same soak with ``--bad-fraction`` bad images (truncated JPEG, text, empty) mixed in: each bad
    one must get a 4xx, every good one its correct answer.
+5. Before all that, what one audit commit costs alone, without and with ``--audit-fsync``.
 
 The load generator runs on the same machine as the server and takes CPU from it: on a 2-core box
 the HTTP figures are a lower bound. Prints and saves (``--out``) every figure with the CPU model, its
@@ -226,6 +227,27 @@ def level(server: Server, bare: Bare, images: list[bytes], concurrency: int, n: 
     return row
 
 
+def audit_commit_cost(folder: Path, n: int = 200) -> dict:
+    """Milliseconds per one-row commit of the audit log, without and with fsync (``--audit-fsync``):
+    what one answer waits for when it is alone (concurrent answers share a commit)."""
+    from steeldefect.audit import AuditLog, AuditRow
+
+    row = AuditRow("bench", "0" * 64, 12345, [("crazing", 0.99), ("patches", 0.01)], None, None, "0" * 64, 3.2)
+    figures = {}
+    for fsync in (False, True):
+        audit = AuditLog(folder / f"commit-cost-{fsync}.sqlite", fsync=fsync)
+        try:
+            for _ in range(10):
+                audit.submit([row]).result()
+            start = time.perf_counter()
+            for _ in range(n):
+                audit.submit([row]).result()
+            figures["fsync" if fsync else "no_fsync"] = round(1000 * (time.perf_counter() - start) / n, 4)
+        finally:
+            audit.close()
+    return {"ms_per_commit": figures, "commits": n}
+
+
 def make_bad(kind: int, good: bytes) -> bytes:
     return (good[: len(good) // 3], b"coil 4711 line 3 shift B\n" * 8, b"")[kind % 3]
 
@@ -326,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         folder = Path(tmp)
+        result["audit_commit"] = audit_commit_cost(folder)
+        cost = result["audit_commit"]["ms_per_commit"]
+        print(f"audit commit, one row, alone: {cost['no_fsync']} ms (default), {cost['fsync']} ms (--audit-fsync)\n")
         result["http"] = {}
         for audit in (True, False):
             server = Server(model, folder, args.workers, args.threads, audit, args.queue)

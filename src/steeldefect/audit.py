@@ -8,7 +8,7 @@ answered after its row is committed, so a crash of the server process (even SIGK
 answered entry. By default the commit does not wait for the disk (``synchronous=NORMAL``: the row is
 in the WAL file, which the operating system writes out even if the process dies); ``fsync=True``
 (``synchronous=FULL``) also makes every answered row survive a power cut or kernel crash, at the cost
-of one fsync per group commit (about 5 ms on the development machine's disk).
+of one fsync per group commit (bench/serve_throughput.py measures both).
 """
 
 from __future__ import annotations
