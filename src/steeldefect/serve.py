@@ -152,7 +152,7 @@ class ClassifierPool:
 
 def _warm_up_decoders(size: tuple[int, int]) -> None:
     """Decode one small image of each format: Pillow loads its plugins on first use, which would
-    otherwise add ~15 ms to the first client's answer."""
+    otherwise slow down the first client's answer."""
     import io
 
     from PIL import Image
