@@ -452,6 +452,8 @@ def create_app(
             raise _Reject(404, "the audit log is off (server started with --no-audit)")
         if not 1 <= limit <= 1000:
             raise _Reject(422, f"limit must be between 1 and 1000, got {limit}")
+        if not 0 <= after < 2**63:  # SQLite's integer range
+            raise _Reject(422, f"after must be an audit id (0 or more), got {after}")
         try:
             entries = await asyncio.to_thread(audit.history, since=since, after=after, limit=limit)
         except ValueError as error:

@@ -222,6 +222,9 @@ def test_audit_log_records_every_answer_and_pages_through_them(model, tmp_path, 
         assert [e["id"] for e in since] == [e["id"] for e in entries[4:]]
         assert client.get("/v1/history", params={"since": "yesterday"}).status_code == 422
         assert client.get("/v1/history", params={"limit": 0}).status_code == 422
+        for after in (-1, 10**20):
+            response = client.get("/v1/history", params={"after": after})
+            assert response.status_code == 422 and "after must be an audit id" in response.json()["error"]
     # The answered rows are in the file itself, readable by any SQLite tool after the server is gone.
     with sqlite3.connect(audit_path) as db:
         assert db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 8
