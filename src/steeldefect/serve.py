@@ -226,6 +226,11 @@ def create_app(
     audit = AuditLog(Path(audit_path), keep=audit_keep, fsync=audit_fsync) if audit_path is not None else None
     metrics = _Metrics(info)
     static = _static_files()
+    # Uploads up to the body limit stay in memory instead of spilling to a temporary file (Starlette
+    # spools parts over 1 MiB to disk): the service writes nowhere but its audit log.
+    from starlette.formparsers import MultiPartParser
+
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_upload_bytes)
     admitted_max = workers + queue_size
     top_k_default = max(1, min(top_k_default, len(info.class_names)))
     model_fields = {"name": info.name, "variant": info.variant, "sha256": info.sha256}
@@ -379,28 +384,35 @@ def create_app(
     def media_type(request: Request) -> str:
         return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
+    async def read_one(request: Request, kind: str) -> tuple[bytes, str, str | None]:
+        """The image bytes, their name for messages, and the client id of a single-image request."""
+        client_id = request.headers.get("x-client-id")
+        if kind != "multipart/form-data":
+            return await request.body(), "body", client_id
+        form = await read_form(request, 1)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise _Reject(422, "multipart body has no file part named 'file'")
+        form_client = form.get("client_id")
+        client_id = form_client if isinstance(form_client, str) and form_client else client_id
+        return await upload.read(), upload.filename or "file", client_id
+
+    # Admission covers reading the body too: at most workers + queue uploads are held in memory at once.
     @app.post("/v1/predict", summary="Classify one image (multipart field 'file' or the raw body)")
     async def predict(request: Request, top_k: int | None = None):
         started = time.perf_counter()
         k = check_top_k(top_k)
         kind = media_type(request)
-        client_id = request.headers.get("x-client-id")
-        if kind == "multipart/form-data":
-            form = await read_form(request, 1)
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise _Reject(422, "multipart body has no file part named 'file'")
-            data, name = await upload.read(), upload.filename or "file"
-            form_client = form.get("client_id")
-            client_id = form_client if isinstance(form_client, str) and form_client else client_id
-        elif kind in RAW_CONTENT_TYPES or kind == "":
-            data, name = await request.body(), "body"
-        else:
+        if kind != "multipart/form-data" and kind not in RAW_CONTENT_TYPES and kind != "":
             raise _Reject(415, f"unsupported content type {kind!r}: send multipart/form-data with a 'file' part, "
                                f"or the image bytes as image/jpeg, image/png, image/bmp, image/tiff or "
                                f"application/octet-stream")
-        client_id = check_client_id(client_id)
-        result = await admitted(lambda: run_one(data, name))
+
+        async def job():
+            data, name, client_id = await read_one(request, kind)
+            return await run_one(data, name), check_client_id(client_id)
+
+        result, client_id = await admitted(job)
         body = answer(result, k, client_id)
         await record([body])
         body["server_ms"] = round(1000 * (time.perf_counter() - started), 3)
@@ -412,14 +424,6 @@ def create_app(
         k = check_top_k(top_k)
         if media_type(request) != "multipart/form-data":
             raise _Reject(415, "batch needs multipart/form-data with one 'file' part per image")
-        form = await read_form(request, MAX_BATCH_FILES)
-        uploads = [part for key, part in form.multi_items() if key in ("file", "files") and not isinstance(part, str)]
-        if not uploads:
-            raise _Reject(422, "multipart body has no file parts named 'file'")
-        form_client = form.get("client_id")
-        client_id = check_client_id(form_client if isinstance(form_client, str) and form_client
-                                    else request.headers.get("x-client-id"))
-        contents = [(await part.read(), part.filename or f"file {i + 1}") for i, part in enumerate(uploads)]
 
         async def one(data: bytes, name: str) -> dict[str, Any]:
             try:
@@ -428,7 +432,19 @@ def create_app(
                 log.warning("%d POST /v1/predict/batch: %s", error.status, error.message)
                 return {"error": error.message}
 
-        results = await admitted(lambda: asyncio.gather(*(one(data, name) for data, name in contents)))
+        async def job():
+            form = await read_form(request, MAX_BATCH_FILES)
+            uploads = [part for key, part in form.multi_items()
+                       if key in ("file", "files") and not isinstance(part, str)]
+            if not uploads:
+                raise _Reject(422, "multipart body has no file parts named 'file'")
+            form_client = form.get("client_id")
+            client_id = check_client_id(form_client if isinstance(form_client, str) and form_client
+                                        else request.headers.get("x-client-id"))
+            contents = [(await part.read(), part.filename or f"file {i + 1}") for i, part in enumerate(uploads)]
+            return contents, client_id, await asyncio.gather(*(one(data, name) for data, name in contents))
+
+        contents, client_id, results = await admitted(job)
         entries = [{"index": i, "filename": name, **(result if "error" in result else answer(result, k, client_id))}
                    for i, ((_, name), result) in enumerate(zip(contents, results))]
         await record([entry for entry in entries if "error" not in entry])

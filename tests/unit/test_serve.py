@@ -438,6 +438,24 @@ def test_errors_never_leak_a_traceback(client, monkeypatch, images):
     assert response.json() == {"error": "internal error (logged on the server)", "status": 500}
 
 
+def test_an_upload_over_a_mebibyte_is_kept_in_memory_not_spooled_to_disk(client, monkeypatch):
+    """Starlette spools big multipart parts to a temporary file; the service writes only its audit log."""
+    import tempfile
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("an upload was spooled to a temporary file")
+
+    frame = Image.fromarray(np.random.default_rng(1).integers(0, 256, (1000, 1000, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    frame.save(buffer, format="PNG")
+    assert 2**20 < len(buffer.getvalue()) < serve.DEFAULT_MAX_UPLOAD_BYTES
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_disk)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", no_disk)
+    monkeypatch.setattr(tempfile, "mkstemp", no_disk)
+    response = client.post("/v1/predict", files={"file": ("frame.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 200
+
+
 def test_big_decoded_image_is_resized_not_refused(client, tmp_path):
     """A full-resolution camera frame (under the upload limit) is resized to the model's input."""
     frame = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), dtype=np.uint8))
