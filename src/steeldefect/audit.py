@@ -176,7 +176,7 @@ class AuditLog:
     def history(self, *, since: str | None = None, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         """Rows with ``id > after`` and ``time >= since``, oldest first, at most ``limit``."""
         # A reader connection per call: WAL lets it read while the writer commits.
-        with closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as db:
+        with closing(sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
             db.row_factory = sqlite3.Row
             rows = db.execute(
                 "SELECT * FROM predictions WHERE id > ? AND time >= ? ORDER BY id LIMIT ?",

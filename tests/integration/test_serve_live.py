@@ -222,26 +222,30 @@ def check_page_against_api(server: Server, state: dict, samples: list[Path], bro
     assert state["count"] == f"{len(samples)} images"
 
 
-@pytest.mark.integration
-def test_inspector_page_in_headless_chromium_shows_the_apis_answers(served_model, tmp_path, neu_dir):
+def start_chromium(profile: Path):
+    """Debian's headless Chromium through chromedriver (both from apt; nothing is downloaded)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
     if not chromium or not driver_path:
         pytest.skip("headless Chromium not available: apt-get install chromium chromium-driver")
-    from selenium.webdriver.common.by import By
-
-    samples, broken = uploads_for(neu_dir, tmp_path)
-    server = Server(served_model, tmp_path, "--token", TOKEN, "--audit", "audit.sqlite")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1000"):
+                 f"--user-data-dir={profile}", "--window-size=1400,1000"):
         options.add_argument(flag)
-    browser = None
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+
+
+@pytest.mark.integration
+def test_inspector_page_in_headless_chromium_shows_the_apis_answers(served_model, tmp_path, neu_dir):
+    from selenium.webdriver.common.by import By
+
+    samples, broken = uploads_for(neu_dir, tmp_path)
+    browser = start_chromium(tmp_path / "chromium-profile")
+    server = Server(served_model, tmp_path, "--token", TOKEN, "--audit", "audit.sqlite")
     try:
-        browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
         browser.get(server.url + "/")
         # The page learns from the 401 that it needs a token and asks for it.
         wait_for(lambda: browser.execute_script(PAGE_STATE)["tokenShown"], what="the token field")
@@ -257,11 +261,45 @@ def test_inspector_page_in_headless_chromium_shows_the_apis_answers(served_model
         history = request(f"{server.url}/v1/history", headers=auth)[1]
         check_page_against_api(server, state, samples, broken, auth)
     finally:
-        if browser is not None:
-            browser.quit()
+        browser.quit()
         server.stop()
     assert len(history["entries"]) == len(samples)  # the page's answers went to the audit log, with the coil
     assert {entry["client_id"] for entry in history["entries"]} == {"coil-4711"}
+
+
+@pytest.mark.integration
+def test_inspector_page_flags_uncertain_answers_with_their_calibrated_confidence(tmp_path, neu_dir):
+    """A model whose metadata carries an uncertainty threshold and a temperature: the page shows the
+    badge and the calibrated confidence the API gives."""
+    from selenium.webdriver.common.by import By
+
+    model = export_small_classifier(tmp_path, extra_meta={"uncertainty": {"threshold": 0.999},
+                                                          "calibration": {"temperature": 2.0}})
+    samples = neu_samples(neu_dir, 1)[:3]
+    browser = start_chromium(tmp_path / "chromium-profile")
+    server = Server(model, tmp_path, "--no-audit")
+    try:
+        browser.get(server.url + "/")
+        wait_for(lambda: "sha256" in browser.execute_script(PAGE_STATE)["model"], what="the model line")
+        browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in samples))
+        wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".card:not(.pending)")) == len(samples),
+                 what="every card answered")
+        cards = {card.get_attribute("data-file"): card for card in browser.find_elements(By.CSS_SELECTOR, ".card")}
+        shown = {name: ("uncertain" in card.get_attribute("class"), card.find_element(By.CSS_SELECTOR, ".badge").text,
+                        card.find_element(By.CSS_SELECTOR, ".meta").text) for name, card in cards.items()}
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "inspector-chromium-uncertain.png"))
+        api = {path.name: request(f"{server.url}/v1/predict", path.read_bytes(), {"Content-Type": "image/jpeg"})[1]
+               for path in samples}
+    finally:
+        browser.quit()
+        server.stop()
+    for path in samples:
+        answer = api[path.name]
+        assert answer["uncertain"] is True  # a random 6-class model is never 99.9 % sure
+        flagged, badge, meta = shown[path.name]
+        assert flagged and badge == "uncertain"
+        assert meta.startswith(f"calibrated confidence {100 * answer['confidence']:.1f}%")
 
 
 @pytest.mark.integration

@@ -231,6 +231,14 @@ def test_audit_log_records_every_answer_and_pages_through_them(model, tmp_path, 
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_audit_log_path_with_spaces_and_uri_characters(model, tmp_path, images):
+    audit_path = tmp_path / "line 3 #2?" / "audit log.sqlite"
+    with make_client(model, tmp_path, audit_path=audit_path) as client:
+        audit_id = post_file(client, images["jpeg"]).json()["audit_id"]
+        assert [e["id"] for e in client.get("/v1/history").json()["entries"]] == [audit_id]
+    assert audit_path.is_file()
+
+
 def test_audit_retention_keeps_only_the_newest_rows(model, tmp_path, images):
     with make_client(model, tmp_path, audit_keep=3) as client:
         ids = [post_file(client, images["jpeg"]).json()["audit_id"] for _ in range(7)]

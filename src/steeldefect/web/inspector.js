@@ -108,7 +108,9 @@ function showAnswer(card, answer) {
     meta.unshift(`calibrated confidence ${(100 * answer.confidence).toFixed(1)}%`);
   }
   if (answer.audit_id) meta.push(`audit #${answer.audit_id}`);
-  body.append(el("div", "meta", meta.join(" · ")));
+  const line = el("div", "meta");
+  meta.forEach((part, i) => line.append(...(i ? [" · "] : []), el("span", "", part)));  // parts never split
+  body.append(line);
   state.tally.set(answer.class, (state.tally.get(answer.class) || 0) + 1);
   state.total += 1;
   renderTally();
