@@ -130,6 +130,14 @@ def test_multipart_without_a_file_part_and_bad_top_k(client, images):
     assert response.status_code == 422 and "top_k" in response.json()["error"]
 
 
+def test_malformed_multipart_body_is_a_400_naming_it(client, images):
+    response = client.post("/v1/predict", content=b"--x\r\nnot a part header at all",
+                           headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert response.status_code in (400, 422)
+    assert response.json()["error"].startswith(("malformed multipart body", "multipart body"))
+    assert post_file(client, images["jpeg"]).status_code == 200
+
+
 def test_unknown_route_and_wrong_method_are_json_errors(client):
     response = client.get("/v1/nothing")
     assert response.status_code == 404
