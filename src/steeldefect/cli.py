@@ -17,12 +17,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from steeldefect.backbones import REGISTRY
     from steeldefect.options import (
         DataOptions,
         EvaluateOptions,
         ExportOptions,
         PredictOptions,
+        ServeOptions,
         TrainOptions,
         add_arguments,
     )
@@ -30,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steeldefect", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    backbone_choices = {"backbones": (*REGISTRY, "all")}
 
     data = commands.add_parser("data", help="inspect a dataset folder")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -50,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="features -> LR grid x CV folds -> test metrics -> .keras models")
     train.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
-    add_arguments(train, TrainOptions, extra_choices=backbone_choices)
+    add_arguments(train, TrainOptions)
     train.add_argument("--download-weights", action="store_true",
                        help="first fetch missing official Keras weight files (nothing is downloaded without this)")
     train.add_argument("--out", type=Path, default=None, help="run folder (default runs/train-<timestamp>)")
@@ -68,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = commands.add_parser("reproduce", help="the whole study: train -> export -> evaluate -> report")
     reproduce.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
-    add_arguments(reproduce, TrainOptions, defaults={"backbones": ("all",)}, extra_choices=backbone_choices)
+    add_arguments(reproduce, TrainOptions, defaults={"backbones": ("all",)})
     reproduce.add_argument("--download-weights", action="store_true",
                        help="first fetch missing official Keras weight files (nothing is downloaded without this)")
     add_arguments(reproduce, ExportOptions, only=("calibration_samples",))
@@ -79,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model", type=Path)
     predict.add_argument("paths", type=Path, nargs="+", help="image files or folders")
     add_arguments(predict, PredictOptions)
+
+    serve = commands.add_parser("serve", help="answer HTTP on the line: /v1/predict, the inspector page, audit log")
+    serve.add_argument("model", type=Path, help="an exported .tflite model, or a run folder (its model to deploy)")
+    add_arguments(serve, ServeOptions)
     return parser
 
 
@@ -116,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, progress: bool) -> int:
+    if args.command == "serve":
+        return _serve(args)
     from steeldefect import pipeline
     from steeldefect.options import (
         EvaluateOptions,
@@ -187,6 +192,25 @@ def _print_deploy(run: Path) -> None:
         if deploy_model_path(run, variant).is_file():
             print(f"model to deploy: {deploy_model_path(run, variant)}")
             return
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Dispatched before anything imports TensorFlow: the service needs only LiteRT (memory, start time).
+    from steeldefect.audit import AuditError
+    from steeldefect.options import ServeOptions, from_namespace
+    from steeldefect.serve import ServeError, mebibytes, serve
+
+    options = from_namespace(ServeOptions, args)
+    try:
+        serve(args.model, host=options.host, port=options.port, workers=options.workers or None,
+              threads=options.threads, token=options.token, audit_path=None if options.no_audit else options.audit,
+              audit_keep=options.audit_keep, audit_fsync=options.audit_fsync,
+              max_upload_bytes=mebibytes(options.max_upload_mb), top_k_default=options.top_k,
+              queue_size=options.queue)
+    except (ServeError, AuditError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _weights(args: argparse.Namespace) -> int:

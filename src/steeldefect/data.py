@@ -469,6 +469,10 @@ def _decode(path: Path) -> Image.Image:
         data = path.read_bytes()
     except OSError as error:
         raise _BadImage(f"cannot read file ({error.strerror or error})") from error
+    return _decode_bytes(data)
+
+
+def _decode_bytes(data: bytes) -> Image.Image:
     if not data:
         raise _BadImage("empty file (0 bytes)")
     try:
@@ -484,7 +488,7 @@ def _decode(path: Path) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise _BadImage(f"image too large to decode safely ({error})") from error
     except Exception as error:  # noqa: BLE001 - any decoder failure is a property of this one file
-        if "truncated" in str(error):
+        if "truncated" in str(error).lower():
             raise _BadImage(f"truncated image data ({error})") from error
         raise _BadImage(f"corrupt image data, cannot decode ({type(error).__name__}: {error})") from error
     return image
@@ -533,6 +537,17 @@ def read_image(path: str | os.PathLike, image_size: tuple[int, int] = (224, 224)
         return _to_array(_decode(path), (int(image_size[0]), int(image_size[1])))
     except _BadImage as problem:
         raise DatasetError(f"{path}: {problem}") from None
+
+
+def decode_image(data: bytes, image_size: tuple[int, int] = (224, 224), name: str = "image") -> np.ndarray:
+    """:func:`read_image` for bytes already in memory (an HTTP upload): the same decoding and resizing.
+
+    Raises :class:`DatasetError` (``"<name>: <problem>"``) for bytes that cannot be decoded.
+    """
+    try:
+        return _to_array(_decode_bytes(bytes(data)), (int(image_size[0]), int(image_size[1])))
+    except _BadImage as problem:
+        raise DatasetError(f"{name}: {problem}") from None
 
 
 def _pixel_hash(image: Image.Image) -> str:

@@ -105,6 +105,14 @@ def flag_of(spec: dataclasses.Field) -> str:
     return spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
 
 
+def _is_backbone(name: str) -> bool:
+    # Imported when a backbone is named, not when the CLI is built: `serve` and `predict` never need
+    # Keras, and the registry may gain entries at run time (tests register a tiny backbone).
+    from steeldefect.backbones import REGISTRY
+
+    return name == "all" or name in REGISTRY
+
+
 @dataclass(frozen=True)
 class DataOptions(_Options):
     """How a dataset becomes arrays and splits."""
@@ -122,8 +130,10 @@ class DataOptions(_Options):
 class TrainOptions(DataOptions):
     """`train`: features -> learning-rate grid x CV folds -> test metrics -> joined .keras models."""
 
-    backbones: tuple[str, ...] = option(("efficientnet_lite0",), "backbones to train; 'all' skips those "
-                                        "whose weights are missing", flag="--backbone")
+    backbones: tuple[str, ...] = option(("efficientnet_lite0",), "backbones to train (mobilenet, efficientnetb0, "
+                                        "vgg16, efficientnet_lite0); 'all' skips those whose weights are missing",
+                                        flag="--backbone", check=Check(lambda v: _is_backbone(v),
+                                                                       "a registered backbone or 'all'"))
     weights: str = option("imagenet", "'none' = random init, explicitly", choices=WEIGHTS_CHOICES)
     preprocessing: str = option("model", "'reference' feeds raw 0..255 pixels with no scaling, as the "
                                 "reference study did", choices=PREPROCESSING_CHOICES)
@@ -168,6 +178,28 @@ class PredictOptions(_Options):
     threads: int = option(0, "interpreter threads (0 = all cores)", check=AT_LEAST_0)
 
 
+PORT = Check(lambda v: 0 <= v <= 65535, "a TCP port from 0 to 65535")
+
+
+@dataclass(frozen=True)
+class ServeOptions(_Options):
+    """`serve`: the model as an HTTP service with the inspector's page and an audit log."""
+
+    host: str = option("127.0.0.1", "address to bind; 127.0.0.1 answers this machine only")
+    port: int = option(8000, "TCP port", check=PORT)
+    workers: int = option(0, "interpreters answering at once, one inference each (0 = one per core)", check=AT_LEAST_0)
+    threads: int = option(1, "threads per interpreter (0 = all cores)", check=AT_LEAST_0)
+    token: str | None = option(None, "bearer token required by every endpoint except health; when not given, "
+                               "$STEELDEFECT_TOKEN, and no token when that is unset too")
+    audit: Path = option(Path("steeldefect-audit.sqlite"), "SQLite audit log of every answered prediction")
+    no_audit: bool = option(False, "do not record predictions")
+    audit_keep: int = option(1_000_000, "newest audit rows kept", check=AT_LEAST_1)
+    audit_fsync: bool = option(False, "each audit commit waits for the disk: answered rows survive a power cut too")
+    queue: int = option(32, "requests that may wait for an interpreter (then 503)", check=AT_LEAST_1)
+    max_upload_mb: float = option(8.0, "largest request body accepted, in MiB", check=POSITIVE)
+    top_k: int = option(3, "classes per answer unless the request says top_k", check=AT_LEAST_1)
+
+
 def resume_free_options(*classes: type) -> set[str]:
     return {spec.name for cls in classes for spec in dataclasses.fields(cls) if spec.metadata.get("resume_free")}
 
@@ -191,8 +223,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, defaults: dict[
         flag = flag_of(spec)
         help_text = spec.metadata["help"]
         if spec.type in ("bool", bool):
-            # A flag switches the default off (--no-quant-report) or on (--skip-bad).
-            action = "store_false" if flag.startswith("--no-") else "store_true"
+            # A flag switches the default off (--no-quant-report) or on (--skip-bad, --no-audit).
+            action = "store_false" if default else "store_true"
             parser.add_argument(flag, dest=spec.name, action=action, default=default, help=help_text)
             continue
         base, many = _base_type(spec.type)
