@@ -19,7 +19,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from serve_helpers import NEU_CLASSES, export_small_classifier  # noqa: E402
 from steeldefect import cli, serve  # noqa: E402
-from steeldefect.modelfile import Classifier, file_sha256  # noqa: E402
+from steeldefect.files import file_digest as file_sha256  # noqa: E402
+from steeldefect.modelfile import Classifier  # noqa: E402
 from steeldefect.predict import predict_paths  # noqa: E402
 from steeldefect.runtime import ModelFileError  # noqa: E402
 
@@ -420,6 +421,7 @@ def test_run_folder_serves_its_deployable_model(tmp_path, model):
     run = tmp_path / "run"
     deployed = deploy_model_path(run, "int8")
     deployed.parent.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"commands": {}}))  # what makes a folder a run folder
     deployed.write_bytes(model.read_bytes())
     meta = json.loads(Path(str(model) + ".json").read_text())
     Path(str(deployed) + ".json").write_text(json.dumps(meta))
