@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from steeldefect.options import ServeOptions
+
 log = logging.getLogger(__name__)
 
-DEFAULT_KEEP = 1_000_000
+DEFAULT_KEEP = ServeOptions().audit_keep  # `serve --audit-keep`, defined with the other options
 MAX_GROUP = 256  # rows per transaction at most: bounds the time one commit holds the waiting requests
 
 _SCHEMA = """

@@ -37,19 +37,23 @@ from typing import Any
 
 import numpy as np
 
-from steeldefect.audit import DEFAULT_KEEP, AuditError, AuditLog, AuditRow
+from steeldefect.audit import AuditError, AuditLog, AuditRow
 from steeldefect.data import DatasetError, decode_image
 from steeldefect.modelfile import Classifier, ModelInfo, read_model_info, sidecar_path, top_k
+from steeldefect.options import ServeOptions
 from steeldefect.runtime import ModelFileError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-DEFAULT_AUDIT_PATH = Path("steeldefect-audit.sqlite")
-DEFAULT_MAX_UPLOAD_BYTES = 8 * 2**20
-DEFAULT_TOP_K = 3
-DEFAULT_QUEUE = 32  # requests waiting for an interpreter; beyond it a client is told 503 at once
+# The defaults are the command's options (steeldefect.options.ServeOptions), named here for the API.
+_OPTIONS = ServeOptions()
+DEFAULT_HOST = _OPTIONS.host
+DEFAULT_PORT = _OPTIONS.port
+DEFAULT_AUDIT_PATH = _OPTIONS.audit
+DEFAULT_MAX_UPLOAD_BYTES = int(_OPTIONS.max_upload_mb * 2**20)
+DEFAULT_TOP_K = _OPTIONS.top_k
+DEFAULT_QUEUE = _OPTIONS.queue  # requests waiting for an interpreter; beyond it a client is told 503 at once
+DEFAULT_KEEP = _OPTIONS.audit_keep
 MAX_BATCH_FILES = 64
 MAX_CLIENT_ID_CHARS = 128
 TOKEN_ENV = "STEELDEFECT_TOKEN"
@@ -630,12 +634,7 @@ def serve(
     workers: int | None = None,
     threads: int | None = 1,
     token: str | None = None,
-    audit_path: Path | None = DEFAULT_AUDIT_PATH,
-    audit_keep: int = DEFAULT_KEEP,
-    audit_fsync: bool = False,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    top_k_default: int = DEFAULT_TOP_K,
-    queue_size: int = DEFAULT_QUEUE,
+    **app_options: Any,
 ) -> None:
     """Load the model, then answer HTTP on ``host:port`` until interrupted (SIGINT/SIGTERM).
 
@@ -646,10 +645,13 @@ def serve(
 
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
     workers = default_workers() if workers is None else workers
-    app = create_app(model, workers=workers, threads=threads, token=token, audit_path=audit_path,
-                     audit_keep=audit_keep, audit_fsync=audit_fsync, max_upload_bytes=max_upload_bytes,
-                     top_k_default=top_k_default, queue_size=queue_size)
+    app = create_app(model, workers=workers, threads=threads, token=token, **app_options)
     info: ModelInfo = app.state.model_info
+    audit_path = app_options.get("audit_path", DEFAULT_AUDIT_PATH)
+    audit_keep = app_options.get("audit_keep", DEFAULT_KEEP)
+    audit_fsync = app_options.get("audit_fsync", False)
+    queue_size = app_options.get("queue_size", DEFAULT_QUEUE)
+    max_upload_bytes = app_options.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES)
     shown_host = f"[{host}]" if ":" in host else host
     log.info(
         "steeldefect serve: %s (%s, sha256 %s, %d classes, %dx%d) on http://%s:%d, %d worker(s) x %s thread(s), "
