@@ -103,10 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="classify images with a .tflite or .keras model")
     predict.add_argument("model", type=Path)
-    predict.add_argument("paths", type=Path, nargs="+", help="image files or folders")
+    predict.add_argument("paths", type=Path, nargs="+",
+                         help="image files, folders, or manifests (.txt one path per line, .csv with a path column)")
     predict.add_argument("--top-k", type=int, default=1)
     predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
     predict.add_argument("--threads", type=int, default=None)
+    _add_archive_options(predict)
     return parser
 
 
@@ -196,11 +198,61 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "predict":
         from steeldefect.predict import format_predictions, predict_paths
 
+        if args.out is not None or args.model.suffix == ".tflite":
+            return _predict_archive(args, progress)
         results = predict_paths(args.model, args.paths, top_k=args.top_k, threads=args.threads, progress=progress)
         print(format_predictions(results, args.format))
         failed = sum(1 for result in results if result.error)
         return 1 if failed else 0
     raise AssertionError(args.command)
+
+
+def _add_archive_options(predict: argparse.ArgumentParser) -> None:
+    """Scoring an image archive (steeldefect.batch): resumable output file, local or Ray engine."""
+    group = predict.add_argument_group("archive scoring (README: Scoring an image archive)")
+    group.add_argument("--out", type=Path, default=None,
+                       help="write results to FILE (.parquet, .csv or .jsonl) as they come; re-run to resume")
+    group.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="ray: Ray Data on this machine or on a cluster (needs steeldefect[ray] and --out)")
+    group.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    group.add_argument("--workers", type=int, default=None,
+                       help="interpreters (local) or actors (ray), each with --threads threads (default: one per core)")
+    group.add_argument("--batch-size", type=int, default=None,
+                       help="images per committed part (default 64); an interruption loses at most those in flight")
+
+
+def _predict_archive(args: argparse.Namespace, progress: bool) -> int:
+    from steeldefect import batch
+
+    if args.engine == "ray" and args.out is None:
+        raise ValueError("--engine ray writes its results to a file: give --out FILE.parquet")
+    if args.address and args.engine != "ray":
+        raise ValueError("--address is for --engine ray")
+    options = dict(top_k=args.top_k, threads=args.threads, batch_size=args.batch_size or batch.DEFAULT_BATCH_SIZE)
+    if args.out is None:  # today's output, from the fast path
+        from steeldefect.predict import Prediction, format_predictions
+
+        paths = batch.collect_inputs(args.paths)
+        results = []
+        with batch.tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
+            for rows in batch.iter_predictions(args.model, paths, workers=args.workers, **options):
+                results.extend(Prediction(Path(row.path), row.top, row.error) for row in rows)
+                bar.update(len(rows))
+        print(format_predictions(results, args.format))
+        return 1 if any(result.error for result in results) else 0
+    try:
+        if args.engine == "ray":
+            result = batch.score_archive_ray(args.model, args.paths, args.out, address=args.address,
+                                             actors=args.workers, progress=progress, **options)
+        else:
+            result = batch.score_archive(args.model, args.paths, args.out, workers=args.workers,
+                                         progress=progress, **options)
+    except batch.RayMissingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{result.out}: {result.listed} images listed, {result.skipped} already done, {result.scored} scored "
+          f"in {result.seconds:.1f} s ({result.images_per_second:.1f} images/s), {result.failed} failed in the output")
+    return 1 if result.failed else 0
 
 
 def _weights(args: argparse.Namespace) -> int:
