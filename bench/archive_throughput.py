@@ -6,12 +6,14 @@ Usage (from the repository root)::
 
 The archive is the NEU JPEGs listed again and again in a manifest up to ``--count`` entries, so that
 every image is read and decoded from disk each time (the page cache keeps the 1,800 files in memory:
-this measures decode + inference, not a disk). The model is the run's deployable int8 model. Every arm
-scores the same manifest into a fresh output; the arms run one after another in one process tree,
-and each reports images/s, its ratio to today's loop, and the resident memory of the process and its
-children (Ray's workers) sampled every 0.5 s: first/max/last after the first 10 % of the run. All
-arms must give the same class and probability for every image. Prints a table and saves JSON (CPU
-model, int8 flags, threads, versions, git commit) to ``--out``.
+this measures decode + inference, not a disk). The model is the run's deployable int8 model. The
+arms (today's ``predict_paths`` loop, local-engine WORKERSxTHREADS settings, Ray with N actors) run
+in ``--rounds`` interleaved rounds, each round on its own slice of the manifest, so that a noisy
+neighbour on a shared machine slows every arm alike. Ray is started once (its start-up is timed
+apart); each Ray arm still pays for starting its actors. Reported per arm: images/s, the ratio to
+today's loop (and to the best local arm for Ray), identical predictions to today's loop, and the
+resident memory of the process and its children (Ray's workers) sampled every 0.5 s. Prints a table
+and saves JSON (CPU model, int8 flags, threads, versions, git commit) to ``--out``.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class RssSampler:
             self.samples.append((time.perf_counter(), tree_rss_bytes(os.getpid())))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -96,10 +98,11 @@ class RssSampler:
 def read_results(out: Path) -> collections.Counter:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(out, columns=["path", "class", "probability", "error"])
+    columns = ("path", "class", "probability", "error")
+    table = pq.read_table(out, columns=list(columns))
     return collections.Counter(
         (p, c, round(prob, 6) if prob is not None else None, e)
-        for p, c, prob, e in zip(*(table.column(name).to_pylist() for name in ("path", "class", "probability", "error")))
+        for p, c, prob, e in zip(*(table.column(name).to_pylist() for name in columns))
     )
 
 
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray", nargs="*", type=int, default=[1, 2], help="Ray arms: number of actors")
     parser.add_argument("--no-baseline", action="store_true", help="skip today's predict loop")
     parser.add_argument("--batch-size", type=int, default=batch.DEFAULT_BATCH_SIZE)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds over the arms")
     parser.add_argument("--out", type=Path, default=Path("bench/results/archive_throughput.json"))
     args = parser.parse_args(argv)
 
@@ -133,47 +137,89 @@ def main(argv: list[str] | None = None) -> int:
     print(f"archive:  {args.count} manifest entries over {len(jpegs)} JPEGs in {args.images}")
     print()
 
-    arms: list[dict] = []
-    reference: collections.Counter | None = None
-
-    def record(name: str, seconds: float, rss: RssSampler, results: collections.Counter, **extra) -> None:
-        nonlocal reference
-        if reference is None:
-            reference = results
-        row = {"arm": name, "images": args.count, "seconds": round(seconds, 2),
-               "images_per_second": round(args.count / seconds, 1), "rss": rss.summary(),
-               "identical_predictions": results == reference, **extra}
-        arms.append(row)
-        base = arms[0]["images_per_second"]
-        print(f"{name:<24} {row['images_per_second']:>8.1f} img/s  x{row['images_per_second'] / base:5.2f}  "
-              f"{seconds:7.1f} s  RSS {row['rss'].get('first_mib')}->{row['rss'].get('max_mib')}"
-              f"->{row['rss'].get('last_mib')} MiB  identical={row['identical_predictions']}", flush=True)
-
+    # Warm the page cache so the first arm does not pay for the disk alone.
+    for path in jpegs:
+        path.read_bytes()
+    arm_specs: list[tuple[str, dict]] = []
     if not args.no_baseline:
-        with RssSampler() as rss:
-            start = time.perf_counter()
-            predictions = predict_paths(model, [manifest.parent / e for e in entries], threads=None)
-            seconds = time.perf_counter() - start
-        results = collections.Counter((str(p.path), p.top[0][0] if p.top else None,
-                                       round(p.top[0][1], 6) if p.top else None, p.error) for p in predictions)
-        del predictions
-        record(f"today predict_paths ({cores}t)", seconds, rss, results, workers=1, threads=cores)
-
+        arm_specs.append((f"today predict_paths ({cores}t)", {"kind": "today", "threads": cores}))
     for spec in args.local:
         workers, threads = (int(v) for v in spec.lower().split("x"))
-        out = work / f"local-{spec}.parquet"
-        with RssSampler() as rss:
-            result = batch.score_archive(model, [manifest], out, workers=workers, threads=threads,
-                                         batch_size=args.batch_size)
-        record(f"local {workers}x{threads}", result.seconds, rss, read_results(out), workers=workers, threads=threads)
+        arm_specs.append((f"local {workers}x{threads}", {"kind": "local", "workers": workers, "threads": threads}))
+    ray_start = None
+    if args.ray:
+        import ray
 
-    for actors in args.ray:
-        out = work / f"ray-{actors}.parquet"
-        with RssSampler() as rss:
-            result = batch.score_archive_ray(model, [manifest], out, actors=actors, threads=1,
-                                             batch_size=args.batch_size, num_cpus=cores)
-        record(f"ray {actors} actor(s) x1t", result.seconds, rss, read_results(out), actors=actors, threads=1,
-               ray=result.details)
+        start = time.perf_counter()
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        ray_start = time.perf_counter() - start
+        for actors in args.ray:
+            arm_specs.append((f"ray {actors} actor(s) x1t", {"kind": "ray", "actors": actors, "threads": 1}))
+
+    # Interleaved rounds: each round runs every arm on its own slice of the manifest, so a noisy
+    # neighbour on this shared machine slows every arm alike and the ratios stay fair.
+    per_round = [args.count // args.rounds + (1 if r < args.count % args.rounds else 0) for r in range(args.rounds)]
+    totals = {name: {"seconds": 0.0, "images": 0, "results": collections.Counter(), "rss": []} for name, _ in arm_specs}
+    offset = 0
+    for round_index, n in enumerate(per_round):
+        manifest = work / f"round{round_index}.txt"
+        round_entries = entries[offset : offset + n]
+        offset += n
+        manifest.write_text("\n".join(round_entries) + "\n")
+        for name, spec in arm_specs:
+            out = work / f"{name.split()[0]}-{round_index}-{len(totals[name]['rss'])}.parquet"
+            with RssSampler() as rss:
+                if spec["kind"] == "today":
+                    start = time.perf_counter()
+                    predictions = predict_paths(model, [Path(e) for e in round_entries], threads=None)
+                    seconds = time.perf_counter() - start
+                    results = collections.Counter(
+                        (str(p.path), p.top[0][0] if p.top else None, round(p.top[0][1], 6) if p.top else None, p.error)
+                        for p in predictions)
+                    del predictions
+                elif spec["kind"] == "local":
+                    result = batch.score_archive(model, [manifest], out, workers=spec["workers"],
+                                                 threads=spec["threads"], batch_size=args.batch_size)
+                    seconds, results = result.seconds, read_results(out)
+                else:
+                    result = batch.score_archive_ray(model, [manifest], out, actors=spec["actors"], threads=1,
+                                                     batch_size=args.batch_size)
+                    seconds, results = result.seconds, read_results(out)
+            out.unlink(missing_ok=True)
+            total = totals[name]
+            total["seconds"] += seconds
+            total["images"] += n
+            total["results"] += results
+            total["rss"].append(rss.summary())
+            print(f"  round {round_index + 1}/{args.rounds} {name:<26} {n / seconds:8.1f} img/s "
+                  f"RSS max {total['rss'][-1].get('max_mib')} MiB", flush=True)
+    if args.ray:
+        ray.shutdown()
+
+    print()
+    reference = totals[arm_specs[0][0]]["results"]
+    base = totals[arm_specs[0][0]]["images"] / totals[arm_specs[0][0]]["seconds"]
+    arms = []
+    for name, spec in arm_specs:
+        total = totals[name]
+        rate = total["images"] / total["seconds"]
+        row = {"arm": name, **spec, "images": total["images"], "seconds": round(total["seconds"], 2),
+               "images_per_second": round(rate, 1), "ratio_to_today": round(rate / base, 3),
+               "identical_predictions": total["results"] == reference,
+               "rss_mib_first_max_last_per_round": [[r.get("first_mib"), r.get("max_mib"), r.get("last_mib")]
+                                                    for r in total["rss"]]}
+        arms.append(row)
+        rss_all = [value for r in total["rss"] for value in (r.get("first_mib"), r.get("last_mib")) if value]
+        print(f"{name:<28} {rate:8.1f} img/s  x{rate / base:5.2f} of today  {total['seconds']:7.1f} s  "
+              f"RSS {min(rss_all, default=0):.0f}..{max(rss_all, default=0):.0f} MiB  "
+              f"identical={row['identical_predictions']}", flush=True)
+    local_rates = [a["images_per_second"] for a in arms if a["kind"] == "local"]
+    for arm in arms:
+        if arm["kind"] == "ray" and local_rates:
+            arm["ratio_to_best_local"] = round(arm["images_per_second"] / max(local_rates), 3)
+            print(f"{arm['arm']:<28} x{arm['ratio_to_best_local']:.2f} of the best local arm")
+    if ray_start is not None:
+        print(f"ray start-up (ray.init, not in the arms' times): {ray_start:.1f} s")
 
     def package(name: str) -> str:
         try:
@@ -193,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "count": args.count,
         "distinct_images": len(jpegs),
         "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "ray_init_seconds": None if ray_start is None else round(ray_start, 2),
         "arms": arms,
         "versions": {name: package(name) for name in ("steeldefect", "ai-edge-litert", "pillow", "numpy", "pyarrow",
                                                       "ray")} | {"python": platform.python_version()},

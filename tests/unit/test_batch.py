@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_tflite import export_tiny_classifier
 
 from steeldefect import batch, cli
 from steeldefect.predict import format_predictions, predict_paths
+from tiny_tflite import export_tiny_classifier
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -242,3 +242,61 @@ def test_ray_engine_runs_locally_on_two_cpus_without_dashboard_and_matches(tmp_p
 def test_ray_engine_needs_a_parquet_out(tmp_path, models, images):
     with pytest.raises(ValueError, match="--engine ray writes Parquet"):
         batch.score_archive_ray(models["fp32"], images["good"], tmp_path / "r.csv")
+
+
+def _descendants_named(prefix: str) -> list[int]:
+    """Processes under this test process whose command line starts with ``prefix`` (Ray's actors)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+    found = []
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor and ancestor != os.getpid():
+            ancestor = parents.get(ancestor)
+        if ancestor == os.getpid():
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(prefix.encode()):
+                    found.append(pid)
+            except OSError:
+                continue
+    return found
+
+
+def test_ray_actor_killed_mid_job_is_replaced_and_every_image_is_scored_once(tmp_path, models):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    import threading
+
+    from conftest import write_image
+
+    # Large PNGs so that the job runs long enough to kill an actor while it works.
+    big = [write_image(tmp_path / f"big{i}.png", size=(900, 900), seed=i) for i in range(8)]
+    listing = [str(p) for p in big] * 40
+    manifest = tmp_path / "archive.txt"
+    manifest.write_text("\n".join(listing) + "\n")
+    out = tmp_path / "r.parquet"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        outcome: dict = {}
+        job = threading.Thread(target=lambda: outcome.update(result=batch.score_archive_ray(
+            models["fp32"], [manifest], out, actors=2, batch_size=8)))
+        job.start()
+        killed = None
+        deadline = time.monotonic() + 120
+        while killed is None and job.is_alive() and time.monotonic() < deadline:
+            actors = _descendants_named("ray::MapWorker")
+            if len(actors) == 2 and any(batch.parts_dir(out).glob("ray-*/*.parquet")):
+                killed = actors[0]
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.05)
+        job.join(300)
+    finally:
+        ray.shutdown()
+    assert killed is not None, "the job ended before an actor could be killed"
+    result = outcome["result"]
+    assert result.failed == 0 and result.scored == len(listing)
+    assert collections.Counter(row["path"] for row in _table(out)) == collections.Counter(listing)
