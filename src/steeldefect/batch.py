@@ -232,17 +232,14 @@ def iter_predictions(
     model_path = Path(model_path)
     if model_path.suffix != ".tflite":
         raise ModelFileError(f"{model_path}: batch scoring runs .tflite models (export the run first)")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    check_options(workers, threads, batch_size)
     info = info or read_model_info(model_path)
     default_w, default_t = default_workers()
     workers = workers or default_w
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
     threads = threads or default_t
     decode_threads = decode_threads or max(2, os.cpu_count() or 1)
     threshold = uncertainty_threshold(info)
-    # One interpreter per worker, handed out through a queue so no two threads ever share one.
+    # One interpreter per worker, lent out under a lock so that no two threads ever share one.
     classifiers: collections.deque[Classifier] = collections.deque(
         Classifier(model_path, threads, info) for _ in range(workers)
     )
@@ -367,6 +364,8 @@ def read_output_state(out: Path, model_sha256: str) -> OutputState:
     model. Ray part files cut short by a kill are removed here: their rows are scored again."""
     out = Path(out)
     fmt = output_format(out)
+    if recover_commit(out):
+        log.info("%s: finished the merge an interrupted run had committed", out)
     state = OutputState()
     sources = ([out] if out.is_file() else []) + _part_files(out)
     for source in sources:
@@ -416,17 +415,19 @@ def _write_part(out: Path, number: int, rows: Sequence[Row], model_sha256: str) 
 def finalize_output(out: Path, limit: collections.Counter | None = None) -> Path:
     """Merge FILE and its committed parts into FILE (one atomic replace), then drop the parts.
 
-    ``limit`` caps the results kept per path at the number of times the inputs list it, so a part
-    written twice by a retried Ray task cannot duplicate an image. Streams part by part: memory does
-    not grow with the archive.
+    Two-phase, so that a kill at any point leaves FILE complete and nothing counted twice: the merge
+    is written to ``FILE.parts/merged<fmt>``, then ``FILE.parts/COMMIT`` marks it complete, then it
+    replaces FILE, then the parts go; a run that finds COMMIT finishes those steps first
+    (:func:`recover_commit`). ``limit`` caps the results kept per path at the number of times the
+    inputs list it, so a block written twice by a retried Ray task cannot duplicate an image.
+    Streams part by part: memory does not grow with the archive.
     """
-    import tempfile
-
     out = Path(out)
     fmt = output_format(out)
+    folder = parts_dir(out)
     parts = _part_files(out)
     if not parts:
-        shutil.rmtree(parts_dir(out), ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         return out
     sources = ([out] if out.is_file() else []) + parts
     kept: collections.Counter = collections.Counter()
@@ -435,33 +436,51 @@ def finalize_output(out: Path, limit: collections.Counter | None = None) -> Path
         kept[path] += 1
         return limit is None or path not in limit or kept[path] <= limit[path]
 
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    merged = folder / f"merged{fmt}"
+    tmp = folder / f".merged{fmt}.tmp"
     try:
         if fmt == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            os.close(fd)
             schema = parquet_schema()
             with pq.ParquetWriter(tmp, schema) as writer:
                 for source in sources:
                     table = pq.read_table(source).select(list(PARQUET_COLUMNS)).cast(schema)
                     mask = pa.array([keep(p) for p in table.column("path").to_pylist()], pa.bool_())
                     writer.write_table(table.filter(mask))
+            with tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
         else:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            with tmp.open("w", encoding="utf-8", newline="") as handle:
                 if fmt == ".csv":
                     handle.write(",".join(CSV_COLUMNS) + "\n")
                 for source in sources:
                     _copy_text_rows(source, fmt, handle, keep, skip_header=source == out)
                 handle.flush()
                 os.fsync(handle.fileno())
-        os.replace(tmp, out)
+        os.replace(tmp, merged)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    shutil.rmtree(parts_dir(out), ignore_errors=True)
+    atomic_write_bytes(folder / "COMMIT", b"merged holds FILE and every part\n")
+    recover_commit(out)
     return out
+
+
+def recover_commit(out: Path) -> bool:
+    """Finish a merge that a kill interrupted after it was marked complete; True if there was one."""
+    out = Path(out)
+    folder = parts_dir(out)
+    if not (folder / "COMMIT").is_file():
+        return False
+    merged = folder / f"merged{output_format(out)}"
+    if merged.is_file():
+        os.replace(merged, out)
+    for entry in folder.iterdir():  # everything but the lock, which the running command holds
+        if entry.name != ".lock":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return True
 
 
 def _copy_text_rows(source: Path, fmt: str, handle, keep: Callable[[str], bool], skip_header: bool) -> None:
@@ -526,6 +545,15 @@ class ArchiveResult:
         return self.scored / self.seconds if self.seconds > 0 else 0.0
 
 
+def check_options(workers: int | None, threads: int | None, batch_size: int) -> None:
+    """Bad numbers are refused before anything is written."""
+    for name, value in (("--workers", workers), ("--threads", threads)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 1 (or 0 for the default), got {value}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+
+
 def _prepare(model_path: Path, out: Path) -> tuple[ModelInfo, str]:
     model_path = Path(model_path)
     if model_path.suffix != ".tflite":
@@ -574,6 +602,7 @@ def score_archive(
     as it is scored; the parts are merged into ``out`` atomically at the end.
     """
     out = Path(out)
+    check_options(workers, threads, batch_size)
     info, _ = _prepare(model_path, out)
     paths = collect_inputs(inputs)
     start = time.perf_counter()
@@ -670,6 +699,7 @@ def score_archive_ray(
     """
     ray = _import_ray()
     out = Path(out)
+    check_options(actors, threads, batch_size)
     info, fmt = _prepare(model_path, out)
     if fmt != ".parquet":
         raise ValueError(f"--out {out}: --engine ray writes Parquet; give an --out ending in .parquet")

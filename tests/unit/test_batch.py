@@ -300,3 +300,31 @@ def test_ray_actor_killed_mid_job_is_replaced_and_every_image_is_scored_once(tmp
     result = outcome["result"]
     assert result.failed == 0 and result.scored == len(listing)
     assert collections.Counter(row["path"] for row in _table(out)) == collections.Counter(listing)
+
+
+def test_a_kill_during_the_final_merge_is_finished_by_the_next_run(tmp_path, models, images, monkeypatch):
+    out = tmp_path / "r.parquet"
+    batch.score_archive(models["fp32"], images["good"][:5], out)
+    # Stop the next run right after its merge is marked complete, before it replaces FILE.
+    def killed_after_commit_mark(out):
+        if (batch.parts_dir(out) / "COMMIT").is_file():
+            raise KeyboardInterrupt
+        return False
+
+    monkeypatch.setattr(batch, "recover_commit", killed_after_commit_mark)
+    with pytest.raises(KeyboardInterrupt):
+        batch.score_archive(models["fp32"], images["good"][:9], out)
+    monkeypatch.undo()
+    assert len(_table(out)) == 5 and (batch.parts_dir(out) / "COMMIT").is_file()
+    result = batch.score_archive(models["fp32"], images["good"][:9], out)
+    assert (result.skipped, result.scored) == (9, 0)
+    assert [row["path"] for row in _table(out)] == [str(p) for p in images["good"][:9]]
+    assert not batch.parts_dir(out).exists()
+
+
+def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, models, images, capsys):
+    out = tmp_path / "r.parquet"
+    code = cli.main(["--quiet", "predict", str(models["fp32"]), str(images["good"][0]), "--out", str(out),
+                     "--batch-size", "0"])
+    assert code == 2 and capsys.readouterr().err.strip() == "error: --batch-size must be >= 1, got 0"
+    assert not out.exists() and not batch.parts_dir(out).exists()
