@@ -12,7 +12,8 @@ in ``--rounds`` interleaved rounds, each round on its own slice of the manifest,
 neighbour on a shared machine slows every arm alike. Ray is started once (its start-up is timed
 apart); each Ray arm still pays for starting its actors. Reported per arm: images/s, the ratio to
 today's loop (and to the best local arm for Ray), identical predictions to today's loop, and the
-resident memory of the process and its children (Ray's workers) sampled every 0.5 s. Prints a table
+resident memory sampled every 0.5 s (the process for today's loop and the local engine; the process
+and its children - raylet, object store, actors - for Ray). Prints a table
 and saves JSON (CPU model, int8 flags, threads, versions, git commit) to ``--out``.
 """
 
@@ -65,15 +66,26 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+def own_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 class RssSampler:
-    def __init__(self, interval: float = 0.5) -> None:
-        self.interval, self.samples = interval, []
+    """Resident memory every ``interval`` s: this process alone, or with its children (``tree``: Ray's
+    raylet and workers, which an idle Ray cluster keeps resident during the other arms too)."""
+
+    def __init__(self, tree: bool = False, interval: float = 0.5) -> None:
+        self.tree, self.interval, self.samples = tree, interval, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), tree_rss_bytes(os.getpid())))
+            rss = tree_rss_bytes(os.getpid()) if self.tree else own_rss_bytes()
+            self.samples.append((time.perf_counter(), rss))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
@@ -118,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip today's predict loop")
     parser.add_argument("--batch-size", type=int, default=batch.DEFAULT_BATCH_SIZE)
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds over the arms")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/archive_throughput.json"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/archive_throughput.json"))
     args = parser.parse_args(argv)
 
     model = args.model or deployable_model(args.run, "int8")
@@ -168,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest.write_text("\n".join(round_entries) + "\n")
         for name, spec in arm_specs:
             out = work / f"{name.split()[0]}-{round_index}-{len(totals[name]['rss'])}.parquet"
-            with RssSampler() as rss:
+            with RssSampler(tree=spec["kind"] == "ray") as rss:
                 if spec["kind"] == "today":
                     start = time.perf_counter()
                     predictions = predict_paths(model, [Path(e) for e in round_entries], threads=None)
