@@ -11,10 +11,12 @@ arms (today's ``predict_paths`` loop, local-engine WORKERSxTHREADS settings, Ray
 in ``--rounds`` interleaved rounds, each round on its own slice of the manifest, so that a noisy
 neighbour on a shared machine slows every arm alike. Ray is started once (its start-up is timed
 apart); each Ray arm still pays for starting its actors. Reported per arm: images/s, the ratio to
-today's loop (and to the best local arm for Ray), identical predictions to today's loop, and the
-resident memory sampled every 0.5 s (the process for today's loop and the local engine; the process
-and its children - raylet, object store, actors - for Ray). Prints a table
-and saves JSON (CPU model, int8 flags, threads, versions, git commit) to ``--out``.
+today's loop (and to the best local arm for Ray), CPU milliseconds per image, identical predictions
+to today's loop, and the resident memory sampled every 0.5 s (the process for today's loop and the
+local engine; the process and its children - raylet, object store, actors - for Ray; CPU likewise).
+On a machine shared with other work, images/s measures the share of the cores each arm got as much
+as the arm itself; CPU ms per image does not. Prints a table and saves JSON (CPU model, int8 flags,
+threads, versions, git commit) to ``--out``.
 """
 
 from __future__ import annotations
@@ -41,10 +43,13 @@ DEFAULT_RUN = Path("runs/neu-pooled")
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET" / "IMAGES"
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and every descendant (Ray's raylet and workers), from /proc."""
+def tree_usage(pid: int) -> tuple[int, dict[int, float]]:
+    """Resident bytes of ``pid`` and every descendant (Ray's raylet and workers), and each one's CPU
+    seconds so far, from /proc."""
     children: dict[int, list[int]] = collections.defaultdict(list)
     rss: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    ticks = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -53,17 +58,19 @@ def tree_rss_bytes(pid: int) -> int:
             status = Path(f"/proc/{entry}/status").read_text()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children[ppid].append(int(entry))
+        fields = stat.rsplit(")", 1)[1].split()
+        children[int(fields[1])].append(int(entry))
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
                 rss[int(entry)] = int(line.split()[1]) * 1024
-    total, stack = 0, [pid]
+    total, stack, tree_cpu = 0, [pid], {}
     while stack:
         current = stack.pop()
         total += rss.get(current, 0)
+        tree_cpu[current] = cpu.get(current, 0.0)
         stack.extend(children.get(current, []))
-    return total
+    return total, tree_cpu
 
 
 def own_rss_bytes() -> int:
@@ -74,19 +81,30 @@ def own_rss_bytes() -> int:
 
 
 class RssSampler:
-    """Resident memory every ``interval`` s: this process alone, or with its children (``tree``: Ray's
-    raylet and workers, which an idle Ray cluster keeps resident during the other arms too)."""
+    """Resident memory and CPU time every ``interval`` s: this process alone, or with its children
+    (``tree``: Ray's raylet and workers, which an idle Ray cluster keeps resident during the other
+    arms too)."""
 
     def __init__(self, tree: bool = False, interval: float = 0.5) -> None:
         self.tree, self.interval, self.samples = tree, interval, []
+        self.cpu_start: dict[int, float] = {}
+        self.cpu_seen: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = tree_rss_bytes(os.getpid()) if self.tree else own_rss_bytes()
-            self.samples.append((time.perf_counter(), rss))
+            self._run_once()
             self._stop.wait(self.interval)
+
+    def _run_once(self) -> None:
+        rss, cpu = tree_usage(os.getpid())
+        if not self.tree:  # the idle Ray cluster's processes are not this arm's
+            cpu = {os.getpid(): cpu.get(os.getpid(), 0.0)}
+        for pid, seconds in cpu.items():
+            self.cpu_start.setdefault(pid, seconds if not self.samples else 0.0)
+            self.cpu_seen[pid] = max(self.cpu_seen.get(pid, 0.0), seconds)
+        self.samples.append((time.perf_counter(), rss if self.tree else own_rss_bytes()))
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -95,6 +113,12 @@ class RssSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self._run_once()
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used by the process and its children while sampling (a child that lived less
+        than one interval between samples is missed)."""
+        return sum(self.cpu_seen[pid] - self.cpu_start.get(pid, 0.0) for pid in self.cpu_seen)
 
     def summary(self) -> dict:
         """MiB after the first 10 % of the run (start-up excluded): first, max, last."""
@@ -171,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     # Interleaved rounds: each round runs every arm on its own slice of the manifest, so a noisy
     # neighbour on this shared machine slows every arm alike and the ratios stay fair.
     per_round = [args.count // args.rounds + (1 if r < args.count % args.rounds else 0) for r in range(args.rounds)]
-    totals = {name: {"seconds": 0.0, "images": 0, "results": collections.Counter(), "rss": []} for name, _ in arm_specs}
+    totals = {name: {"seconds": 0.0, "cpu": 0.0, "images": 0, "results": collections.Counter(), "rss": []}
+              for name, _ in arm_specs}
     offset = 0
     for round_index, n in enumerate(per_round):
         manifest = work / f"round{round_index}.txt"
@@ -200,11 +225,13 @@ def main(argv: list[str] | None = None) -> int:
             out.unlink(missing_ok=True)
             total = totals[name]
             total["seconds"] += seconds
+            total["cpu"] += rss.cpu_seconds()
             total["images"] += n
             total["results"] += results
             total["rss"].append(rss.summary())
             print(f"  round {round_index + 1}/{args.rounds} {name:<26} {n / seconds:8.1f} img/s "
-                  f"RSS max {total['rss'][-1].get('max_mib')} MiB", flush=True)
+                  f"{1000 * rss.cpu_seconds() / n:6.2f} CPU ms/img  RSS max {total['rss'][-1].get('max_mib')} MiB",
+                  flush=True)
     if args.ray:
         ray.shutdown()
 
@@ -217,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         rate = total["images"] / total["seconds"]
         row = {"arm": name, **spec, "images": total["images"], "seconds": round(total["seconds"], 2),
                "images_per_second": round(rate, 1), "ratio_to_today": round(rate / base, 3),
+               "cpu_ms_per_image": round(1000 * total["cpu"] / total["images"], 3),
                "identical_predictions": total["results"] == reference,
                "rss_mib_first_max_last_per_round": [[r.get("first_mib"), r.get("max_mib"), r.get("last_mib")]
                                                     for r in total["rss"]]}
         arms.append(row)
         rss_all = [value for r in total["rss"] for value in (r.get("first_mib"), r.get("last_mib")) if value]
         print(f"{name:<28} {rate:8.1f} img/s  x{rate / base:5.2f} of today  {total['seconds']:7.1f} s  "
+              f"{row['cpu_ms_per_image']:5.2f} CPU ms/img  "
               f"RSS {min(rss_all, default=0):.0f}..{max(rss_all, default=0):.0f} MiB  "
               f"identical={row['identical_predictions']}", flush=True)
     local_rates = [a["images_per_second"] for a in arms if a["kind"] == "local"]
