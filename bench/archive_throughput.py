@@ -12,8 +12,8 @@ in ``--rounds`` interleaved rounds, each round on its own slice of the manifest,
 neighbour on a shared machine slows every arm alike. Ray is started once (its start-up is timed
 apart); each Ray arm still pays for starting its actors. Reported per arm: images/s, the ratio to
 today's loop (and to the best local arm for Ray), CPU milliseconds per image, identical predictions
-to today's loop, and the resident memory sampled every 0.5 s (the process for today's loop and the
-local engine; the process and its children - raylet, object store, actors - for Ray; CPU likewise).
+to today's loop, and the resident memory sampled every 0.5 s (the process for today's loop, the
+local engine with its worker processes; with raylet, object store and actors for Ray; CPU likewise).
 On a machine shared with other work, images/s measures the share of the cores each arm got as much
 as the arm itself; CPU ms per image does not. Prints a table and saves JSON (CPU model, int8 flags,
 threads, versions, git commit) to ``--out``.
@@ -43,9 +43,9 @@ DEFAULT_RUN = Path("runs/neu-pooled")
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET" / "IMAGES"
 
 
-def tree_usage(pid: int) -> tuple[int, dict[int, float]]:
-    """Resident bytes of ``pid`` and every descendant (Ray's raylet and workers), and each one's CPU
-    seconds so far, from /proc."""
+def tree_usage(pid: int) -> tuple[dict[int, int], dict[int, float]]:
+    """Resident bytes and CPU seconds so far of ``pid`` and every descendant (worker processes, Ray's
+    raylet and actors), from /proc."""
     children: dict[int, list[int]] = collections.defaultdict(list)
     rss: dict[int, int] = {}
     cpu: dict[int, float] = {}
@@ -64,31 +64,25 @@ def tree_usage(pid: int) -> tuple[int, dict[int, float]]:
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
                 rss[int(entry)] = int(line.split()[1]) * 1024
-    total, stack, tree_cpu = 0, [pid], {}
+    tree_rss, stack, tree_cpu = {}, [pid], {}
     while stack:
         current = stack.pop()
-        total += rss.get(current, 0)
+        tree_rss[current] = rss.get(current, 0)
         tree_cpu[current] = cpu.get(current, 0.0)
         stack.extend(children.get(current, []))
-    return total, tree_cpu
-
-
-def own_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return tree_rss, tree_cpu
 
 
 class RssSampler:
-    """Resident memory and CPU time every ``interval`` s: this process alone, or with its children
-    (``tree``: Ray's raylet and workers, which an idle Ray cluster keeps resident during the other
-    arms too)."""
+    """Resident memory and CPU time every ``interval`` s of this process and its children: all of
+    them (``tree``, for Ray: raylet, object store, actors) or only those started during the arm
+    (worker processes; an idle Ray cluster started before is not the arm's)."""
 
     def __init__(self, tree: bool = False, interval: float = 0.5) -> None:
         self.tree, self.interval, self.samples = tree, interval, []
         self.cpu_start: dict[int, float] = {}
         self.cpu_seen: dict[int, float] = {}
+        self.before: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -98,13 +92,15 @@ class RssSampler:
             self._stop.wait(self.interval)
 
     def _run_once(self) -> None:
-        rss, cpu = tree_usage(os.getpid())
-        if not self.tree:  # the idle Ray cluster's processes are not this arm's
-            cpu = {os.getpid(): cpu.get(os.getpid(), 0.0)}
+        rss_by_pid, cpu = tree_usage(os.getpid())
+        if not self.samples:
+            self.before = set(cpu) - {os.getpid()}
+        if not self.tree:  # an idle Ray cluster started before the arm is not the arm's
+            cpu = {pid: seconds for pid, seconds in cpu.items() if pid not in self.before}
         for pid, seconds in cpu.items():
             self.cpu_start.setdefault(pid, seconds if not self.samples else 0.0)
             self.cpu_seen[pid] = max(self.cpu_seen.get(pid, 0.0), seconds)
-        self.samples.append((time.perf_counter(), rss if self.tree else own_rss_bytes()))
+        self.samples.append((time.perf_counter(), sum(rss_by_pid.get(pid, 0) for pid in cpu)))
 
     def __enter__(self) -> RssSampler:
         self._thread.start()

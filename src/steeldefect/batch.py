@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -206,8 +205,8 @@ def _jsonl_text(rows: Sequence[Row], model_sha256: str) -> str:
 
 
 def default_workers() -> tuple[int, int]:
-    """(interpreter workers, threads each): one single-thread interpreter per core measured fastest
-    on the 2-core box (bench/archive_throughput.py; see the README)."""
+    """(workers, interpreter threads each): one single-thread worker process per core, the fewest CPU
+    milliseconds per image in bench/archive_throughput.py (see the README)."""
     return max(1, os.cpu_count() or 1), 1
 
 
@@ -224,8 +223,12 @@ def iter_predictions(
 ) -> Iterator[list[Row]]:
     """Rows for ``paths`` in input order, one list per batch, as soon as each batch is done.
 
-    Decoding runs in a bounded pool of ``decode_threads`` while ``workers`` interpreters (``threads``
-    each) classify; at most ``workers + 1`` batches are in flight, so memory stays flat.
+    ``workers=1``: one interpreter (``threads`` threads) in this process classifies while a bounded
+    pool of ``decode_threads`` decodes the next batch (Pillow releases the GIL while it decodes).
+    ``workers>1``: that many worker processes, each with its own interpreter, each decoding and
+    classifying its batches in turn: no GIL handoff between decoding and inference, which costs a
+    thread pipeline dearly when the cores are busy. At most two batches per worker are in flight, so
+    memory stays flat.
     """
     from steeldefect.data import read_image
 
@@ -239,11 +242,7 @@ def iter_predictions(
     threads = threads or default_t
     decode_threads = decode_threads or max(2, os.cpu_count() or 1)
     threshold = uncertainty_threshold(info)
-    # One interpreter per worker, lent out under a lock so that no two threads ever share one.
-    classifiers: collections.deque[Classifier] = collections.deque(
-        Classifier(model_path, threads, info) for _ in range(workers)
-    )
-    lock = threading.Lock()
+    classifier = Classifier(model_path, threads, info)  # checks the model before any worker starts
 
     def decode(path: Path | str) -> np.ndarray | str:
         try:
@@ -252,29 +251,27 @@ def iter_predictions(
             return str(error)
 
     def classify(batch: list[Path | str], decoded: list[Future]) -> list[Row]:
-        with lock:
-            classifier = classifiers.popleft()
-        try:
-            rows = []
-            for path, future in zip(batch, decoded):
-                image = future.result()
-                if isinstance(image, str):
-                    rows.append(Row(str(path), error=image))
-                else:
-                    rows.append(make_row(str(path), classifier.probabilities(image[None])[0], info, top_k, threshold))
-            return rows
-        finally:
-            with lock:
-                classifiers.append(classifier)
+        rows = []
+        for path, future in zip(batch, decoded):
+            image = future.result()
+            if isinstance(image, str):
+                rows.append(Row(str(path), error=image))
+            else:
+                rows.append(make_row(str(path), classifier.probabilities(image[None])[0], info, top_k, threshold))
+        return rows
 
     batches = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
+    if workers > 1:
+        yield from _iter_in_processes(model_path, info, batches, workers, threads, top_k, threshold)
+        return
+    # The one interpreter runs in one thread (it is not thread-safe) while the pool decodes ahead.
     with ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") as decoders, \
-            ThreadPoolExecutor(workers, thread_name_prefix="infer") as inference:
+            ThreadPoolExecutor(1, thread_name_prefix="infer") as inference:
         in_flight: collections.deque[Future] = collections.deque()
         pending = iter(batches)
         try:
             while True:
-                while len(in_flight) <= workers:
+                while len(in_flight) <= 1:
                     batch = next(pending, None)
                     if batch is None:
                         break
@@ -287,6 +284,65 @@ def iter_predictions(
             for future in in_flight:
                 future.cancel()
             decoders.shutdown(cancel_futures=True)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(model_path: Path, threads: int, info: ModelInfo, top_k: int, threshold: float | None,
+                  parent: int) -> None:
+    import threading
+
+    def exit_with_parent() -> None:
+        # A parent killed with SIGKILL cannot stop its pool: a worker must not outlive it.
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+    _WORKER.update(classifier=Classifier(model_path, threads, info), info=info, top_k=top_k, threshold=threshold)
+
+
+def _score_in_worker(batch: list[Path | str]) -> list[Row]:
+    """One batch in a worker process: decode and classify each image in turn."""
+    from steeldefect.data import read_image
+
+    info, rows = _WORKER["info"], []
+    for path in batch:
+        try:
+            image = read_image(path, info.input_size)
+        except Exception as error:  # any unreadable file is that file's problem, not the batch's
+            rows.append(Row(str(path), error=str(error)))
+            continue
+        probabilities = _WORKER["classifier"].probabilities(image[None])[0]
+        rows.append(make_row(str(path), probabilities, info, _WORKER["top_k"], _WORKER["threshold"]))
+    return rows
+
+
+def _iter_in_processes(model_path: Path, info: ModelInfo, batches: list[list], workers: int, threads: int,
+                       top_k: int, threshold: float | None) -> Iterator[list[Row]]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent holds an interpreter and thread pools that a fork would copy.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(model_path, threads, info, top_k, threshold, os.getpid())) as pool:
+        in_flight: collections.deque[Future] = collections.deque()
+        pending = iter(batches)
+        try:
+            while True:
+                while len(in_flight) < 2 * workers:
+                    batch = next(pending, None)
+                    if batch is None:
+                        break
+                    in_flight.append(pool.submit(_score_in_worker, batch))
+                if not in_flight:
+                    return
+                yield in_flight.popleft().result()
+        finally:
+            for future in in_flight:
+                future.cancel()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -577,7 +633,8 @@ def _count_failed(out: Path) -> int:
     if fmt == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(out, columns=["error"]).column("error").drop_null().__len__()
+        errors = pq.read_table(out, columns=["error"]).column("error")
+        return len(errors) - errors.null_count
     text = Path(out).read_text(encoding="utf-8")
     if fmt == ".jsonl":
         return sum(1 for line in text.splitlines() if line.strip() and json.loads(line)["error"])

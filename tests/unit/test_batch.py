@@ -102,7 +102,7 @@ def test_parquet_schema_is_the_documented_one(tmp_path, models, images):
     import pyarrow.parquet as pq
 
     out = tmp_path / "r.parquet"
-    batch.score_archive(models["fp32"], images["good"][:3], out)
+    batch.score_archive(models["fp32"], images["good"][:3], out, workers=1)
     schema = pq.read_schema(out)
     assert schema.names == list(batch.PARQUET_COLUMNS)
     assert schema.remove_metadata().equals(batch.parquet_schema())
@@ -117,13 +117,13 @@ def test_csv_and_jsonl_outputs_are_todays_formats_plus_new_fields(tmp_path, mode
     listing = _listing(images)
     reference = predict_paths(models["fp32"], listing, top_k=2)
     sha = batch.read_model_info(models["fp32"]).sha256
-    batch.score_archive(models["fp32"], listing, tmp_path / "r.csv", top_k=2, batch_size=5)
+    batch.score_archive(models["fp32"], listing, tmp_path / "r.csv", top_k=2, batch_size=5, workers=1)
     rows = list(csv.reader(io.StringIO((tmp_path / "r.csv").read_text())))
     today = list(csv.reader(io.StringIO(format_predictions(reference, "csv"))))
     assert rows[0] == today[0] + ["uncertain", "model_sha256"]
     assert [row[:5] for row in rows] == today
     assert all(row[6] == sha for row in rows[1:])
-    batch.score_archive(models["fp32"], listing, tmp_path / "r.jsonl", top_k=2, batch_size=5)
+    batch.score_archive(models["fp32"], listing, tmp_path / "r.jsonl", top_k=2, batch_size=5, workers=1)
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     for record, expected in zip(records, json.loads(format_predictions(reference, "json")), strict=True):
         assert {key: record[key] for key in expected} == expected
@@ -136,13 +136,13 @@ def test_csv_and_jsonl_outputs_are_todays_formats_plus_new_fields(tmp_path, mode
 def test_rerun_skips_what_the_output_holds_and_appends_the_rest(tmp_path, models, images, suffix):
     good = images["good"]
     out = tmp_path / f"r{suffix}"
-    first = batch.score_archive(models["fp32"], good[:8], out, batch_size=3)
-    again = batch.score_archive(models["fp32"], good[:8], out, batch_size=3)
+    first = batch.score_archive(models["fp32"], good[:8], out, batch_size=3, workers=1)
+    again = batch.score_archive(models["fp32"], good[:8], out, batch_size=3, workers=1)
     assert (first.scored, again.skipped, again.scored) == (8, 8, 0)
-    more = batch.score_archive(models["fp32"], good, out, batch_size=3)
+    more = batch.score_archive(models["fp32"], good, out, batch_size=3, workers=1)
     assert (more.skipped, more.scored) == (8, 12)
     once = tmp_path / f"once{suffix}"
-    batch.score_archive(models["fp32"], good, once, batch_size=7)
+    batch.score_archive(models["fp32"], good, once, batch_size=7, workers=1)
     assert out.read_bytes() == once.read_bytes() if suffix != ".parquet" else _table(out) == _table(once)
 
 
@@ -151,19 +151,19 @@ def test_an_image_listed_three_times_is_scored_three_times_and_resumed_by_count(
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"{image}\n{image}\n")
     out = tmp_path / "r.parquet"
-    batch.score_archive(models["fp32"], [manifest], out)
+    batch.score_archive(models["fp32"], [manifest], out, workers=1)
     manifest.write_text(f"{image}\n{image}\n{image}\n")
-    result = batch.score_archive(models["fp32"], [manifest], out)
+    result = batch.score_archive(models["fp32"], [manifest], out, workers=1)
     assert (result.skipped, result.scored) == (2, 1)
     assert [row["path"] for row in _table(out)] == [str(image)] * 3
 
 
 def test_an_output_of_another_model_is_refused_and_left_untouched(tmp_path, models, images):
     out = tmp_path / "r.parquet"
-    batch.score_archive(models["fp32"], images["good"][:4], out)
+    batch.score_archive(models["fp32"], images["good"][:4], out, workers=1)
     before = out.read_bytes()
     with pytest.raises(batch.OutputError, match=r"r\.parquet: holds results of another model"):
-        batch.score_archive(models["int8"], images["good"], out)
+        batch.score_archive(models["int8"], images["good"], out, workers=1)
     assert out.read_bytes() == before and not batch.parts_dir(out).exists()
 
 
@@ -172,7 +172,7 @@ def test_uncertain_flags_answers_below_the_models_threshold(tmp_path, images):
     probabilities = [p.top[0][1] for p in predict_paths(plain, images["good"])]
     threshold = float(np.median(probabilities))
     flagged = export_tiny_classifier(tmp_path / "t", "fp32", extra_metadata={"uncertainty": {"threshold": threshold}})
-    batch.score_archive(flagged, images["good"], tmp_path / "r.parquet")
+    batch.score_archive(flagged, images["good"], tmp_path / "r.parquet", workers=1)
     rows = _table(tmp_path / "r.parquet")
     assert [row["uncertain"] for row in rows] == [p < threshold for p in probabilities]
     assert 0 < sum(row["uncertain"] for row in rows) < len(rows)
@@ -197,20 +197,36 @@ def test_cli_out_reports_and_exits_1_when_an_image_failed(tmp_path, models, imag
                      str(tmp_path / "ok.parquet")]) == 0
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
 def test_resume_after_sigkill_has_no_duplicates_and_no_gaps(tmp_path, models, images):
     manifest = tmp_path / "archive.txt"
     listing = [str(p) for p in images["good"]] * 150  # 3,000 entries
     manifest.write_text("\n".join(listing) + "\n")
     out = tmp_path / "r.parquet"
     command = [sys.executable, "-m", "steeldefect", "--quiet", "predict", str(models["fp32"]), str(manifest),
-               "--out", str(out), "--batch-size", "16", "--workers", "1"]
+               "--out", str(out), "--batch-size", "16", "--workers", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(list(batch.parts_dir(out).glob("part-*.parquet"))) < 5 and time.monotonic() < deadline:
         time.sleep(0.002)
+    workers = _children(process.pid)
     process.send_signal(signal.SIGKILL)
     assert process.wait(30) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers and not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived its parent"
     committed = batch.read_output_state(out, batch.read_model_info(models["fp32"]).sha256).done
     assert 5 * 16 <= sum(committed.values()) < len(listing), "killed before the end with parts committed"
     assert not out.exists()  # never a half-written output
@@ -304,7 +320,7 @@ def test_ray_actor_killed_mid_job_is_replaced_and_every_image_is_scored_once(tmp
 
 def test_a_kill_during_the_final_merge_is_finished_by_the_next_run(tmp_path, models, images, monkeypatch):
     out = tmp_path / "r.parquet"
-    batch.score_archive(models["fp32"], images["good"][:5], out)
+    batch.score_archive(models["fp32"], images["good"][:5], out, workers=1)
     # Stop the next run right after its merge is marked complete, before it replaces FILE.
     def killed_after_commit_mark(out):
         if (batch.parts_dir(out) / "COMMIT").is_file():
@@ -313,10 +329,10 @@ def test_a_kill_during_the_final_merge_is_finished_by_the_next_run(tmp_path, mod
 
     monkeypatch.setattr(batch, "recover_commit", killed_after_commit_mark)
     with pytest.raises(KeyboardInterrupt):
-        batch.score_archive(models["fp32"], images["good"][:9], out)
+        batch.score_archive(models["fp32"], images["good"][:9], out, workers=1)
     monkeypatch.undo()
     assert len(_table(out)) == 5 and (batch.parts_dir(out) / "COMMIT").is_file()
-    result = batch.score_archive(models["fp32"], images["good"][:9], out)
+    result = batch.score_archive(models["fp32"], images["good"][:9], out, workers=1)
     assert (result.skipped, result.scored) == (9, 0)
     assert [row["path"] for row in _table(out)] == [str(p) for p in images["good"][:9]]
     assert not batch.parts_dir(out).exists()
