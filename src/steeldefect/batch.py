@@ -204,10 +204,10 @@ def _jsonl_text(rows: Sequence[Row], model_sha256: str) -> str:
 # The local engine
 
 
-def default_workers() -> tuple[int, int]:
-    """(workers, interpreter threads each): one single-thread worker process per core, the fewest CPU
-    milliseconds per image in bench/archive_throughput.py (see the README)."""
-    return max(1, os.cpu_count() or 1), 1
+def default_workers() -> int:
+    """One worker: one interpreter on every core in this process, a thread pool decoding ahead. It
+    beat two single-thread worker processes on the 2-core box (bench/archive_throughput.py, README)."""
+    return 1
 
 
 def iter_predictions(
@@ -237,9 +237,9 @@ def iter_predictions(
         raise ModelFileError(f"{model_path}: batch scoring runs .tflite models (export the run first)")
     check_options(workers, threads, batch_size)
     info = info or read_model_info(model_path)
-    default_w, default_t = default_workers()
-    workers = workers or default_w
-    threads = threads or default_t
+    workers = workers or default_workers()
+    # One worker: its interpreter uses every core (as `predict` always did); several: one core each.
+    threads = threads or (None if workers == 1 else 1)
     decode_threads = decode_threads or max(2, os.cpu_count() or 1)
     threshold = uncertainty_threshold(info)
     classifier = Classifier(model_path, threads, info)  # checks the model before any worker starts

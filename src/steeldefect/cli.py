@@ -216,7 +216,8 @@ def _add_archive_options(predict: argparse.ArgumentParser) -> None:
                        help="ray: Ray Data on this machine or on a cluster (needs steeldefect[ray] and --out)")
     group.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     group.add_argument("--workers", type=int, default=None,
-                       help="interpreters (local) or actors (ray), each with --threads threads (default: one per core)")
+                       help="local: 1 (default) = one interpreter on --threads cores (default all) in this process; "
+                            "N > 1 = N worker processes, 1 thread each; ray: actors (default one per CPU)")
     group.add_argument("--batch-size", type=int, default=None,
                        help="images per committed part (default 64 local, 256 ray); an interruption loses "
                             "at most the batches in flight")
