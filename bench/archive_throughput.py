@@ -127,6 +127,25 @@ class RssSampler:
                 "last_mib": round(steady[-1] / mib, 1), "samples": len(self.samples)}
 
 
+def measure_components(model: Path, jpegs: list[Path]) -> dict:
+    """CPU milliseconds per image of the two parts of the work, each alone on one thread: what the
+    engines can overlap (decoding) and what they cannot avoid (inference)."""
+    from steeldefect.data import read_image
+    from steeldefect.modelfile import Classifier
+
+    classifier = Classifier(model, 1)
+    start = time.thread_time()
+    images = [read_image(path, classifier.info.input_size) for path in jpegs]
+    decode = (time.thread_time() - start) / len(jpegs)
+    for image in images[:10]:
+        classifier.probabilities(image[None])
+    start = time.thread_time()
+    for image in images:
+        classifier.probabilities(image[None])
+    invoke = (time.thread_time() - start) / len(images)
+    return {"images": len(jpegs), "decode_cpu_ms": round(1000 * decode, 3), "invoke_cpu_ms": round(1000 * invoke, 3)}
+
+
 def read_results(out: Path) -> collections.Counter:
     import pyarrow.parquet as pq
 
@@ -172,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     # Warm the page cache so the first arm does not pay for the disk alone.
     for path in jpegs:
         path.read_bytes()
+    components = measure_components(model, jpegs[:: max(1, len(jpegs) // 300)])
+    print(f"per image, CPU time of one thread over {components['images']} JPEGs: decode+resize "
+          f"{components['decode_cpu_ms']:.2f} ms, int8 invoke (1 thread) {components['invoke_cpu_ms']:.2f} ms\n")
     arm_specs: list[tuple[str, dict]] = []
     if not args.no_baseline:
         arm_specs.append((f"today predict_paths ({cores}t)", {"kind": "today", "threads": cores}))
@@ -277,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "distinct_images": len(jpegs),
         "batch_size": args.batch_size,
         "rounds": args.rounds,
+        "components": components,
         "ray_init_seconds": None if ray_start is None else round(ray_start, 2),
         "arms": arms,
         "versions": {name: package(name) for name in ("steeldefect", "ai-edge-litert", "pillow", "numpy", "pyarrow",
