@@ -196,11 +196,13 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         print(f"report: {path}")
         return 0
     if args.command == "predict":
+        from steeldefect.batch import collect_inputs
         from steeldefect.predict import format_predictions, predict_paths
 
         if args.out is not None or args.model.suffix == ".tflite":
             return _predict_archive(args, progress)
-        results = predict_paths(args.model, args.paths, top_k=args.top_k, threads=args.threads, progress=progress)
+        results = predict_paths(args.model, collect_inputs(args.paths), top_k=args.top_k, threads=args.threads,
+                                progress=progress)
         print(format_predictions(results, args.format))
         failed = sum(1 for result in results if result.error)
         return 1 if failed else 0
@@ -216,8 +218,9 @@ def _add_archive_options(predict: argparse.ArgumentParser) -> None:
                        help="ray: Ray Data on this machine or on a cluster (needs steeldefect[ray] and --out)")
     group.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     group.add_argument("--workers", type=int, default=None,
-                       help="local: 1 (default) = one interpreter on --threads cores (default all) in this process; "
-                            "N > 1 = N worker processes, 1 thread each; ray: actors (default one per CPU)")
+                       help="local: N > 1 = N worker processes, 1 thread each (default with --out: one per core); "
+                            "1 = one interpreter on --threads cores in this process (default without --out); "
+                            "ray: actors (default one per CPU)")
     group.add_argument("--batch-size", type=int, default=None,
                        help="images per committed part (default 64 local, 256 ray); an interruption loses "
                             "at most the batches in flight")
@@ -234,11 +237,13 @@ def _predict_archive(args: argparse.Namespace, progress: bool) -> int:
     if args.batch_size is not None:
         options["batch_size"] = args.batch_size
     if args.out is None:  # today's output, from the fast path
+        from tqdm.auto import tqdm
+
         from steeldefect.predict import Prediction, format_predictions
 
         paths = batch.collect_inputs(args.paths)
         results = []
-        with batch.tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
+        with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
             for rows in batch.iter_predictions(args.model, paths, workers=args.workers, **options):
                 results.extend(Prediction(Path(row.path), row.top, row.error) for row in rows)
                 bar.update(len(rows))

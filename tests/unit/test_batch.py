@@ -344,3 +344,13 @@ def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, models, im
                      "--batch-size", "0"])
     assert code == 2 and capsys.readouterr().err.strip() == "error: --batch-size must be >= 1, got 0"
     assert not out.exists() and not batch.parts_dir(out).exists()
+
+
+def test_engine_ray_without_ray_installed_says_how_to_install_it(tmp_path, models, images, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    out = tmp_path / "r.parquet"
+    code = cli.main(["--quiet", "predict", str(models["fp32"]), str(images["good"][0]), "--out", str(out),
+                     "--engine", "ray"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "error: --engine ray needs Ray: pip install 'steeldefect[ray]'"
+    assert not out.exists()
