@@ -12,6 +12,10 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from steeldefect.options import PredictOptions
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the terminal
 
@@ -76,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="classify images with a .tflite or .keras model")
     predict.add_argument("model", type=Path)
-    predict.add_argument("paths", type=Path, nargs="+", help="image files or folders")
+    predict.add_argument("paths", type=Path, nargs="+",
+                         help="image files, folders, or manifests (.txt one path per line, .csv with a path column)")
     add_arguments(predict, PredictOptions)
 
     serve = commands.add_parser("serve", help="answer HTTP on the line: /v1/predict, the inspector page, audit log")
@@ -174,10 +179,14 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         print(f"report: {path}")
         return 0
     if args.command == "predict":
+        from steeldefect.batch import collect_inputs
         from steeldefect.predict import format_predictions, predict_paths
 
         options = from_namespace(PredictOptions, args)
-        results = predict_paths(args.model, args.paths, top_k=options.top_k, threads=options.threads, progress=progress)
+        if options.out is not None or args.model.suffix == ".tflite" or args.model.is_dir():
+            return _predict_archive(args.model, args.paths, options, progress)
+        results = predict_paths(args.model, collect_inputs(args.paths), top_k=options.top_k, threads=options.threads,
+                                progress=progress)
         print(format_predictions(results, options.format))
         failed = sum(1 for result in results if result.error)
         return 1 if failed else 0
@@ -211,6 +220,49 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions, progress: bool) -> int:
+    """`predict` on the fast batch path (steeldefect.batch): to stdout as always, or into --out."""
+    from steeldefect import batch
+
+    if options.engine == "ray" and options.out is None:
+        raise ValueError("--engine ray writes its results to a file: give --out FILE.parquet")
+    if options.address and options.engine != "ray":
+        raise ValueError("--address is for --engine ray")
+    if model.is_dir():  # a run folder: its model to deploy
+        from steeldefect.runfolder import deployable_model
+
+        model = deployable_model(model)
+    settings = dict(top_k=options.top_k, threads=options.threads)
+    if options.batch_size is not None:
+        settings["batch_size"] = options.batch_size
+    if options.out is None:  # today's output, from the fast path
+        from tqdm.auto import tqdm
+
+        from steeldefect.predict import Prediction, format_predictions
+
+        inputs = batch.collect_inputs(paths)
+        results = []
+        with tqdm(total=len(inputs), desc="predict", unit="img", disable=not progress) as bar:
+            for rows in batch.iter_predictions(model, inputs, workers=options.workers, **settings):
+                results.extend(Prediction(Path(row.path), row.top, row.error) for row in rows)
+                bar.update(len(rows))
+        print(format_predictions(results, options.format))
+        return 1 if any(result.error for result in results) else 0
+    try:
+        if options.engine == "ray":
+            result = batch.score_archive_ray(model, paths, options.out, address=options.address,
+                                             actors=options.workers, progress=progress, **settings)
+        else:
+            result = batch.score_archive(model, paths, options.out, workers=options.workers,
+                                         progress=progress, **settings)
+    except batch.RayMissingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{result.out}: {result.listed} images listed, {result.skipped} already done, {result.scored} scored "
+          f"in {result.seconds:.1f} s ({result.images_per_second:.1f} images/s), {result.failed} failed in the output")
+    return 1 if result.failed else 0
 
 
 def _weights(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ PREPROCESSING_CHOICES = ("model", "reference")
 WEIGHTS_CHOICES = ("imagenet", "none")
 FORMAT_CHOICES = ("table", "csv", "json")
 CLASS_WEIGHT_CHOICES = ("auto", "balanced", "none")
+ENGINE_CHOICES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,18 @@ class PredictOptions(_Options):
     """`predict`: classify images with an exported model."""
 
     top_k: int = option(1, "how many classes to list per image", check=AT_LEAST_1)
-    format: str = option("table", "output format", choices=FORMAT_CHOICES)
+    format: str = option("table", "output format on stdout", choices=FORMAT_CHOICES)
     threads: int = option(0, "interpreter threads (0 = all cores)", check=AT_LEAST_0)
+    # Scoring an image archive (steeldefect.batch; README: Scoring an image archive).
+    out: Path | None = option(None, "write results to FILE (.parquet, .csv or .jsonl) as they come; re-run to resume")
+    engine: str = option("local", "ray: Ray Data on this machine or on a cluster (needs steeldefect[ray] and --out)",
+                         choices=ENGINE_CHOICES)
+    address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS, else this machine)")
+    workers: int | None = option(None, "local: N > 1 = N worker processes, 1 thread each (default with --out: one "
+                                 "per core); 1 = one interpreter on --threads cores in this process (default without "
+                                 "--out); ray: actors (default one per CPU)", check=AT_LEAST_1)
+    batch_size: int | None = option(None, "images per committed part (default 64 local, 256 ray); an interruption "
+                                    "loses at most the batches in flight", check=AT_LEAST_1)
 
 
 PORT = Check(lambda v: 0 <= v <= 65535, "a TCP port from 0 to 65535")
