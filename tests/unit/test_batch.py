@@ -340,9 +340,11 @@ def test_a_kill_during_the_final_merge_is_finished_by_the_next_run(tmp_path, mod
 
 def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, models, images, capsys):
     out = tmp_path / "r.parquet"
-    code = cli.main(["--quiet", "predict", str(models["fp32"]), str(images["good"][0]), "--out", str(out),
-                     "--batch-size", "0"])
-    assert code == 2 and capsys.readouterr().err.strip() == "error: --batch-size must be >= 1, got 0"
+    with pytest.raises(SystemExit) as exit_info:  # refused by the option's check, at parse time
+        cli.main(["--quiet", "predict", str(models["fp32"]), str(images["good"][0]), "--out", str(out),
+                  "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --batch-size: must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not out.exists() and not batch.parts_dir(out).exists()
 
 
