@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         head = train_head(train, remap[labels[train]], 7)
         predicted, msp_k, energy_k = head_scores(head, pooled[known_test])
         _, msp_u, energy_u = head_scores(head, pooled[unknown_test])
-        shipped, shipped_oof = uncertainty.fit_ood(texture, labels, folds)
+        shipped, _ = uncertainty.fit_ood(texture, labels, folds)
         scored = {
             "msp": (msp_k, msp_u),
             "energy": (energy_k, energy_u),

@@ -18,9 +18,10 @@ fitting (out-of-fold), so ~99% of in-distribution images are accepted.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +106,7 @@ def fit_calibration(
     calibrated = apply_temperature(val_probabilities, temperature)
     return {
         "temperature": temperature,
-        "n": int(len(val_labels)),
+        "n": len(val_labels),
         "nll_before": negative_log_likelihood(val_probabilities, val_labels),
         "nll_after": negative_log_likelihood(calibrated, val_labels),
         "ece_before": expected_calibration_error(val_probabilities, val_labels),
