@@ -42,7 +42,7 @@ from steeldefect.runtime import make_interpreter, predict_tflite
 from steeldefect.training import HeadTrainer, fit_head
 
 BACKBONE = "efficientnet_lite0"
-SCORES = ("msp", "energy", "knn5_pooled", "maha_pooled", "maha_texture")
+SCORES = ("msp", "energy", "knn5_pooled", "maha_pooled", "maha_texture", "texture_or_msp")
 
 
 def texture_statistics(images: np.ndarray, cache: Path, fingerprint: str) -> np.ndarray:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         head = train_head(train, remap[labels[train]], 7)
         predicted, msp_k, energy_k = head_scores(head, pooled[known_test])
         _, msp_u, energy_u = head_scores(head, pooled[unknown_test])
-        shipped, _ = uncertainty.fit_ood(texture, labels, folds)
+        shipped, texture_oof = uncertainty.fit_ood(texture, labels, folds)
         scored = {
             "msp": (msp_k, msp_u),
             "energy": (energy_k, energy_u),
@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                                  for r in (known_test, unknown_test)),
             "maha_texture": (shipped.score(texture[known_test]), shipped.score(texture[unknown_test])),
         }
+        # Either the texture score or the head's max-softmax is unusually high (both out-of-fold ranked).
+        reference = [texture_oof, np.concatenate(in_scores["msp"])]
+        in_scores["texture_or_msp"] = [uncertainty.percentile_combine(reference, reference)]
+        scored["texture_or_msp"] = tuple(
+            uncertainty.percentile_combine(reference, [scored["maha_texture"][i], scored["msp"][i]]) for i in (0, 1))
         correct = predicted == remap[labels[known_test]]
         row = {"unknown": unknown_name, "accuracy_known_test": float(correct.mean()), "scores": {}}
         for name, (s_known, s_unknown) in scored.items():

@@ -10,8 +10,8 @@ Methods (``method=``):
 - ``layercam``: ReLU(sum_k ReLU(dS/dA_k) * A_k) per position (Jiang et al. 2021), which stays
   meaningful on earlier, higher-resolution layers.
 Several ``layers`` are fused by averaging their maps, each upsampled and scaled to [0, 1]. The
-default (layers and method) is the one `bench/pointing_game.py` measured best against the NEU-DET
-defect boxes (README, "Trust").
+default is plain Grad-CAM on the last 7x7 map: against the NEU-DET defect boxes no variant measured
+by `bench/pointing_game.py` beat it by more than one image in 187 (README, "Trust").
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 METHODS = ("gradcam", "gradcam++", "layercam")
-# Measured best by bench/pointing_game.py on the pooled Lite0 fold-0 model.
+# See the module docstring and bench/pointing_game.py for why the plain method is the default.
 DEFAULT_LAYERS = ("head_relu",)
 DEFAULT_METHOD = "gradcam"
 

@@ -120,3 +120,16 @@ def test_far_ood_images_are_flagged_by_a_scorer_fitted_on_real_neu(neu_dir, tmp_
     flagged = dict(zip(examples, scorer.is_uncertain(far)))
     assert all(flagged.values()), [name for name, f in flagged.items() if not f]
     assert scorer.is_uncertain(neu[splits.test_indices]).mean() <= 0.1  # real steel is still accepted
+
+
+def test_percentile_combine_flags_when_either_score_is_unusual():
+    rng = np.random.default_rng(1)
+    reference = [rng.normal(0, 1, 1000), rng.normal(10, 2, 1000)]
+    combined_reference = uncertainty.percentile_combine(reference, reference)
+    threshold = uncertainty.choose_threshold(combined_reference, 0.99)
+    assert (combined_reference > threshold).mean() == pytest.approx(0.01, abs=0.005)  # 99% still accepted
+    # Usual on both, unusual only on the first, unusual only on the second.
+    queries = [np.array([0.0, 5.0, 0.0]), np.array([10.0, 10.0, 25.0])]
+    assert list(uncertainty.percentile_combine(reference, queries) > threshold) == [False, True, True]
+    with pytest.raises(ValueError, match="reference"):
+        uncertainty.percentile_combine(reference, queries[:1])
