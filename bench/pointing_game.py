@@ -1,0 +1,139 @@
+"""Pointing game: does the heatmap's maximum fall on the annotated defect?
+
+Usage (from the repository root)::
+
+    python bench/pointing_game.py MODEL.keras [--run RUN] [--out FILE.json]
+
+MODEL is a run's `fold<k>.keras` (raw pixels in); RUN (default: the run folder holding MODEL) gives
+the test split. For every TEST image whose NEU-DET boxes (ANNOTATIONS/<name>.xml, Pascal VOC, 200x200
+coordinates) cover under half of the image, the heatmap of the predicted class, resized from the
+224x224 model input back to 200x200, counts a hit when its maximum lies inside a box grown by 15 px
+on each side. Random-point baseline: the expected hit rate of a uniformly random point (the area of
+the grown boxes' union). Compared side by side: every (layer, method) of steeldefect.explain and
+fusions of layers; then the head-randomisation sanity check of the default: Spearman rank correlation
+between the trained model's maps and those of the same model with a random head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import keras
+import numpy as np
+from scipy.stats import spearmanr
+
+from steeldefect import explain
+from steeldefect.cpuinfo import cpu_description
+from steeldefect.files import write_json
+from steeldefect.pipeline import load_run_data
+from steeldefect.runfolder import environment
+
+TOLERANCE = 15
+SIZE = 200
+LAYERS = ("head_relu", "block14_add", "block10_add", "block11_expand_relu", "block7_add", "block4_add")
+FUSIONS = (("block10_add", "block14_add"), ("block10_add", "head_relu"), ("block7_add", "block10_add", "block14_add"),
+           ("block10_add", "block11_expand_relu"), ("block4_add", "block10_add", "block14_add"))
+
+
+def read_boxes(path: Path) -> list[tuple[int, int, int, int]]:
+    """(xmin, ymin, xmax, ymax) of every object in a Pascal VOC file."""
+    root = ET.parse(path).getroot()
+    boxes = []
+    for box in root.iter("bndbox"):
+        boxes.append(tuple(int(float(box.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")))
+    return boxes
+
+
+def box_mask(boxes, grow: int = 0) -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(0, y0 - 1 - grow) : min(SIZE, y1 + grow), max(0, x0 - 1 - grow) : min(SIZE, x1 + grow)] = True
+    return mask
+
+
+def hits(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Whether each map's maximum, mapped from the model input to 200x200, lies in its grown-box mask."""
+    import tensorflow as tf
+
+    small = np.asarray(tf.image.resize(maps[..., None], (SIZE, SIZE), method="bilinear")[..., 0])
+    peaks = small.reshape(len(small), -1).argmax(axis=1)
+    return masks.reshape(len(masks), -1)[np.arange(len(masks)), peaks]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--run", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/pointing_game.json"))
+    args = parser.parse_args(argv)
+    run = args.run or args.model.resolve().parents[2]
+    started = time.perf_counter()
+    prepared, options = load_run_data(run, progress=False)
+    dataset, test = prepared.dataset, prepared.splits.test_indices
+    annotations = Path(options["data"]) / "ANNOTATIONS"
+    rows, masks = [], []
+    for i in test:
+        xml = annotations / (dataset.paths[i].stem + ".xml")
+        if not xml.is_file():
+            continue
+        boxes = read_boxes(xml)
+        if boxes and box_mask(boxes).mean() < 0.5:
+            rows.append(i)
+            masks.append(box_mask(boxes, TOLERANCE))
+    rows, masks = np.array(rows), np.stack(masks)
+    labels = dataset.labels[rows]
+    names = dataset.class_names
+    print(f"{len(rows)} of {len(test)} test images have boxes covering under half the image")
+
+    model = keras.models.load_model(args.model)
+    images = prepared.images[rows]
+    maps = explain.layer_maps(model, images, LAYERS, explain.METHODS)
+    for fusion in FUSIONS:
+        for method in explain.METHODS:
+            maps[" + ".join(fusion), method] = explain._normalise(np.mean([maps[f, method] for f in fusion], axis=0))
+
+    def per_class(hit: np.ndarray) -> dict[str, float]:
+        return {name: float(hit[labels == c].mean()) for c, name in enumerate(names)}
+
+    results = {}
+    random_hit = masks.reshape(len(masks), -1).mean(axis=1)
+    results["random point"] = {"overall": float(random_hit.mean()), "per_class": per_class(random_hit)}
+    for (layer, method), m in maps.items():
+        hit = hits(m, masks)
+        results[f"{method} @ {layer}"] = {"overall": float(hit.mean()), "per_class": per_class(hit)}
+
+    default = explain.grad_cam(model, images)
+    trained_hit = hits(default, masks)
+    randomised = explain.grad_cam(explain.randomize_head(model), images)
+    rhos = [spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(default, randomised)]
+    rhos = np.nan_to_num(np.array(rhos))
+    sanity = {"median_spearman": float(np.median(rhos)), "mean_spearman": float(np.mean(rhos)),
+              "randomised_head_pointing": float(hits(randomised, masks).mean())}
+
+    short = [n[:8] for n in names]
+    print(f"\n{'heatmap':58s} {'overall':>7s} " + " ".join(f"{s:>8s}" for s in short))
+    for name, r in sorted(results.items(), key=lambda kv: -kv[1]["overall"]):
+        print(f"{name:58s} {r['overall']:7.3f} " + " ".join(f"{r['per_class'][n]:8.3f}" for n in names))
+    print(f"\ndefault ({explain.DEFAULT_METHOD} @ {' + '.join(explain.DEFAULT_LAYERS)}): "
+          f"{trained_hit.mean():.3f} overall; " + ", ".join(f"{n} {v:.2f}" for n, v in per_class(trained_hit).items()))
+    print(f"head randomisation: Spearman rank correlation trained vs random-head maps, median "
+          f"{sanity['median_spearman']:.3f} (mean {sanity['mean_spearman']:.3f}); random-head pointing "
+          f"{sanity['randomised_head_pointing']:.3f}")
+    print(f"{cpu_description()}; {time.perf_counter() - started:.0f} s")
+    write_json(args.out, {
+        "command": f"python bench/pointing_game.py {args.model}", "model": str(args.model), "n_images": len(rows),
+        "tolerance_px": TOLERANCE, "results": results,
+        "default": {"method": explain.DEFAULT_METHOD, "layers": list(explain.DEFAULT_LAYERS),
+                    "overall": float(trained_hit.mean()), "per_class": per_class(trained_hit)},
+        "sanity": sanity, "cpu": cpu_description(), "platform": platform.platform(), "environment": environment(),
+    })
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,323 @@
+"""Calibrated confidence and an out-of-distribution ("uncertain") score: a shared service under
+`predict`, the report and the HTTP service.
+
+Calibration: one temperature T fitted on the out-of-fold validation predictions of the CV grid (never
+on test images) by minimising the negative log-likelihood; probabilities become softmax(log p / T).
+
+Out-of-distribution score: the Mahalanobis distance (tied covariance, nearest class mean) of an
+image's *texture statistics* - the channel means and standard deviations of four intermediate
+backbone layers (28x28, 14x14 and 7x7 stages) - after a PCA to 64 components. Chosen by the
+leave-one-class-out measurement in ``bench/ood_leave_one_class_out.py``: on the pooled final
+features (what the head sees), every score tried, softmax ones included, stays at or below 0.90 mean
+AUROC, because the last layer keeps only what separates the known classes; the texture statistics
+of the earlier layers describe the surface itself (0.98; README, "Trust").
+The threshold is the 99th percentile of in-distribution scores that the scorer did not see in
+fitting (out-of-fold), so ~99% of in-distribution images are accepted.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Layers of the EfficientNet-Lite0 backbone whose channel mean + std form the texture statistics:
+# the last residual output of the 28x28 (40 ch), two 14x14 (80, 112 ch) and the 7x7 (192 ch) stages.
+TEXTURE_LAYERS = ("block4_add", "block7_add", "block10_add", "block14_add")
+DEFAULT_COMPONENTS = 64
+DEFAULT_ACCEPT = 0.99
+ECE_BINS = 15
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+
+def _log_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    # log p equals the logits up to a per-row constant, which softmax ignores.
+    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, None))
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): T > 1 softens over-confident probabilities; the ranking never changes."""
+    z = _log_probabilities(probabilities) / float(temperature)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    labels = np.asarray(labels, dtype=np.int64)
+    return float(-_log_probabilities(probabilities)[np.arange(len(labels)), labels].mean())
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE: over ``n_bins`` equal-width confidence bins (0, 1/n], ..., the sample-weighted mean of
+    |accuracy - mean confidence| of the top-1 prediction."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    # Right-closed bins, as in Guo et al. 2017: confidence 1.0 falls into the last bin.
+    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        members = bins == b
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(ece)
+
+
+def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising the NLL of ``labels`` (searched on log T in [1/100, 100])."""
+    from scipy.optimize import minimize_scalar
+
+    logp = _log_probabilities(probabilities)
+    labels = np.asarray(labels, dtype=np.int64)
+
+    def nll(log_t: float) -> float:
+        z = logp / np.exp(log_t)
+        z -= z.max(axis=1, keepdims=True)
+        return float(-(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(axis=1))).mean())
+
+    result = minimize_scalar(nll, bounds=(np.log(0.01), np.log(100.0)), method="bounded")
+    return float(np.exp(result.x))
+
+
+def fit_calibration(
+    val_probabilities: np.ndarray,
+    val_labels: np.ndarray,
+    *,
+    val_indices: Sequence[int] | None = None,
+    test_indices: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Temperature from validation predictions; returns {temperature, nll/ece before and after, n}.
+
+    Pass the dataset indices of the validation rows and of the test split to have it checked that no
+    test image is used (raises ValueError otherwise).
+    """
+    if val_indices is not None and test_indices is not None:
+        shared = np.intersect1d(np.asarray(val_indices), np.asarray(test_indices))
+        if len(shared):
+            raise ValueError(f"calibration must not see test images; {len(shared)} validation rows are test images")
+    temperature = fit_temperature(val_probabilities, val_labels)
+    calibrated = apply_temperature(val_probabilities, temperature)
+    return {
+        "temperature": temperature,
+        "n": len(val_labels),
+        "nll_before": negative_log_likelihood(val_probabilities, val_labels),
+        "nll_after": negative_log_likelihood(calibrated, val_labels),
+        "ece_before": expected_calibration_error(val_probabilities, val_labels),
+        "ece_after": expected_calibration_error(calibrated, val_labels),
+    }
+
+
+def out_of_fold_probabilities(
+    heads: Sequence[Any], features: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, probabilities): each fold's validation images scored by the head that did not train
+    on them. ``heads[k]`` is the Keras head of fold k; ``features`` index the whole dataset."""
+    from steeldefect.training import predict_proba
+
+    indices = np.concatenate([val for _, val in folds])
+    probabilities = np.concatenate([predict_proba(head, features[val]) for head, (_, val) in zip(heads, folds)])
+    return indices, probabilities
+
+
+def reliability_diagram(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, n_bins: int = ECE_BINS, title: str = ""
+) -> Path:
+    """PNG: accuracy against confidence per bin for each named (probabilities, labels), with its ECE."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from steeldefect.files import atomic_write_bytes
+
+    fig = Figure(figsize=(5.2, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    edges = np.linspace(0, 1, n_bins + 1)
+    for name, (probabilities, labels) in curves.items():
+        confidence = probabilities.max(axis=1)
+        correct = probabilities.argmax(axis=1) == labels
+        bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+        xs, ys = [], []
+        for b in range(n_bins):
+            if (bins == b).any():
+                xs.append(confidence[bins == b].mean())
+                ys.append(correct[bins == b].mean())
+        ece = expected_calibration_error(probabilities, labels, n_bins)
+        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {100 * ece:.2f}%)")
+    ax.set_xticks(edges[::3])
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence (top-1 probability)", ylabel="accuracy",
+           title=title or f"Reliability diagram ({n_bins} bins)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------- out-of-distribution
+
+
+def texture_statistics_model(backbone: Any, layers: Sequence[str] = TEXTURE_LAYERS) -> Any:
+    """A Keras model: raw pixels -> concatenated per-channel mean and standard deviation of ``layers``.
+
+    Built on the run's backbone (or a joined model holding the backbone's layers); converted to LiteRT
+    it runs at backbone speed. The same tensors can be a second output of an exported classifier.
+    """
+    import keras
+
+    parts = []
+    for name in layers:
+        activation = backbone.get_layer(name).output
+        mean = keras.layers.GlobalAveragePooling2D(name=f"{name}_texture_mean")(activation)
+        mean_square = keras.layers.GlobalAveragePooling2D(name=f"{name}_texture_meansq")(
+            keras.layers.Multiply(name=f"{name}_texture_square")([activation, activation])
+        )
+        parts += [mean, mean_square]
+    return keras.Model(backbone.input, keras.layers.Concatenate(name="texture_statistics")(parts), name="texture_stats")
+
+
+def texture_features(raw: np.ndarray, channels: Sequence[int]) -> np.ndarray:
+    """Raw model output (per layer: mean, mean of squares) -> the scorer's input: per layer the
+    signed square root of mean and std (tames the heavy-tailed ReLU activations), each block L2-normalised
+    so that no layer dominates by its channel count."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if raw.shape[1] != 2 * sum(channels):
+        raise ValueError(f"texture statistics of width {raw.shape[1]}; expected {2 * sum(channels)} for {channels}")
+    blocks, offset = [], 0
+    for c in channels:
+        mean, mean_square = raw[:, offset : offset + c], raw[:, offset + c : offset + 2 * c]
+        offset += 2 * c
+        std = np.sqrt(np.maximum(mean_square - mean * mean, 0.0))
+        for part in (np.sign(mean) * np.sqrt(np.abs(mean)), np.sqrt(std)):
+            blocks.append(part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12))
+    return np.hstack(blocks)
+
+
+@dataclass
+class OODScorer:
+    """Mahalanobis distance to the nearest class mean (tied covariance) after PCA; higher = less like
+    the training images. Fit on training images only; ``threshold`` is set by :func:`choose_threshold`."""
+
+    n_components: int = DEFAULT_COMPONENTS
+    shrinkage: float = 1e-2  # ridge on the covariance, relative to its mean eigenvalue
+    threshold: float | None = None
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> OODScorer:
+        features = np.asarray(features, dtype=np.float64)
+        labels = np.asarray(labels)
+        classes = np.unique(labels)
+        n = min(self.n_components, features.shape[1], len(features) - len(classes))
+        if n < 1:
+            raise ValueError(f"{len(features)} training images for {len(classes)} classes: too few to fit")
+        self.center_ = features.mean(axis=0)
+        _, _, vt = np.linalg.svd(features - self.center_, full_matrices=False)
+        self.projection_ = vt[:n].T
+        z = (features - self.center_) @ self.projection_
+        self.class_means_ = np.stack([z[labels == c].mean(axis=0) for c in classes])
+        residual = z - self.class_means_[np.searchsorted(classes, labels)]
+        covariance = residual.T @ residual / len(residual)
+        covariance += self.shrinkage * np.trace(covariance) / n * np.eye(n)
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        self.whitening_ = eigenvectors / np.sqrt(eigenvalues)
+        return self
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features, dtype=np.float64) - self.center_) @ self.projection_ @ self.whitening_
+        means = self.class_means_ @ self.whitening_
+        return (((z[:, None, :] - means[None]) ** 2).sum(axis=2)).min(axis=1)
+
+    def is_uncertain(self, features: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            raise ValueError("no threshold set: call choose_threshold on out-of-fold in-distribution scores")
+        return self.score(features) > self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything needed to score again (arrays as nested lists, for JSON or npz)."""
+        return {
+            "n_components": self.n_components, "shrinkage": self.shrinkage, "threshold": self.threshold,
+            "center": self.center_.tolist(), "projection": self.projection_.tolist(),
+            "whitening": self.whitening_.tolist(), "class_means": self.class_means_.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> OODScorer:
+        scorer = cls(int(state["n_components"]), float(state["shrinkage"]), state.get("threshold"))
+        scorer.center_ = np.asarray(state["center"], dtype=np.float64)
+        scorer.projection_ = np.asarray(state["projection"], dtype=np.float64)
+        scorer.whitening_ = np.asarray(state["whitening"], dtype=np.float64)
+        scorer.class_means_ = np.asarray(state["class_means"], dtype=np.float64)
+        return scorer
+
+
+def choose_threshold(in_distribution_scores: np.ndarray, accept: float = DEFAULT_ACCEPT) -> float:
+    """The score below which a fraction ``accept`` of in-distribution images fall. The scores must be
+    ones the scorer did not fit on (validation / out-of-fold), else the threshold is too tight."""
+    if not 0 < accept <= 1:
+        raise ValueError(f"accept must lie in (0, 1], got {accept}")
+    return float(np.quantile(np.asarray(in_distribution_scores, dtype=np.float64), accept))
+
+
+def fit_ood(
+    features: np.ndarray,
+    labels: np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    accept: float = DEFAULT_ACCEPT,
+    n_components: int = DEFAULT_COMPONENTS,
+) -> tuple[OODScorer, np.ndarray]:
+    """The scorer fit on all training rows of ``folds`` with its threshold from out-of-fold scores:
+    for each fold a scorer fit on the other folds scores the held-out one. Returns (scorer, the
+    out-of-fold scores). ``features``/``labels`` index the whole dataset; test rows are never read."""
+    oof = []
+    for train, val in folds:
+        oof.append(OODScorer(n_components).fit(features[train], labels[train]).score(features[val]))
+    everything = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in folds]))
+    scorer = OODScorer(n_components).fit(features[everything], labels[everything])
+    oof_scores = np.concatenate(oof)
+    scorer.threshold = choose_threshold(oof_scores, accept)
+    return scorer, oof_scores
+
+
+def far_ood_examples(neu_image: np.ndarray, size: tuple[int, int] = (224, 224), seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs no steel-surface model should be sure about, as uint8 RGB of ``size``: scikit-image's
+    sample photographs (needs scikit-image, bundled files only), a uniform grey, a saturated white
+    and a pure-noise frame, and ``neu_image`` heavily blurred (Gaussian, sigma 8 px)."""
+    import skimage.data
+    from PIL import Image, ImageFilter
+
+    def rgb(array: np.ndarray) -> np.ndarray:
+        image = Image.fromarray(np.asarray(array)).convert("RGB")
+        return np.asarray(image.resize((size[1], size[0]), Image.BILINEAR), dtype=np.uint8)
+
+    names = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "hubble_deep_field",
+             "immunohistochemistry", "page", "text", "moon", "horse", "brick", "grass", "gravel", "clock",
+             "colorwheel", "checkerboard")
+    examples = {f"photo:{name}": rgb(np.asarray(getattr(skimage.data, name)())) for name in names}
+    examples["grey"] = np.full((*size, 3), 128, np.uint8)
+    examples["white"] = np.full((*size, 3), 255, np.uint8)
+    examples["noise"] = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    blurred = Image.fromarray(np.asarray(neu_image, dtype=np.uint8)).filter(ImageFilter.GaussianBlur(8))
+    examples["blurred NEU"] = rgb(np.asarray(blurred))
+    return examples
+
+
+def percentile_combine(reference: Sequence[np.ndarray], scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Several OOD scores as one: each score becomes the fraction of its in-distribution reference
+    scores (out-of-fold) that lie below it, and the largest fraction counts. With a threshold from
+    :func:`choose_threshold` on the combined reference, an image is flagged when any one score is
+    unusually high, at the chosen overall acceptance."""
+    if len(reference) != len(scores):
+        raise ValueError(f"{len(reference)} reference score sets for {len(scores)} scores")
+    combined = None
+    for ref, score in zip(reference, scores):
+        ordered = np.sort(np.asarray(ref, dtype=np.float64))
+        fraction = np.searchsorted(ordered, np.asarray(score, dtype=np.float64), side="left") / len(ordered)
+        combined = fraction if combined is None else np.maximum(combined, fraction)
+    return combined

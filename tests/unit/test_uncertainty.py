@@ -1,0 +1,135 @@
+"""Calibration (temperature, ECE), the out-of-distribution score and its threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from steeldefect import uncertainty
+from steeldefect.splits import make_splits
+
+
+def test_ece_matches_a_hand_computed_example():
+    # Own bins: |1-0.9|, |0-0.6| (predicts class 0, label 1), |1-0.8|, |1-0.7| -> mean 0.3.
+    probabilities = np.array([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.3, 0.7]])
+    assert uncertainty.expected_calibration_error(probabilities, np.array([0, 1, 0, 1])) == pytest.approx(0.3)
+    # 0.95 and 0.97 share the last of 15 bins; one right, one wrong: |0.5 - 0.96| = 0.46.
+    shared = np.array([[0.95, 0.05], [0.97, 0.03]])
+    assert uncertainty.expected_calibration_error(shared, np.array([0, 1])) == pytest.approx(0.46)
+    # Confidence exactly 1.0 belongs to the last bin, not past it.
+    assert uncertainty.expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == pytest.approx(0.0)
+
+
+def _overconfident(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities whose logits are 4x too sharp for how often they are right."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    logits = rng.normal(0, 1, (n, 4))
+    logits[np.arange(n), labels] += 1.0
+    sharp = 4 * logits
+    probabilities = np.exp(sharp - sharp.max(1, keepdims=True))
+    return probabilities / probabilities.sum(1, keepdims=True), labels
+
+
+def test_temperature_lowers_nll_and_ece_of_a_miscalibrated_set():
+    probabilities, labels = _overconfident()
+    fitted = uncertainty.fit_calibration(probabilities[:1000], labels[:1000])
+    assert fitted["temperature"] == pytest.approx(4.0, rel=0.25)
+    assert fitted["nll_after"] < fitted["nll_before"] - 0.3
+    # And on rows it was not fitted on.
+    held_p, held_y = probabilities[1000:], labels[1000:]
+    calibrated = uncertainty.apply_temperature(held_p, fitted["temperature"])
+    assert uncertainty.negative_log_likelihood(calibrated, held_y) < uncertainty.negative_log_likelihood(held_p, held_y)
+    assert uncertainty.expected_calibration_error(calibrated, held_y) < 0.5 * uncertainty.expected_calibration_error(held_p, held_y)
+    assert (calibrated.argmax(1) == held_p.argmax(1)).all()  # temperature never changes the answer
+
+
+def test_calibration_refuses_test_rows():
+    probabilities, labels = _overconfident(50)
+    with pytest.raises(ValueError, match="test images"):
+        uncertainty.fit_calibration(probabilities, labels, val_indices=np.arange(50), test_indices=np.array([49, 60]))
+
+
+class _TableHead:
+    """Stands in for a Keras head: 'probabilities' that encode the row they were computed from."""
+
+    def __call__(self, rows, training=False):
+        rows = np.asarray(rows)
+        return np.stack([rows[:, 0], 1 - rows[:, 0]], axis=1)
+
+
+def test_out_of_fold_predictions_use_only_validation_rows_never_test():
+    labels = np.repeat(np.arange(3), 40)
+    splits = make_splits(labels, test_fraction=0.2, n_folds=4, seed=0)
+    features = np.arange(len(labels), dtype=np.float64)[:, None] / 1000
+    indices, probabilities = uncertainty.out_of_fold_probabilities([_TableHead()] * 4, features, splits.folds)
+    assert len(np.intersect1d(indices, splits.test_indices)) == 0
+    assert sorted(indices) == sorted(splits.train_indices)
+    assert np.allclose(probabilities[:, 0], indices / 1000)  # each row scored from its own features
+
+
+def _clusters(n_per_class: int, rng, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    centres = np.eye(3, 10) * 6
+    labels = np.repeat(np.arange(3), n_per_class)
+    return centres[labels] + rng.normal(0, 1, (len(labels), 10)) + shift, labels
+
+
+def test_ood_scorer_threshold_accepts_99_percent_and_flags_shifted_data_without_reading_test_rows():
+    rng = np.random.default_rng(0)
+    features, labels = _clusters(300, rng)
+    splits = make_splits(labels, test_fraction=0.2, n_folds=5, seed=0)
+    poisoned = features.copy()
+    poisoned[splits.test_indices] = np.nan  # any use of a test row would make the fit NaN
+    scorer, oof = uncertainty.fit_ood(poisoned, labels, splits.folds, n_components=8)
+    assert np.isfinite(scorer.threshold) and np.isfinite(oof).all()
+    accepted = ~scorer.is_uncertain(features[splits.test_indices])
+    assert accepted.mean() >= 0.95
+    far, _ = _clusters(100, rng, shift=5.0)
+    assert scorer.is_uncertain(far).mean() > 0.95
+    again = uncertainty.OODScorer.from_dict(scorer.to_dict())
+    assert np.allclose(again.score(far), scorer.score(far))
+
+
+def test_choose_threshold_is_the_accept_quantile_and_checks_its_argument():
+    assert uncertainty.choose_threshold(np.arange(101.0), 0.99) == pytest.approx(99.0)
+    with pytest.raises(ValueError, match="accept"):
+        uncertainty.choose_threshold(np.arange(10.0), 1.5)
+
+
+@pytest.mark.integration
+def test_far_ood_images_are_flagged_by_a_scorer_fitted_on_real_neu(neu_dir, tmp_path):
+    from steeldefect.backbones import build_backbone
+    from steeldefect.conversion import convert
+    from steeldefect.data import load_images, scan_dataset
+    from steeldefect.runtime import make_interpreter, predict_tflite
+
+    dataset = scan_dataset(neu_dir)
+    rng = np.random.default_rng(0)
+    pick = np.sort(np.concatenate([rng.choice(np.where(dataset.labels == c)[0], 150, replace=False)
+                                   for c in range(len(dataset.class_names))]))
+    subset, images = load_images(dataset.subset(pick), cache_dir=tmp_path, progress=False)
+    backbone = build_backbone("efficientnet_lite0")
+    channels = [int(backbone.get_layer(n).output.shape[-1]) for n in uncertainty.TEXTURE_LAYERS]
+    interpreter = make_interpreter(convert(uncertainty.texture_statistics_model(backbone), "fp32"))
+    examples = uncertainty.far_ood_examples(images[0])
+    raw = predict_tflite(interpreter, np.concatenate([images, np.stack(list(examples.values()))]))
+    features = uncertainty.texture_features(raw, channels)
+    neu, far = features[: len(images)], features[len(images):]
+    splits = make_splits(subset.labels, test_fraction=0.2, n_folds=5, seed=0)
+    scorer, _ = uncertainty.fit_ood(neu, subset.labels, splits.folds)
+    flagged = dict(zip(examples, scorer.is_uncertain(far)))
+    assert all(flagged.values()), [name for name, f in flagged.items() if not f]
+    assert scorer.is_uncertain(neu[splits.test_indices]).mean() <= 0.1  # real steel is still accepted
+
+
+def test_percentile_combine_flags_when_either_score_is_unusual():
+    rng = np.random.default_rng(1)
+    reference = [rng.normal(0, 1, 1000), rng.normal(10, 2, 1000)]
+    combined_reference = uncertainty.percentile_combine(reference, reference)
+    threshold = uncertainty.choose_threshold(combined_reference, 0.99)
+    assert (combined_reference > threshold).mean() == pytest.approx(0.01, abs=0.005)  # 99% still accepted
+    # Usual on both, unusual only on the first, unusual only on the second.
+    queries = [np.array([0.0, 5.0, 0.0]), np.array([10.0, 10.0, 25.0])]
+    assert list(uncertainty.percentile_combine(reference, queries) > threshold) == [False, True, True]
+    with pytest.raises(ValueError, match="reference"):
+        uncertainty.percentile_combine(reference, queries[:1])
