@@ -123,8 +123,12 @@ class RssSampler:
         start, end = self.samples[0][0], self.samples[-1][0]
         steady = [rss for t, rss in self.samples if t >= start + 0.1 * (end - start)] or [self.samples[-1][1]]
         mib = 2**20
-        return {"first_mib": round(steady[0] / mib, 1), "max_mib": round(max(steady) / mib, 1),
-                "last_mib": round(steady[-1] / mib, 1), "samples": len(self.samples)}
+        return {
+            "first_mib": round(steady[0] / mib, 1),
+            "max_mib": round(max(steady) / mib, 1),
+            "last_mib": round(steady[-1] / mib, 1),
+            "samples": len(self.samples),
+        }
 
 
 def measure_components(model: Path, jpegs: list[Path]) -> dict:
@@ -163,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None, help="a .tflite model instead of the run's")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEGs (NEU-DET/IMAGES)")
     parser.add_argument("--count", type=int, default=20000, help="manifest entries (images scored per arm)")
-    parser.add_argument("--local", nargs="*", default=["2x1", "1x2"],
-                        help="local-engine arms as WORKERSxTHREADS (interpreters x threads each)")
+    parser.add_argument(
+        "--local",
+        nargs="*",
+        default=["2x1", "1x2"],
+        help="local-engine arms as WORKERSxTHREADS (interpreters x threads each)",
+    )
     parser.add_argument("--ray", nargs="*", type=int, default=[1, 2], help="Ray arms: number of actors")
     parser.add_argument("--no-baseline", action="store_true", help="skip today's predict loop")
     parser.add_argument("--batch-size", type=int, default=batch.DEFAULT_BATCH_SIZE)
@@ -182,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     entries = [str(jpegs[i % len(jpegs)]) for i in range(args.count)]
     manifest.write_text("\n".join(entries) + "\n")
     cores = os.cpu_count()
-    print(f"cpu:      {cpu_model()} ({platform.machine()}), {cores} logical cores; "
-          f"int8 dot: {', '.join(int8_features()) or 'none'}")
+    print(
+        f"cpu:      {cpu_model()} ({platform.machine()}), {cores} logical cores; "
+        f"int8 dot: {', '.join(int8_features()) or 'none'}"
+    )
     print(f"model:    {model}")
     print(f"archive:  {args.count} manifest entries over {len(jpegs)} JPEGs in {args.images}")
     print()
@@ -192,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in jpegs:
         path.read_bytes()
     components = measure_components(model, jpegs[:: max(1, len(jpegs) // 300)])
-    print(f"per image, CPU time of one thread over {components['images']} JPEGs: decode+resize "
-          f"{components['decode_cpu_ms']:.2f} ms, int8 invoke (1 thread) {components['invoke_cpu_ms']:.2f} ms\n")
+    print(
+        f"per image, CPU time of one thread over {components['images']} JPEGs: decode+resize "
+        f"{components['decode_cpu_ms']:.2f} ms, int8 invoke (1 thread) {components['invoke_cpu_ms']:.2f} ms\n"
+    )
     arm_specs: list[tuple[str, dict]] = []
     if not args.no_baseline:
         arm_specs.append((f"today predict_paths ({cores}t)", {"kind": "today", "threads": cores}))
@@ -213,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     # Interleaved rounds: each round runs every arm on its own slice of the manifest, so a noisy
     # neighbour on this shared machine slows every arm alike and the ratios stay fair.
     per_round = [args.count // args.rounds + (1 if r < args.count % args.rounds else 0) for r in range(args.rounds)]
-    totals = {name: {"seconds": 0.0, "cpu": 0.0, "images": 0, "results": collections.Counter(), "rss": []}
-              for name, _ in arm_specs}
+    totals = {
+        name: {"seconds": 0.0, "cpu": 0.0, "images": 0, "results": collections.Counter(), "rss": []}
+        for name, _ in arm_specs
+    }
     offset = 0
     for round_index, n in enumerate(per_round):
         manifest = work / f"round{round_index}.txt"
@@ -230,15 +244,23 @@ def main(argv: list[str] | None = None) -> int:
                     seconds = time.perf_counter() - start
                     results = collections.Counter(
                         (str(p.path), p.top[0][0] if p.top else None, round(p.top[0][1], 6) if p.top else None, p.error)
-                        for p in predictions)
+                        for p in predictions
+                    )
                     del predictions
                 elif spec["kind"] == "local":
-                    result = batch.score_archive(model, [manifest], out, workers=spec["workers"],
-                                                 threads=spec["threads"], batch_size=args.batch_size)
+                    result = batch.score_archive(
+                        model,
+                        [manifest],
+                        out,
+                        workers=spec["workers"],
+                        threads=spec["threads"],
+                        batch_size=args.batch_size,
+                    )
                     seconds, results = result.seconds, read_results(out)
                 else:
-                    result = batch.score_archive_ray(model, [manifest], out, actors=spec["actors"], threads=1,
-                                                     batch_size=args.batch_size)
+                    result = batch.score_archive_ray(
+                        model, [manifest], out, actors=spec["actors"], threads=1, batch_size=args.batch_size
+                    )
                     seconds, results = result.seconds, read_results(out)
             out.unlink(missing_ok=True)
             total = totals[name]
@@ -247,9 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             total["images"] += n
             total["results"] += results
             total["rss"].append(rss.summary())
-            print(f"  round {round_index + 1}/{args.rounds} {name:<26} {n / seconds:8.1f} img/s "
-                  f"{1000 * rss.cpu_seconds() / n:6.2f} CPU ms/img  RSS max {total['rss'][-1].get('max_mib')} MiB",
-                  flush=True)
+            print(
+                f"  round {round_index + 1}/{args.rounds} {name:<26} {n / seconds:8.1f} img/s "
+                f"{1000 * rss.cpu_seconds() / n:6.2f} CPU ms/img  RSS max {total['rss'][-1].get('max_mib')} MiB",
+                flush=True,
+            )
     if args.ray:
         ray.shutdown()
 
@@ -260,18 +284,28 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in arm_specs:
         total = totals[name]
         rate = total["images"] / total["seconds"]
-        row = {"arm": name, **spec, "images": total["images"], "seconds": round(total["seconds"], 2),
-               "images_per_second": round(rate, 1), "ratio_to_today": round(rate / base, 3),
-               "cpu_ms_per_image": round(1000 * total["cpu"] / total["images"], 3),
-               "identical_predictions": total["results"] == reference,
-               "rss_mib_first_max_last_per_round": [[r.get("first_mib"), r.get("max_mib"), r.get("last_mib")]
-                                                    for r in total["rss"]]}
+        row = {
+            "arm": name,
+            **spec,
+            "images": total["images"],
+            "seconds": round(total["seconds"], 2),
+            "images_per_second": round(rate, 1),
+            "ratio_to_today": round(rate / base, 3),
+            "cpu_ms_per_image": round(1000 * total["cpu"] / total["images"], 3),
+            "identical_predictions": total["results"] == reference,
+            "rss_mib_first_max_last_per_round": [
+                [r.get("first_mib"), r.get("max_mib"), r.get("last_mib")] for r in total["rss"]
+            ],
+        }
         arms.append(row)
         rss_all = [value for r in total["rss"] for value in (r.get("first_mib"), r.get("last_mib")) if value]
-        print(f"{name:<28} {rate:8.1f} img/s  x{rate / base:5.2f} of today  {total['seconds']:7.1f} s  "
-              f"{row['cpu_ms_per_image']:5.2f} CPU ms/img  "
-              f"RSS {min(rss_all, default=0):.0f}..{max(rss_all, default=0):.0f} MiB  "
-              f"identical={row['identical_predictions']}", flush=True)
+        print(
+            f"{name:<28} {rate:8.1f} img/s  x{rate / base:5.2f} of today  {total['seconds']:7.1f} s  "
+            f"{row['cpu_ms_per_image']:5.2f} CPU ms/img  "
+            f"RSS {min(rss_all, default=0):.0f}..{max(rss_all, default=0):.0f} MiB  "
+            f"identical={row['identical_predictions']}",
+            flush=True,
+        )
     local_rates = [a["images_per_second"] for a in arms if a["kind"] == "local"]
     for arm in arms:
         if arm["kind"] == "ray" and local_rates:
@@ -302,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         "components": components,
         "ray_init_seconds": None if ray_start is None else round(ray_start, 2),
         "arms": arms,
-        "versions": {name: package(name) for name in ("steeldefect", "ai-edge-litert", "pillow", "numpy", "pyarrow",
-                                                      "ray")} | {"python": platform.python_version()},
+        "versions": {
+            name: package(name) for name in ("steeldefect", "ai-edge-litert", "pillow", "numpy", "pyarrow", "ray")
+        }
+        | {"python": platform.python_version()},
         "git_commit": source_revision(),
     }
     write_json(args.out, report)

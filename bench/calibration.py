@@ -43,13 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     summary = read_json(args.run / "summary.json")["backbones"][BACKBONE]
     rate, kind = float(summary["best_learning_rate"]), summary["head"]
     features, _, _ = cached_features(
-        lambda: build_backbone(BACKBONE), prepared.images, dataset_fingerprint=prepared.fingerprint, backbone=BACKBONE,
-        weights_id=weights_id(BACKBONE, "imagenet"), preprocessing=options["preprocessing"],
+        lambda: build_backbone(BACKBONE),
+        prepared.images,
+        dataset_fingerprint=prepared.fingerprint,
+        backbone=BACKBONE,
+        weights_id=weights_id(BACKBONE, "imagenet"),
+        preprocessing=options["preprocessing"],
         cache_dir=Path(options["cache_dir"]),
     )
     n_classes = len(prepared.dataset.class_names)
-    heads = [load_head(backbone_dir(args.run, BACKBONE) / "grid" / GridCell(rate, k).folder, features.shape[1:],
-                       n_classes, kind) for k in range(len(splits.folds))]
+    heads = [
+        load_head(
+            backbone_dir(args.run, BACKBONE) / "grid" / GridCell(rate, k).folder, features.shape[1:], n_classes, kind
+        )
+        for k in range(len(splits.folds))
+    ]
     indices, oof = uncertainty.out_of_fold_probabilities(heads, features, splits.folds)
     fitted = uncertainty.fit_calibration(oof, labels[indices], val_indices=indices, test_indices=splits.test_indices)
     test, y = splits.test_indices, labels[splits.test_indices]
@@ -60,30 +68,49 @@ def main(argv: list[str] | None = None) -> int:
         q = uncertainty.apply_temperature(p, fitted["temperature"])
         before_all.append(p)
         after_all.append(q)
-        per_model.append({
-            "fold": k, "accuracy": float((p.argmax(1) == y).mean()),
-            "ece_before": uncertainty.expected_calibration_error(p, y),
-            "ece_after": uncertainty.expected_calibration_error(q, y),
-            "nll_before": uncertainty.negative_log_likelihood(p, y),
-            "nll_after": uncertainty.negative_log_likelihood(q, y),
-        })
+        per_model.append(
+            {
+                "fold": k,
+                "accuracy": float((p.argmax(1) == y).mean()),
+                "ece_before": uncertainty.expected_calibration_error(p, y),
+                "ece_after": uncertainty.expected_calibration_error(q, y),
+                "nll_before": uncertainty.negative_log_likelihood(p, y),
+                "nll_after": uncertainty.negative_log_likelihood(q, y),
+            }
+        )
     mean = {key: float(np.mean([m[key] for m in per_model])) for key in per_model[0] if key != "fold"}
     uncertainty.reliability_diagram(
-        {"uncalibrated": (np.concatenate(before_all), np.tile(y, len(heads))),
-         f"temperature {fitted['temperature']:.2f}": (np.concatenate(after_all), np.tile(y, len(heads)))},
-        args.plot, title=f"Test split, {len(heads)} fold models, {len(test)} images each")
-    print(f"temperature {fitted['temperature']:.3f} fitted on {fitted['n']} out-of-fold validation predictions "
-          f"(validation NLL {fitted['nll_before']:.4f} -> {fitted['nll_after']:.4f})")
+        {
+            "uncalibrated": (np.concatenate(before_all), np.tile(y, len(heads))),
+            f"temperature {fitted['temperature']:.2f}": (np.concatenate(after_all), np.tile(y, len(heads))),
+        },
+        args.plot,
+        title=f"Test split, {len(heads)} fold models, {len(test)} images each",
+    )
+    print(
+        f"temperature {fitted['temperature']:.3f} fitted on {fitted['n']} out-of-fold validation predictions "
+        f"(validation NLL {fitted['nll_before']:.4f} -> {fitted['nll_after']:.4f})"
+    )
     print(f"{'fold':>4s} {'accuracy':>8s} {'ECE before':>10s} {'ECE after':>9s} {'NLL before':>10s} {'NLL after':>9s}")
     for m in [*per_model, {"fold": "mean", **mean}]:
-        print(f"{m['fold']!s:>4s} {100 * m['accuracy']:7.2f}% {100 * m['ece_before']:9.2f}% {100 * m['ece_after']:8.2f}% "
-              f"{m['nll_before']:10.4f} {m['nll_after']:9.4f}")
+        print(
+            f"{m['fold']!s:>4s} {100 * m['accuracy']:7.2f}% {100 * m['ece_before']:9.2f}% {100 * m['ece_after']:8.2f}% "
+            f"{m['nll_before']:10.4f} {m['nll_after']:9.4f}"
+        )
     print(f"reliability diagram: {args.plot}\n{cpu_description()}; {time.perf_counter() - started:.0f} s")
-    write_json(args.out, {
-        "command": f"python bench/calibration.py {args.run}", "fit": fitted, "test_per_model": per_model,
-        "test_mean": mean, "plot": str(args.plot), "cpu": cpu_description(), "platform": platform.platform(),
-        "environment": environment(),
-    })
+    write_json(
+        args.out,
+        {
+            "command": f"python bench/calibration.py {args.run}",
+            "fit": fitted,
+            "test_per_model": per_model,
+            "test_mean": mean,
+            "plot": str(args.plot),
+            "cpu": cpu_description(),
+            "platform": platform.platform(),
+            "environment": environment(),
+        },
+    )
     print(f"saved {args.out}")
     return 0
 

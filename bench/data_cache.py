@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
         child = subprocess.run(
             [sys.executable, "-c", _CHILD, str(dataset.root), str(args.size), cache_dir],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         child_load, child_total = (float(v) for v in child.stdout.split()[-2:])
         cache_bytes = sum(path.stat().st_size for path in Path(cache_dir).rglob("*") if path.is_file())
@@ -94,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     second_total = second_seconds + second_read
     results = {
         "data": {"root": str(dataset.root), "images": len(dataset), "layout": dataset.layout},
-        "array": {"shape": list(shape), "dtype": str(dtype), "cache_mib": cache_bytes / 2**20,
-                  "identical_on_reload": same},
+        "array": {
+            "shape": list(shape),
+            "dtype": str(dtype),
+            "cache_mib": cache_bytes / 2**20,
+            "identical_on_reload": same,
+        },
         "scan_s": scan_seconds,
         # Seconds: "load" alone, and "load_and_read" = load + one full read of every pixel.
         "first_load_decode_and_cache": {"load_s": first_seconds, "load_and_read_s": first_total},

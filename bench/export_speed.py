@@ -71,7 +71,10 @@ def export_sequential(
         began = time.perf_counter()
         target = runfolder.fold_model_path(out, backbone, fold, variant)
         export.export_model(
-            model, variant, target, calibration if variant in QUANTIZED_VARIANTS else None,
+            model,
+            variant,
+            target,
+            calibration if variant in QUANTIZED_VARIANTS else None,
             int8_flatbuffer=int8_flatbuffer if reuse and variant == "int8-mixed" else None,
         )
         export.tensor_summary(target)
@@ -104,8 +107,14 @@ def export_fold_timed(run: Path, backbone: str, fold: int, variants: list[str], 
         variant_s[variant] = done[variant] - previous
         previous = done[variant]
     sha256 = {variant: _digest(runfolder.fold_model_path(run, backbone, fold, variant)) for variant in variants}
-    return {"fold": fold, "import_keras_s": import_s, "variant_s": variant_s, "total_s": time.perf_counter() - started,
-            "cpu_s": time.process_time() - cpu_started, "sha256": sha256}
+    return {
+        "fold": fold,
+        "import_keras_s": import_s,
+        "variant_s": variant_s,
+        "total_s": time.perf_counter() - started,
+        "cpu_s": time.process_time() - cpu_started,
+        "sha256": sha256,
+    }
 
 
 def copy_fold_models(run: Path, target: Path, backbone: str, folds: list[int]) -> None:
@@ -124,8 +133,9 @@ def _load() -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, nargs="?", default=DEFAULT_RUN,
-                        help=f"trained run folder, only read (default {DEFAULT_RUN})")
+    parser.add_argument(
+        "run", type=Path, nargs="?", default=DEFAULT_RUN, help=f"trained run folder, only read (default {DEFAULT_RUN})"
+    )
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -149,13 +159,20 @@ def main(argv: list[str] | None = None) -> int:
         prepared.dataset.labels, prepared.splits.train_indices, args.calibration_samples, seed=train_options.seed
     )
     calibration = np.ascontiguousarray(prepared.images[indices])
-    print(f"run: {args.run} ({args.backbone}, folds {args.folds}); variants {', '.join(variants)}; "
-          f"{len(calibration)} calibration images from the training split")
+    print(
+        f"run: {args.run} ({args.backbone}, folds {args.folds}); variants {', '.join(variants)}; "
+        f"{len(calibration)} calibration images from the training split"
+    )
     print(f"cpu: {benchio.machine()['cpu_model']}, {os.cpu_count()} cores; load average at start {_load()}")
 
     results: dict[str, Any] = {
-        "run": str(args.run), "backbone": args.backbone, "folds": args.folds, "variants": variants,
-        "calibration_images": len(calibration), "workers": args.workers, "ways": {},
+        "run": str(args.run),
+        "backbone": args.backbone,
+        "folds": args.folds,
+        "variants": variants,
+        "calibration_images": len(calibration),
+        "workers": args.workers,
+        "ways": {},
     }
     with tempfile.TemporaryDirectory(prefix="steeldefect-export-speed-") as scratch:
         scratch = Path(scratch)
@@ -171,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             results["ways"][way] = {
                 "folds": {str(fold): record for fold, record in folds.items()},
                 "total_s": sum(record["total_s"] for record in folds.values()),
-                "loadavg_before": load_before[way], "loadavg_after": _load(),
+                "loadavg_before": load_before[way],
+                "loadavg_after": _load(),
             }
 
         parallel_run = scratch / "parallel"
@@ -194,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         results["ways"]["reuse + parallel"] = {
             "folds": {str(fold): records[fold] for fold in args.folds},
             "total_s": time.perf_counter() - started,
-            "loadavg_before": load_before, "loadavg_after": _load(),
+            "loadavg_before": load_before,
+            "loadavg_after": _load(),
         }
 
     ways = results["ways"]
@@ -203,18 +222,24 @@ def main(argv: list[str] | None = None) -> int:
     # The three ways must write the same models: the reuse and the processes only save work.
     results["same_models"] = {
         f"fold{fold} {variant}": len({ways[way]["folds"][str(fold)]["sha256"][variant] for way in ways}) == 1
-        for fold in args.folds for variant in variants
+        for fold in args.folds
+        for variant in variants
     }
 
     print()
     print(f"{'seconds':<20}" + "".join(f"{way:>18}" for way in ways))
     for variant in variants:
         per_fold = {way: [ways[way]["folds"][str(fold)]["variant_s"][variant] for fold in args.folds] for way in ways}
-        print(f"{variant + ', per fold':<20}" + "".join(
-            f"{' / '.join(f'{value:.1f}' for value in per_fold[way]):>18}" for way in ways))
+        print(
+            f"{variant + ', per fold':<20}"
+            + "".join(f"{' / '.join(f'{value:.1f}' for value in per_fold[way]):>18}" for way in ways)
+        )
     loads = {way: " / ".join(f"{ways[way]['folds'][str(f)]['load_s']:.1f}" for f in args.folds) for way in sequential}
-    print(f"{'load .keras':<20}" + "".join(f"{loads[way]:>18}" for way in sequential)
-          + f"{'(in ' + variants[0] + ')':>18}")
+    print(
+        f"{'load .keras':<20}"
+        + "".join(f"{loads[way]:>18}" for way in sequential)
+        + f"{'(in ' + variants[0] + ')':>18}"
+    )
     imports = " / ".join(f"{ways['reuse + parallel']['folds'][str(f)]['import_keras_s']:.1f}" for f in args.folds)
     print(f"{'import keras':<20}" + f"{'-':>18}" * len(sequential) + f"{imports:>18}")
     for fold in args.folds:
@@ -225,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{f'fold {fold} CPU s':<20}" + "".join(f"{value:>18.1f}" for value in cpu))
     print(f"{'wall, all folds':<20}" + "".join(f"{ways[way]['total_s']:>18.1f}" for way in ways))
     print(f"{'speed-up vs before':<20}" + "".join(f"{results['speedup_over_before'][way]:>17.2f}x" for way in ways))
-    print("load average (1/5/15 min) before each way: "
-          + "; ".join(f"{way} {ways[way]['loadavg_before']}" for way in ways) + f"; at the end {_load()}")
+    print(
+        "load average (1/5/15 min) before each way: "
+        + "; ".join(f"{way} {ways[way]['loadavg_before']}" for way in ways)
+        + f"; at the end {_load()}"
+    )
     differing = [key for key, same in results["same_models"].items() if not same]
     print("models identical across the three ways: " + ("yes" if not differing else f"no: {', '.join(differing)}"))
-    benchio.save("export_speed", results, threads={"conversion": "TensorFlow default", "workers": args.workers},
-                 out=args.out)
+    benchio.save(
+        "export_speed", results, threads={"conversion": "TensorFlow default", "workers": args.workers}, out=args.out
+    )
     return 0
 
 

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnetb0", "mobilenet"])
-    parser.add_argument("--out", type=Path, default=benchio.RESULTS_DIR / "feature_throughput.json",
-                        help="results JSON file")
+    parser.add_argument(
+        "--out", type=Path, default=benchio.RESULTS_DIR / "feature_throughput.json", help="results JSON file"
+    )
     args = parser.parse_args(argv)
 
     dataset, images = load_images(scan_dataset(args.data), progress=False)
@@ -69,8 +70,13 @@ def main(argv: list[str] | None = None) -> int:
                 seconds[name, "litert"] += time.perf_counter() - started
     rate = {key: args.rounds * len(images) / value for key, value in seconds.items()}
     results: dict = {
-        "protocol": {"images": len(images), "rounds": args.rounds, "batch_size": args.batch_size,
-                     "keras": f"predict_on_batch, batch {args.batch_size}", "litert": "float32, one image per invoke"},
+        "protocol": {
+            "images": len(images),
+            "rounds": args.rounds,
+            "batch_size": args.batch_size,
+            "keras": f"predict_on_batch, batch {args.batch_size}",
+            "litert": "float32, one image per invoke",
+        },
         "backbones": {
             name: {
                 "weights": "imagenet" if name == "efficientnet_lite0" else "random",
@@ -95,14 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         whole = {name: conversion[name] + len(dataset.paths) / rate[name, "litert"] for name in models}
         speedup = whole["efficientnetb0"] / whole["efficientnet_lite0"]
         results["whole_dataset_litert_with_conversion"] = {
-            "images": len(dataset.paths), "seconds": whole, "lite0_over_efficientnetb0": speedup
+            "images": len(dataset.paths),
+            "seconds": whole,
+            "lite0_over_efficientnetb0": speedup,
         }
-        print(f"whole dataset ({len(dataset.paths)} images) with LiteRT, conversion included: "
-              + ", ".join(f"{name} {total:.0f} s" for name, total in whole.items())
-              + f"; Lite0 / EfficientNetB0 {speedup:.2f}x")
+        print(
+            f"whole dataset ({len(dataset.paths)} images) with LiteRT, conversion included: "
+            + ", ".join(f"{name} {total:.0f} s" for name, total in whole.items())
+            + f"; Lite0 / EfficientNetB0 {speedup:.2f}x"
+        )
     print(f"({args.rounds} rounds x {len(images)} images)")
-    benchio.save("feature_throughput", results, threads={"keras": "TensorFlow default", "litert": os.cpu_count()},
-                 out=args.out)
+    benchio.save(
+        "feature_throughput", results, threads={"keras": "TensorFlow default", "litert": os.cpu_count()}, out=args.out
+    )
     return 0
 
 

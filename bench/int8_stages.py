@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"cpu:       {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical cores")
     print(f"int8 dot:  {', '.join(int8_features()) or 'none (no VNNI / AMX / dotprod)'}")
-    print(f"protocol:  batch 1, {args.rounds} interleaved rounds x {args.runs} timed invokes; "
-          "stage = prefix difference")
+    print(
+        f"protocol:  batch 1, {args.rounds} interleaved rounds x {args.runs} timed invokes; stage = prefix difference"
+    )
 
     full = backbones.build_backbone("efficientnet_lite0")
     images = calibration_images(args.data, args.calibration)
@@ -85,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                 paths[index, variant] = path
         image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
         results: dict = {
-            "protocol": {"batch": 1, "rounds": args.rounds, "runs": args.runs, "calibration_images": len(images),
-                         "statistic": "median over rounds of each round's median ms; stage = prefix difference"},
+            "protocol": {
+                "batch": 1,
+                "rounds": args.rounds,
+                "runs": args.runs,
+                "calibration_images": len(images),
+                "statistic": "median over rounds of each round's median ms; stage = prefix difference",
+            },
             "threads": {},
         }
         for threads in args.threads:
@@ -108,16 +114,23 @@ def main(argv: list[str] | None = None) -> int:
                 stage = {v: ms[index, v] - previous[v] for v in ("fp32", "int8")}
                 ratio = stage["int8"] / stage["fp32"] if stage["fp32"] > 0.05 else float("nan")
                 cumulative = ms[index, "int8"] / ms[index, "fp32"]
-                print(f"{label:<34} {stage['fp32']:>8.2f} {stage['int8']:>8.2f} {ratio:>9.2f}   "
-                      f"{ms[index, 'fp32']:6.2f} / {ms[index, 'int8']:6.2f} / {cumulative:.2f}")
-                rows.append({
-                    "stage": label, "cut_after_layer": layer,
-                    "fp32_ms": stage["fp32"], "int8_ms": stage["int8"],
-                    # null when the fp32 stage is too short (<= 0.05 ms) for a meaningful ratio
-                    "int8_over_fp32": None if np.isnan(ratio) else ratio,
-                    "cumulative_fp32_ms": ms[index, "fp32"], "cumulative_int8_ms": ms[index, "int8"],
-                    "cumulative_int8_over_fp32": cumulative,
-                })
+                print(
+                    f"{label:<34} {stage['fp32']:>8.2f} {stage['int8']:>8.2f} {ratio:>9.2f}   "
+                    f"{ms[index, 'fp32']:6.2f} / {ms[index, 'int8']:6.2f} / {cumulative:.2f}"
+                )
+                rows.append(
+                    {
+                        "stage": label,
+                        "cut_after_layer": layer,
+                        "fp32_ms": stage["fp32"],
+                        "int8_ms": stage["int8"],
+                        # null when the fp32 stage is too short (<= 0.05 ms) for a meaningful ratio
+                        "int8_over_fp32": None if np.isnan(ratio) else ratio,
+                        "cumulative_fp32_ms": ms[index, "fp32"],
+                        "cumulative_int8_ms": ms[index, "int8"],
+                        "cumulative_int8_over_fp32": cumulative,
+                    }
+                )
                 previous = {v: ms[index, v] for v in ("fp32", "int8")}
             results["threads"][str(threads)] = {
                 "stages": rows,

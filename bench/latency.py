@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu:       {cpu_model()} ({platform.machine()}), {os.cpu_count()} logical cores")
     print(f"simd:      {' '.join(simd) or 'none found'}")
     print(f"int8 dot:  {', '.join(int8_features()) or 'none (no VNNI / AMX / dotprod: expect int8 ~ fp32 speed)'}")
-    print(f"protocol:  batch 1, {args.warmup} warm-up invokes, {args.rounds} interleaved rounds x "
-          f"{args.runs} timed invokes")
+    print(
+        f"protocol:  batch 1, {args.warmup} warm-up invokes, {args.rounds} interleaved rounds x "
+        f"{args.runs} timed invokes"
+    )
     print()
 
     summary = load_summary(args.run)
@@ -67,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "run": str(args.run),
         "fold": 0,
-        "protocol": {"batch": 1, "warmup": args.warmup, "rounds": args.rounds, "runs": args.runs,
-                     "statistic": "median over rounds of each round's median ms"},
+        "protocol": {
+            "batch": 1,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "runs": args.runs,
+            "statistic": "median over rounds of each round's median ms",
+        },
         "backbones": {},
     }
     for name in names:

@@ -142,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         for variant, path in paths.items():
             result = compare(path, images, truth)
             results[variant] = result
-            print(f"{variant:<11} {result['n_images']:>6} {100 * result['agreement']:>8.2f}% {result['n_disagree']:>6} "
-                  f"{100 * result['accuracy_steeldefect']:>7.2f}% {100 * result['accuracy_mediapipe']:>12.2f}%")
+            print(
+                f"{variant:<11} {result['n_images']:>6} {100 * result['agreement']:>8.2f}% {result['n_disagree']:>6} "
+                f"{100 * result['accuracy_steeldefect']:>7.2f}% {100 * result['accuracy_mediapipe']:>12.2f}%"
+            )
     record = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "run": str(args.run),

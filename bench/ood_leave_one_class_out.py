@@ -92,8 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     rate, epochs = float(summary["best_learning_rate"]), int(options["epochs"])
     cache = Path(options["cache_dir"])
     maps, _, _ = cached_features(
-        lambda: build_backbone(BACKBONE), prepared.images, dataset_fingerprint=prepared.fingerprint, backbone=BACKBONE,
-        weights_id=weights_id(BACKBONE, "imagenet"), preprocessing=options["preprocessing"], cache_dir=cache,
+        lambda: build_backbone(BACKBONE),
+        prepared.images,
+        dataset_fingerprint=prepared.fingerprint,
+        backbone=BACKBONE,
+        weights_id=weights_id(BACKBONE, "imagenet"),
+        preprocessing=options["preprocessing"],
+        cache_dir=cache,
     )
     pooled = maps.mean(axis=(1, 2))
     del maps
@@ -108,8 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     trainer = HeadTrainer((1, 1, pooled.shape[1]), len(names) - 1, kind="pooled")
 
     def train_head(rows: np.ndarray, y: np.ndarray, seed: int):
-        head, _ = fit_head(pooled[rows][:, None, None, :], y, n_classes=len(names) - 1, kind="pooled",
-                           learning_rate=rate, epochs=epochs, seed=seed, trainer=trainer)
+        head, _ = fit_head(
+            pooled[rows][:, None, None, :],
+            y,
+            n_classes=len(names) - 1,
+            kind="pooled",
+            learning_rate=rate,
+            epochs=epochs,
+            seed=seed,
+            trainer=trainer,
+        )
         return head
 
     per_class = []
@@ -127,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             in_scores["energy"].append(energy)
             in_scores["knn5_pooled"].append(PooledKnn().fit(pooled[fit_rows], None).score(pooled[val_rows]))
             in_scores["maha_pooled"].append(
-                uncertainty.OODScorer().fit(pooled[fit_rows], labels[fit_rows]).score(pooled[val_rows]))
+                uncertainty.OODScorer().fit(pooled[fit_rows], labels[fit_rows]).score(pooled[val_rows])
+            )
         head = train_head(train, remap[labels[train]], 7)
         predicted, msp_k, energy_k = head_scores(head, pooled[known_test])
         _, msp_u, energy_u = head_scores(head, pooled[unknown_test])
@@ -135,35 +149,50 @@ def main(argv: list[str] | None = None) -> int:
         scored = {
             "msp": (msp_k, msp_u),
             "energy": (energy_k, energy_u),
-            "knn5_pooled": tuple(PooledKnn().fit(pooled[train], None).score(pooled[r]) for r in (known_test, unknown_test)),
-            "maha_pooled": tuple(uncertainty.OODScorer().fit(pooled[train], labels[train]).score(pooled[r])
-                                 for r in (known_test, unknown_test)),
+            "knn5_pooled": tuple(
+                PooledKnn().fit(pooled[train], None).score(pooled[r]) for r in (known_test, unknown_test)
+            ),
+            "maha_pooled": tuple(
+                uncertainty.OODScorer().fit(pooled[train], labels[train]).score(pooled[r])
+                for r in (known_test, unknown_test)
+            ),
             "maha_texture": (shipped.score(texture[known_test]), shipped.score(texture[unknown_test])),
         }
         # Either the texture score or the head's max-softmax is unusually high (both out-of-fold ranked).
         reference = [texture_oof, np.concatenate(in_scores["msp"])]
         in_scores["texture_or_msp"] = [uncertainty.percentile_combine(reference, reference)]
         scored["texture_or_msp"] = tuple(
-            uncertainty.percentile_combine(reference, [scored["maha_texture"][i], scored["msp"][i]]) for i in (0, 1))
+            uncertainty.percentile_combine(reference, [scored["maha_texture"][i], scored["msp"][i]]) for i in (0, 1)
+        )
         correct = predicted == remap[labels[known_test]]
         row = {"unknown": unknown_name, "accuracy_known_test": float(correct.mean()), "scores": {}}
         for name, (s_known, s_unknown) in scored.items():
-            threshold = shipped.threshold if name == "maha_texture" else uncertainty.choose_threshold(
-                np.concatenate(in_scores[name]))
+            threshold = (
+                shipped.threshold
+                if name == "maha_texture"
+                else uncertainty.choose_threshold(np.concatenate(in_scores[name]))
+            )
             accepted = s_known <= threshold
             row["scores"][name] = {
-                "auroc": float(roc_auc_score(np.r_[np.zeros(len(s_known)), np.ones(len(s_unknown))], np.r_[s_known, s_unknown])),
+                "auroc": float(
+                    roc_auc_score(np.r_[np.zeros(len(s_known)), np.ones(len(s_unknown))], np.r_[s_known, s_unknown])
+                ),
                 "unknown_flagged": float((s_unknown > threshold).mean()),
                 "known_flagged": float(1 - accepted.mean()),
                 "accuracy_accepted_known": float(correct[accepted].mean()) if accepted.any() else None,
             }
         per_class.append(row)
-        print(f"{unknown_name:16s} " + "  ".join(
-            f"{n} {v['auroc']:.3f}/{100 * v['unknown_flagged']:.0f}%" for n, v in row["scores"].items()), flush=True)
+        print(
+            f"{unknown_name:16s} "
+            + "  ".join(f"{n} {v['auroc']:.3f}/{100 * v['unknown_flagged']:.0f}%" for n, v in row["scores"].items()),
+            flush=True,
+        )
 
     mean = {
-        name: {key: float(np.mean([r["scores"][name][key] for r in per_class]))
-               for key in ("auroc", "unknown_flagged", "known_flagged", "accuracy_accepted_known")}
+        name: {
+            key: float(np.mean([r["scores"][name][key] for r in per_class]))
+            for key in ("auroc", "unknown_flagged", "known_flagged", "accuracy_accepted_known")
+        }
         | {"min_auroc": float(min(r["scores"][name]["auroc"] for r in per_class))}
         for name in SCORES
     }
@@ -176,33 +205,56 @@ def main(argv: list[str] | None = None) -> int:
     far_model = uncertainty.texture_statistics_model(build_backbone(BACKBONE))
     far_raw = predict_tflite(make_interpreter(convert(far_model, "fp32")), np.stack(list(examples.values())))
     far_scores = six_scorer.score(uncertainty.texture_features(far_raw, channels))
-    far = {name: {"score": float(s), "flagged": bool(s > six_scorer.threshold)} for name, s in zip(examples, far_scores)}
+    far = {
+        name: {"score": float(s), "flagged": bool(s > six_scorer.threshold)} for name, s in zip(examples, far_scores)
+    }
 
-    print(f"\n{'score':14s} {'mean AUROC':>10s} {'min':>6s} {'unknown flagged':>16s} {'known flagged':>14s} "
-          f"{'acc. accepted':>13s}  (head accuracy on all known test images: {100 * mean_accuracy:.2f}%)")
+    print(
+        f"\n{'score':14s} {'mean AUROC':>10s} {'min':>6s} {'unknown flagged':>16s} {'known flagged':>14s} "
+        f"{'acc. accepted':>13s}  (head accuracy on all known test images: {100 * mean_accuracy:.2f}%)"
+    )
     for name, m in mean.items():
-        print(f"{name:14s} {m['auroc']:10.3f} {m['min_auroc']:6.3f} {100 * m['unknown_flagged']:15.1f}% "
-              f"{100 * m['known_flagged']:13.1f}% {100 * m['accuracy_accepted_known']:12.2f}%")
+        print(
+            f"{name:14s} {m['auroc']:10.3f} {m['min_auroc']:6.3f} {100 * m['unknown_flagged']:15.1f}% "
+            f"{100 * m['known_flagged']:13.1f}% {100 * m['accuracy_accepted_known']:12.2f}%"
+        )
     print("\nper class (AUROC / % unknown flagged):")
     print(f"{'unknown class':16s} " + " ".join(f"{n:>16s}" for n in SCORES))
     for r in per_class:
-        print(f"{r['unknown']:16s} " + " ".join(
-            f"{r['scores'][n]['auroc']:9.3f} / {100 * r['scores'][n]['unknown_flagged']:3.0f}%" for n in SCORES))
-    print(f"\nsix-class texture scorer: threshold {six_scorer.threshold:.1f}; {100 * in_test_flagged:.1f}% of the 270 "
-          f"test images flagged; far-OOD flagged {sum(v['flagged'] for v in far.values())}/{len(far)}")
+        print(
+            f"{r['unknown']:16s} "
+            + " ".join(
+                f"{r['scores'][n]['auroc']:9.3f} / {100 * r['scores'][n]['unknown_flagged']:3.0f}%" for n in SCORES
+            )
+        )
+    print(
+        f"\nsix-class texture scorer: threshold {six_scorer.threshold:.1f}; {100 * in_test_flagged:.1f}% of the 270 "
+        f"test images flagged; far-OOD flagged {sum(v['flagged'] for v in far.values())}/{len(far)}"
+    )
     for name, v in far.items():
         print(f"  {name:30s} score {v['score']:10.1f}  {'flagged' if v['flagged'] else 'NOT flagged'}")
     print(f"\n{cpu_description()}; {time.perf_counter() - started:.0f} s")
 
-    write_json(args.out, {
-        "command": "python bench/ood_leave_one_class_out.py " + str(args.run),
-        "run": str(args.run), "learning_rate": rate, "epochs": epochs, "accept": uncertainty.DEFAULT_ACCEPT,
-        "texture_layers": list(uncertainty.TEXTURE_LAYERS), "n_components": uncertainty.DEFAULT_COMPONENTS,
-        "per_class": per_class, "mean": mean, "head_accuracy_known_test": mean_accuracy,
-        "six_class": {"threshold": six_scorer.threshold, "test_flagged": in_test_flagged, "far_ood": far},
-        "cpu": cpu_description(), "platform": platform.platform(), "environment": environment(),
-        "seconds": time.perf_counter() - started,
-    })
+    write_json(
+        args.out,
+        {
+            "command": "python bench/ood_leave_one_class_out.py " + str(args.run),
+            "run": str(args.run),
+            "learning_rate": rate,
+            "epochs": epochs,
+            "accept": uncertainty.DEFAULT_ACCEPT,
+            "texture_layers": list(uncertainty.TEXTURE_LAYERS),
+            "n_components": uncertainty.DEFAULT_COMPONENTS,
+            "per_class": per_class,
+            "mean": mean,
+            "head_accuracy_known_test": mean_accuracy,
+            "six_class": {"threshold": six_scorer.threshold, "test_flagged": in_test_flagged, "far_ood": far},
+            "cpu": cpu_description(),
+            "platform": platform.platform(),
+            "environment": environment(),
+            "seconds": time.perf_counter() - started,
+        },
+    )
     print(f"saved {args.out}")
     return 0
 

@@ -105,15 +105,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{variant:6s} {name:22s} {size:6.2f} {' '.join(f'{t:7.2f}' for t in times):>28s}")
         result_rows.append({"variant": variant, "outputs": name, "mib": size, "median_ms_per_round": times})
     for variant, u in usable.items():
-        print(f"{variant}: test accuracy {100 * u['test_accuracy']:.2f}%, test images flagged "
-              f"{100 * u['test_flagged']:.1f}%, far-OOD flagged {u['far_ood_flagged']}/{u['far_ood_total']} "
-              f"(scorer fitted on fp32 statistics)")
+        print(
+            f"{variant}: test accuracy {100 * u['test_accuracy']:.2f}%, test images flagged "
+            f"{100 * u['test_flagged']:.1f}%, far-OOD flagged {u['far_ood_flagged']}/{u['far_ood_total']} "
+            f"(scorer fitted on fp32 statistics)"
+        )
     print(f"{cpu_description()}; {threads} threads; {time.perf_counter() - started:.0f} s")
-    write_json(args.out, {
-        "command": f"python bench/ood_output_cost.py {args.run}", "threads": threads, "timings": result_rows,
-        "second_output_usable": usable, "cpu": cpu_description(), "platform": platform.platform(),
-        "environment": environment(),
-    })
+    write_json(
+        args.out,
+        {
+            "command": f"python bench/ood_output_cost.py {args.run}",
+            "threads": threads,
+            "timings": result_rows,
+            "second_output_usable": usable,
+            "cpu": cpu_description(),
+            "platform": platform.platform(),
+            "environment": environment(),
+        },
+    )
     print(f"saved {args.out}")
     return 0
 

@@ -35,8 +35,13 @@ from steeldefect.runfolder import environment
 TOLERANCE = 15
 SIZE = 200
 LAYERS = ("head_relu", "block14_add", "block10_add", "block11_expand_relu", "block7_add", "block4_add")
-FUSIONS = (("block10_add", "block14_add"), ("block10_add", "head_relu"), ("block7_add", "block10_add", "block14_add"),
-           ("block10_add", "block11_expand_relu"), ("block4_add", "block10_add", "block14_add"))
+FUSIONS = (
+    ("block10_add", "block14_add"),
+    ("block10_add", "head_relu"),
+    ("block7_add", "block10_add", "block14_add"),
+    ("block10_add", "block11_expand_relu"),
+    ("block4_add", "block10_add", "block14_add"),
+)
 
 
 def read_boxes(path: Path) -> list[tuple[int, int, int, int]]:
@@ -111,26 +116,46 @@ def main(argv: list[str] | None = None) -> int:
     randomised = explain.grad_cam(explain.randomize_head(model), images)
     rhos = [spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(default, randomised)]
     rhos = np.nan_to_num(np.array(rhos))
-    sanity = {"median_spearman": float(np.median(rhos)), "mean_spearman": float(np.mean(rhos)),
-              "randomised_head_pointing": float(hits(randomised, masks).mean())}
+    sanity = {
+        "median_spearman": float(np.median(rhos)),
+        "mean_spearman": float(np.mean(rhos)),
+        "randomised_head_pointing": float(hits(randomised, masks).mean()),
+    }
 
     short = [n[:8] for n in names]
     print(f"\n{'heatmap':58s} {'overall':>7s} " + " ".join(f"{s:>8s}" for s in short))
     for name, r in sorted(results.items(), key=lambda kv: -kv[1]["overall"]):
         print(f"{name:58s} {r['overall']:7.3f} " + " ".join(f"{r['per_class'][n]:8.3f}" for n in names))
-    print(f"\ndefault ({explain.DEFAULT_METHOD} @ {' + '.join(explain.DEFAULT_LAYERS)}): "
-          f"{trained_hit.mean():.3f} overall; " + ", ".join(f"{n} {v:.2f}" for n, v in per_class(trained_hit).items()))
-    print(f"head randomisation: Spearman rank correlation trained vs random-head maps, median "
-          f"{sanity['median_spearman']:.3f} (mean {sanity['mean_spearman']:.3f}); random-head pointing "
-          f"{sanity['randomised_head_pointing']:.3f}")
+    print(
+        f"\ndefault ({explain.DEFAULT_METHOD} @ {' + '.join(explain.DEFAULT_LAYERS)}): "
+        f"{trained_hit.mean():.3f} overall; " + ", ".join(f"{n} {v:.2f}" for n, v in per_class(trained_hit).items())
+    )
+    print(
+        f"head randomisation: Spearman rank correlation trained vs random-head maps, median "
+        f"{sanity['median_spearman']:.3f} (mean {sanity['mean_spearman']:.3f}); random-head pointing "
+        f"{sanity['randomised_head_pointing']:.3f}"
+    )
     print(f"{cpu_description()}; {time.perf_counter() - started:.0f} s")
-    write_json(args.out, {
-        "command": f"python bench/pointing_game.py {args.model}", "model": str(args.model), "n_images": len(rows),
-        "tolerance_px": TOLERANCE, "results": results,
-        "default": {"method": explain.DEFAULT_METHOD, "layers": list(explain.DEFAULT_LAYERS),
-                    "overall": float(trained_hit.mean()), "per_class": per_class(trained_hit)},
-        "sanity": sanity, "cpu": cpu_description(), "platform": platform.platform(), "environment": environment(),
-    })
+    write_json(
+        args.out,
+        {
+            "command": f"python bench/pointing_game.py {args.model}",
+            "model": str(args.model),
+            "n_images": len(rows),
+            "tolerance_px": TOLERANCE,
+            "results": results,
+            "default": {
+                "method": explain.DEFAULT_METHOD,
+                "layers": list(explain.DEFAULT_LAYERS),
+                "overall": float(trained_hit.mean()),
+                "per_class": per_class(trained_hit),
+            },
+            "sanity": sanity,
+            "cpu": cpu_description(),
+            "platform": platform.platform(),
+            "environment": environment(),
+        },
+    )
     print(f"saved {args.out}")
     return 0
 

@@ -64,8 +64,11 @@ def installed(name: str) -> str:
 
 def percentiles(latencies_s: list[float]) -> dict[str, float]:
     values = np.asarray(latencies_s) * 1000
-    return {"p50_ms": round(float(np.percentile(values, 50)), 3), "p99_ms": round(float(np.percentile(values, 99)), 3),
-            "mean_ms": round(float(values.mean()), 3)}
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 3),
+        "p99_ms": round(float(np.percentile(values, 99)), 3),
+        "mean_ms": round(float(values.mean()), 3),
+    }
 
 
 class Bare:
@@ -108,8 +111,21 @@ class Server:
         self.port = free_port()
         self.audit_path = folder / f"audit-{self.port}.sqlite"
         self.log_path = folder / f"serve-{self.port}.log"
-        args = [sys.executable, "-m", "steeldefect", "serve", str(model), "--port", str(self.port),
-                "--workers", str(workers), "--threads", str(threads), "--queue", str(queue)]
+        args = [
+            sys.executable,
+            "-m",
+            "steeldefect",
+            "serve",
+            str(model),
+            "--port",
+            str(self.port),
+            "--workers",
+            str(workers),
+            "--threads",
+            str(threads),
+            "--queue",
+            str(queue),
+        ]
         args += ["--audit", str(self.audit_path)] if audit else ["--no-audit"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
         env.pop("STEELDEFECT_TOKEN", None)
@@ -168,8 +184,12 @@ def load(port: int, bodies: list[tuple[int, bytes]], concurrency: int, on_progre
             index, body = bodies[position]
             started = time.perf_counter()
             try:
-                connection.request("POST", "/v1/predict?top_k=1", body=body,
-                                   headers={"Content-Type": "image/jpeg", "X-Client-Id": f"bench-{position}"})
+                connection.request(
+                    "POST",
+                    "/v1/predict?top_k=1",
+                    body=body,
+                    headers={"Content-Type": "image/jpeg", "X-Client-Id": f"bench-{position}"},
+                )
                 response = connection.getresponse()
                 payload = json.loads(response.read())
                 status = response.status
@@ -177,9 +197,14 @@ def load(port: int, bodies: list[tuple[int, bytes]], concurrency: int, on_progre
                 connection.close()
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
                 payload, status = {"error": f"{type(error).__name__}: {error}"}, 0
-            results[position] = {"index": index, "status": status, "seconds": time.perf_counter() - started,
-                                 "class": payload.get("class"), "audit_id": payload.get("audit_id"),
-                                 "error": payload.get("error")}
+            results[position] = {
+                "index": index,
+                "status": status,
+                "seconds": time.perf_counter() - started,
+                "class": payload.get("class"),
+                "audit_id": payload.get("audit_id"),
+                "error": payload.get("error"),
+            }
             with lock:
                 done[0] += 1
                 if on_progress is not None:
@@ -217,11 +242,20 @@ def level(server: Server, bare: Bare, images: list[bytes], concurrency: int, n: 
         server_cpu += server.cpu_seconds() - cpu
     errors = sum(r["status"] != 200 for r in records)
     bare_latency = [s for row in bare_rows for s in row.pop("_seconds")]
-    row = {"concurrency": concurrency, "requests": n, "rounds": rounds, "errors": errors,
-           "images_per_s": round(n / http_seconds, 2), **percentiles([r["seconds"] for r in records]),
-           "server_cpu_ms_per_image": round(1000 * server_cpu / n, 3),
-           "bare": {"images_per_s": round(n / bare_seconds, 2), **percentiles(bare_latency),
-                    "cpu_ms_per_image": round(1000 * bare_cpu / n, 3)}}
+    row = {
+        "concurrency": concurrency,
+        "requests": n,
+        "rounds": rounds,
+        "errors": errors,
+        "images_per_s": round(n / http_seconds, 2),
+        **percentiles([r["seconds"] for r in records]),
+        "server_cpu_ms_per_image": round(1000 * server_cpu / n, 3),
+        "bare": {
+            "images_per_s": round(n / bare_seconds, 2),
+            **percentiles(bare_latency),
+            "cpu_ms_per_image": round(1000 * bare_cpu / n, 3),
+        },
+    }
     row["p99_over_p50"] = round(row["p99_ms"] / row["p50_ms"], 2)
     row["vs_bare"] = round(row["images_per_s"] / row["bare"]["images_per_s"], 3)
     return row
@@ -266,8 +300,11 @@ def soak(server: Server, images: list[bytes], expected: list[str], n: int, bad_f
         if count % step == 0:
             samples.append((count, server.rss_mib()))
             rate = count / (time.perf_counter() - started)
-            print(f"  {count}/{n} requests, {rate:.0f}/s, server RSS {samples[-1][1]:.0f} MiB, "
-                  f"ETA {(n - count) / rate:.0f} s", flush=True)
+            print(
+                f"  {count}/{n} requests, {rate:.0f}/s, server RSS {samples[-1][1]:.0f} MiB, "
+                f"ETA {(n - count) / rate:.0f} s",
+                flush=True,
+            )
 
     records = load(server.port, bodies, 4, progress)
     wall = time.perf_counter() - started
@@ -283,10 +320,16 @@ def soak(server: Server, images: list[bytes], expected: list[str], n: int, bad_f
     warm = [rss for count, rss in samples if count >= n // 10] or [samples[-1][1]]
     growth = (max(warm) - warm[0]) / warm[0] * 100
     return {
-        "requests": n, "good": len(good), "bad": len(bad), "seconds": round(wall, 2),
-        "images_per_s": round(n / wall, 2), **percentiles([r["seconds"] for r in records]),
-        "good_wrong_or_failed": wrong, "bad_not_refused_4xx": bad_not_refused,
-        "answered": len(answered_ids), "answered_missing_from_audit_after_sigkill": missing,
+        "requests": n,
+        "good": len(good),
+        "bad": len(bad),
+        "seconds": round(wall, 2),
+        "images_per_s": round(n / wall, 2),
+        **percentiles([r["seconds"] for r in records]),
+        "good_wrong_or_failed": wrong,
+        "bad_not_refused_4xx": bad_not_refused,
+        "answered": len(answered_ids),
+        "answered_missing_from_audit_after_sigkill": missing,
         "audit_rows": len(stored),
         "rss_mib_samples": [[count, round(rss, 1)] for count, rss in samples],
         "rss_growth_after_warmup_percent": round(growth, 2),
@@ -317,34 +360,59 @@ def main(argv: list[str] | None = None) -> int:
     images = [path.read_bytes() for path in paths]
     flags = cpu_flags()
     machine = {
-        "cpu": cpu_model(), "arch": platform.machine(), "logical_cores": os.cpu_count(),
-        "simd": [f for f in SIMD if f in flags], "int8_features": int8_features(),
+        "cpu": cpu_model(),
+        "arch": platform.machine(),
+        "logical_cores": os.cpu_count(),
+        "simd": [f for f in SIMD if f in flags],
+        "int8_features": int8_features(),
         "server": {"workers": args.workers, "threads_per_interpreter": args.threads},
-        "bare_threads": resolve_threads(args.bare_threads or None), "server_queue": args.queue,
-        "versions": {name: installed(name) for name in ("ai-edge-litert", "fastapi", "uvicorn", "starlette",
-                                                        "httptools", "uvloop", "numpy", "pillow", "prometheus-client")}
+        "bare_threads": resolve_threads(args.bare_threads or None),
+        "server_queue": args.queue,
+        "versions": {
+            name: installed(name)
+            for name in (
+                "ai-edge-litert",
+                "fastapi",
+                "uvicorn",
+                "starlette",
+                "httptools",
+                "uvloop",
+                "numpy",
+                "pillow",
+                "prometheus-client",
+            )
+        }
         | {"python": platform.python_version()},
         "git": source_revision(),
     }
     print(f"cpu:      {machine['cpu']} ({machine['arch']}), {machine['logical_cores']} logical cores")
-    print(f"simd:     {' '.join(machine['simd']) or 'none found'}; "
-          f"int8 dot: {', '.join(machine['int8_features']) or 'none'}")
+    print(
+        f"simd:     {' '.join(machine['simd']) or 'none found'}; "
+        f"int8 dot: {', '.join(machine['int8_features']) or 'none'}"
+    )
     print(f"model:    {model} ({len(images)} NEU JPEGs from {args.images})")
-    print(f"server:   {args.workers} worker(s) x {args.threads} thread(s), queue {args.queue}; "
-          f"bare loop: {machine['bare_threads']} thread(s)")
+    print(
+        f"server:   {args.workers} worker(s) x {args.threads} thread(s), queue {args.queue}; "
+        f"bare loop: {machine['bare_threads']} thread(s)"
+    )
     print(f"commit:   {machine['git']}")
 
-    result: dict = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "machine": machine,
-                    "model": str(model)}
+    result: dict = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "machine": machine,
+        "model": str(model),
+    }
     bare = Bare(model, args.bare_threads or None)
     bare.run(images[:20])  # warm-up: XNNPACK packs weights on the first invokes
     reference, expected = bare.run(images)  # every image's class: what each HTTP answer must say
     reference.pop("_seconds")
     result["bare_all_images"] = reference
-    print(f"\nbare loop, all {len(images)} images: "
-          f"decode+invoke {reference['decode_and_invoke']['images_per_s']} img/s "
-          f"(p50 {reference['decode_and_invoke']['p50_ms']} ms, p99 {reference['decode_and_invoke']['p99_ms']} ms); "
-          f"invoke only {reference['invoke_only']['images_per_s']} img/s (p50 {reference['invoke_only']['p50_ms']} ms)")
+    print(
+        f"\nbare loop, all {len(images)} images: "
+        f"decode+invoke {reference['decode_and_invoke']['images_per_s']} img/s "
+        f"(p50 {reference['decode_and_invoke']['p50_ms']} ms, p99 {reference['decode_and_invoke']['p99_ms']} ms); "
+        f"invoke only {reference['invoke_only']['images_per_s']} img/s (p50 {reference['invoke_only']['p50_ms']} ms)"
+    )
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         folder = Path(tmp)
@@ -356,15 +424,18 @@ def main(argv: list[str] | None = None) -> int:
             server = Server(model, folder, args.workers, args.threads, audit, args.queue)
             try:
                 rows = []
-                for concurrency in (args.concurrency if audit else [c for c in args.concurrency if c <= 4]):
+                for concurrency in args.concurrency if audit else [c for c in args.concurrency if c <= 4]:
                     row = level(server, bare, images, concurrency, args.level_requests, concurrency, args.rounds)
                     rows.append(row)
                     b = row["bare"]
-                    print(f"audit {'on ' if audit else 'off'} c={concurrency:<3} HTTP {row['images_per_s']:>7} img/s "
-                          f"p50 {row['p50_ms']:>6} ms p99 {row['p99_ms']:>6} ms (p99/p50 {row['p99_over_p50']:>5}) "
-                          f"errors {row['errors']} | bare {b['images_per_s']:>6} img/s p50 {b['p50_ms']:>6} ms "
-                          f"p99 {b['p99_ms']:>6} ms | HTTP/bare {row['vs_bare']} | CPU ms/image: server "
-                          f"{row['server_cpu_ms_per_image']}, bare {b['cpu_ms_per_image']}", flush=True)
+                    print(
+                        f"audit {'on ' if audit else 'off'} c={concurrency:<3} HTTP {row['images_per_s']:>7} img/s "
+                        f"p50 {row['p50_ms']:>6} ms p99 {row['p99_ms']:>6} ms (p99/p50 {row['p99_over_p50']:>5}) "
+                        f"errors {row['errors']} | bare {b['images_per_s']:>6} img/s p50 {b['p50_ms']:>6} ms "
+                        f"p99 {b['p99_ms']:>6} ms | HTTP/bare {row['vs_bare']} | CPU ms/image: server "
+                        f"{row['server_cpu_ms_per_image']}, bare {b['cpu_ms_per_image']}",
+                        flush=True,
+                    )
                 result["http"]["audit_on" if audit else "audit_off"] = rows
                 result["server_log_start"] = server.log_path.read_text().splitlines()[-1:]
             finally:
@@ -379,12 +450,14 @@ def main(argv: list[str] | None = None) -> int:
                 if server.process.poll() is None:
                     server.kill(signal.SIGKILL)
             s = result[name]
-            print(f"  {s['images_per_s']} req/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms; good {s['good']} "
-                  f"(wrong or failed {s['good_wrong_or_failed']}), bad {s['bad']} "
-                  f"(not refused {s['bad_not_refused_4xx']}); "
-                  f"answered {s['answered']}, missing from the audit log after SIGKILL "
-                  f"{s['answered_missing_from_audit_after_sigkill']}; RSS growth after warm-up "
-                  f"{s['rss_growth_after_warmup_percent']}%")
+            print(
+                f"  {s['images_per_s']} req/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms; good {s['good']} "
+                f"(wrong or failed {s['good_wrong_or_failed']}), bad {s['bad']} "
+                f"(not refused {s['bad_not_refused_4xx']}); "
+                f"answered {s['answered']}, missing from the audit log after SIGKILL "
+                f"{s['answered_missing_from_audit_after_sigkill']}; RSS growth after warm-up "
+                f"{s['rss_growth_after_warmup_percent']}%"
+            )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from steeldefect.files import write_json

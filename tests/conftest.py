@@ -22,8 +22,14 @@ from PIL import Image
 DEFAULT_NEU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET"
 
 NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
-NEU_CLS_PREFIX = {"crazing": "Cr", "inclusion": "In", "patches": "Pa", "pitted_surface": "PS",
-                  "rolled-in_scale": "RS", "scratches": "Sc"}
+NEU_CLS_PREFIX = {
+    "crazing": "Cr",
+    "inclusion": "In",
+    "patches": "Pa",
+    "pitted_surface": "PS",
+    "rolled-in_scale": "RS",
+    "scratches": "Sc",
+}
 _FORMAT_BY_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 
 

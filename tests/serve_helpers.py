@@ -32,7 +32,11 @@ def export_small_classifier(
     model = training.join_model(backbone, head, "small")
     calibration = np.random.default_rng(0).integers(0, 256, (24, size, size, 3), dtype=np.uint8)
     path = export_model(model, variant, Path(folder) / f"small.{variant}.tflite", calibration)
-    meta = {"class_names": NEU_CLASSES, "input": {"height": size, "width": size, "channels": 3},
-            "variant": variant, "backbone": "small-test"}
+    meta = {
+        "class_names": NEU_CLASSES,
+        "input": {"height": size, "width": size, "channels": 3},
+        "variant": variant,
+        "backbone": "small-test",
+    }
     write_json(sidecar_path(path), {**meta, **(extra_meta or {})})
     return path

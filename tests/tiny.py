@@ -60,8 +60,8 @@ def make_pattern_image(cls: int, rng: np.random.Generator, size: int = 40) -> np
             y, x = rng.integers(2, size - 2, 2)
             image[y - 2 : y + 2, x - 2 : x + 2] = 250
     elif cls == 1:
-        image[:, :: 6] = 20
-        image[:, 1 :: 6] = 20
+        image[:, ::6] = 20
+        image[:, 1::6] = 20
     return image.astype(np.uint8)
 
 

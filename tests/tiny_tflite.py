@@ -11,8 +11,9 @@ import numpy as np
 CLASSES = ("crazing", "inclusion", "patches", "scratches")
 
 
-def export_tiny_classifier(folder: Path, variant: str = "fp32", size: int = 32, seed: int = 1,
-                           extra_metadata: dict | None = None) -> Path:
+def export_tiny_classifier(
+    folder: Path, variant: str = "fp32", size: int = 32, seed: int = 1, extra_metadata: dict | None = None
+) -> Path:
     """``folder/tiny.<variant>.tflite`` with its sidecar: a small conv net (random weights, so its
     probabilities vary from image to image), raw uint8 pixels in, probabilities out."""
     import keras
@@ -30,7 +31,11 @@ def export_tiny_classifier(folder: Path, variant: str = "fp32", size: int = 32, 
     model = training.join_model(backbone, head, "tiny")
     calibration = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8)
     path = export_model(model, variant, Path(folder) / f"tiny.{variant}.tflite", calibration)
-    meta = {"class_names": list(CLASSES), "input": {"height": size, "width": size, "channels": 3},
-            "variant": variant, **(extra_metadata or {})}
+    meta = {
+        "class_names": list(CLASSES),
+        "input": {"height": size, "width": size, "channels": 3},
+        "variant": variant,
+        **(extra_metadata or {}),
+    }
     Path(str(path) + ".json").write_text(json.dumps(meta))
     return path

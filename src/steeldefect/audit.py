@@ -50,8 +50,19 @@ CREATE TABLE IF NOT EXISTS predictions (
 );
 CREATE INDEX IF NOT EXISTS predictions_time ON predictions(time);
 """
-_COLUMNS = ("time", "client_id", "image_sha256", "image_bytes", "class", "probability", "top_k", "uncertain",
-            "confidence", "model_sha256", "latency_ms")
+_COLUMNS = (
+    "time",
+    "client_id",
+    "image_sha256",
+    "image_bytes",
+    "class",
+    "probability",
+    "top_k",
+    "uncertain",
+    "confidence",
+    "model_sha256",
+    "latency_ms",
+)
 
 
 class AuditError(RuntimeError):
@@ -145,8 +156,9 @@ class AuditLog:
                 ids.append([self._insert(row) for row in rows])
             self._inserted_since_prune += sum(len(rows) for rows, _ in batch)
             if self._inserted_since_prune >= max(1, self.keep // 100):
-                self._db.execute("DELETE FROM predictions WHERE id <= (SELECT MAX(id) FROM predictions) - ?",
-                                 (self.keep,))
+                self._db.execute(
+                    "DELETE FROM predictions WHERE id <= (SELECT MAX(id) FROM predictions) - ?", (self.keep,)
+                )
                 self._inserted_since_prune = 0
             self._db.execute("COMMIT")
         except sqlite3.Error as error:
@@ -165,9 +177,16 @@ class AuditLog:
 
     def _insert(self, row: AuditRow) -> int:
         values = (
-            utc_now(), row.client_id, row.image_sha256, int(row.image_bytes), row.top_k[0][0], float(row.top_k[0][1]),
+            utc_now(),
+            row.client_id,
+            row.image_sha256,
+            int(row.image_bytes),
+            row.top_k[0][0],
+            float(row.top_k[0][1]),
             json.dumps([[name, round(float(p), 6)] for name, p in row.top_k]),
-            None if row.uncertain is None else int(row.uncertain), row.confidence, row.model_sha256,
+            None if row.uncertain is None else int(row.uncertain),
+            row.confidence,
+            row.model_sha256,
             round(float(row.latency_ms), 3),
         )
         cursor = self._db.execute(

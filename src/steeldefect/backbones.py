@@ -73,6 +73,7 @@ def hdf5_weights_problem(path: Path) -> str | None:
     arrays = 0
     try:
         with h5py.File(path, "r") as h5:
+
             def read(_name: str, item: object) -> None:
                 nonlocal arrays
                 if isinstance(item, h5py.Dataset):
@@ -215,7 +216,9 @@ def _keras_application(constructor, preprocess_layer: Callable[[], keras.layers.
     def build(weights_path: Path | None, preprocessing: bool, input_shape: tuple[int, int, int]) -> keras.Model:
         # The official file is loaded into the bare Keras application first (its HDF5 loader matches
         # layers by position), then the preprocessing is put in front of it.
-        base = constructor(include_top=False, weights=str(weights_path) if weights_path else None, input_shape=input_shape)
+        base = constructor(
+            include_top=False, weights=str(weights_path) if weights_path else None, input_shape=input_shape
+        )
         if not (preprocessing and preprocess_layer):
             return base
         inputs = keras.Input(shape=input_shape, name="pixels")
@@ -378,8 +381,13 @@ class WeightsStatus:
 def weights_status() -> list[WeightsStatus]:
     """What each registered backbone's weights look like on this machine (nothing is modified)."""
     return [
-        WeightsStatus(spec.name, spec.display_name, spec.weights.problem() or "present", spec.weights.path(),
-                      spec.weights.describe())
+        WeightsStatus(
+            spec.name,
+            spec.display_name,
+            spec.weights.problem() or "present",
+            spec.weights.path(),
+            spec.weights.describe(),
+        )
         for spec in REGISTRY.values()
     ]
 
@@ -460,10 +468,15 @@ def _download_one(wanted: WeightFile, target: Path, url: str, progress: bool) ->
         # get_file has no timeout of its own; without one a silent network would hang the command.
         socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
         try:
-            fetched = Path(keras.utils.get_file(
-                fname=wanted.filename, origin=url, file_hash=wanted.keras_hash,
-                cache_dir=str(staging), cache_subdir=str(staging),
-            ))
+            fetched = Path(
+                keras.utils.get_file(
+                    fname=wanted.filename,
+                    origin=url,
+                    file_hash=wanted.keras_hash,
+                    cache_dir=str(staging),
+                    cache_subdir=str(staging),
+                )
+            )
         except ValueError as error:  # Keras' own hash check; the file is still in staging
             return f"refused, {url}: {wanted.check(staging / wanted.filename) or _first_line(error)}"
         except Exception as error:  # get_file wraps URL errors in a bare Exception; the cause says which

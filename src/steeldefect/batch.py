@@ -47,8 +47,16 @@ log = logging.getLogger(__name__)
 OUTPUT_FORMATS = (".parquet", ".csv", ".jsonl")
 MANIFEST_SUFFIXES = (".txt", ".csv")
 # Columns of the Parquet output, in order (documented in the README; checked by a test).
-PARQUET_COLUMNS = ("path", "class", "probability", "top_classes", "top_probabilities", "uncertain", "error",
-                   "model_sha256")
+PARQUET_COLUMNS = (
+    "path",
+    "class",
+    "probability",
+    "top_classes",
+    "top_probabilities",
+    "uncertain",
+    "error",
+    "model_sha256",
+)
 # `predict --format csv` columns, then the new fields.
 CSV_COLUMNS = ("file", "rank", "class", "probability", "error", "uncertain", "model_sha256")
 DEFAULT_BATCH_SIZE = 64
@@ -131,8 +139,11 @@ def uncertainty_threshold(info: ModelInfo) -> float | None:
     if isinstance(spec, dict) and isinstance(spec.get("threshold"), (int, float)):
         if spec.get("score", "max_probability") in ("max_probability", "msp"):
             return float(spec["threshold"])
-    log.warning("%s: uncertainty %r is not a max-probability threshold; column `uncertain` left empty",
-                sidecar_path(info.path), spec)
+    log.warning(
+        "%s: uncertainty %r is not a max-probability threshold; column `uncertain` left empty",
+        sidecar_path(info.path),
+        spec,
+    )
     return None
 
 
@@ -144,31 +155,36 @@ def make_row(path: str, probabilities: np.ndarray, info: ModelInfo, top_k: int, 
 def parquet_schema():
     import pyarrow as pa
 
-    return pa.schema([
-        ("path", pa.string()),
-        ("class", pa.string()),
-        ("probability", pa.float64()),
-        ("top_classes", pa.list_(pa.string())),
-        ("top_probabilities", pa.list_(pa.float64())),
-        ("uncertain", pa.bool_()),
-        ("error", pa.string()),
-        ("model_sha256", pa.string()),
-    ])
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("class", pa.string()),
+            ("probability", pa.float64()),
+            ("top_classes", pa.list_(pa.string())),
+            ("top_probabilities", pa.list_(pa.float64())),
+            ("uncertain", pa.bool_()),
+            ("error", pa.string()),
+            ("model_sha256", pa.string()),
+        ]
+    )
 
 
 def rows_to_table(rows: Sequence[Row], model_sha256: str):
     import pyarrow as pa
 
-    return pa.table({
-        "path": [r.path for r in rows],
-        "class": [r.top[0][0] if r.top else None for r in rows],
-        "probability": [r.top[0][1] if r.top else None for r in rows],
-        "top_classes": [[c for c, _ in r.top] if r.top else None for r in rows],
-        "top_probabilities": [[p for _, p in r.top] if r.top else None for r in rows],
-        "uncertain": [r.uncertain for r in rows],
-        "error": [r.error for r in rows],
-        "model_sha256": [model_sha256] * len(rows),
-    }, schema=parquet_schema())
+    return pa.table(
+        {
+            "path": [r.path for r in rows],
+            "class": [r.top[0][0] if r.top else None for r in rows],
+            "probability": [r.top[0][1] if r.top else None for r in rows],
+            "top_classes": [[c for c, _ in r.top] if r.top else None for r in rows],
+            "top_probabilities": [[p for _, p in r.top] if r.top else None for r in rows],
+            "uncertain": [r.uncertain for r in rows],
+            "error": [r.error for r in rows],
+            "model_sha256": [model_sha256] * len(rows),
+        },
+        schema=parquet_schema(),
+    )
 
 
 def _csv_text(rows: Sequence[Row], model_sha256: str) -> str:
@@ -188,15 +204,19 @@ def _jsonl_text(rows: Sequence[Row], model_sha256: str) -> str:
     """Today's `predict --format json` objects, one per line, plus class/probability/uncertain/sha."""
     lines = []
     for r in rows:
-        lines.append(json.dumps({
-            "file": r.path,
-            "class": r.top[0][0] if r.top else None,
-            "probability": round(r.top[0][1], 6) if r.top else None,
-            "predictions": [{"class": c, "probability": round(p, 6)} for c, p in r.top],
-            "uncertain": r.uncertain,
-            "error": r.error,
-            "model_sha256": model_sha256,
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "file": r.path,
+                    "class": r.top[0][0] if r.top else None,
+                    "probability": round(r.top[0][1], 6) if r.top else None,
+                    "predictions": [{"class": c, "probability": round(p, 6)} for c, p in r.top],
+                    "uncertain": r.uncertain,
+                    "error": r.error,
+                    "model_sha256": model_sha256,
+                }
+            )
+        )
     return "".join(line + "\n" for line in lines)
 
 
@@ -268,8 +288,10 @@ def iter_predictions(
         yield from _iter_in_processes(model_path, info, batches, workers, threads, top_k, threshold)
         return
     # The one interpreter runs in one thread (it is not thread-safe) while the pool decodes ahead.
-    with ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") as decoders, \
-            ThreadPoolExecutor(1, thread_name_prefix="infer") as inference:
+    with (
+        ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") as decoders,
+        ThreadPoolExecutor(1, thread_name_prefix="infer") as inference,
+    ):
         in_flight: collections.deque[Future] = collections.deque()
         pending = iter(batches)
         try:
@@ -292,8 +314,9 @@ def iter_predictions(
 _WORKER: dict[str, Any] = {}
 
 
-def _start_worker(model_path: Path, threads: int, info: ModelInfo, top_k: int, threshold: float | None,
-                  parent: int) -> None:
+def _start_worker(
+    model_path: Path, threads: int, info: ModelInfo, top_k: int, threshold: float | None, parent: int
+) -> None:
     import threading
 
     def exit_with_parent() -> None:
@@ -322,15 +345,26 @@ def _score_in_worker(batch: list[Path | str]) -> list[Row]:
     return rows
 
 
-def _iter_in_processes(model_path: Path, info: ModelInfo, batches: list[list], workers: int, threads: int,
-                       top_k: int, threshold: float | None) -> Iterator[list[Row]]:
+def _iter_in_processes(
+    model_path: Path,
+    info: ModelInfo,
+    batches: list[list],
+    workers: int,
+    threads: int,
+    top_k: int,
+    threshold: float | None,
+) -> Iterator[list[Row]]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: the parent holds an interpreter and thread pools that a fork would copy.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(model_path, threads, info, top_k, threshold, os.getpid())) as pool:
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(model_path, threads, info, top_k, threshold, os.getpid()),
+    ) as pool:
         in_flight: collections.deque[Future] = collections.deque()
         pending = iter(batches)
         try:
@@ -575,8 +609,10 @@ class _OutputLock:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.handle.close()
-            raise OutputError(f"{self.path.parent.parent / self.path.parent.name.removesuffix('.parts')}: "
-                              "another run is writing this output now") from None
+            raise OutputError(
+                f"{self.path.parent.parent / self.path.parent.name.removesuffix('.parts')}: "
+                "another run is writing this output now"
+            ) from None
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -673,8 +709,16 @@ def score_archive(
         _record_run(out, info, "local")
         number = state.next_part
         with tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, smoothing=0.05) as bar:
-            for rows in iter_predictions(model_path, todo, top_k=top_k, workers=workers, threads=threads,
-                                         decode_threads=decode_threads, batch_size=batch_size, info=info):
+            for rows in iter_predictions(
+                model_path,
+                todo,
+                top_k=top_k,
+                workers=workers,
+                threads=threads,
+                decode_threads=decode_threads,
+                batch_size=batch_size,
+                info=info,
+            ):
                 _write_part(out, number, rows, info.sha256)
                 number += 1
                 bar.update(len(rows))
@@ -772,26 +816,49 @@ def score_archive_ray(
         _record_run(out, info, "ray")
         details: dict[str, Any] = {}
         if todo:
-            details = _run_ray(ray, Path(model_path), info, todo, parts_dir(out) / f"ray-{uuid.uuid4().hex[:12]}",
-                               top_k=top_k, address=address, actors=actors, threads=threads or 1,
-                               batch_size=batch_size, num_cpus=num_cpus, progress=progress)
+            details = _run_ray(
+                ray,
+                Path(model_path),
+                info,
+                todo,
+                parts_dir(out) / f"ray-{uuid.uuid4().hex[:12]}",
+                top_k=top_k,
+                address=address,
+                actors=actors,
+                threads=threads or 1,
+                batch_size=batch_size,
+                num_cpus=num_cpus,
+                progress=progress,
+            )
         seconds = time.perf_counter() - start
         finalize_output(out, collections.Counter(map(str, paths)))
-    result = ArchiveResult(out, len(paths), len(paths) - len(todo), len(todo), _count_failed(out), seconds, "ray",
-                           details)
+    result = ArchiveResult(
+        out, len(paths), len(paths) - len(todo), len(todo), _count_failed(out), seconds, "ray", details
+    )
     return result
 
 
-def _run_ray(ray, model_path: Path, info: ModelInfo, todo: list[str], target: Path, *, top_k: int,
-             address: str | None, actors: int | None, threads: int, batch_size: int, num_cpus: int | None,
-             progress: bool) -> dict[str, Any]:
+def _run_ray(
+    ray,
+    model_path: Path,
+    info: ModelInfo,
+    todo: list[str],
+    target: Path,
+    *,
+    top_k: int,
+    address: str | None,
+    actors: int | None,
+    threads: int,
+    batch_size: int,
+    num_cpus: int | None,
+    progress: bool,
+) -> dict[str, Any]:
     import pyarrow as pa
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_here = not ray.is_initialized()
     if started_here:
-        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                   "configure_logging": False}
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         if address is None:
             options["num_cpus"] = num_cpus or os.cpu_count() or 1
         context = ray.init(address=address, **options)
@@ -808,19 +875,29 @@ def _run_ray(ray, model_path: Path, info: ModelInfo, todo: list[str], target: Pa
         # Logical CPU shares so that decode tasks and every actor fit together (the OS shares the
         # real cores). Ray Data restarts a killed actor and retries its batch (max_restarts and
         # max_task_retries default to -1 for actor pools) and retries a failed decode task.
-        dataset = dataset.map_batches(_decode_batch, fn_kwargs={"input_size": info.input_size},
-                                      batch_size=batch_size, num_cpus=0.5)
+        dataset = dataset.map_batches(
+            _decode_batch, fn_kwargs={"input_size": info.input_size}, batch_size=batch_size, num_cpus=0.5
+        )
         dataset = dataset.map_batches(
             _RayPredictor,
-            fn_constructor_kwargs={"model_path": str(Path(model_path).resolve()), "info": info, "top_k": top_k,
-                                   "threads": threads},
-            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+            fn_constructor_kwargs={
+                "model_path": str(Path(model_path).resolve()),
+                "info": info,
+                "top_k": top_k,
+                "threads": threads,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=0.5,
         )
         dataset.write_parquet(str(target))
-        return {"cluster_cpus": cluster_cpus, "actors": actors, "address": address or "local",
-                "dashboard_url": (context.dashboard_url if context is not None else None) or None}
+        return {
+            "cluster_cpus": cluster_cpus,
+            "actors": actors,
+            "address": address or "local",
+            "dashboard_url": (context.dashboard_url if context is not None else None) or None,
+        }
     finally:
         if started_here:
             ray.shutdown()
-

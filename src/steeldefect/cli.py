@@ -47,15 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
     install = weights_commands.add_parser("install", help="copy official Keras weight files from a folder")
     install.add_argument("folder", type=Path)
     download = weights_commands.add_parser(
-        "download", help="fetch the official Keras weight files (hash-checked) into $KERAS_HOME/models")
-    download.add_argument("names", nargs="*", default=["all"], metavar="NAME",
-                          help="backbones, or 'all' (default); Lite0's weights come from its package instead")
+        "download", help="fetch the official Keras weight files (hash-checked) into $KERAS_HOME/models"
+    )
+    download.add_argument(
+        "names",
+        nargs="*",
+        default=["all"],
+        metavar="NAME",
+        help="backbones, or 'all' (default); Lite0's weights come from its package instead",
+    )
 
     train = commands.add_parser("train", help="features -> LR grid x CV folds -> test metrics -> .keras models")
     train.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
     add_arguments(train, TrainOptions)
-    train.add_argument("--download-weights", action="store_true",
-                       help="first fetch missing official Keras weight files (nothing is downloaded without this)")
+    train.add_argument(
+        "--download-weights",
+        action="store_true",
+        help="first fetch missing official Keras weight files (nothing is downloaded without this)",
+    )
     train.add_argument("--out", type=Path, default=None, help="run folder (default runs/train-<timestamp>)")
 
     export = commands.add_parser("export", help="LiteRT fp32 / fp16 / full-integer int8 / int8-mixed models of a run")
@@ -70,18 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", type=Path)
 
     reproduce = commands.add_parser("reproduce", help="the whole study: train -> export -> evaluate -> report")
-    reproduce.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
+    reproduce.add_argument(
+        "--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)"
+    )
     add_arguments(reproduce, TrainOptions, defaults={"backbones": ("all",)})
-    reproduce.add_argument("--download-weights", action="store_true",
-                       help="first fetch missing official Keras weight files (nothing is downloaded without this)")
+    reproduce.add_argument(
+        "--download-weights",
+        action="store_true",
+        help="first fetch missing official Keras weight files (nothing is downloaded without this)",
+    )
     add_arguments(reproduce, ExportOptions, only=("calibration_samples",))
     add_arguments(reproduce, EvaluateOptions)
     reproduce.add_argument("--out", type=Path, default=None, help="run folder (default runs/reproduce-<timestamp>)")
 
     predict = commands.add_parser("predict", help="classify images with a .tflite or .keras model")
     predict.add_argument("model", type=Path)
-    predict.add_argument("paths", type=Path, nargs="+",
-                         help="image files, folders, or manifests (.txt one path per line, .csv with a path column)")
+    predict.add_argument(
+        "paths",
+        type=Path,
+        nargs="+",
+        help="image files, folders, or manifests (.txt one path per line, .csv with a path column)",
+    )
     add_arguments(predict, PredictOptions)
 
     serve = commands.add_parser("serve", help="answer HTTP on the line: /v1/predict, the inspector page, audit log")
@@ -157,8 +175,12 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         out = args.out or default_run_dir(args.command)
         export_options = ExportOptions(calibration_samples=args.calibration_samples)
         pipeline.reproduce(
-            args.data, out, from_namespace(TrainOptions, args), export_options,
-            from_namespace(EvaluateOptions, args), progress=progress,
+            args.data,
+            out,
+            from_namespace(TrainOptions, args),
+            export_options,
+            from_namespace(EvaluateOptions, args),
+            progress=progress,
         )
         print(f"run folder: {out}")
         _print_deploy(out)
@@ -185,8 +207,9 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         options = from_namespace(PredictOptions, args)
         if options.out is not None or args.model.suffix == ".tflite" or args.model.is_dir():
             return _predict_archive(args.model, args.paths, options, progress)
-        results = predict_paths(args.model, collect_inputs(args.paths), top_k=options.top_k, threads=options.threads,
-                                progress=progress)
+        results = predict_paths(
+            args.model, collect_inputs(args.paths), top_k=options.top_k, threads=options.threads, progress=progress
+        )
         print(format_predictions(results, options.format))
         failed = sum(1 for result in results if result.error)
         return 1 if failed else 0
@@ -211,11 +234,20 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = from_namespace(ServeOptions, args)
     try:
-        serve(args.model, host=options.host, port=options.port, workers=options.workers or None,
-              threads=options.threads, token=options.token, audit_path=None if options.no_audit else options.audit,
-              audit_keep=options.audit_keep, audit_fsync=options.audit_fsync,
-              max_upload_bytes=mebibytes(options.max_upload_mb), top_k_default=options.top_k,
-              queue_size=options.queue)
+        serve(
+            args.model,
+            host=options.host,
+            port=options.port,
+            workers=options.workers or None,
+            threads=options.threads,
+            token=options.token,
+            audit_path=None if options.no_audit else options.audit,
+            audit_keep=options.audit_keep,
+            audit_fsync=options.audit_fsync,
+            max_upload_bytes=mebibytes(options.max_upload_mb),
+            top_k_default=options.top_k,
+            queue_size=options.queue,
+        )
     except (ServeError, AuditError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -252,16 +284,26 @@ def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions
         return 1 if any(result.error for result in results) else 0
     try:
         if options.engine == "ray":
-            result = batch.score_archive_ray(model, paths, options.out, address=options.address,
-                                             actors=options.workers, progress=progress, **settings)
+            result = batch.score_archive_ray(
+                model,
+                paths,
+                options.out,
+                address=options.address,
+                actors=options.workers,
+                progress=progress,
+                **settings,
+            )
         else:
-            result = batch.score_archive(model, paths, options.out, workers=options.workers,
-                                         progress=progress, **settings)
+            result = batch.score_archive(
+                model, paths, options.out, workers=options.workers, progress=progress, **settings
+            )
     except batch.RayMissingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{result.out}: {result.listed} images listed, {result.skipped} already done, {result.scored} scored "
-          f"in {result.seconds:.1f} s ({result.images_per_second:.1f} images/s), {result.failed} failed in the output")
+    print(
+        f"{result.out}: {result.listed} images listed, {result.skipped} already done, {result.scored} scored "
+        f"in {result.seconds:.1f} s ({result.images_per_second:.1f} images/s), {result.failed} failed in the output"
+    )
     return 1 if result.failed else 0
 
 

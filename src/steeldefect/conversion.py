@@ -35,6 +35,7 @@ def representative_dataset(images: np.ndarray) -> Callable[[], Iterator[list[np.
     That pins the input range to exactly 0..255 (so the uint8 input needs no rescaling), at the cost
     of two pixels out of 200 x 50,176.
     """
+
     def generate() -> Iterator[list[np.ndarray]]:
         for position, image in enumerate(images):
             sample = image.astype(np.float32)[None].copy()
@@ -128,12 +129,16 @@ def _convert_mixed(model, calibration_images: np.ndarray | None, int8_flatbuffer
 
     if calibration_images is None or len(calibration_images) == 0:
         raise ValueError("int8-mixed export needs calibration images from the training split")
-    full_integer = int8_flatbuffer if int8_flatbuffer is not None else make_converter(model, "int8", calibration_images).convert()
+    full_integer = (
+        int8_flatbuffer if int8_flatbuffer is not None else make_converter(model, "int8", calibration_images).convert()
+    )
     converter = make_converter(model, "int8", calibration_images)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter,
         debug_dataset=representative_dataset(calibration_images[:1]),
-        debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=high_resolution_outputs(full_integer)),
+        debug_options=tf.lite.experimental.QuantizationDebugOptions(
+            denylisted_nodes=high_resolution_outputs(full_integer)
+        ),
     )
     return debugger.get_nondebug_quantized_model()

@@ -337,8 +337,9 @@ def candidate_files(root: Path) -> list[Path]:
                 else:
                     found.setdefault(real, path)
             elif entry.is_symlink():
-                warnings.warn(f"{path}: dangling symlink (target missing or a loop); skipped", SymlinkWarning,
-                              stacklevel=2)
+                warnings.warn(
+                    f"{path}: dangling symlink (target missing or a loop); skipped", SymlinkWarning, stacklevel=2
+                )
         stack.extend(reversed(subfolders))  # popped in name order, so "first link" is well defined
     return list(found.values())
 
@@ -363,7 +364,8 @@ def _class_dirs(root: Path) -> dict[str, Path]:
     return {
         entry.name: entry
         for entry in root.iterdir()
-        if entry.is_dir() and not _is_ignored_dir(entry.name)
+        if entry.is_dir()
+        and not _is_ignored_dir(entry.name)
         and not (entry.is_symlink() and _own_path(os.path.realpath(entry), real_root, root, is_file=False) is not None)
     }
 
@@ -481,7 +483,9 @@ def _decode_bytes(data: bytes) -> Image.Image:
     except UnidentifiedImageError as error:
         looks_like = _sniff_format(data)
         if looks_like:
-            raise _BadImage(f"corrupt {looks_like} data: the file starts like a {looks_like} but cannot be parsed") from error
+            raise _BadImage(
+                f"corrupt {looks_like} data: the file starts like a {looks_like} but cannot be parsed"
+            ) from error
         raise _BadImage(
             f"not an image: content is not {', '.join(SUPPORTED_FORMATS)} (the file extension is ignored)"
         ) from error
@@ -494,7 +498,13 @@ def _decode_bytes(data: bytes) -> Image.Image:
     return image
 
 
-_MAGIC_BYTES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+_MAGIC_BYTES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG", "PNG"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 
 
 def _sniff_format(data: bytes) -> str | None:

@@ -30,8 +30,15 @@ LITE0_PTH_NAME = "efficientnet-lite0-57934424.pth"
 FEATURES_LAYER = "head_relu"  # last layer of the include_top=False trunk (7x7x1280 at 224)
 
 # (repeats, kernel, stride, expand ratio, output channels) per stage.
-LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-                (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+LITE0_STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
 _BN_EPSILON = 1e-3  # TF EfficientNet default; PyTorch's 1e-5 would shift every activation slightly.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001
@@ -50,10 +57,15 @@ class WeightsIntegrityError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def build_efficientnet_lite0(include_top: bool = False, input_shape: tuple[int, int, int] = (224, 224, 3),
-                             preprocessing: bool = True, batch_size: int | None = None,
-                             name: str = "efficientnet_lite0") -> keras.Model:
+def build_efficientnet_lite0(
+    include_top: bool = False,
+    input_shape: tuple[int, int, int] = (224, 224, 3),
+    preprocessing: bool = True,
+    batch_size: int | None = None,
+    name: str = "efficientnet_lite0",
+) -> keras.Model:
     """Functional EfficientNet-Lite0 taking raw RGB pixels in 0..255 (randomly initialised)."""
+
     def bn(x, layer_name):
         return keras.layers.BatchNormalization(epsilon=_BN_EPSILON, name=layer_name)(x)
 
@@ -61,8 +73,7 @@ def build_efficientnet_lite0(include_top: bool = False, input_shape: tuple[int, 
         return keras.layers.ReLU(6.0, name=layer_name)(x)
 
     def conv(x, filters, kernel, stride, layer_name):
-        return keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
-                                   name=layer_name)(x)
+        return keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=layer_name)(x)
 
     inputs = keras.Input(shape=input_shape, batch_size=batch_size, name="pixels")
     x = inputs
@@ -78,10 +89,12 @@ def build_efficientnet_lite0(include_top: bool = False, input_shape: tuple[int, 
             p = f"block{block}"
             shortcut = x
             if expand != 1:
-                x = relu6(bn(conv(x, in_channels * expand, 1, 1, f"{p}_expand_conv"), f"{p}_expand_bn"),
-                          f"{p}_expand_relu")
-            x = keras.layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
-                                             name=f"{p}_dwconv")(x)
+                x = relu6(
+                    bn(conv(x, in_channels * expand, 1, 1, f"{p}_expand_conv"), f"{p}_expand_bn"), f"{p}_expand_relu"
+                )
+            x = keras.layers.DepthwiseConv2D(
+                kernel, strides=stride, padding="same", use_bias=False, name=f"{p}_dwconv"
+            )(x)
             x = relu6(bn(x, f"{p}_dw_bn"), f"{p}_dw_relu")
             x = bn(conv(x, out_channels, 1, 1, f"{p}_project_conv"), f"{p}_project_bn")
             if stride == 1 and in_channels == out_channels:
@@ -137,17 +150,30 @@ class _TensorRebuilder(_Sealed):
 
     def __call__(self, storage: Any, offset: Any, shape: Any, strides: Any, *_ignored: Any) -> _TensorRef:
         # Trailing args (requires_grad, backward_hooks, metadata) carry nothing we need.
-        ok = (isinstance(storage, _StorageRef) and isinstance(offset, int)
-              and isinstance(shape, tuple) and isinstance(strides, tuple) and len(shape) == len(strides)
-              and all(isinstance(v, int) for v in shape + strides))
+        ok = (
+            isinstance(storage, _StorageRef)
+            and isinstance(offset, int)
+            and isinstance(shape, tuple)
+            and isinstance(strides, tuple)
+            and len(shape) == len(strides)
+            and all(isinstance(v, int) for v in shape + strides)
+        )
         if not ok:
             raise WeightsIntegrityError(f"malformed tensor record: {storage!r}, {offset!r}, {shape!r}, {strides!r}")
         return _TensorRef(storage, offset, shape, strides)
 
 
-_STORAGE_DTYPES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "LongStorage": "i8",
-                   "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1", "ByteStorage": "u1",
-                   "BoolStorage": "?"}
+_STORAGE_DTYPES = {
+    "FloatStorage": "f4",
+    "DoubleStorage": "f8",
+    "HalfStorage": "f2",
+    "LongStorage": "i8",
+    "IntStorage": "i4",
+    "ShortStorage": "i2",
+    "CharStorage": "i1",
+    "ByteStorage": "u1",
+    "BoolStorage": "?",
+}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -169,9 +195,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         # ('storage', storage_type, key, location, numel[, (view_key, offset, view_numel)])
-        if (not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage"
-                or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
-                or not isinstance(pid[4], int)):
+        if (
+            not isinstance(pid, tuple)
+            or len(pid) not in (5, 6)
+            or pid[0] != "storage"
+            or not isinstance(pid[1], _StorageType)
+            or not isinstance(pid[2], str)
+            or not isinstance(pid[4], int)
+        ):
             raise UnsafePickleError(f"unexpected persistent id {pid!r} in {self._path}")
         view = pid[5] if len(pid) == 6 else None
         if view is not None:
@@ -187,7 +218,9 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
         raise WeightsIntegrityError(f"{path}: sha256 mismatch, expected {expected}, got {actual}")
 
 
-def read_legacy_pth(path: str | os.PathLike, expected_sha256: str | None = None) -> collections.OrderedDict[str, np.ndarray]:
+def read_legacy_pth(
+    path: str | os.PathLike, expected_sha256: str | None = None
+) -> collections.OrderedDict[str, np.ndarray]:
     """Read a legacy (non-zip) ``torch.save`` state dict into numpy arrays, in file order."""
     path = Path(path)
     if expected_sha256 is not None:
@@ -198,7 +231,9 @@ def read_legacy_pth(path: str | os.PathLike, expected_sha256: str | None = None)
         try:
             magic, protocol, sys_info = load(), load(), load()
             if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL or not isinstance(sys_info, dict):
-                raise WeightsIntegrityError(f"{path}: not a legacy torch.save file (magic {magic!r}, protocol {protocol!r})")
+                raise WeightsIntegrityError(
+                    f"{path}: not a legacy torch.save file (magic {magic!r}, protocol {protocol!r})"
+                )
             byte_order = "<" if sys_info.get("little_endian", True) else ">"
             state, keys = load(), load()
         except UnsafePickleError as err:
@@ -229,7 +264,7 @@ def _materialise(name: str, ref: _TensorRef, storages: dict[str, np.ndarray], pa
     flat = storages[ref.storage.key]
     if ref.storage.view is not None:
         view_offset, view_numel = ref.storage.view
-        flat = flat[view_offset:view_offset + view_numel]
+        flat = flat[view_offset : view_offset + view_numel]
     shape, strides = ref.shape, ref.strides
     # as_strided reads raw memory, so prove every addressed element lies inside the storage first.
     if any(s < 0 for s in shape + strides) or ref.offset < 0:
@@ -238,11 +273,12 @@ def _materialise(name: str, ref: _TensorRef, storages: dict[str, np.ndarray], pa
         last = ref.offset + sum((n - 1) * s for n, s in zip(shape, strides))
         if last >= flat.size:
             raise WeightsIntegrityError(f"{path}: tensor {name!r} reaches past its storage")
-    base = flat[ref.offset:]
+    base = flat[ref.offset :]
     # Strides matter: conv weights here are stored HWIO-ordered behind an OIHW shape, so a plain
     # reshape would silently scramble them.
-    view = np.lib.stride_tricks.as_strided(base, shape=shape, strides=[s * flat.itemsize for s in strides],
-                                           writeable=False)
+    view = np.lib.stride_tricks.as_strided(
+        base, shape=shape, strides=[s * flat.itemsize for s in strides], writeable=False
+    )
     return np.array(view, order="C")  # a C-ordered copy, detached from the file buffer
 
 
@@ -250,10 +286,21 @@ def _materialise(name: str, ref: _TensorRef, storages: dict[str, np.ndarray], pa
 # State dict -> Keras
 # --------------------------------------------------------------------------------------------
 
-_BLOCK_PARTS = {"expand_conv": "_expand_conv", "expand_bn": "_bn0", "dwconv": "_depthwise_conv",
-                "dw_bn": "_bn1", "project_conv": "_project_conv", "project_bn": "_bn2"}
-_TOP_PARTS = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "head_conv": "_conv_head", "head_bn": "_bn1",
-              "predictions": "_fc"}
+_BLOCK_PARTS = {
+    "expand_conv": "_expand_conv",
+    "expand_bn": "_bn0",
+    "dwconv": "_depthwise_conv",
+    "dw_bn": "_bn1",
+    "project_conv": "_project_conv",
+    "project_bn": "_bn2",
+}
+_TOP_PARTS = {
+    "stem_conv": "_conv_stem",
+    "stem_bn": "_bn0",
+    "head_conv": "_conv_head",
+    "head_bn": "_bn1",
+    "predictions": "_fc",
+}
 
 
 def _pth_prefix(layer_name: str) -> str:
@@ -372,19 +419,25 @@ def ensure_lite0_weights(keras_home: Path | None = None) -> Path:
     return target
 
 
-def build_lite0_trunk(weights_path: Path | None, preprocessing: bool = True,
-                      input_shape: tuple[int, int, int] = (224, 224, 3), batch_size: int | None = None) -> keras.Model:
+def build_lite0_trunk(
+    weights_path: Path | None,
+    preprocessing: bool = True,
+    input_shape: tuple[int, int, int] = (224, 224, 3),
+    batch_size: int | None = None,
+) -> keras.Model:
     """Lite0 up to the head ReLU6 (7x7x1280 at 224), with ``weights_path`` loaded when given."""
-    model = build_efficientnet_lite0(include_top=True, preprocessing=preprocessing, input_shape=input_shape,
-                                     batch_size=batch_size)
+    model = build_efficientnet_lite0(
+        include_top=True, preprocessing=preprocessing, input_shape=input_shape, batch_size=batch_size
+    )
     if weights_path is not None:
         # The weights file is keyed by layer name, so the Rescaling layer's presence doesn't matter.
         model.load_weights(weights_path)
     return keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="efficientnet_lite0")
 
 
-def build_pretrained_lite0(include_top: bool = False, preprocessing: bool = True, batch_size: int | None = None,
-                           keras_home: Path | None = None) -> keras.Model:
+def build_pretrained_lite0(
+    include_top: bool = False, preprocessing: bool = True, batch_size: int | None = None, keras_home: Path | None = None
+) -> keras.Model:
     """Lite0 with ImageNet weights; without the top it is :func:`build_lite0_trunk`."""
     weights = ensure_lite0_weights(keras_home)
     if not include_top:

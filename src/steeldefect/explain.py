@@ -135,8 +135,12 @@ def randomize_head(model: Any, seed: int = 0) -> Any:
     copy.set_weights(model.get_weights())
     head = copy.layers[-1]
     rng = np.random.default_rng(seed)
-    head.set_weights([rng.normal(0, 1 / np.sqrt(w.shape[0]), w.shape).astype(w.dtype) if w.ndim > 1 else w * 0
-                      for w in head.get_weights()])
+    head.set_weights(
+        [
+            rng.normal(0, 1 / np.sqrt(w.shape[0]), w.shape).astype(w.dtype) if w.ndim > 1 else w * 0
+            for w in head.get_weights()
+        ]
+    )
     return copy
 
 

@@ -36,8 +36,11 @@ def provenance(run: Path, backbone: str, fold: int | str) -> dict[str, Any]:
         entries = [runfolder.load_summary(run)["backbones"].get(backbone, {}).get("final", {}).get("keras", {})]
     else:
         metrics_path = runfolder.test_metrics_path(run, backbone, "keras")
-        entries = [e for e in read_json(metrics_path).get("per_model", []) if e.get("fold") == fold] \
-            if metrics_path.is_file() else []
+        entries = (
+            [e for e in read_json(metrics_path).get("per_model", []) if e.get("fold") == fold]
+            if metrics_path.is_file()
+            else []
+        )
     for entry in entries:
         if "accuracy" in entry:
             n_images = int(np.sum(entry["confusion_matrix"])) if "confusion_matrix" in entry else None
@@ -106,7 +109,9 @@ def export_backbone(
     if runfolder.fold_model_path(run, backbone, runfolder.FINAL, "keras").is_file():
         models.append(runfolder.FINAL)  # the model to deploy, exported like the folds
     pending = {
-        fold: [variant for variant in variants if not _is_exported(runfolder.fold_model_path(run, backbone, fold, variant))]
+        fold: [
+            variant for variant in variants if not _is_exported(runfolder.fold_model_path(run, backbone, fold, variant))
+        ]
         for fold in models
     }
     pending = {fold: todo for fold, todo in pending.items() if todo}
@@ -156,7 +161,9 @@ def export_fold(
         meta = read_json(runfolder.sidecar_path(source)) | {"variant": variant, "verified": None}
         if variant in QUANTIZED_VARIANTS:
             meta["calibration"] = {
-                "samples": len(calibration_images), "split": "train", "file": runfolder.calibration_path(run).name
+                "samples": len(calibration_images),
+                "split": "train",
+                "file": runfolder.calibration_path(run).name,
             }
         meta["provenance"] = provenance(run, backbone, fold)
         export_model(
@@ -164,7 +171,9 @@ def export_fold(
             variant,
             target,
             calibration_images if variant in QUANTIZED_VARIANTS else None,
-            int8_flatbuffer=full_integer.read_bytes() if variant == "int8-mixed" and _is_exported(full_integer) else None,
+            int8_flatbuffer=full_integer.read_bytes()
+            if variant == "int8-mixed" and _is_exported(full_integer)
+            else None,
             metadata=meta,
         )
         meta["tflite"] = tensor_summary(target)

@@ -78,9 +78,7 @@ def inspect_dataset(
                     member_roles and "test" in member_roles and any(r != "test" for r in member_roles)
                 ),
                 # Within training, copies in different folds validate on an image they also train on.
-                "straddles_folds": bool(
-                    member_roles and len({r for r in member_roles if r != "test"}) > 1
-                ),
+                "straddles_folds": bool(member_roles and len({r for r in member_roles if r != "test"}) > 1),
                 "conflicting_labels": len({int(readable.labels[i]) for i in members}) > 1,
             }
         )
@@ -128,9 +126,7 @@ def format_inspection(report: dict[str, Any]) -> str:
     warnings_out = []
     for group in duplicates:
         if group["conflicting_labels"]:
-            warnings_out.append(
-                f"WARNING: identical images with different classes: {', '.join(group['files'])}"
-            )
+            warnings_out.append(f"WARNING: identical images with different classes: {', '.join(group['files'])}")
         if group["straddles_split"]:
             tested = [n for n, r in zip(group["files"], group["roles"]) if r == "test"]
             trained = [n for n, r in zip(group["files"], group["roles"]) if r != "test"]

@@ -129,8 +129,7 @@ class Classifier:
         n_outputs = int(self.interpreter.get_output_details()[0]["shape"][-1])
         if n_outputs != len(self.info.class_names):
             raise ModelFileError(
-                f"{described_by}: {len(self.info.class_names)} class names for a model "
-                f"with {n_outputs} outputs"
+                f"{described_by}: {len(self.info.class_names)} class names for a model with {n_outputs} outputs"
             )
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:

@@ -40,8 +40,16 @@ FRACTION = Check(lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
 AT_LEAST_2 = Check(lambda v: v >= 2, "an integer >= 2")
 
 
-def option(default: Any, help: str, *, flag: str | None = None, check: Check | None = None,
-           choices: tuple[str, ...] | None = None, resume_free: bool = False, additive: bool = False) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    check: Check | None = None,
+    choices: tuple[str, ...] | None = None,
+    resume_free: bool = False,
+    additive: bool = False,
+) -> Any:
     """A dataclass field carrying its CLI flag, help, check and how a resumed run treats it.
 
     ``resume_free``: changes how a run is carried out, not what it computes (a resumed run may
@@ -49,10 +57,16 @@ def option(default: Any, help: str, *, flag: str | None = None, check: Check | N
     """
     if isinstance(default, (list, tuple)):
         default_tuple = tuple(default)
-        return field(default_factory=lambda: default_tuple, metadata=dict(
-            help=help, flag=flag, check=check, choices=choices, resume_free=resume_free, additive=additive))
-    return field(default=default, metadata=dict(
-        help=help, flag=flag, check=check, choices=choices, resume_free=resume_free, additive=additive))
+        return field(
+            default_factory=lambda: default_tuple,
+            metadata=dict(
+                help=help, flag=flag, check=check, choices=choices, resume_free=resume_free, additive=additive
+            ),
+        )
+    return field(
+        default=default,
+        metadata=dict(help=help, flag=flag, check=check, choices=choices, resume_free=resume_free, additive=additive),
+    )
 
 
 class _Options:
@@ -93,7 +107,9 @@ def _problem(spec: dataclasses.Field, value: Any) -> str | None:
     for item in values:
         if item is None:
             continue
-        if base in (int, float) and (isinstance(item, bool) or not isinstance(item, (int, float) if base is float else int)):
+        if base in (int, float) and (
+            isinstance(item, bool) or not isinstance(item, (int, float) if base is float else int)
+        ):
             return f"must be {'a number' if base is float else 'an integer'}, got {item!r}"
         if choices and item not in choices:
             return f"invalid choice {item!r} (choose from {', '.join(choices)})"
@@ -122,8 +138,9 @@ class DataOptions(_Options):
     test_fraction: float = option(0.15, "share of each class held out as the test split", check=FRACTION)
     n_folds: int = option(5, "cross-validation folds", flag="--folds", check=AT_LEAST_2)
     image_size: int = option(224, "square input size in pixels", check=AT_LEAST_1)
-    cache_dir: Path | None = option(None, "decoded-image and feature cache (default $STEELDEFECT_CACHE or "
-                                    "~/.cache/steeldefect)", resume_free=True)
+    cache_dir: Path | None = option(
+        None, "decoded-image and feature cache (default $STEELDEFECT_CACHE or ~/.cache/steeldefect)", resume_free=True
+    )
     skip_bad: bool = option(False, "exclude unreadable images with a warning")
 
 
@@ -131,34 +148,50 @@ class DataOptions(_Options):
 class TrainOptions(DataOptions):
     """`train`: features -> learning-rate grid x CV folds -> test metrics -> joined .keras models."""
 
-    backbones: tuple[str, ...] = option(("efficientnet_lite0",), "backbones to train (mobilenet, efficientnetb0, "
-                                        "vgg16, efficientnet_lite0); 'all' skips those whose weights are missing",
-                                        flag="--backbone", check=Check(lambda v: _is_backbone(v),
-                                                                       "a registered backbone or 'all'"))
+    backbones: tuple[str, ...] = option(
+        ("efficientnet_lite0",),
+        "backbones to train (mobilenet, efficientnetb0, "
+        "vgg16, efficientnet_lite0); 'all' skips those whose weights are missing",
+        flag="--backbone",
+        check=Check(lambda v: _is_backbone(v), "a registered backbone or 'all'"),
+    )
     weights: str = option("imagenet", "'none' = random init, explicitly", choices=WEIGHTS_CHOICES)
-    preprocessing: str = option("model", "'reference' feeds raw 0..255 pixels with no scaling, as the "
-                                "reference study did", choices=PREPROCESSING_CHOICES)
+    preprocessing: str = option(
+        "model",
+        "'reference' feeds raw 0..255 pixels with no scaling, as the reference study did",
+        choices=PREPROCESSING_CHOICES,
+    )
     head: str = option("flatten", "classifier head on the frozen features", choices=HEAD_CHOICES)
     learning_rates: tuple[float, ...] = option((0.01, 0.001, 0.0001), "the learning-rate grid", check=POSITIVE)
     epochs: int = option(15, "epochs per head", check=AT_LEAST_1)
     batch_size: int = option(64, "head training batch size", check=AT_LEAST_1)
-    class_weight: str = option("auto", "loss weight per class: 'balanced' = n_images / (n_classes x class count); "
-                               "'auto' = balanced when the largest class has more than twice the images of the "
-                               "smallest", choices=CLASS_WEIGHT_CHOICES)
+    class_weight: str = option(
+        "auto",
+        "loss weight per class: 'balanced' = n_images / (n_classes x class count); "
+        "'auto' = balanced when the largest class has more than twice the images of the "
+        "smallest",
+        choices=CLASS_WEIGHT_CHOICES,
+    )
 
 
 @dataclass(frozen=True)
 class ExportOptions(_Options):
     """`export`: LiteRT variants of every fold model of a run."""
 
-    variants: tuple[str, ...] = option(DEFAULT_VARIANTS, "int8-mixed: int8 except the high-resolution start, "
-                                       "kept float (for CPUs without int8 dot-product instructions)",
-                                       choices=VARIANTS, additive=True)
+    variants: tuple[str, ...] = option(
+        DEFAULT_VARIANTS,
+        "int8-mixed: int8 except the high-resolution start, "
+        "kept float (for CPUs without int8 dot-product instructions)",
+        choices=VARIANTS,
+        additive=True,
+    )
     calibration_samples: int = option(200, "training images used to calibrate int8", check=AT_LEAST_1)
-    quant_report: bool = option(True, "per-layer int8 error report (--no-quant-report skips it)",
-                                flag="--no-quant-report", resume_free=True)
-    workers: int = option(0, "folds converted at once, each in its own process (0 = one per core)",
-                          check=AT_LEAST_0, resume_free=True)
+    quant_report: bool = option(
+        True, "per-layer int8 error report (--no-quant-report skips it)", flag="--no-quant-report", resume_free=True
+    )
+    workers: int = option(
+        0, "folds converted at once, each in its own process (0 = one per core)", check=AT_LEAST_0, resume_free=True
+    )
 
 
 @dataclass(frozen=True)
@@ -179,14 +212,24 @@ class PredictOptions(_Options):
     threads: int = option(0, "interpreter threads (0 = all cores)", check=AT_LEAST_0)
     # Scoring an image archive (steeldefect.batch; README: Scoring an image archive).
     out: Path | None = option(None, "write results to FILE (.parquet, .csv or .jsonl) as they come; re-run to resume")
-    engine: str = option("local", "ray: Ray Data on this machine or on a cluster (needs steeldefect[ray] and --out)",
-                         choices=ENGINE_CHOICES)
+    engine: str = option(
+        "local",
+        "ray: Ray Data on this machine or on a cluster (needs steeldefect[ray] and --out)",
+        choices=ENGINE_CHOICES,
+    )
     address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS, else this machine)")
-    workers: int | None = option(None, "local: N > 1 = N worker processes, 1 thread each (default with --out: one "
-                                 "per core); 1 = one interpreter on --threads cores in this process (default without "
-                                 "--out); ray: actors (default one per CPU)", check=AT_LEAST_1)
-    batch_size: int | None = option(None, "images per committed part (default 64 local, 256 ray); an interruption "
-                                    "loses at most the batches in flight", check=AT_LEAST_1)
+    workers: int | None = option(
+        None,
+        "local: N > 1 = N worker processes, 1 thread each (default with --out: one "
+        "per core); 1 = one interpreter on --threads cores in this process (default without "
+        "--out); ray: actors (default one per CPU)",
+        check=AT_LEAST_1,
+    )
+    batch_size: int | None = option(
+        None,
+        "images per committed part (default 64 local, 256 ray); an interruption loses at most the batches in flight",
+        check=AT_LEAST_1,
+    )
 
 
 PORT = Check(lambda v: 0 <= v <= 65535, "a TCP port from 0 to 65535")
@@ -200,8 +243,11 @@ class ServeOptions(_Options):
     port: int = option(8000, "TCP port", check=PORT)
     workers: int = option(0, "interpreters answering at once, one inference each (0 = one per core)", check=AT_LEAST_0)
     threads: int = option(1, "threads per interpreter (0 = all cores)", check=AT_LEAST_0)
-    token: str | None = option(None, "bearer token required by every endpoint except health; when not given, "
-                               "$STEELDEFECT_TOKEN, and no token when that is unset too")
+    token: str | None = option(
+        None,
+        "bearer token required by every endpoint except health; when not given, "
+        "$STEELDEFECT_TOKEN, and no token when that is unset too",
+    )
     audit: Path = option(Path("steeldefect-audit.sqlite"), "SQLite audit log of every answered prediction")
     no_audit: bool = option(False, "do not record predictions")
     audit_keep: int = option(1_000_000, "newest audit rows kept", check=AT_LEAST_1)
@@ -219,8 +265,14 @@ def additive_options(*classes: type) -> set[str]:
     return {spec.name for cls in classes for spec in dataclasses.fields(cls) if spec.metadata.get("additive")}
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, *, defaults: dict[str, Any] | None = None,
-                  extra_choices: dict[str, tuple[str, ...]] | None = None, only: tuple[str, ...] | None = None) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    defaults: dict[str, Any] | None = None,
+    extra_choices: dict[str, tuple[str, ...]] | None = None,
+    only: tuple[str, ...] | None = None,
+) -> None:
     """One argparse argument per field of ``cls``: flag, default, help, choices and check from the field.
 
     ``defaults`` overrides a field's default for this command only (``reproduce`` trains ``all``);
@@ -230,7 +282,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, defaults: dict[
     for spec in dataclasses.fields(cls):
         if only is not None and spec.name not in only:
             continue
-        default = defaults.get(spec.name, spec.default if spec.default is not dataclasses.MISSING else spec.default_factory())
+        default = defaults.get(
+            spec.name, spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        )
         flag = flag_of(spec)
         help_text = spec.metadata["help"]
         if spec.type in ("bool", bool):
@@ -240,8 +294,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, defaults: dict[
             continue
         base, many = _base_type(spec.type)
         choices = (extra_choices or {}).get(spec.name) or spec.metadata.get("choices")
-        kwargs: dict[str, Any] = dict(dest=spec.name, default=list(default) if many else default,
-                                      type=_checked(base, spec), help=f"{help_text} (default: %(default)s)")
+        kwargs: dict[str, Any] = dict(
+            dest=spec.name,
+            default=list(default) if many else default,
+            type=_checked(base, spec),
+            help=f"{help_text} (default: %(default)s)",
+        )
         if many:
             kwargs["nargs"] = "+"
         if choices:
@@ -269,7 +327,9 @@ def _checked(base: Callable[[str], Any], spec: dataclasses.Field) -> Callable[[s
         try:
             value = base(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {check.wanted if check else base.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"must be {check.wanted if check else base.__name__}, got {text!r}"
+            ) from None
         if check and not check.accepts(value):
             raise argparse.ArgumentTypeError(f"must be {check.wanted}, got {text}")
         return value

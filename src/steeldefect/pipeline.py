@@ -57,12 +57,19 @@ def load_data(data: Path, options: DataOptions, *, progress: bool = True) -> Pre
     min_per_class = splits_module.minimum_class_size(options.test_fraction, options.n_folds)
     dataset = data_module.scan_dataset(data, skip_bad=options.skip_bad, min_per_class=min_per_class)
     dataset, images = data_module.load_images(
-        dataset, image_size=size, cache_dir=options.cache_dir or default_cache_dir(), skip_bad=options.skip_bad,
-        min_per_class=min_per_class, progress=progress,
+        dataset,
+        image_size=size,
+        cache_dir=options.cache_dir or default_cache_dir(),
+        skip_bad=options.skip_bad,
+        min_per_class=min_per_class,
+        progress=progress,
     )
     fingerprint = data_module.dataset_fingerprint(dataset, size)
     splits = splits_module.make_splits(
-        dataset.labels, test_fraction=options.test_fraction, n_folds=options.n_folds, seed=options.seed,
+        dataset.labels,
+        test_fraction=options.test_fraction,
+        n_folds=options.n_folds,
+        seed=options.seed,
         class_names=dataset.class_names,
     )
     return PreparedData(dataset, images, fingerprint, splits)
@@ -179,7 +186,10 @@ def train_backbone(
         nonlocal backbone_model
         if backbone_model is None:
             backbone_model = backbone_registry.build_backbone(
-                name, weights=options.weights, preprocessing=options.preprocessing, seed=options.seed,
+                name,
+                weights=options.weights,
+                preprocessing=options.preprocessing,
+                seed=options.seed,
                 image_size=images.shape[1:3],
             )
         return backbone_model
@@ -197,8 +207,11 @@ def train_backbone(
         )
     weights = training.class_weights(dataset.labels[splits.train_indices], n_classes, options.class_weight)
     if weights is not None:
-        log.info("class weights (%s): %s", options.class_weight,
-                 ", ".join(f"{c} {w:.2f}" for c, w in zip(dataset.class_names, weights)))
+        log.info(
+            "class weights (%s): %s",
+            options.class_weight,
+            ", ".join(f"{c} {w:.2f}" for c, w in zip(dataset.class_names, weights)),
+        )
     with training.timed(stage_times, "grid"):
         rows = training.run_grid(
             features,
@@ -221,7 +234,9 @@ def train_backbone(
 
     with training.timed(stage_times, "test"):
         heads = [
-            training.load_head(runfolder.head_path(out, name, best_rate, fold), features.shape[1:], n_classes, options.head)
+            training.load_head(
+                runfolder.head_path(out, name, best_rate, fold), features.shape[1:], n_classes, options.head
+            )
             for fold in range(len(splits.folds))
         ]
         test_idx = splits.test_indices
@@ -230,11 +245,22 @@ def train_backbone(
 
     with training.timed(stage_times, "final"):
         final_head = training.fit_final_head(
-            features, dataset.labels, splits.train_indices, run=out, backbone=name, n_classes=n_classes,
-            learning_rate=best_rate, kind=options.head, epochs=options.epochs, batch_size=options.batch_size,
-            seed=options.seed, class_weight=options.class_weight,
+            features,
+            dataset.labels,
+            splits.train_indices,
+            run=out,
+            backbone=name,
+            n_classes=n_classes,
+            learning_rate=best_rate,
+            kind=options.head,
+            epochs=options.epochs,
+            batch_size=options.batch_size,
+            seed=options.seed,
+            class_weight=options.class_weight,
         )
-        (final_metrics,) = training.evaluate_fold_heads([final_head], features[test_idx], dataset.labels[test_idx], n_classes)
+        (final_metrics,) = training.evaluate_fold_heads(
+            [final_head], features[test_idx], dataset.labels[test_idx], n_classes
+        )
         final_metrics.pop("fold")
 
     with training.timed(stage_times, "join"):
@@ -357,8 +383,13 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
         stage_times: dict[str, float] = {}
         with training.timed(stage_times, "export"):
             written += export_stage.export_backbone(
-                run, name, options.variants, calibration_images, n_folds=len(prepared.splits.folds),
-                workers=resolve_threads(options.workers), progress=progress,
+                run,
+                name,
+                options.variants,
+                calibration_images,
+                n_folds=len(prepared.splits.folds),
+                workers=resolve_threads(options.workers),
+                progress=progress,
             )
         csv_path = runfolder.quant_debug_path(run, name, "csv")
         if options.quant_report and "int8" in options.variants and not csv_path.is_file():
@@ -368,8 +399,11 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
                 model = keras.models.load_model(fold_model_path(run, name, 0, "keras"))
                 # The debugger compares float and int8 layer outputs on a few training images.
                 export_stage.quantization_error_report(
-                    model, calibration_images, calibration_images[:: max(1, len(calibration) // 20)][:20],
-                    csv_path, runfolder.quant_debug_path(run, name, "png"),
+                    model,
+                    calibration_images,
+                    calibration_images[:: max(1, len(calibration) // 20)][:20],
+                    csv_path,
+                    runfolder.quant_debug_path(run, name, "png"),
                 )
         update_summary(run, name, wall_time_s=stage_times)
     update_deploy(run)
@@ -377,7 +411,9 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
     return written
 
 
-def evaluate(run: Path, options: EvaluateOptions | None = None, *, progress: bool = True, **overrides: Any) -> dict[str, Any]:
+def evaluate(
+    run: Path, options: EvaluateOptions | None = None, *, progress: bool = True, **overrides: Any
+) -> dict[str, Any]:
     """Test metrics, size and latency of every exported .tflite; mean ± std per backbone x variant."""
     from steeldefect import evaluate as evaluate_module
     from steeldefect.cpuinfo import cpu_description
@@ -470,8 +506,14 @@ def update_deploy(run: Path) -> Path | None:
         "cv_accuracy": entry["cv"][f"{entry['best_learning_rate']:g}"],
         "trained_on": "every training image (all folds), after the grid chose the rate",
         "models": models,
-        "test": {variant: {key: metrics[key] for key in ("accuracy", "precision_macro", "recall_macro", "size_mib")
-                           if key in metrics} for variant, metrics in entry.get("final", {}).items()},
+        "test": {
+            variant: {
+                key: metrics[key]
+                for key in ("accuracy", "precision_macro", "recall_macro", "size_mib")
+                if key in metrics
+            }
+            for variant, metrics in entry.get("final", {}).items()
+        },
     }
     write_json(runfolder.deploy_record_path(run), record)
     set_summary_field(run, "deploy", record)
@@ -527,8 +569,11 @@ def reproduce(
     """
     from steeldefect.report import write_report
 
-    chosen = [train_options or TrainOptions(backbones=("all",)), export_options or ExportOptions(),
-              evaluate_options or EvaluateOptions()]
+    chosen = [
+        train_options or TrainOptions(backbones=("all",)),
+        export_options or ExportOptions(),
+        evaluate_options or EvaluateOptions(),
+    ]
     unknown = set(overrides) - {spec.name for options in chosen for spec in fields(options)}
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))} for reproduce")

@@ -80,8 +80,11 @@ def format_predictions(results: Sequence[Prediction], fmt: str = "table") -> str
     if fmt == "json":
         return json.dumps(
             [
-                {"file": str(r.path), "error": r.error,
-                 "predictions": [{"class": c, "probability": round(p, 6)} for c, p in r.top]}
+                {
+                    "file": str(r.path),
+                    "error": r.error,
+                    "predictions": [{"class": c, "probability": round(p, 6)} for c, p in r.top],
+                }
                 for r in results
             ],
             indent=2,

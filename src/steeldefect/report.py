@@ -112,18 +112,30 @@ def write_report(run: Path) -> Path:
         header, rows, csv_rows = _metric_table(names, backbones, variant)
         csv_name = f"table{number}_{variant}.csv"
         write_csv(runfolder.report_tables_dir(run) / csv_name, csv_rows)
-        lines += [f"## Table {number} — {title}: test metrics (%)", "", _md_table(header, rows), "",
-                  f"Ours and the reference: mean ± std over the fold models (`Models` = how many of ours). "
-                  f"CSV: [report_tables/{csv_name}](report_tables/{csv_name})", ""]
+        lines += [
+            f"## Table {number} — {title}: test metrics (%)",
+            "",
+            _md_table(header, rows),
+            "",
+            f"Ours and the reference: mean ± std over the fold models (`Models` = how many of ours). "
+            f"CSV: [report_tables/{csv_name}](report_tables/{csv_name})",
+            "",
+        ]
     header, rows, csv_rows = _size_latency_table(run, names, backbones)
     write_csv(runfolder.report_tables_dir(run) / "table5_size_latency.csv", csv_rows)
-    lines += ["## Table 5 — model size and latency", "", _md_table(header, rows), "",
-              "- Size: ours in MiB (2^20 bytes, mean over the fold model files; Keras = our `.keras` file), "
-              "the reference's in MB as printed (its Keras size is an `.h5` file).",
-              f"- Latency per image at batch 1: ours = {_latency_method(config)} on {_machine(summary)}, "
-              "mean ± std over the fold models; the reference = mean ± std of single runs without warm-up "
-              "on a Colab CPU, so the two columns are not measured the same way.",
-              "- CSV: [report_tables/table5_size_latency.csv](report_tables/table5_size_latency.csv)", ""]
+    lines += [
+        "## Table 5 — model size and latency",
+        "",
+        _md_table(header, rows),
+        "",
+        "- Size: ours in MiB (2^20 bytes, mean over the fold model files; Keras = our `.keras` file), "
+        "the reference's in MB as printed (its Keras size is an `.h5` file).",
+        f"- Latency per image at batch 1: ours = {_latency_method(config)} on {_machine(summary)}, "
+        "mean ± std over the fold models; the reference = mean ± std of single runs without warm-up "
+        "on a Colab CPU, so the two columns are not measured the same way.",
+        "- CSV: [report_tables/table5_size_latency.csv](report_tables/table5_size_latency.csv)",
+        "",
+    ]
     lines += _extra_variants_section(run, names, backbones)
     lines += _per_class_section(run, names, backbones, summary)
     lines += _cv_section(run, names, backbones)
@@ -139,16 +151,27 @@ def _deploy_section(summary: dict[str, Any]) -> list[str]:
     rows = []
     for variant, path in deploy.get("models", {}).items():
         test = deploy.get("test", {}).get(variant, {})
-        rows.append([f"`{path}`", variant, _fmt(test.get("accuracy")), _fmt(test.get("precision_macro")),
-                     _fmt(test.get("recall_macro")), _fmt(test.get("size_mib"))])
+        rows.append(
+            [
+                f"`{path}`",
+                variant,
+                _fmt(test.get("accuracy")),
+                _fmt(test.get("precision_macro")),
+                _fmt(test.get("recall_macro")),
+                _fmt(test.get("size_mib")),
+            ]
+        )
     cv = deploy.get("cv_accuracy") or {}
     return [
-        "## Model to deploy", "",
+        "## Model to deploy",
+        "",
         f"{deploy.get('display_name', deploy.get('backbone'))}, head refitted on every training image at learning "
         f"rate {deploy.get('learning_rate', 0):g} (chosen by the grid: CV accuracy {_fmt(cv.get('mean'))} ± "
         f"{_fmt(cv.get('std'))}), then joined, exported and tested once on the test split. "
-        "`steeldefect predict RUN PATH...` uses `deploy/model.int8.tflite`.", "",
-        _md_table(["File", "Variant", "Accuracy", "Precision", "Recall", "Size (MiB)"], rows), "",
+        "`steeldefect predict RUN PATH...` uses `deploy/model.int8.tflite`.",
+        "",
+        _md_table(["File", "Variant", "Accuracy", "Precision", "Recall", "Size (MiB)"], rows),
+        "",
     ]
 
 
@@ -260,9 +283,13 @@ def _latency_method(config: dict[str, Any]) -> str:
 def _header(
     run: Path, summary: dict[str, Any], config: dict[str, Any], names: list[str], backbones: dict[str, Any]
 ) -> list[str]:
-    lines = [f"# Steel surface defect classification — report of `{run.name}`", "",
-             f"Our figures beside those of the reference study *{REFERENCE_TITLE}*.", "",
-             f"- Run folder: `{run}`"]
+    lines = [
+        f"# Steel surface defect classification — report of `{run.name}`",
+        "",
+        f"Our figures beside those of the reference study *{REFERENCE_TITLE}*.",
+        "",
+        f"- Run folder: `{run}`",
+    ]
     if not summary:
         lines.append("- `summary.json` missing or unreadable: no figures of ours below")
     dataset = summary.get("dataset") or _load(runfolder.dataset_path(run)) or {}
@@ -303,8 +330,10 @@ def _header(
     if timed:
         stages = [s for s in STAGES if any(s in t for t in timed.values())]
         stages += sorted({s for t in timed.values() for s in t} - set(stages))
-        rows = [[_display(n, backbones[n])] + [_fmt(t.get(s), 1) for s in stages] + [_fmt(sum(t.values()), 1)]
-                for n, t in timed.items()]
+        rows = [
+            [_display(n, backbones[n])] + [_fmt(t.get(s), 1) for s in stages] + [_fmt(sum(t.values()), 1)]
+            for n, t in timed.items()
+        ]
         lines += ["### Wall time per stage (s)", "", _md_table(["Backbone", *stages, "total"], rows), ""]
     return lines
 
@@ -320,15 +349,20 @@ def _metric_table(
         ours = _variant(entry, variant)
         reference = REFERENCE_METRICS.get(name, {}).get(variant)
         row = [_display(name, entry)]
-        csv_row: dict[str, Any] = {"backbone": name, "display_name": row[0], "variant": variant,
-                                   "status": _status(entry) if ours else _ours_note(entry)}
+        csv_row: dict[str, Any] = {
+            "backbone": name,
+            "display_name": row[0],
+            "variant": variant,
+            "status": _status(entry) if ours else _ours_note(entry),
+        }
         for index, metric in enumerate(METRICS):
             # A row without our numbers carries its status once, in the first "ours" cell.
             row.append(_fmt(ours.get(metric)) if ours else (_ours_note(entry) if index == 0 else MISSING))
             row.append(_fmt(reference[metric]) if reference else "not in reference")
             csv_row[f"{metric}_mean"], csv_row[f"{metric}_std"] = _mean_std(ours.get(metric) if ours else None)
             csv_row[f"ref_{metric}_mean"], csv_row[f"ref_{metric}_std"] = _mean_std(
-                reference[metric] if reference else None)
+                reference[metric] if reference else None
+            )
         csv_row["n_models"] = ours.get("n_models", "") if ours else ""
         row.append(str(csv_row["n_models"]) if ours else MISSING)
         rows.append(row)
@@ -339,8 +373,15 @@ def _metric_table(
 def _size_latency_table(
     run: Path, names: list[str], backbones: dict[str, Any]
 ) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
-    header = ["Backbone", "Variant", "Size MiB ours", "Size MB reference", "Latency ms ours (median)",
-              "Latency ms ours (p90)", "Latency ms reference"]
+    header = [
+        "Backbone",
+        "Variant",
+        "Size MiB ours",
+        "Size MB reference",
+        "Latency ms ours (median)",
+        "Latency ms ours (p90)",
+        "Latency ms reference",
+    ]
     rows, csv_rows = [], []
     for name in names:
         entry = backbones.get(name)
@@ -351,17 +392,24 @@ def _size_latency_table(
             ref_size = REFERENCE_SIZE_MB.get(name, {}).get(variant)
             ref_latency = REFERENCE_LATENCY_MS.get(name, {}).get(variant)
             untimed = "n/a" if variant == "keras" else _ours_note(entry)  # Keras models are never timed
-            rows.append([
-                _display(name, entry),
-                variant,
-                _fmt(size) if size is not None else _ours_note(entry),
-                _fmt(ref_size) if ref_size is not None else "not in reference",
-                _fmt(ours["latency_ms_median"]) if "latency_ms_median" in ours else untimed,
-                _fmt(ours["latency_ms_p90"]) if "latency_ms_p90" in ours else MISSING,
-                _fmt(ref_latency) if ref_latency else ("n/a" if variant == "keras" else "not in reference"),
-            ])
-            csv_row: dict[str, Any] = {"backbone": name, "variant": variant, "status": _status(entry),
-                                       "size_mib": _mean_std(size)[0], "ref_size_mb": _mean_std(ref_size)[0]}
+            rows.append(
+                [
+                    _display(name, entry),
+                    variant,
+                    _fmt(size) if size is not None else _ours_note(entry),
+                    _fmt(ref_size) if ref_size is not None else "not in reference",
+                    _fmt(ours["latency_ms_median"]) if "latency_ms_median" in ours else untimed,
+                    _fmt(ours["latency_ms_p90"]) if "latency_ms_p90" in ours else MISSING,
+                    _fmt(ref_latency) if ref_latency else ("n/a" if variant == "keras" else "not in reference"),
+                ]
+            )
+            csv_row: dict[str, Any] = {
+                "backbone": name,
+                "variant": variant,
+                "status": _status(entry),
+                "size_mib": _mean_std(size)[0],
+                "ref_size_mb": _mean_std(ref_size)[0],
+            }
             for key in ("latency_ms_median", "latency_ms_p90"):
                 csv_row[f"{key}_mean"], csv_row[f"{key}_std"] = _mean_std(ours.get(key))
             csv_row["ref_latency_ms_mean"], csv_row["ref_latency_ms_std"] = _mean_std(ref_latency)
@@ -371,8 +419,17 @@ def _size_latency_table(
 
 def _extra_variants_section(run: Path, names: list[str], backbones: dict[str, Any]) -> list[str]:
     """Variants the reference has no column for (``int8-mixed``), in one table of their own."""
-    header = ["Backbone", "Variant", "Accuracy", "Macro precision", "Macro recall", "Size MiB",
-              "Latency ms (median)", "Latency ms (p90)", "Models"]
+    header = [
+        "Backbone",
+        "Variant",
+        "Accuracy",
+        "Macro precision",
+        "Macro recall",
+        "Size MiB",
+        "Latency ms (median)",
+        "Latency ms (p90)",
+        "Models",
+    ]
     rows, csv_rows = [], []
     for name in names:
         entry = backbones.get(name)
@@ -380,7 +437,14 @@ def _extra_variants_section(run: Path, names: list[str], backbones: dict[str, An
         for variant in extra:
             ours = _variant(entry, variant) or {}
             keys = ("accuracy", "precision_macro", "recall_macro", "size_mib", "latency_ms_median", "latency_ms_p90")
-            rows.append([_display(name, entry), variant, *(_fmt(ours.get(key)) for key in keys), str(ours.get("n_models", MISSING))])
+            rows.append(
+                [
+                    _display(name, entry),
+                    variant,
+                    *(_fmt(ours.get(key)) for key in keys),
+                    str(ours.get("n_models", MISSING)),
+                ]
+            )
             csv_row: dict[str, Any] = {"backbone": name, "variant": variant, "n_models": ours.get("n_models", "")}
             for key in keys:
                 csv_row[f"{key}_mean"], csv_row[f"{key}_std"] = _mean_std(ours.get(key))
@@ -388,9 +452,16 @@ def _extra_variants_section(run: Path, names: list[str], backbones: dict[str, An
     if not rows:
         return []
     write_csv(runfolder.report_tables_dir(run) / "extra_variants.csv", csv_rows)
-    return ["## Beyond the reference — other exported variants", "",
-            "`int8-mixed`: int8 except the high-resolution start, kept in float (see the README).", "",
-            _md_table(header, rows), "", "CSV: [report_tables/extra_variants.csv](report_tables/extra_variants.csv)", ""]
+    return [
+        "## Beyond the reference — other exported variants",
+        "",
+        "`int8-mixed`: int8 except the high-resolution start, kept in float (see the README).",
+        "",
+        _md_table(header, rows),
+        "",
+        "CSV: [report_tables/extra_variants.csv](report_tables/extra_variants.csv)",
+        "",
+    ]
 
 
 def _per_class_section(run: Path, names: list[str], backbones: dict[str, Any], summary: dict[str, Any]) -> list[str]:
@@ -400,21 +471,41 @@ def _per_class_section(run: Path, names: list[str], backbones: dict[str, Any], s
     rows, csv_rows = [], []
     for name in names:
         entry = backbones.get(name)
-        for variant in ("keras", *VARIANTS[1:], *[v for v in ((entry or {}).get("variants") or {}) if v not in VARIANTS]):
+        for variant in (
+            "keras",
+            *VARIANTS[1:],
+            *[v for v in ((entry or {}).get("variants") or {}) if v not in VARIANTS],
+        ):
             per_class = (_variant(entry, variant) or {}).get("recall_per_class")
             if not per_class or len(per_class) != len(classes):
                 continue
-            rows.append([_display(name, entry), variant,
-                         *(f"{_fmt(value['mean'])} ± {_fmt(value['std'])}" for value in per_class)])
-            csv_rows.append({"backbone": name, "variant": variant,
-                             **{f"recall_{c}_mean": value["mean"] for c, value in zip(classes, per_class)},
-                             **{f"recall_{c}_std": value["std"] for c, value in zip(classes, per_class)}})
+            rows.append(
+                [
+                    _display(name, entry),
+                    variant,
+                    *(f"{_fmt(value['mean'])} ± {_fmt(value['std'])}" for value in per_class),
+                ]
+            )
+            csv_rows.append(
+                {
+                    "backbone": name,
+                    "variant": variant,
+                    **{f"recall_{c}_mean": value["mean"] for c, value in zip(classes, per_class)},
+                    **{f"recall_{c}_std": value["std"] for c, value in zip(classes, per_class)},
+                }
+            )
     if not rows:
         return []
     write_csv(runfolder.report_tables_dir(run) / "per_class_recall.csv", csv_rows)
-    return ["## Recall per class (%)", "", _md_table(["Backbone", "Variant", *classes], rows), "",
-            "Mean ± std over the fold models. CSV: [report_tables/per_class_recall.csv](report_tables/per_class_recall.csv)",
-            ""]
+    return [
+        "## Recall per class (%)",
+        "",
+        _md_table(["Backbone", "Variant", *classes], rows),
+        "",
+        "Mean ± std over the fold models. "
+        "CSV: [report_tables/per_class_recall.csv](report_tables/per_class_recall.csv)",
+        "",
+    ]
 
 
 def _cv_stats(entry: dict[str, Any], rows: list[dict[str, float]]) -> dict[float, dict[str, Any]]:
@@ -438,17 +529,44 @@ def _cv_section(run: Path, names: list[str], backbones: dict[str, Any]) -> list[
         best = entry.get("best_learning_rate")
         for rate, stat in _cv_stats(entry, _read_cv_rows(runfolder.cv_grid_path(run, name))).items():
             is_best = best is not None and float(best) == rate
-            rows.append([_display(name, entry), f"{rate:g}", _fmt(stat), str(stat["folds"] or MISSING),
-                         "**best**" if is_best else ""])
+            rows.append(
+                [
+                    _display(name, entry),
+                    f"{rate:g}",
+                    _fmt(stat),
+                    str(stat["folds"] or MISSING),
+                    "**best**" if is_best else "",
+                ]
+            )
             mean, std = _mean_std(stat)
-            csv_rows.append({"backbone": name, "learning_rate": f"{rate:g}", "val_accuracy_mean": mean,
-                             "val_accuracy_std": std, "folds": stat["folds"], "best": int(is_best)})
-    write_csv(runfolder.report_tables_dir(run) / "cv_grid.csv", csv_rows,
-              ["backbone", "learning_rate", "val_accuracy_mean", "val_accuracy_std", "folds", "best"])
-    table = _md_table(["Backbone", "Learning rate", "Val accuracy % (mean ± std)", "Folds", ""], rows) \
-        if rows else "No cross-validation results in this run."
-    return ["## Cross-validation grid", "", table, "",
-            "CSV: [report_tables/cv_grid.csv](report_tables/cv_grid.csv)", ""]
+            csv_rows.append(
+                {
+                    "backbone": name,
+                    "learning_rate": f"{rate:g}",
+                    "val_accuracy_mean": mean,
+                    "val_accuracy_std": std,
+                    "folds": stat["folds"],
+                    "best": int(is_best),
+                }
+            )
+    write_csv(
+        runfolder.report_tables_dir(run) / "cv_grid.csv",
+        csv_rows,
+        ["backbone", "learning_rate", "val_accuracy_mean", "val_accuracy_std", "folds", "best"],
+    )
+    table = (
+        _md_table(["Backbone", "Learning rate", "Val accuracy % (mean ± std)", "Folds", ""], rows)
+        if rows
+        else "No cross-validation results in this run."
+    )
+    return [
+        "## Cross-validation grid",
+        "",
+        table,
+        "",
+        "CSV: [report_tables/cv_grid.csv](report_tables/cv_grid.csv)",
+        "",
+    ]
 
 
 # ---------------------------------------------------------------- plots
@@ -495,8 +613,11 @@ def _plots_section(run: Path, names: list[str], backbones: dict[str, Any], summa
         png, csv_file = runfolder.quant_debug_path(run, name, "png"), runfolder.quant_debug_path(run, name, "csv")
         if png.is_file():
             csv_link = f" ([CSV]({csv_file.relative_to(run).as_posix()}))" if csv_file.is_file() else ""
-            lines += [f"Per-layer int8 quantization error (fold 0): "
-                      f"![{display} int8 error]({png.relative_to(run).as_posix()}){csv_link}", ""]
+            lines += [
+                f"Per-layer int8 quantization error (fold 0): "
+                f"![{display} int8 error]({png.relative_to(run).as_posix()}){csv_link}",
+                "",
+            ]
     points = []
     for name in names:
         for variant in ("fp32", "fp16", "int8"):
@@ -506,8 +627,12 @@ def _plots_section(run: Path, names: list[str], backbones: dict[str, Any], summa
                 points.append((_display(name, backbones[name]), variant, *numbers))
     if points:
         _plot_accuracy_size_latency(points, plots / "accuracy_size_latency.png")
-        lines += ["### Accuracy, size and latency of the LiteRT models", "",
-                  "![accuracy vs size vs latency](plots/accuracy_size_latency.png)", ""]
+        lines += [
+            "### Accuracy, size and latency of the LiteRT models",
+            "",
+            "![accuracy vs size vs latency](plots/accuracy_size_latency.png)",
+            "",
+        ]
     if len(lines) == 2:
         lines += ["No plots: nothing in this run to plot yet.", ""]
     return lines
@@ -553,8 +678,13 @@ def _plot_training_curves(histories: list[tuple[str, dict[str, list[float]]]], t
                 values = history.get(prefix + key)
                 if values:
                     epochs = range(1, len(values) + 1)
-                    ax.plot(epochs, np.asarray(values) * scale, style, color=color,
-                            label=f"{fold} {'val' if prefix else 'train'}")
+                    ax.plot(
+                        epochs,
+                        np.asarray(values) * scale,
+                        style,
+                        color=color,
+                        label=f"{fold} {'val' if prefix else 'train'}",
+                    )
     for ax in (acc_ax, loss_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
@@ -570,8 +700,13 @@ def _plot_accuracy_size_latency(points: list[tuple[str, str, float, float, float
     _, _, sizes, accuracies, latencies = zip(*points)
     cloud = ax.scatter(sizes, accuracies, c=latencies, cmap="viridis", s=80, edgecolors="black")
     for display, variant, size, accuracy, latency in points:
-        ax.annotate(f"{display} {variant}\n{latency:.1f} ms", (size, accuracy), fontsize="x-small",
-                    xytext=(5, 5), textcoords="offset points")
+        ax.annotate(
+            f"{display} {variant}\n{latency:.1f} ms",
+            (size, accuracy),
+            fontsize="x-small",
+            xytext=(5, 5),
+            textcoords="offset points",
+        )
     ax.margins(0.2)  # room for the labels of the outermost points
     ax.set(xlabel="model size (MiB)", ylabel="test accuracy (%)", title="LiteRT models: accuracy vs size")
     fig.colorbar(cloud, ax=ax, label="median latency (ms)")

@@ -116,7 +116,9 @@ def head_paths(run: Path, backbone: str) -> list[tuple[float, int, Path]]:
     """(learning rate, fold, path) of every head still stored in the grid."""
     found = []
     for path in grid_dir(run, backbone).glob("lr*/fold*/head.npz"):
-        found.append((float(path.parent.parent.name.removeprefix("lr")), int(path.parent.name.removeprefix("fold")), path))
+        found.append(
+            (float(path.parent.parent.name.removeprefix("lr")), int(path.parent.name.removeprefix("fold")), path)
+        )
     return sorted(found)
 
 
@@ -209,7 +211,9 @@ def deployable_model(run: Path, variant: str = "int8") -> Path:
         raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
     deployed = deploy_model_path(run, variant)
     if not deployed.is_file():
-        raise FileNotFoundError(f"{deployed}: this run has no {variant} model to deploy (run `steeldefect export {run}`)")
+        raise FileNotFoundError(
+            f"{deployed}: this run has no {variant} model to deploy (run `steeldefect export {run}`)"
+        )
     return deployed
 
 
@@ -248,11 +252,18 @@ def source_revision() -> str:
     a checkout: the version number alone does not say which code produced a number."""
     package_dir = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True, text=True, timeout=10
+        )
         if commit.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=package_dir,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            cwd=package_dir,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -59,9 +59,11 @@ MAX_CLIENT_ID_CHARS = 128
 TOKEN_ENV = "STEELDEFECT_TOKEN"
 RAW_CONTENT_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/x-ms-bmp", "image/tiff", "application/octet-stream")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/inspector.js", "/inspector.css"})
-_STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
-           "/inspector.js": ("inspector.js", "text/javascript; charset=utf-8"),
-           "/inspector.css": ("inspector.css", "text/css; charset=utf-8")}
+_STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/inspector.js": ("inspector.js", "text/javascript; charset=utf-8"),
+    "/inspector.css": ("inspector.css", "text/css; charset=utf-8"),
+}
 EXTRA_HINT = 'steeldefect serve needs the serve extra: pip install "steeldefect[serve]"'
 
 
@@ -244,26 +246,42 @@ def create_app(
     async def lifespan(_app):
         yield
         state["ready"] = False
-        log.info("steeldefect serve: stopping (%s answered)", int(sum(
-            sample.value for metric in metrics.predictions.collect() for sample in metric.samples
-            if sample.name.endswith("_total"))))
+        log.info(
+            "steeldefect serve: stopping (%s answered)",
+            int(
+                sum(
+                    sample.value
+                    for metric in metrics.predictions.collect()
+                    for sample in metric.samples
+                    if sample.name.endswith("_total")
+                )
+            ),
+        )
         executor.shutdown(wait=True)
         if audit is not None:
             audit.close()
 
-    app = FastAPI(title="steeldefect", version=_version(), docs_url=None, redoc_url=None, lifespan=lifespan,
-                  description="Steel surface defect classification with a LiteRT model (see the README).")
+    app = FastAPI(
+        title="steeldefect",
+        version=_version(),
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        description="Steel surface defect classification with a LiteRT model (see the README).",
+    )
     app.state.model_info = info
     app.state.audit = audit
 
-    def error_response(status: int, message: str, request: Request | None = None, headers=None,
-                       where: dict | None = None) -> JSONResponse:
+    def error_response(
+        status: int, message: str, request: Request | None = None, headers=None, where: dict | None = None
+    ) -> JSONResponse:
         """The JSON error a client gets, and its one log line (method, path, client, problem)."""
         if request is not None:
             where = {"method": request.method, "path": request.url.path, "client": request.client}
         client = (where or {}).get("client")
-        where_text = f"{where.get('method', '?')} {where.get('path', '?')} from {client[0] if client else '?'}" \
-            if where else "?"
+        where_text = (
+            f"{where.get('method', '?')} {where.get('path', '?')} from {client[0] if client else '?'}" if where else "?"
+        )
         log.warning("%d %s: %s", status, where_text, message)
         return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
@@ -286,8 +304,9 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, error: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
-                             for e in error.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in error.errors()
+        )
         return error_response(422, f"invalid request: {problems}", request)
 
     @app.exception_handler(Exception)
@@ -298,8 +317,9 @@ def create_app(
     async def admitted(start_job):
         """Await ``start_job()`` if fewer than the bound are in flight, else 503 before any work starts."""
         if state["in_flight"] >= admitted_max:
-            raise _Reject(503, f"busy: {admitted_max} requests already in progress; retry shortly",
-                          {"Retry-After": "1"})
+            raise _Reject(
+                503, f"busy: {admitted_max} requests already in progress; retry shortly", {"Retry-After": "1"}
+            )
         state["in_flight"] += 1
         metrics.in_flight.inc()
         try:
@@ -353,9 +373,19 @@ def create_app(
         """Commit the answers' audit rows before they are sent (sets each ``audit_id``)."""
         if audit is None or not answers:
             return
-        rows = [AuditRow(a["client_id"], a["image"]["sha256"], a["image"]["bytes"],
-                         [(t["class"], t["probability"]) for t in a["top_k"]], a["uncertain"], a["confidence"],
-                         info.sha256, a["timing_ms"]["decode"] + a["timing_ms"]["inference"]) for a in answers]
+        rows = [
+            AuditRow(
+                a["client_id"],
+                a["image"]["sha256"],
+                a["image"]["bytes"],
+                [(t["class"], t["probability"]) for t in a["top_k"]],
+                a["uncertain"],
+                a["confidence"],
+                info.sha256,
+                a["timing_ms"]["decode"] + a["timing_ms"]["inference"],
+            )
+            for a in answers
+        ]
         try:
             ids = await asyncio.wrap_future(audit.submit(rows))
         except AuditError as error:
@@ -408,9 +438,12 @@ def create_app(
         k = check_top_k(top_k)
         kind = media_type(request)
         if kind != "multipart/form-data" and kind not in RAW_CONTENT_TYPES and kind != "":
-            raise _Reject(415, f"unsupported content type {kind!r}: send multipart/form-data with a 'file' part, "
-                               f"or the image bytes as image/jpeg, image/png, image/bmp, image/tiff or "
-                               f"application/octet-stream")
+            raise _Reject(
+                415,
+                f"unsupported content type {kind!r}: send multipart/form-data with a 'file' part, "
+                f"or the image bytes as image/jpeg, image/png, image/bmp, image/tiff or "
+                f"application/octet-stream",
+            )
 
         async def job():
             data, name, client_id = await read_one(request, kind)
@@ -438,33 +471,46 @@ def create_app(
 
         async def job():
             form = await read_form(request, MAX_BATCH_FILES)
-            uploads = [part for key, part in form.multi_items()
-                       if key in ("file", "files") and not isinstance(part, str)]
+            uploads = [
+                part for key, part in form.multi_items() if key in ("file", "files") and not isinstance(part, str)
+            ]
             if not uploads:
                 raise _Reject(422, "multipart body has no file parts named 'file'")
             form_client = form.get("client_id")
-            client_id = check_client_id(form_client if isinstance(form_client, str) and form_client
-                                        else request.headers.get("x-client-id"))
+            client_id = check_client_id(
+                form_client if isinstance(form_client, str) and form_client else request.headers.get("x-client-id")
+            )
             contents = [(await part.read(), part.filename or f"file {i + 1}") for i, part in enumerate(uploads)]
             return contents, client_id, await asyncio.gather(*(one(data, name) for data, name in contents))
 
         contents, client_id, results = await admitted(job)
-        entries = [{"index": i, "filename": name, **(result if "error" in result else answer(result, k, client_id))}
-                   for i, ((_, name), result) in enumerate(zip(contents, results))]
+        entries = [
+            {"index": i, "filename": name, **(result if "error" in result else answer(result, k, client_id))}
+            for i, ((_, name), result) in enumerate(zip(contents, results))
+        ]
         await record([entry for entry in entries if "error" not in entry])
-        return {"results": entries, "answered": sum("error" not in e for e in entries),
-                "failed": sum("error" in e for e in entries), "model": model_fields,
-                "server_ms": round(1000 * (time.perf_counter() - started), 3)}
+        return {
+            "results": entries,
+            "answered": sum("error" not in e for e in entries),
+            "failed": sum("error" in e for e in entries),
+            "model": model_fields,
+            "server_ms": round(1000 * (time.perf_counter() - started), 3),
+        }
 
     @app.get("/v1/model", summary="The served model: class names, input size, variant, provenance")
     async def model_description():
-        return {**model_fields, "class_names": list(info.class_names),
-                "input_size": {"height": info.input_size[0], "width": info.input_size[1]},
-                "uncertainty": trust.threshold is not None, "calibrated": trust.temperature is not None,
-                "provenance": {key: value for key, value in info.metadata.items()
-                               if key not in ("class_names", "input")},
-                "top_k_default": top_k_default, "max_upload_bytes": max_upload_bytes,
-                "max_batch_files": MAX_BATCH_FILES, "audit": audit is not None}
+        return {
+            **model_fields,
+            "class_names": list(info.class_names),
+            "input_size": {"height": info.input_size[0], "width": info.input_size[1]},
+            "uncertainty": trust.threshold is not None,
+            "calibrated": trust.temperature is not None,
+            "provenance": {key: value for key, value in info.metadata.items() if key not in ("class_names", "input")},
+            "top_k_default": top_k_default,
+            "max_upload_bytes": max_upload_bytes,
+            "max_batch_files": MAX_BATCH_FILES,
+            "audit": audit is not None,
+        }
 
     @app.get("/v1/history", summary="Audit log entries, oldest first (page with after=<last id>)")
     async def history(since: str | None = None, after: int = 0, limit: int = 100):
@@ -502,13 +548,21 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     for route_path, (_, content_type) in _STATIC.items():
+
         def page(route_path=route_path, content_type=content_type):
             return Response(static[route_path], media_type=content_type, headers={"Cache-Control": "no-cache"})
+
         app.add_api_route(route_path, page, methods=["GET"], include_in_schema=False)
 
     known_paths = {route.path for route in app.routes}
-    return _Gate(app, token=token, max_body=max_upload_bytes, metrics=metrics, known_paths=known_paths,
-                 error=lambda status, message, scope: error_response(status, message, None, where=scope))
+    return _Gate(
+        app,
+        token=token,
+        max_body=max_upload_bytes,
+        metrics=metrics,
+        known_paths=known_paths,
+        error=lambda status, message, scope: error_response(status, message, None, where=scope),
+    )
 
 
 class _Metrics:
@@ -518,17 +572,28 @@ class _Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("steeldefect_requests", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("steeldefect_request_seconds", "Request latency in the server", ["endpoint"],
-                                 buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
-                                 registry=self.registry)
-        self.predictions = Counter("steeldefect_predictions", "Answered predictions by top-1 class", ["class"],
-                                   registry=self.registry)
-        self.in_flight = Gauge("steeldefect_in_flight", "Prediction requests admitted and not yet answered",
-                               registry=self.registry)
-        model = Gauge("steeldefect_model", "The served model (value 1)", ["name", "variant", "sha256"],
-                      registry=self.registry)
+        self.requests = Counter(
+            "steeldefect_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "steeldefect_request_seconds",
+            "Request latency in the server",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "steeldefect_predictions", "Answered predictions by top-1 class", ["class"], registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "steeldefect_in_flight", "Prediction requests admitted and not yet answered", registry=self.registry
+        )
+        model = Gauge(
+            "steeldefect_model", "The served model (value 1)", ["name", "variant", "sha256"], registry=self.registry
+        )
         model.labels(info.name, info.variant, info.sha256).set(1)
         for name in info.class_names:  # every class present from the start: a rate of 0 is a signal too
             self.predictions.labels(name)
@@ -549,8 +614,9 @@ class _Gate:
     chunked upload has none), so an oversize upload is refused before it is held in memory.
     """
 
-    def __init__(self, app, *, token: str | None, max_body: int, metrics: _Metrics, known_paths: set[str],
-                 error) -> None:
+    def __init__(
+        self, app, *, token: str | None, max_body: int, metrics: _Metrics, known_paths: set[str], error
+    ) -> None:
         self.app, self.token, self.max_body, self.metrics = app, token, max_body, metrics
         self.known_paths, self.error = known_paths, error
         self.state = app.state
@@ -591,8 +657,9 @@ class _Gate:
         if self.token and scope["path"] not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
-                response = self.error(401, f"{'wrong' if given else 'missing'} bearer token: send "
-                                           f"'Authorization: Bearer <token>'", scope)
+                response = self.error(
+                    401, f"{'wrong' if given else 'missing'} bearer token: send 'Authorization: Bearer <token>'", scope
+                )
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return response
         length = headers.get(b"content-length")
@@ -656,15 +723,25 @@ def serve(
     log.info(
         "steeldefect serve: %s (%s, sha256 %s, %d classes, %dx%d) on http://%s:%d, %d worker(s) x %s thread(s), "
         "queue %d, audit %s, token %s, upload limit %.1f MiB",
-        info.path, info.variant, info.sha256[:12], len(info.class_names), *info.input_size, shown_host, port,
-        workers, threads if threads else "all", queue_size,
+        info.path,
+        info.variant,
+        info.sha256[:12],
+        len(info.class_names),
+        *info.input_size,
+        shown_host,
+        port,
+        workers,
+        threads if threads else "all",
+        queue_size,
         f"{audit_path} (keep {audit_keep} rows{', fsync' if audit_fsync else ''})" if audit_path else "off",
-        "required" if token else "off", max_upload_bytes / 2**20,
+        "required" if token else "off",
+        max_upload_bytes / 2**20,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning("listening on %s without a token: anyone on the network can use the service", host)
-    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app, host=host, port=port, access_log=False, log_level="warning", timeout_graceful_shutdown=10
+    )
     uvicorn.Server(config).run()
 
 

@@ -132,9 +132,7 @@ def make_splits(
     )
     # A class with no test image would be reported with a recall of 0 and averaged into the macro
     # figures: refuse it instead.
-    untested = [
-        f"{describe(c)} ({n} images)" for c, n in zip(classes, counts) if not np.any(labels[test_indices] == c)
-    ]
+    untested = [f"{describe(c)} ({n} images)" for c, n in zip(classes, counts) if not np.any(labels[test_indices] == c)]
     if untested:
         raise ValueError(
             f"{', '.join(untested)}: no image left for the test split at a test fraction of {test_fraction}; "
@@ -142,11 +140,7 @@ def make_splits(
             f"for a test fraction of {test_fraction} and {n_folds} folds"
         )
     train_classes, train_counts = np.unique(labels[train_indices], return_counts=True)
-    too_small = [
-        f"{describe(c)} has {n} training image(s)"
-        for c, n in zip(train_classes, train_counts)
-        if n < n_folds
-    ]
+    too_small = [f"{describe(c)} has {n} training image(s)" for c, n in zip(train_classes, train_counts) if n < n_folds]
     too_small += [f"{describe(c)} has 0 training images" for c in classes if c not in train_classes]
     if too_small:
         raise ValueError(

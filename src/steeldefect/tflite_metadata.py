@@ -60,7 +60,8 @@ def min_parser_version(metadata_buffer: bytes) -> str:
     def units(items) -> None:
         for item in items or []:
             if item.optionsType in (
-                fb.ProcessUnitOptions.BertTokenizerOptions, fb.ProcessUnitOptions.SentencePieceTokenizerOptions
+                fb.ProcessUnitOptions.BertTokenizerOptions,
+                fb.ProcessUnitOptions.SentencePieceTokenizerOptions,
             ):
                 needed.append((1, 1, 0))
             if item.optionsType == fb.ProcessUnitOptions.RegexTokenizerOptions:
@@ -148,9 +149,11 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any]) -> bytes:
     general = metadata_info.GeneralMd(
         name=" ".join(str(part) for part in ("steeldefect", meta.get("backbone"), variant) if part),
         version=" ".join(
-            str(part) for part in (provenance.get("run"), f"fold{fold}" if fold is not None else None,
-                                   meta.get("created")) if part
-        ) or None,
+            str(part)
+            for part in (provenance.get("run"), f"fold{fold}" if fold is not None else None, meta.get("created"))
+            if part
+        )
+        or None,
         description=(
             f"Steel surface defect classifier, {len(class_names)} classes: {', '.join(class_names)}. "
             f"Input: one {height}x{width} RGB image, raw pixels 0..255. Output: class probabilities. "
@@ -195,10 +198,12 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any]) -> bytes:
         path.write_bytes(model)
         populator = metadata.MetadataPopulator.with_model_file(str(path))
         populator.load_metadata_buffer(builder.Output())
-        populator.load_associated_file_buffers({
-            LABELS_FILE: "\n".join(class_names).encode("utf-8"),
-            OUR_FILE: json.dumps(meta, indent=2).encode("utf-8"),
-        })
+        populator.load_associated_file_buffers(
+            {
+                LABELS_FILE: "\n".join(class_names).encode("utf-8"),
+                OUR_FILE: json.dumps(meta, indent=2).encode("utf-8"),
+            }
+        )
         populator.populate()
         return path.read_bytes()
 

@@ -69,7 +69,13 @@ class HeadTrainer:
     """
 
     def __init__(
-        self, feature_shape: Sequence[int], n_classes: int, *, kind: str = "flatten", batch_size: int = 64, dropout: float = 0.2
+        self,
+        feature_shape: Sequence[int],
+        n_classes: int,
+        *,
+        kind: str = "flatten",
+        batch_size: int = 64,
+        dropout: float = 0.2,
     ):
         import tensorflow as tf
 
@@ -153,7 +159,6 @@ class HeadTrainer:
         return head, history
 
 
-
 def _sweep(step, x: np.ndarray, y: np.ndarray, batch_size: int, order: np.ndarray | None = None) -> tuple[float, float]:
     """``step`` over consecutive batches of the rows ``order`` (default: all, in order); mean loss
     (weighted by batch size, as Keras reports it) and accuracy. Each shuffled batch is gathered on
@@ -198,7 +203,12 @@ def fit_head(
     elif (trainer.kind, trainer.n_classes, trainer.batch_size) != (kind, n_classes, batch_size):
         raise ValueError("trainer was built for another head kind, class count or batch size")
     return trainer.fit(
-        features, labels, learning_rate=learning_rate, epochs=epochs, seed=seed, validation=validation,
+        features,
+        labels,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        seed=seed,
+        validation=validation,
         class_weight=class_weight,
     )
 
@@ -223,7 +233,10 @@ def predict_proba(head: keras.Model, features: np.ndarray, batch_size: int = 256
     if len(features) == 0:
         return np.zeros((0, head.output_shape[-1]), dtype=np.float32)
     return np.concatenate(
-        [np.asarray(head(features[start : start + batch_size], training=False)) for start in range(0, len(features), batch_size)]
+        [
+            np.asarray(head(features[start : start + batch_size], training=False))
+            for start in range(0, len(features), batch_size)
+        ]
     )
 
 
@@ -416,8 +429,13 @@ def write_test_metrics(
     write_csv(
         runfolder.test_metrics_path(run, backbone, variant, "csv"),
         [
-            {"fold": m["fold"], **{name: round(m[name], 4) for name in METRIC_NAMES},
-             **{f"recall_{name}": round(value, 4) for name, value in zip(class_names, m.get("recall_per_class", []))}}
+            {
+                "fold": m["fold"],
+                **{name: round(m[name], 4) for name in METRIC_NAMES},
+                **{
+                    f"recall_{name}": round(value, 4) for name, value in zip(class_names, m.get("recall_per_class", []))
+                },
+            }
             for m in per_model
         ],
     )

@@ -152,8 +152,13 @@ def reliability_diagram(
         ece = expected_calibration_error(probabilities, labels, n_bins)
         ax.plot(xs, ys, marker="o", label=f"{name} (ECE {100 * ece:.2f}%)")
     ax.set_xticks(edges[::3])
-    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence (top-1 probability)", ylabel="accuracy",
-           title=title or f"Reliability diagram ({n_bins} bins)")
+    ax.set(
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
+        xlabel="confidence (top-1 probability)",
+        ylabel="accuracy",
+        title=title or f"Reliability diagram ({n_bins} bins)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     buffer = io.BytesIO()
@@ -241,9 +246,13 @@ class OODScorer:
     def to_dict(self) -> dict[str, Any]:
         """Everything needed to score again (arrays as nested lists, for JSON or npz)."""
         return {
-            "n_components": self.n_components, "shrinkage": self.shrinkage, "threshold": self.threshold,
-            "center": self.center_.tolist(), "projection": self.projection_.tolist(),
-            "whitening": self.whitening_.tolist(), "class_means": self.class_means_.tolist(),
+            "n_components": self.n_components,
+            "shrinkage": self.shrinkage,
+            "threshold": self.threshold,
+            "center": self.center_.tolist(),
+            "projection": self.projection_.tolist(),
+            "whitening": self.whitening_.tolist(),
+            "class_means": self.class_means_.tolist(),
         }
 
     @classmethod
@@ -296,9 +305,26 @@ def far_ood_examples(neu_image: np.ndarray, size: tuple[int, int] = (224, 224), 
         image = Image.fromarray(np.asarray(array)).convert("RGB")
         return np.asarray(image.resize((size[1], size[0]), Image.BILINEAR), dtype=np.uint8)
 
-    names = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "hubble_deep_field",
-             "immunohistochemistry", "page", "text", "moon", "horse", "brick", "grass", "gravel", "clock",
-             "colorwheel", "checkerboard")
+    names = (
+        "astronaut",
+        "camera",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "coins",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "page",
+        "text",
+        "moon",
+        "horse",
+        "brick",
+        "grass",
+        "gravel",
+        "clock",
+        "colorwheel",
+        "checkerboard",
+    )
     examples = {f"photo:{name}": rgb(np.asarray(getattr(skimage.data, name)())) for name in names}
     examples["grey"] = np.full((*size, 3), 128, np.uint8)
     examples["white"] = np.full((*size, 3), 255, np.uint8)

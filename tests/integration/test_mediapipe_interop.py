@@ -53,8 +53,16 @@ def run_folder(neu_dir, tmp_path_factory):
         patch.setenv("STEELDEFECT_CACHE", str(root / "cache"))
         # The pooled head at the run's chosen rate: a model as confident as a real one, so that the
         # two runtimes' slightly different resizing does not decide borderline images.
-        pipeline.train(subset, root / "run", backbones=["efficientnet_lite0"], head="pooled", learning_rates=[0.01],
-                       epochs=15, n_folds=3, progress=False)
+        pipeline.train(
+            subset,
+            root / "run",
+            backbones=["efficientnet_lite0"],
+            head="pooled",
+            learning_rates=[0.01],
+            epochs=15,
+            n_folds=3,
+            progress=False,
+        )
         yield root / "run"
 
 

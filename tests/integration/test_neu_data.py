@@ -27,7 +27,8 @@ def test_checksums_match(neu_dir: Path):
     expected = dict(reversed(line.split(maxsplit=1)) for line in sums.read_text().splitlines() if line.strip())
     assert len(expected) == 1800
     mismatched = [
-        name for name, digest in expected.items()
+        name
+        for name, digest in expected.items()
         if hashlib.sha256((neu_dir / name.strip()).read_bytes()).hexdigest() != digest
     ]
     assert mismatched == []

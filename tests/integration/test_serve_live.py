@@ -59,7 +59,10 @@ class Server:
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "steeldefect", "serve", str(model), "--port", str(self.port), *args],
-            cwd=folder, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=folder,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 120  # the CLI imports TensorFlow before it reaches serve
         while time.monotonic() < deadline:
@@ -110,8 +113,9 @@ def test_real_process_answers_over_http_and_stops_cleanly(served_model, tmp_path
     image = make_image(tmp_path / "strip.png", size=(90, 70))
     server = Server(served_model, tmp_path, "--audit", "audit.sqlite", "--workers", "2", "--threads", "1")
     try:
-        status, answer = request(f"{server.url}/v1/predict", image.read_bytes(),
-                                 {"Content-Type": "image/png", "X-Client-Id": "coil-17"})
+        status, answer = request(
+            f"{server.url}/v1/predict", image.read_bytes(), {"Content-Type": "image/png", "X-Client-Id": "coil-17"}
+        )
         assert status == 200 and answer["client_id"] == "coil-17"
         status, error = request(f"{server.url}/v1/predict", b"plain text", {"Content-Type": "image/png"})
         assert status == 422 and "not an image" in error["error"]
@@ -133,8 +137,9 @@ def test_sigkill_right_after_answers_loses_no_audit_entry(served_model, tmp_path
     image = make_image(tmp_path / "strip.jpg", size=(64, 64)).read_bytes()
     server = Server(served_model, tmp_path, "--audit", "audit.sqlite")
     try:
-        ids = [request(f"{server.url}/v1/predict", image, {"Content-Type": "image/jpeg"})[1]["audit_id"]
-               for _ in range(40)]
+        ids = [
+            request(f"{server.url}/v1/predict", image, {"Content-Type": "image/jpeg"})[1]["audit_id"] for _ in range(40)
+        ]
     finally:
         server.stop(signal.SIGKILL)  # no shutdown hook runs: only what was committed survives
     start_line = [line for line in server.output().splitlines() if line.startswith("steeldefect serve: ")]
@@ -149,15 +154,23 @@ def test_serve_refuses_a_bad_model_and_a_busy_port(served_model, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "steeldefect", "serve", *map(str, args), "--no-audit"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "steeldefect", "serve", *map(str, args), "--no-audit"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"\0" * 100)
     done = run(bad)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == f"error: {bad}.json: metadata missing; it must travel with the " \
-                                                   f"model (class names, input size)"
+    assert (
+        done.stderr.strip().splitlines()[-1] == f"error: {bad}.json: metadata missing; it must travel with the "
+        f"model (class names, input size)"
+    )
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -200,13 +213,17 @@ def uploads_for(neu_dir: Path, folder: Path) -> tuple[list[Path], Path]:
     return samples, broken
 
 
-def check_page_against_api(server: Server, state: dict, samples: list[Path], broken: Path,
-                           headers: dict | None = None) -> None:
+def check_page_against_api(
+    server: Server, state: dict, samples: list[Path], broken: Path, headers: dict | None = None
+) -> None:
     """Each card shows the class the API gives for the same file; the tally counts them."""
     shown = {name: (cls, error) for name, cls, error in state["cards"]}
-    api = {path.name: request(f"{server.url}/v1/predict", path.read_bytes(),
-                              {"Content-Type": "image/jpeg", **(headers or {})})
-           for path in [*samples, broken]}
+    api = {
+        path.name: request(
+            f"{server.url}/v1/predict", path.read_bytes(), {"Content-Type": "image/jpeg", **(headers or {})}
+        )
+        for path in [*samples, broken]
+    }
     assert len(state["cards"]) == len(samples) + 1 and state["pending"] == 0
     for path in samples:
         status, answer = api[path.name]
@@ -231,9 +248,18 @@ def start_chromium(profile: Path):
         pytest.skip("headless Chromium not available: apt-get install chromium chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--window-size=1400,1000"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
 
@@ -253,8 +279,12 @@ def test_inspector_page_in_headless_chromium_shows_the_apis_answers(served_model
         wait_for(lambda: "sha256" in browser.execute_script(PAGE_STATE)["model"], what="the model line")
         browser.find_element(By.ID, "client").send_keys("coil-4711")
         browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in [*samples, broken]))
-        state = wait_for(lambda: (lambda s: s if len(s["cards"]) == len(samples) + 1 and not s["pending"] else None)(
-            browser.execute_script(PAGE_STATE)), what="every card answered")
+        state = wait_for(
+            lambda: (lambda s: s if len(s["cards"]) == len(samples) + 1 and not s["pending"] else None)(
+                browser.execute_script(PAGE_STATE)
+            ),
+            what="every card answered",
+        )
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "inspector-chromium.png"))
         auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -273,8 +303,9 @@ def test_inspector_page_flags_uncertain_answers_with_their_calibrated_confidence
     badge and the calibrated confidence the API gives."""
     from selenium.webdriver.common.by import By
 
-    model = export_small_classifier(tmp_path, extra_meta={"uncertainty": {"threshold": 0.999},
-                                                          "calibration": {"temperature": 2.0}})
+    model = export_small_classifier(
+        tmp_path, extra_meta={"uncertainty": {"threshold": 0.999}, "calibration": {"temperature": 2.0}}
+    )
     samples = neu_samples(neu_dir, 1)[:3]
     browser = start_chromium(tmp_path / "chromium-profile")
     server = Server(model, tmp_path, "--no-audit")
@@ -282,15 +313,25 @@ def test_inspector_page_flags_uncertain_answers_with_their_calibrated_confidence
         browser.get(server.url + "/")
         wait_for(lambda: "sha256" in browser.execute_script(PAGE_STATE)["model"], what="the model line")
         browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in samples))
-        wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".card:not(.pending)")) == len(samples),
-                 what="every card answered")
+        wait_for(
+            lambda: len(browser.find_elements(By.CSS_SELECTOR, ".card:not(.pending)")) == len(samples),
+            what="every card answered",
+        )
         cards = {card.get_attribute("data-file"): card for card in browser.find_elements(By.CSS_SELECTOR, ".card")}
-        shown = {name: ("uncertain" in card.get_attribute("class"), card.find_element(By.CSS_SELECTOR, ".badge").text,
-                        card.find_element(By.CSS_SELECTOR, ".meta").text) for name, card in cards.items()}
+        shown = {
+            name: (
+                "uncertain" in card.get_attribute("class"),
+                card.find_element(By.CSS_SELECTOR, ".badge").text,
+                card.find_element(By.CSS_SELECTOR, ".meta").text,
+            )
+            for name, card in cards.items()
+        }
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "inspector-chromium-uncertain.png"))
-        api = {path.name: request(f"{server.url}/v1/predict", path.read_bytes(), {"Content-Type": "image/jpeg"})[1]
-               for path in samples}
+        api = {
+            path.name: request(f"{server.url}/v1/predict", path.read_bytes(), {"Content-Type": "image/jpeg"})[1]
+            for path in samples
+        }
     finally:
         browser.quit()
         server.stop()
@@ -305,8 +346,9 @@ def test_inspector_page_flags_uncertain_answers_with_their_calibrated_confidence
 @pytest.mark.integration
 def test_inspector_page_in_headless_firefox_shows_the_apis_answers(served_model, tmp_path, neu_dir):
     """Firefox through its own Marionette protocol (no geckodriver needed), a service without token."""
-    marionette = pytest.importorskip("marionette_driver.marionette",
-                                     reason="marionette-driver is not installed (pip install marionette-driver)")
+    marionette = pytest.importorskip(
+        "marionette_driver.marionette", reason="marionette-driver is not installed (pip install marionette-driver)"
+    )
     firefox = shutil.which("firefox-esr") or shutil.which("firefox")
     if not firefox:
         pytest.skip("headless Firefox not available: apt-get install firefox-esr")
@@ -317,28 +359,45 @@ def test_inspector_page_in_headless_firefox_shows_the_apis_answers(served_model,
     profile = tmp_path / "firefox-profile"
     profile.mkdir()
     port = free_port()
-    prefs = {"marionette.port": port, "app.update.disabledForTesting": True, "browser.shell.checkDefaultBrowser": False,
-             "datareporting.policy.dataSubmissionEnabled": False, "toolkit.telemetry.enabled": False,
-             "network.captive-portal-service.enabled": False, "network.connectivity-service.enabled": False,
-             "browser.safebrowsing.malware.enabled": False, "browser.safebrowsing.phishing.enabled": False,
-             "extensions.update.enabled": False, "app.normandy.enabled": False,
-             "browser.startup.homepage_override.mstone": "ignore"}
+    prefs = {
+        "marionette.port": port,
+        "app.update.disabledForTesting": True,
+        "browser.shell.checkDefaultBrowser": False,
+        "datareporting.policy.dataSubmissionEnabled": False,
+        "toolkit.telemetry.enabled": False,
+        "network.captive-portal-service.enabled": False,
+        "network.connectivity-service.enabled": False,
+        "browser.safebrowsing.malware.enabled": False,
+        "browser.safebrowsing.phishing.enabled": False,
+        "extensions.update.enabled": False,
+        "app.normandy.enabled": False,
+        "browser.startup.homepage_override.mstone": "ignore",
+    }
     user_js = "".join(f"user_pref({json.dumps(key)}, {json.dumps(value)});\n" for key, value in prefs.items())
     (profile / "user.js").write_text(user_js)
-    browser = subprocess.Popen([firefox, "--headless", "--marionette", "--no-remote", "-profile", str(profile)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    browser = subprocess.Popen(
+        [firefox, "--headless", "--marionette", "--no-remote", "-profile", str(profile)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = None
     try:
         client = marionette.Marionette(host="127.0.0.1", port=port, startup_timeout=60)
         client.start_session()
         client.set_window_rect(width=1400, height=1000)
         client.navigate(server.url + "/")
-        state = wait_for(lambda: (lambda s: s if "sha256" in s["model"] else None)(client.execute_script(PAGE_STATE)),
-                         what="the model line")
+        state = wait_for(
+            lambda: (lambda s: s if "sha256" in s["model"] else None)(client.execute_script(PAGE_STATE)),
+            what="the model line",
+        )
         assert not state["tokenShown"]  # no token on this service: the page does not ask for one
         client.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in [*samples, broken]))
-        state = wait_for(lambda: (lambda s: s if len(s["cards"]) == len(samples) + 1 and not s["pending"] else None)(
-            client.execute_script(PAGE_STATE)), what="every card answered")
+        state = wait_for(
+            lambda: (lambda s: s if len(s["cards"]) == len(samples) + 1 and not s["pending"] else None)(
+                client.execute_script(PAGE_STATE)
+            ),
+            what="every card answered",
+        )
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "inspector-firefox.png").write_bytes(client.screenshot(format="binary"))
         check_page_against_api(server, state, samples, broken)

@@ -77,8 +77,13 @@ def bad_image(kind: str) -> Callable[[World], Path]:
     def setup(world: World) -> Path:
         path = world.data / "dots" / "bad.png"
         good = (world.data / "dots" / "dots_0.png").read_bytes()
-        path.write_bytes({"corrupt": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "truncated": good[: len(good) // 2],
-                          "zero-byte": b""}[kind])
+        path.write_bytes(
+            {
+                "corrupt": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+                "truncated": good[: len(good) // 2],
+                "zero-byte": b"",
+            }[kind]
+        )
         return path
 
     return setup
@@ -103,6 +108,7 @@ def mkdir(relative: str, mode: int | None = None) -> Callable[[World], None]:
 
 def chmod(relative: str, mode: int) -> Callable[[World], None]:
     """``relative`` (a {placeholder} path) and every folder under it get ``mode``."""
+
     def setup(world: World) -> None:
         top = Path(world.fill(relative))
         for folder in [top, *(p for p in top.rglob("*") if p.is_dir())]:
@@ -118,31 +124,60 @@ CASES = [
     Case("data-option-missing", f"train --backbone tiny --out {{out}} {FAST}", "--data"),
     Case("data-folder-missing", "train --data {tmp}/nope --backbone tiny --out {out}", "{tmp}/nope"),
     Case("data-is-a-file", "train --data {data}/dots/dots_0.png --backbone tiny --out {out}", "{data}/dots/dots_0.png"),
-    Case("image-corrupt", f"train --data {{data}} --backbone tiny --out {{out}} {FAST}", "{data}/dots/bad.png",
-         setup=bad_image("corrupt")),
-    Case("image-truncated", f"train --data {{data}} --backbone tiny --out {{out}} {FAST}", "{data}/dots/bad.png",
-         setup=bad_image("truncated")),
-    Case("image-zero-bytes", f"train --data {{data}} --backbone tiny --out {{out}} {FAST}", "{data}/dots/bad.png",
-         setup=bad_image("zero-byte")),
+    Case(
+        "image-corrupt",
+        f"train --data {{data}} --backbone tiny --out {{out}} {FAST}",
+        "{data}/dots/bad.png",
+        setup=bad_image("corrupt"),
+    ),
+    Case(
+        "image-truncated",
+        f"train --data {{data}} --backbone tiny --out {{out}} {FAST}",
+        "{data}/dots/bad.png",
+        setup=bad_image("truncated"),
+    ),
+    Case(
+        "image-zero-bytes",
+        f"train --data {{data}} --backbone tiny --out {{out}} {FAST}",
+        "{data}/dots/bad.png",
+        setup=bad_image("zero-byte"),
+    ),
     Case("inspect-folder-missing", "data inspect {tmp}/nope", "{tmp}/nope"),
     # Options
     Case("backbone-unknown", "train --data {data} --backbone resnet --out {out}", "--backbone"),
     Case("option-changed-in-run", f"train --data {{data}} --backbone tiny --out {{run}} {FAST}", "{run}/config.json"),
     Case("epochs-zero", "train --data {data} --backbone tiny --out {out} --epochs 0", "--epochs"),
-    Case("learning-rate-negative", "train --data {data} --backbone tiny --out {out} --learning-rates -1", "--learning-rates"),
+    Case(
+        "learning-rate-negative",
+        "train --data {data} --backbone tiny --out {out} --learning-rates -1",
+        "--learning-rates",
+    ),
     Case("batch-size-zero", "train --data {data} --backbone tiny --out {out} --batch-size 0", "--batch-size"),
-    Case("test-fraction-above-one", "train --data {data} --backbone tiny --out {out} --test-fraction 1.5",
-         "--test-fraction"),
+    Case(
+        "test-fraction-above-one",
+        "train --data {data} --backbone tiny --out {out} --test-fraction 1.5",
+        "--test-fraction",
+    ),
     Case("top-k-zero", "predict {tmp}/m.tflite {data} --top-k 0", "--top-k"),
     Case("threads-negative", "evaluate {run} --threads -1", "--threads"),
-    Case("out-is-a-file", f"train --data {{data}} --backbone tiny --out {{run}}/summary.json {FAST}",
-         "{run}/summary.json"),
+    Case(
+        "out-is-a-file",
+        f"train --data {{data}} --backbone tiny --out {{run}}/summary.json {FAST}",
+        "{run}/summary.json",
+    ),
     Case("predict-model-missing", "predict {tmp}/nope.tflite {data}", "{tmp}/nope.tflite"),
     # Weights
-    Case("mobilenet-corrupt-inside", f"train --data {{data}} --backbone mobilenet --out {{out}} {FAST}",
-         "{keras}/models/mobilenet_1_0_224_tf_no_top.h5", setup=corrupt_mobilenet),
-    Case("mobilenet-missing", f"train --data {{data}} --backbone mobilenet --out {{out}} {FAST}",
-         "{keras}/models/mobilenet_1_0_224_tf_no_top.h5"),
+    Case(
+        "mobilenet-corrupt-inside",
+        f"train --data {{data}} --backbone mobilenet --out {{out}} {FAST}",
+        "{keras}/models/mobilenet_1_0_224_tf_no_top.h5",
+        setup=corrupt_mobilenet,
+    ),
+    Case(
+        "mobilenet-missing",
+        f"train --data {{data}} --backbone mobilenet --out {{out}} {FAST}",
+        "{keras}/models/mobilenet_1_0_224_tf_no_top.h5",
+    ),
     Case("weights-install-folder-missing", "weights install {tmp}/usb", "{tmp}/usb"),
     Case("weights-download-unknown-backbone", "weights download resnet", "'resnet'"),
     # Run folders
@@ -150,12 +185,22 @@ CASES = [
     Case("report-on-a-file", "report {run}/summary.json", "{run}/summary.json"),
     Case("report-empty-folder", "report {tmp}/empty", "{tmp}/empty", setup=mkdir("empty")),
     # Permissions (as nobody)
-    Case("inspect-unreadable-class-folder", "data inspect {data}", "{data}/dots", setup=chmod("{data}/dots", 0o000),
-         as_user=True),
+    Case(
+        "inspect-unreadable-class-folder",
+        "data inspect {data}",
+        "{data}/dots",
+        setup=chmod("{data}/dots", 0o000),
+        as_user=True,
+    ),
     Case("report-read-only-run", "report {run}", "{run}", setup=chmod("{run}", 0o555), as_user=True),
     # Fails on the folder before fetching anything, so it never reaches the internet.
-    Case("weights-download-read-only-cache", "weights download mobilenet", "{keras}/models",
-         setup=chmod("{keras}", 0o555), as_user=True),
+    Case(
+        "weights-download-read-only-cache",
+        "weights download mobilenet",
+        "{keras}/models",
+        setup=chmod("{keras}", 0o555),
+        as_user=True,
+    ),
 ]
 
 # Rows that fail today for a reason someone else is fixing: id -> reason (strict: they must fail).
@@ -182,15 +227,20 @@ def snapshot(world: World) -> dict[str, tuple[int, int, str]]:
         if any(path == s or s in path.parents for s in skipped) or not path.is_file():
             continue
         stat = path.stat()
-        state[str(path.relative_to(world.tmp))] = (stat.st_size, stat.st_mtime_ns,
-                                                   hashlib.sha256(path.read_bytes()).hexdigest())
+        state[str(path.relative_to(world.tmp))] = (
+            stat.st_size,
+            stat.st_mtime_ns,
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+        )
     return state
 
 
 # TensorFlow's C++ start-up logging (absl / oneDNN), printed by the library before steeldefect runs;
 # only subprocess rows see it, since in-process it was printed once when TensorFlow was imported.
-_LIBRARY_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} \S+ +\d+ \S+:\d+\]"
-                            r"|To enable the following instructions|Matplotlib is building the font cache)")
+_LIBRARY_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} \S+ +\d+ \S+:\d+\]"
+    r"|To enable the following instructions|Matplotlib is building the font cache)"
+)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -232,8 +282,16 @@ def run_as_nobody(argv: list[str], world: World, mpl_dir: Path) -> tuple[int, st
         "STEELDEFECT_CACHE": str(world.tmp / "cache"),
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
-    command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-               sys.executable, "-m", "steeldefect", *argv]
+    command = [
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        sys.executable,
+        "-m",
+        "steeldefect",
+        *argv,
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=world.tmp)
     return done.returncode, done.stderr
 
@@ -244,9 +302,12 @@ def _nobody_can_run() -> str | None:
         return None if os.access("/", os.R_OK) else "cannot check"
     if shutil.which("setpriv") is None:
         return "setpriv (util-linux) is not installed, so the test cannot drop root"
-    probe = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                            sys.executable, "-c", "import steeldefect"],
-                           env={"PYTHONPATH": str(ROOT / "src")}, capture_output=True, timeout=60)
+    probe = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c", "import steeldefect"],
+        env={"PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        timeout=60,
+    )
     if probe.returncode != 0:
         return f"user nobody cannot import steeldefect from {ROOT} (is the checkout world-readable?)"
     return None
@@ -254,8 +315,14 @@ def _nobody_can_run() -> str | None:
 
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[c.id])]
-                  if c.id in KNOWN_FAILURES else []) for c in CASES],
+    [
+        pytest.param(
+            c,
+            id=c.id,
+            marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[c.id])] if c.id in KNOWN_FAILURES else [],
+        )
+        for c in CASES
+    ],
 )
 def test_bad_input_gets_one_line_and_changes_nothing(case: Case, tmp_path, monkeypatch, capsys, request):
     if case.as_user:
@@ -306,9 +373,11 @@ def test_table_ids_are_unique():
 
 
 def test_error_lines_drop_argparse_usage_and_library_noise():
-    stderr = ("I0000 00:00:1795677373.026670   16581 port.cc:153] oneDNN custom operations are on.\n"
-              "usage: steeldefect train [-h] --data DATA\n                         [--seed SEED]\n"
-              "steeldefect train: error: argument --epochs: must be >= 1\n")
+    stderr = (
+        "I0000 00:00:1795677373.026670   16581 port.cc:153] oneDNN custom operations are on.\n"
+        "usage: steeldefect train [-h] --data DATA\n                         [--seed SEED]\n"
+        "steeldefect train: error: argument --epochs: must be >= 1\n"
+    )
     assert error_lines(stderr) == ["steeldefect train: error: argument --epochs: must be >= 1"]
     assert error_lines("error: a\nerror: b\n") == ["error: a", "error: b"]
 

@@ -181,11 +181,24 @@ def test_uncertain_flags_answers_below_the_models_threshold(tmp_path, images):
 def test_predict_without_out_prints_exactly_todays_output(models, images, capsys):
     listing = _listing(images)
     for fmt in ("table", "csv", "json"):
-        code = cli.main(["--quiet", "predict", str(models["int8"]), *map(str, listing), "--top-k", "2",
-                         "--format", fmt, "--workers", "2"])
+        code = cli.main(
+            [
+                "--quiet",
+                "predict",
+                str(models["int8"]),
+                *map(str, listing),
+                "--top-k",
+                "2",
+                "--format",
+                fmt,
+                "--workers",
+                "2",
+            ]
+        )
         assert code == 1  # two images failed, as today
-        assert capsys.readouterr().out.rstrip("\n") == format_predictions(predict_paths(models["int8"], listing,
-                                                                                        top_k=2), fmt)
+        assert capsys.readouterr().out.rstrip("\n") == format_predictions(
+            predict_paths(models["int8"], listing, top_k=2), fmt
+        )
 
 
 def test_cli_out_reports_and_exits_1_when_an_image_failed(tmp_path, models, images, capsys):
@@ -193,8 +206,19 @@ def test_cli_out_reports_and_exits_1_when_an_image_failed(tmp_path, models, imag
     assert cli.main(["--quiet", "predict", str(models["fp32"]), str(images["folder"]), "--out", str(out)]) == 1
     # the folder holds the 20 images and the corrupt one (the missing one is only listed elsewhere)
     assert "21 images listed, 0 already done, 21 scored" in capsys.readouterr().out
-    assert cli.main(["--quiet", "predict", str(models["fp32"]), *map(str, images["good"]), "--out",
-                     str(tmp_path / "ok.parquet")]) == 0
+    assert (
+        cli.main(
+            [
+                "--quiet",
+                "predict",
+                str(models["fp32"]),
+                *map(str, images["good"]),
+                "--out",
+                str(tmp_path / "ok.parquet"),
+            ]
+        )
+        == 0
+    )
 
 
 def _children(pid: int) -> list[int]:
@@ -213,8 +237,21 @@ def test_resume_after_sigkill_has_no_duplicates_and_no_gaps(tmp_path, models, im
     listing = [str(p) for p in images["good"]] * 150  # 3,000 entries
     manifest.write_text("\n".join(listing) + "\n")
     out = tmp_path / "r.parquet"
-    command = [sys.executable, "-m", "steeldefect", "--quiet", "predict", str(models["fp32"]), str(manifest),
-               "--out", str(out), "--batch-size", "16", "--workers", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "steeldefect",
+        "--quiet",
+        "predict",
+        str(models["fp32"]),
+        str(manifest),
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
+        "--workers",
+        "2",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -298,8 +335,11 @@ def test_ray_actor_killed_mid_job_is_replaced_and_every_image_is_scored_once(tmp
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         outcome: dict = {}
-        job = threading.Thread(target=lambda: outcome.update(result=batch.score_archive_ray(
-            models["fp32"], [manifest], out, actors=2, batch_size=8)))
+        job = threading.Thread(
+            target=lambda: outcome.update(
+                result=batch.score_archive_ray(models["fp32"], [manifest], out, actors=2, batch_size=8)
+            )
+        )
         job.start()
         killed = None
         deadline = time.monotonic() + 120
@@ -321,6 +361,7 @@ def test_ray_actor_killed_mid_job_is_replaced_and_every_image_is_scored_once(tmp
 def test_a_kill_during_the_final_merge_is_finished_by_the_next_run(tmp_path, models, images, monkeypatch):
     out = tmp_path / "r.parquet"
     batch.score_archive(models["fp32"], images["good"][:5], out, workers=1)
+
     # Stop the next run right after its merge is marked complete, before it replaces FILE.
     def killed_after_commit_mark(out):
         if (batch.parts_dir(out) / "COMMIT").is_file():
@@ -341,8 +382,9 @@ def test_a_kill_during_the_final_merge_is_finished_by_the_next_run(tmp_path, mod
 def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, models, images, capsys):
     out = tmp_path / "r.parquet"
     with pytest.raises(SystemExit) as exit_info:  # refused by the option's check, at parse time
-        cli.main(["--quiet", "predict", str(models["fp32"]), str(images["good"][0]), "--out", str(out),
-                  "--batch-size", "0"])
+        cli.main(
+            ["--quiet", "predict", str(models["fp32"]), str(images["good"][0]), "--out", str(out), "--batch-size", "0"]
+        )
     assert exit_info.value.code == 2
     assert "argument --batch-size: must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not out.exists() and not batch.parts_dir(out).exists()
@@ -351,8 +393,9 @@ def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, models, im
 def test_engine_ray_without_ray_installed_says_how_to_install_it(tmp_path, models, images, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     out = tmp_path / "r.parquet"
-    code = cli.main(["--quiet", "predict", str(models["fp32"]), str(images["good"][0]), "--out", str(out),
-                     "--engine", "ray"])
+    code = cli.main(
+        ["--quiet", "predict", str(models["fp32"]), str(images["good"][0]), "--out", str(out), "--engine", "ray"]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip() == "error: --engine ray needs Ray: pip install 'steeldefect[ray]'"
     assert not out.exists()

@@ -123,7 +123,10 @@ def test_unknown_flat_file_names_are_all_listed(tmp_path, make_image):
 
     assert len(caught.value.problems) == 3
     for name in ("photo1.jpg", "scan_2.png", "other.bmp"):
-        assert any(str(tmp_path / name) in line and "class is unknown" in line and "one sub-folder per class" in line for line in caught.value.problems)
+        assert any(
+            str(tmp_path / name) in line and "class is unknown" in line and "one sub-folder per class" in line
+            for line in caught.value.problems
+        )
 
 
 def test_stray_file_among_neu_names_is_reported_or_skipped(tmp_path, make_neu_dataset, make_image):
@@ -174,7 +177,9 @@ def test_structural_problems_are_reported_together(tmp_path, make_image):
     assert str(caught.value).count("\n") == 2  # one line per problem
     assert any(str(tmp_path / "empty") in line and "no image files" in line for line in problems)
     assert any(str(tmp_path / "only text") in line and "no image files" in line for line in problems)
-    assert any(str(tmp_path / "small") in line and "only 2 image(s)" in line and "at least 3" in line for line in problems)
+    assert any(
+        str(tmp_path / "small") in line and "only 2 image(s)" in line and "at least 3" in line for line in problems
+    )
 
 
 def test_class_smaller_than_number_of_folds(tmp_path, make_neu_dataset):
@@ -309,7 +314,9 @@ MODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("mode", "build", "fmt", "expected"), MODE_CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(MODE_CASES)])
+@pytest.mark.parametrize(
+    ("mode", "build", "fmt", "expected"), MODE_CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(MODE_CASES)]
+)
 def test_every_mode_converts_to_rgb_uint8(tmp_path, mode, build, fmt, expected):
     image = build()
     assert image.mode == mode
@@ -362,8 +369,18 @@ def test_read_image_matches_load_images(tmp_path, make_image):
 
 @pytest.mark.parametrize(
     ("name", "ignored"),
-    [("README", True), ("readme.md", True), ("LICENSE.txt", True), ("SHA256SUMS", True), ("a.csv", True),
-     ("x.YAML", True), ("crazing_1.xml", True), (".DS_Store", True), ("a.jpg", False), ("notes", False)],
+    [
+        ("README", True),
+        ("readme.md", True),
+        ("LICENSE.txt", True),
+        ("SHA256SUMS", True),
+        ("a.csv", True),
+        ("x.YAML", True),
+        ("crazing_1.xml", True),
+        (".DS_Store", True),
+        ("a.jpg", False),
+        ("notes", False),
+    ],
 )
 def test_is_ignored_file(name, ignored):
     assert is_ignored_file(name) is ignored

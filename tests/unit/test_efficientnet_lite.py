@@ -88,12 +88,14 @@ def test_synthetic_legacy_file_round_trips_including_non_contiguous(tmp_path):
     conv_strides = tuple(s // 4 for s in hwio.transpose(3, 2, 0, 1).strides)
     shared = rng.standard_normal(10).astype(np.float32)
     s_conv, s_shared, s_count = _Storage("7", hwio.ravel()), _Storage("3", shared), _Storage("9", np.array([5]))
-    state = collections.OrderedDict([
-        ("conv.weight", _Tensor(s_conv, 0, (4, 3, 2, 5), conv_strides)),
-        ("bn.running_mean", _Tensor(s_shared, 2, (6,), (1,))),
-        ("bn.num_batches_tracked", _Tensor(s_count, 0, (), ())),
-        ("head", _Tensor(s_shared, 0, (2, 2), (1, 2))),  # transposed view of the same storage
-    ])
+    state = collections.OrderedDict(
+        [
+            ("conv.weight", _Tensor(s_conv, 0, (4, 3, 2, 5), conv_strides)),
+            ("bn.running_mean", _Tensor(s_shared, 2, (6,), (1,))),
+            ("bn.num_batches_tracked", _Tensor(s_count, 0, (), ())),
+            ("head", _Tensor(s_shared, 0, (2, 2), (1, 2))),  # transposed view of the same storage
+        ]
+    )
     assert conv_strides != (30, 10, 5, 1)  # really non-contiguous
     path = tmp_path / "tiny.pth"
     write_legacy(path, state, sorted([s_conv, s_shared, s_count], key=lambda s: s.key))

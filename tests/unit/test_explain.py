@@ -28,8 +28,9 @@ def _bright_square_model() -> keras.Model:
     kernel[..., 0] = 1 / 27
     kernel[..., 1:] = -1 / 27 * np.array([1.0, 0.7, 0.4])
     conv.set_weights([kernel, np.array([-200.0, 110.0, 80.0, 50.0], np.float32)])
-    dense.set_weights([np.array([[-1.0, 10.0], [0.005, 0.0], [0.005, 0.0], [0.005, 0.0]], np.float32),
-                       np.zeros(2, np.float32)])
+    dense.set_weights(
+        [np.array([[-1.0, 10.0], [0.005, 0.0], [0.005, 0.0], [0.005, 0.0]], np.float32), np.zeros(2, np.float32)]
+    )
     return model
 
 

@@ -16,8 +16,20 @@ import pytest
 from steeldefect import cli, files
 from tiny import TINY, make_dataset, make_pattern_image, register_tiny_backbone
 
-TRAIN = ["--backbone", TINY, "--folds", "2", "--learning-rates", "0.01", "--epochs", "2", "--batch-size", "8",
-         "--image-size", "32"]
+TRAIN = [
+    "--backbone",
+    TINY,
+    "--folds",
+    "2",
+    "--learning-rates",
+    "0.01",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--image-size",
+    "32",
+]
 
 
 @pytest.fixture()
@@ -28,8 +40,11 @@ def tiny_env(tmp_path, monkeypatch):
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_cli(args, capsys) -> tuple[int, str]:

@@ -72,8 +72,9 @@ def exported(small_model, images, tmp_path_factory):
 
 
 def test_export_model_embeds_the_description(small_model, images, tmp_path):
-    path = export_stage.export_model(small_model, "int8", tmp_path / "m.int8.tflite", images[:16],
-                                     metadata=description("int8"))
+    path = export_stage.export_model(
+        small_model, "int8", tmp_path / "m.int8.tflite", images[:16], metadata=description("int8")
+    )
     assert tflite_metadata.read_embedded_metadata(path) == description("int8")
     assert not sidecar_path(path).exists()
 
@@ -187,7 +188,8 @@ def test_corrupt_metadata_is_one_clear_line_naming_the_file(exported, tmp_path, 
         "notjson.tflite": (_with_archive(plain, {"steeldefect.json": b"{not json"}), "not valid JSON"),
         "notobject.tflite": (_with_archive(plain, {"steeldefect.json": b"[1, 2]"}), "not a JSON object"),
         "labels.tflite": (
-            _with_archive(plain, {"labels.txt": b"a\nb\nc\nd", "steeldefect.json": good}), "name different classes"
+            _with_archive(plain, {"labels.txt": b"a\nb\nc\nd", "steeldefect.json": good}),
+            "name different classes",
         ),
         "noclasses.tflite": (
             _with_archive(plain, {"steeldefect.json": json.dumps({"input": {"height": 32, "width": 32}}).encode()}),
@@ -231,8 +233,17 @@ def test_export_stage_embeds_what_the_sidecar_says(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("STEELDEFECT_CACHE", str(tmp_path / "cache"))
     data = make_dataset(tmp_path / "data")
     run = tmp_path / "line-3"
-    pipeline.train(data, run, backbones=[TINY], learning_rates=[0.01], epochs=3, batch_size=8, n_folds=2,
-                   image_size=32, progress=False)
+    pipeline.train(
+        data,
+        run,
+        backbones=[TINY],
+        learning_rates=[0.01],
+        epochs=3,
+        batch_size=8,
+        n_folds=2,
+        image_size=32,
+        progress=False,
+    )
     pipeline.export(run, variants=["int8"], calibration_samples=12, quant_report=False, progress=False)
     model = run / TINY / "models" / "fold1.int8.tflite"
     embedded = tflite_metadata.read_embedded_metadata(model)
@@ -242,8 +253,11 @@ def test_export_stage_embeds_what_the_sidecar_says(tmp_path, monkeypatch, capsys
     provenance = embedded["provenance"]
     assert provenance["run"] == "line-3"
     keras_metrics = json.loads((run / TINY / "test_metrics_keras.json").read_text())["per_model"][1]
-    assert provenance["test_accuracy"] == {"of": "keras", "accuracy": keras_metrics["accuracy"],
-                                           "n_images": int(np.sum(keras_metrics["confusion_matrix"]))}
+    assert provenance["test_accuracy"] == {
+        "of": "keras",
+        "accuracy": keras_metrics["accuracy"],
+        "n_images": int(np.sum(keras_metrics["confusion_matrix"])),
+    }
     # The model file alone is enough for `predict`.
     sidecar_path(model).unlink()
     capsys.readouterr()

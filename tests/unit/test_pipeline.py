@@ -83,7 +83,9 @@ def test_reproduce_end_to_end_skips_missing_weights(tiny_env, tmp_path):
     assert lost.is_file()
     variants = read_json(run / "config.json")["commands"]["export"]["options"]["variants"]
     assert variants == ["fp32", "fp16", "int8", "int8-mixed"]
-    mixed = pipeline.evaluate(run, threads=1, warmup=1, runs=2, progress=False)["backbones"][TINY]["variants"]["int8-mixed"]
+    mixed = pipeline.evaluate(run, threads=1, warmup=1, runs=2, progress=False)["backbones"][TINY]["variants"][
+        "int8-mixed"
+    ]
     assert mixed["n_models"] == 2 and mixed["accuracy"]["mean"] > 60
     from steeldefect.report import write_report
 
@@ -131,7 +133,9 @@ def test_rerun_with_other_options_is_refused(tiny_env, tmp_path):
 
 
 def test_named_backbone_with_missing_weights_is_an_error(tiny_env, tmp_path, capsys):
-    code = cli.main(["--quiet", "train", "--data", str(tiny_env), "--backbone", "mobilenet", "--out", str(tmp_path / "r")])
+    code = cli.main(
+        ["--quiet", "train", "--data", str(tiny_env), "--backbone", "mobilenet", "--out", str(tmp_path / "r")]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "mobilenet_1_0_224_tf_no_top.h5" in err and "steeldefect weights install" in err
@@ -141,15 +145,35 @@ def test_named_backbone_with_missing_weights_is_an_error(tiny_env, tmp_path, cap
 def test_cli_train_then_predict(tiny_env, tmp_path, capsys):
     run = tmp_path / "run"
     code = cli.main(
-        ["--quiet", "train", "--data", str(tiny_env), "--backbone", TINY, "--out", str(run), "--folds", "2",
-         "--learning-rates", "0.01", "--epochs", "3", "--batch-size", "8", "--image-size", "32"]
+        [
+            "--quiet",
+            "train",
+            "--data",
+            str(tiny_env),
+            "--backbone",
+            TINY,
+            "--out",
+            str(run),
+            "--folds",
+            "2",
+            "--learning-rates",
+            "0.01",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "32",
+        ]
     )
     assert code == 0
     assert json.loads((run / "summary.json").read_text())["backbones"][TINY]["best_learning_rate"] == 0.01
     model = run / TINY / "models" / "fold0.keras"
     (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
     capsys.readouterr()
-    code = cli.main(["--quiet", "predict", str(model), str(tiny_env / "dots"), str(tmp_path / "bad.jpg"), "--top-k", "2"])
+    code = cli.main(
+        ["--quiet", "predict", str(model), str(tiny_env / "dots"), str(tmp_path / "bad.jpg"), "--top-k", "2"]
+    )
     out = capsys.readouterr().out.splitlines()
     assert code == 1  # one file failed
     assert any("bad.jpg: ERROR" in line for line in out)
@@ -173,7 +197,13 @@ def test_summary_numbers_unchanged_by_the_restructure(tmp_path, monkeypatch):
     keras.backend.clear_session()  # as the golden run: layer names (and so file sizes) from a fresh session
     monkeypatch.setattr(export_stage, "embed_metadata", lambda flatbuffer, meta: flatbuffer)
     summary = pipeline.reproduce(
-        data, tmp_path / "run", backbones=[TINY], runs=2, warmup=1, calibration_samples=12, workers=1,
+        data,
+        tmp_path / "run",
+        backbones=[TINY],
+        runs=2,
+        warmup=1,
+        calibration_samples=12,
+        workers=1,
         **{**FAST, "learning_rates": [0.01, 0.001]},
     )
     entry = summary["backbones"][TINY]

@@ -78,8 +78,11 @@ def test_int8_mixed_keeps_the_high_resolution_start_in_float(small_model, export
     assert summary["inputs"][0]["dtype"] == "float32" and summary["outputs"][0]["dtype"] == "float32"
     interpreter = runtime.make_interpreter(exported["int8-mixed"], threads=1)
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
-    kinds = [(op["op_name"], details[op["outputs"][0]]["dtype"].__name__) for op in interpreter._get_ops_details()
-             if op["op_name"] != "DELEGATE"]
+    kinds = [
+        (op["op_name"], details[op["outputs"][0]]["dtype"].__name__)
+        for op in interpreter._get_ops_details()
+        if op["op_name"] != "DELEGATE"
+    ]
     # 32x32 input: the 16x16 convolutions are >= 1/8 resolution, so float; the head is int8.
     assert ("CONV_2D", "float32") in kinds and ("DEPTHWISE_CONV_2D", "float32") in kinds
     assert ("FULLY_CONNECTED", "int8") in kinds and ("QUANTIZE", "int8") in kinds
@@ -125,7 +128,9 @@ def test_evaluation_matches_hand_computed_confusion_matrix(tmp_path):
 
 
 def test_quantization_error_report_writes_csv_and_png(small_model, images, tmp_path):
-    rows = quantize.quantization_error_report(small_model, images[:20], images[:4], tmp_path / "q.csv", tmp_path / "q.png")
+    rows = quantize.quantization_error_report(
+        small_model, images[:20], images[:4], tmp_path / "q.csv", tmp_path / "q.png"
+    )
     assert rows and all("rmse/scale" in row for row in rows)
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "q.csv").read_text().splitlines()[0].count("rmse/scale") == 1

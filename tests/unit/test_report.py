@@ -86,8 +86,11 @@ def test_table5_sizes_and_latencies(run: Path) -> None:
     keras_mib = fx.KERAS_FILE_BYTES / 2**20
     assert f"{keras_mib:.2f}" in row_of(body, "EfficientNetB0", "keras")
     assert "108.08" in row_of(body, "EfficientNetB0", "keras")
-    for variant, ref_size, ref_latency in (("fp32", "45.95", "82.90 ± 16.05"), ("fp16", "23.04", "78.37 ± 3.23"),
-                                           ("int8", "12.34", "95.84 ± 1.15")):
+    for variant, ref_size, ref_latency in (
+        ("fp32", "45.95", "82.90 ± 16.05"),
+        ("fp16", "23.04", "78.37 ± 3.23"),
+        ("int8", "12.34", "95.84 ± 1.15"),
+    ):
         row = row_of(body, "EfficientNetB0", variant)
         assert f"{fx.SIZE_MIB[variant]:.2f}" in row and ref_size in row and ref_latency in row
         # Fold latencies are base + 0, 1, 2: mean base + 1, population std sqrt(2/3).
@@ -121,8 +124,15 @@ def test_header_cv_grid_and_csvs(run: Path) -> None:
     assert len(best) == 1 and "| 0.001 |" in best[0] and "| 3 |" in best[0]
     tables = run / "report_tables"
     names = sorted(p.name for p in tables.glob("*.csv"))
-    assert names == ["cv_grid.csv", "per_class_recall.csv", "table1_keras.csv", "table2_fp32.csv", "table3_fp16.csv", "table4_int8.csv",
-                     "table5_size_latency.csv"]
+    assert names == [
+        "cv_grid.csv",
+        "per_class_recall.csv",
+        "table1_keras.csv",
+        "table2_fp32.csv",
+        "table3_fp16.csv",
+        "table4_int8.csv",
+        "table5_size_latency.csv",
+    ]
     with open(tables / "table4_int8.csv", newline="") as handle:
         rows = {row["backbone"]: row for row in csv.DictReader(handle)}
     assert rows["mobilenet"]["status"] == "not run: weights missing" and rows["mobilenet"]["accuracy_mean"] == ""
@@ -133,8 +143,13 @@ def test_header_cv_grid_and_csvs(run: Path) -> None:
 
 def test_every_plot_is_a_png_and_linked(run: Path) -> None:
     text = write_report(run).read_text(encoding="utf-8")
-    expected = {"confusion_efficientnetb0_keras.png", "confusion_efficientnetb0_int8.png",
-                "cv_grid_efficientnetb0.png", "training_curves_efficientnetb0.png", "accuracy_size_latency.png"}
+    expected = {
+        "confusion_efficientnetb0_keras.png",
+        "confusion_efficientnetb0_int8.png",
+        "cv_grid_efficientnetb0.png",
+        "training_curves_efficientnetb0.png",
+        "accuracy_size_latency.png",
+    }
     written = {p.name for p in (run / "plots").iterdir()}
     assert written == expected
     for name in expected:
@@ -168,8 +183,11 @@ def test_report_does_not_import_tensorflow(run: Path) -> None:
 def test_folder_without_a_run_is_refused_and_nothing_written(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "afile").write_text("x")
-    for path, reason in ((tmp_path / "empty", "no summary.json"), (tmp_path / "runs-typo", "no such run folder"),
-                         (tmp_path / "afile", "is a file")):
+    for path, reason in (
+        (tmp_path / "empty", "no summary.json"),
+        (tmp_path / "runs-typo", "no such run folder"),
+        (tmp_path / "afile", "is a file"),
+    ):
         with pytest.raises(NotARunError, match=f"^{path}: .*{reason}"):
             write_report(path)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["afile", "empty"]
@@ -203,8 +221,11 @@ def test_partial_run_folder_still_gets_a_report(tmp_path: Path) -> None:
 def test_report_shows_recall_per_class(run):
     text = write_report(run).read_text()
     section = text.split("## Recall per class (%)")[1].split("\n## ")[0]
-    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line
-            for line in section.splitlines() if line.startswith("| EfficientNetB0")}
+    rows = {
+        tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line
+        for line in section.splitlines()
+        if line.startswith("| EfficientNetB0")
+    }
     int8 = rows[("EfficientNetB0", "int8")]
     assert int8.count("±") == 6
     with open(run / "report_tables" / "per_class_recall.csv", newline="") as handle:

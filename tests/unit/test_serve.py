@@ -76,8 +76,10 @@ def test_predictions_equal_steeldefect_predict_on_the_same_files(client, model, 
         assert [name for name, _ in got] == [name for name, _ in expected[path]], kind
         np.testing.assert_allclose([p for _, p in got], [p for _, p in expected[path]], atol=1e-5)
         assert body["class"] == expected[path][0][0]
-        assert body["image"] == {"sha256": __import__("hashlib").sha256(path.read_bytes()).hexdigest(),
-                                 "bytes": path.stat().st_size}
+        assert body["image"] == {
+            "sha256": __import__("hashlib").sha256(path.read_bytes()).hexdigest(),
+            "bytes": path.stat().st_size,
+        }
         assert body["model"] == {"name": model.name, "variant": "fp32", "sha256": file_sha256(model)}
         assert body["uncertain"] is None and body["confidence"] is None  # the model carries neither
         assert body["server_ms"] > 0
@@ -132,8 +134,11 @@ def test_multipart_without_a_file_part_and_bad_top_k(client, images):
 
 
 def test_malformed_multipart_body_is_a_400_naming_it(client, images):
-    response = client.post("/v1/predict", content=b"--x\r\nnot a part header at all",
-                           headers={"Content-Type": "multipart/form-data; boundary=x"})
+    response = client.post(
+        "/v1/predict",
+        content=b"--x\r\nnot a part header at all",
+        headers={"Content-Type": "multipart/form-data; boundary=x"},
+    )
     assert response.status_code in (400, 422)
     assert response.json()["error"].startswith(("malformed multipart body", "multipart body"))
     assert post_file(client, images["jpeg"]).status_code == 200
@@ -202,10 +207,15 @@ def test_audit_log_records_every_answer_and_pages_through_them(model, tmp_path, 
         answers = []
         for i, path in enumerate(images.values()):
             headers = {"X-Client-Id": f"coil-{i}"}
-            answers.append(client.post("/v1/predict", files={"file": (path.name, path.read_bytes())},
-                                       headers=headers).json())
-        form_id = client.post("/v1/predict", files={"file": ("a.jpg", images["jpeg"].read_bytes())},
-                              data={"client_id": "from-form"}, headers={"X-Client-Id": "from-header"}).json()
+            answers.append(
+                client.post("/v1/predict", files={"file": (path.name, path.read_bytes())}, headers=headers).json()
+            )
+        form_id = client.post(
+            "/v1/predict",
+            files={"file": ("a.jpg", images["jpeg"].read_bytes())},
+            data={"client_id": "from-form"},
+            headers={"X-Client-Id": "from-header"},
+        ).json()
         assert form_id["client_id"] == "from-form"
         assert client.post("/v1/predict", content=b"", headers={"Content-Type": "image/jpeg"}).status_code == 422
 
@@ -306,8 +316,11 @@ def test_token_guards_predictions_before_reading_the_upload(model, tmp_path, ima
         assert post_file(client, images["jpeg"]).status_code == 401
     with make_client(model, tmp_path, token="s3cret") as client:
         assert post_file(client, images["jpeg"]).status_code == 401
-        ok = client.post("/v1/predict", files={"file": ("a.jpg", images["jpeg"].read_bytes())},
-                         headers={"Authorization": "Bearer s3cret"})
+        ok = client.post(
+            "/v1/predict",
+            files={"file": ("a.jpg", images["jpeg"].read_bytes())},
+            headers={"Authorization": "Bearer s3cret"},
+        )
         assert ok.status_code == 200
         assert client.get("/v1/history", headers={"Authorization": "Bearer s3cret"}).json()["entries"]
 
@@ -377,8 +390,9 @@ def test_a_full_queue_is_answered_503_at_once_and_starts_no_work(model, tmp_path
 
 
 def test_uncertainty_and_calibration_are_read_from_the_model_metadata(tmp_path, images):
-    model = export_small_classifier(tmp_path, extra_meta={"calibration": {"temperature": 2.0},
-                                                          "uncertainty": {"threshold": 0.999}})
+    model = export_small_classifier(
+        tmp_path, extra_meta={"calibration": {"temperature": 2.0}, "uncertainty": {"threshold": 0.999}}
+    )
     with make_client(model, tmp_path) as client:
         body = post_file(client, images["jpeg"], top_k=6).json()
         assert client.get("/v1/model").json()["calibrated"] is True
@@ -440,8 +454,9 @@ def test_missing_extra_is_one_line(monkeypatch, capsys, model):
 
 
 def test_client_id_is_checked(client, images):
-    response = client.post("/v1/predict", files={"file": ("a.jpg", images["jpeg"].read_bytes())},
-                           headers={"X-Client-Id": "x" * 200})
+    response = client.post(
+        "/v1/predict", files={"file": ("a.jpg", images["jpeg"].read_bytes())}, headers={"X-Client-Id": "x" * 200}
+    )
     assert response.status_code == 422 and "client id" in response.json()["error"]
 
 

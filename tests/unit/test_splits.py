@@ -67,7 +67,9 @@ def test_sklearn_protocol_is_followed():
     splits = make_splits(labels, test_fraction=0.2, n_folds=4, seed=3)
     train, test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=3, shuffle=True)
     assert np.array_equal(splits.test_indices, np.sort(test))
-    expected = [np.sort(train[v]) for _, v in StratifiedKFold(4, shuffle=True, random_state=3).split(train, labels[train])]
+    expected = [
+        np.sort(train[v]) for _, v in StratifiedKFold(4, shuffle=True, random_state=3).split(train, labels[train])
+    ]
     assert all(np.array_equal(val, exp) for (_, val), exp in zip(splits.folds, expected))
 
 
@@ -91,8 +93,12 @@ def test_splits_csv_is_deterministic_and_round_trips(tmp_path, make_neu_dataset)
     splits = make_splits(dataset.labels, test_fraction=0.2, n_folds=3, seed=42)
 
     first = write_splits_csv(tmp_path / "a" / "splits.csv", dataset, splits)
-    second = write_splits_csv(tmp_path / "b" / "splits.csv", dataset, make_splits(dataset.labels, test_fraction=0.2, n_folds=3, seed=42))
-    other = write_splits_csv(tmp_path / "c" / "splits.csv", dataset, make_splits(dataset.labels, test_fraction=0.2, n_folds=3, seed=43))
+    second = write_splits_csv(
+        tmp_path / "b" / "splits.csv", dataset, make_splits(dataset.labels, test_fraction=0.2, n_folds=3, seed=42)
+    )
+    other = write_splits_csv(
+        tmp_path / "c" / "splits.csv", dataset, make_splits(dataset.labels, test_fraction=0.2, n_folds=3, seed=43)
+    )
 
     assert first.read_bytes() == second.read_bytes()
     assert first.read_bytes() != other.read_bytes()

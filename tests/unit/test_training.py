@@ -33,7 +33,9 @@ def test_heads_have_the_reference_layers():
 
 def test_fit_head_learns_and_is_deterministic():
     features, labels = separable()
-    head_a, history = training.fit_head(features, labels, n_classes=3, learning_rate=1e-2, epochs=8, batch_size=16, seed=5)
+    head_a, history = training.fit_head(
+        features, labels, n_classes=3, learning_rate=1e-2, epochs=8, batch_size=16, seed=5
+    )
     head_b, _ = training.fit_head(features, labels, n_classes=3, learning_rate=1e-2, epochs=8, batch_size=16, seed=5)
     predicted = training.predict_proba(head_a, features).argmax(1)
     assert (predicted == labels).mean() > 0.9
@@ -49,9 +51,13 @@ def test_a_reused_trainer_trains_each_cell_as_a_fresh_one(kind):
     trainer = training.HeadTrainer(features.shape[1:], 3, kind=kind, batch_size=16)
     trainer.fit(features, labels, learning_rate=1e-1, epochs=3, seed=1)
     reused, history = trainer.fit(features, labels, learning_rate=1e-2, epochs=6, seed=2, validation=(features, labels))
-    fresh, _ = training.fit_head(features, labels, n_classes=3, kind=kind, learning_rate=1e-2, epochs=6, batch_size=16, seed=2)
+    fresh, _ = training.fit_head(
+        features, labels, n_classes=3, kind=kind, learning_rate=1e-2, epochs=6, batch_size=16, seed=2
+    )
     assert [type(layer).__name__ for layer in reused.layers] == [type(layer).__name__ for layer in fresh.layers]
-    np.testing.assert_allclose(training.predict_proba(reused, features), training.predict_proba(fresh, features), atol=1e-6)
+    np.testing.assert_allclose(
+        training.predict_proba(reused, features), training.predict_proba(fresh, features), atol=1e-6
+    )
     # The history a user plots: per-epoch training and validation loss/accuracy, and it learned.
     assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert history["val_accuracy"][-1] > 0.9 and history["loss"][-1] < history["loss"][0]
@@ -62,7 +68,9 @@ def test_a_reused_trainer_trains_each_cell_as_a_fresh_one(kind):
 def test_grid_resumes_finished_cells(tmp_path, monkeypatch):
     features, labels = separable()
     folds = [(np.arange(0, 120, 2), np.arange(1, 120, 2)), (np.arange(1, 120, 2), np.arange(0, 120, 2))]
-    kwargs = dict(run=tmp_path, backbone="b", n_classes=3, learning_rates=[0.01, 0.001], epochs=3, batch_size=16, progress=False)
+    kwargs = dict(
+        run=tmp_path, backbone="b", n_classes=3, learning_rates=[0.01, 0.001], epochs=3, batch_size=16, progress=False
+    )
     rows = training.run_grid(features, labels, folds, **kwargs)
     assert [(r["learning_rate"], r["fold"]) for r in rows] == [(0.01, 0), (0.01, 1), (0.001, 0), (0.001, 1)]
 
@@ -75,9 +83,12 @@ def test_grid_resumes_finished_cells(tmp_path, monkeypatch):
 
 def test_best_rate_by_mean_validation_accuracy():
     rows = [
-        {"learning_rate": 0.01, "val_accuracy": 90.0}, {"learning_rate": 0.01, "val_accuracy": 99.0},
-        {"learning_rate": 0.001, "val_accuracy": 95.0}, {"learning_rate": 0.001, "val_accuracy": 95.0},
-        {"learning_rate": 0.0001, "val_accuracy": 96.0}, {"learning_rate": 0.0001, "val_accuracy": 93.0},
+        {"learning_rate": 0.01, "val_accuracy": 90.0},
+        {"learning_rate": 0.01, "val_accuracy": 99.0},
+        {"learning_rate": 0.001, "val_accuracy": 95.0},
+        {"learning_rate": 0.001, "val_accuracy": 95.0},
+        {"learning_rate": 0.0001, "val_accuracy": 96.0},
+        {"learning_rate": 0.0001, "val_accuracy": 93.0},
     ]
     assert training.select_best_rate(rows) == 0.001
 
@@ -132,8 +143,16 @@ def test_balanced_weights_raise_the_rare_class_recall():
     test = (centres[test_labels] + rng.normal(0, 1, (300, 2, 2, 8))).astype(np.float32)
     recall = {}
     for mode in ("none", "balanced"):
-        head, _ = training.fit_head(features, labels, n_classes=3, learning_rate=0.01, epochs=10, batch_size=32, seed=1,
-                                    class_weight=training.class_weights(labels, 3, mode))
+        head, _ = training.fit_head(
+            features,
+            labels,
+            n_classes=3,
+            learning_rate=0.01,
+            epochs=10,
+            batch_size=32,
+            seed=1,
+            class_weight=training.class_weights(labels, 3, mode),
+        )
         predicted = training.predict_proba(head, test).argmax(1)
         recall[mode] = (predicted[test_labels == 2] == 2).mean()
     assert recall["balanced"] > recall["none"] + 0.2, recall

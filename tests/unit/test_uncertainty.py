@@ -40,7 +40,9 @@ def test_temperature_lowers_nll_and_ece_of_a_miscalibrated_set():
     held_p, held_y = probabilities[1000:], labels[1000:]
     calibrated = uncertainty.apply_temperature(held_p, fitted["temperature"])
     assert uncertainty.negative_log_likelihood(calibrated, held_y) < uncertainty.negative_log_likelihood(held_p, held_y)
-    assert uncertainty.expected_calibration_error(calibrated, held_y) < 0.5 * uncertainty.expected_calibration_error(held_p, held_y)
+    assert uncertainty.expected_calibration_error(calibrated, held_y) < 0.5 * uncertainty.expected_calibration_error(
+        held_p, held_y
+    )
     assert (calibrated.argmax(1) == held_p.argmax(1)).all()  # temperature never changes the answer
 
 
@@ -105,8 +107,11 @@ def test_far_ood_images_are_flagged_by_a_scorer_fitted_on_real_neu(neu_dir, tmp_
 
     dataset = scan_dataset(neu_dir)
     rng = np.random.default_rng(0)
-    pick = np.sort(np.concatenate([rng.choice(np.where(dataset.labels == c)[0], 150, replace=False)
-                                   for c in range(len(dataset.class_names))]))
+    pick = np.sort(
+        np.concatenate(
+            [rng.choice(np.where(dataset.labels == c)[0], 150, replace=False) for c in range(len(dataset.class_names))]
+        )
+    )
     subset, images = load_images(dataset.subset(pick), cache_dir=tmp_path, progress=False)
     backbone = build_backbone("efficientnet_lite0")
     channels = [int(backbone.get_layer(n).output.shape[-1]) for n in uncertainty.TEXTURE_LAYERS]
@@ -114,7 +119,7 @@ def test_far_ood_images_are_flagged_by_a_scorer_fitted_on_real_neu(neu_dir, tmp_
     examples = uncertainty.far_ood_examples(images[0])
     raw = predict_tflite(interpreter, np.concatenate([images, np.stack(list(examples.values()))]))
     features = uncertainty.texture_features(raw, channels)
-    neu, far = features[: len(images)], features[len(images):]
+    neu, far = features[: len(images)], features[len(images) :]
     splits = make_splits(subset.labels, test_fraction=0.2, n_folds=5, seed=0)
     scorer, _ = uncertainty.fit_ood(neu, subset.labels, splits.folds)
     flagged = dict(zip(examples, scorer.is_uncertain(far)))

@@ -88,8 +88,10 @@ def test_mobilenet_sized_garbage_is_corrupt_in_status_and_train_fails_with_one_l
     assert "corrupt: unreadable HDF5" in rows["mobilenet"] and str(target) in rows["mobilenet"]
 
     data = make_dataset(tmp_path / "data", per_class=4)
-    code = cli.main(["--quiet", "train", "--data", str(data), "--backbone", "mobilenet", "--out", str(tmp_path / "run")]
-                    + FAST_TRAIN)
+    code = cli.main(
+        ["--quiet", "train", "--data", str(data), "--backbone", "mobilenet", "--out", str(tmp_path / "run")]
+        + FAST_TRAIN
+    )
     line = one_error_line(capsys.readouterr().err)
     assert code != 0
     assert str(target) in line and "corrupt" in line
@@ -222,8 +224,12 @@ def test_download_fetches_checks_and_installs(home, tmp_path, server, monkeypatc
     mobile_file = write_hdf5(tmp_path / "m.h5", seed=1)
     b0_file = write_hdf5(tmp_path / "b0.h5", seed=2)
     mobile = patch_weights(monkeypatch, "mobilenet", size=mobile_file.stat().st_size)
-    b0 = patch_weights(monkeypatch, "efficientnetb0", size=b0_file.stat().st_size,
-                       keras_hash=hashlib.md5(b0_file.read_bytes()).hexdigest())
+    b0 = patch_weights(
+        monkeypatch,
+        "efficientnetb0",
+        size=b0_file.stat().st_size,
+        keras_hash=hashlib.md5(b0_file.read_bytes()).hexdigest(),
+    )
     serve(root, mobile, mobile_file)
     serve(root, b0, b0_file)
 
@@ -248,8 +254,12 @@ def test_download_with_wrong_hash_or_garbage_is_refused_and_leaves_nothing(home,
     expected = write_hdf5(tmp_path / "expected.h5", seed=3)
     wrong = write_hdf5(tmp_path / "wrong.h5", seed=4)  # same size, other bytes
     assert wrong.stat().st_size == expected.stat().st_size
-    b0 = patch_weights(monkeypatch, "efficientnetb0", size=expected.stat().st_size,
-                       keras_hash=hashlib.md5(expected.read_bytes()).hexdigest())
+    b0 = patch_weights(
+        monkeypatch,
+        "efficientnetb0",
+        size=expected.stat().st_size,
+        keras_hash=hashlib.md5(expected.read_bytes()).hexdigest(),
+    )
     serve(root, b0, wrong)
     mobile = patch_weights(monkeypatch, "mobilenet", size=4096)
     serve(root, mobile, hdf5_signature_then_garbage(tmp_path / "garbage.h5", 4096))
@@ -291,8 +301,9 @@ def test_nothing_is_downloaded_unless_asked(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STEELDEFECT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "keras" / "models" / "tiny.weights.h5").unlink()
     data = make_dataset(tmp_path / "data", per_class=4)
-    code = cli.main(["--quiet", "train", "--data", str(data), "--backbone", TINY, "--out", str(tmp_path / "r")]
-                    + FAST_TRAIN)
+    code = cli.main(
+        ["--quiet", "train", "--data", str(data), "--backbone", TINY, "--out", str(tmp_path / "r")] + FAST_TRAIN
+    )
     line = one_error_line(capsys.readouterr().err)
     assert code != 0 and f"steeldefect weights download {TINY}" in line
 
@@ -306,8 +317,20 @@ def test_train_download_weights_fetches_then_trains(tmp_path, server, monkeypatc
     local.unlink()
     monkeypatch.setattr(backbones, "download_weights", functools.partial(backbones.download_weights, host=url))
     data = make_dataset(tmp_path / "data", per_class=8)
-    code = cli.main(["--quiet", "train", "--data", str(data), "--backbone", TINY, "--download-weights",
-                     "--out", str(tmp_path / "run")] + FAST_TRAIN)
+    code = cli.main(
+        [
+            "--quiet",
+            "train",
+            "--data",
+            str(data),
+            "--backbone",
+            TINY,
+            "--download-weights",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+        + FAST_TRAIN
+    )
     assert code == 0, capsys.readouterr().err
     assert requests == ["/" + spec.weights.remote_path]
     assert local.is_file() and (tmp_path / "run" / TINY / "models" / "fold0.keras").is_file()
