@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset_fingerprint=prepared.fingerprint,
         backbone=BACKBONE,
         weights_id=weights_id(BACKBONE, "imagenet"),
-        preprocessing=options["preprocessing"],
-        cache_dir=Path(options["cache_dir"]),
+        preprocessing=options.preprocessing,
+        cache_dir=Path(options.cache_dir),
     )
     n_classes = len(prepared.dataset.class_names)
     heads = [

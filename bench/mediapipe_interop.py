@@ -52,7 +52,7 @@ def export_fold(run: Path, fold: int, variants: Sequence[str], out_dir: Path, ba
     backbone = backbone or trained_backbones(run)[0]
     prepared, options = load_run_data(run, progress=False)
     calibration = export_stage.calibration_indices(
-        prepared.dataset.labels, prepared.splits.train_indices, 200, seed=options["seed"]
+        prepared.dataset.labels, prepared.splits.train_indices, 200, seed=options.seed
     )
     source = fold_model_path(run, backbone, fold, "keras")
     model = keras.models.load_model(source)

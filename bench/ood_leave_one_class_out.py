@@ -89,15 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     prepared, options = load_run_data(args.run, progress=False)
     dataset, splits = prepared.dataset, prepared.splits
     summary = read_json(args.run / "summary.json")["backbones"][BACKBONE]
-    rate, epochs = float(summary["best_learning_rate"]), int(options["epochs"])
-    cache = Path(options["cache_dir"])
+    rate, epochs = float(summary["best_learning_rate"]), int(options.epochs)
+    cache = Path(options.cache_dir)
     maps, _, _ = cached_features(
         lambda: build_backbone(BACKBONE),
         prepared.images,
         dataset_fingerprint=prepared.fingerprint,
         backbone=BACKBONE,
         weights_id=weights_id(BACKBONE, "imagenet"),
-        preprocessing=options["preprocessing"],
+        preprocessing=options.preprocessing,
         cache_dir=cache,
     )
     pooled = maps.mean(axis=(1, 2))

@@ -29,7 +29,7 @@ from scipy.stats import spearmanr
 from steeldefect import explain
 from steeldefect.cpuinfo import cpu_description
 from steeldefect.files import write_json
-from steeldefect.pipeline import load_run_data
+from steeldefect.pipeline import load_run_data, run_train_options
 from steeldefect.runfolder import environment
 
 TOLERANCE = 15
@@ -77,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run = args.run or args.model.resolve().parents[2]
     started = time.perf_counter()
-    prepared, options = load_run_data(run, progress=False)
+    prepared, _ = load_run_data(run, progress=False)
+    data_folder, _ = run_train_options(run)
     dataset, test = prepared.dataset, prepared.splits.test_indices
-    annotations = Path(options["data"]) / "ANNOTATIONS"
+    annotations = Path(data_folder) / "ANNOTATIONS"
     rows, masks = [], []
     for i in test:
         xml = annotations / (dataset.paths[i].stem + ".xml")

@@ -124,10 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: finished steps are kept; re-run the same command to resume", file=sys.stderr)
         return 130
     except Exception as error:  # one clear line for anticipated failures; full trace for bugs
-        from steeldefect.backbones import WeightsDownloadError, WeightsMissingError
-        from steeldefect.data import DatasetError
-
-        if isinstance(error, (WeightsMissingError, WeightsDownloadError, DatasetError, ValueError)):
+        if isinstance(error, _user_errors()):
             print(f"error: {error}", file=sys.stderr)
             return 2
         if isinstance(error, OSError):
@@ -141,10 +138,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.formatwarning = default_format
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user can act on. The weights errors live in the backbone registry, which
+    imports Keras: if that module was never loaded, none of its errors can have been raised."""
+    from steeldefect.data import DatasetError
+
+    errors: list[type[BaseException]] = [DatasetError, ValueError]
+    backbones = sys.modules.get("steeldefect.backbones")
+    if backbones is not None:
+        errors += [backbones.WeightsMissingError, backbones.WeightsDownloadError]
+    return tuple(errors)
+
+
 def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "serve":
         return _serve(args)
-    from steeldefect import pipeline
+    # The pipeline (and with it TensorFlow) is imported by the commands that train, export or
+    # evaluate: `data inspect`, `report`, `weights` and `predict` start in a fraction of the time.
     from steeldefect.options import (
         EvaluateOptions,
         ExportOptions,
@@ -165,6 +175,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command in ("train", "reproduce") and args.download_weights:
         if _download(args.backbones, progress) != 0:
             return 1
+    if args.command in ("train", "reproduce", "export", "evaluate"):
+        from steeldefect import pipeline
     if args.command == "train":
         out = args.out or default_run_dir(args.command)
         pipeline.train(args.data, out, from_namespace(TrainOptions, args), progress=progress)

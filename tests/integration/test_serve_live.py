@@ -168,8 +168,8 @@ def test_serve_refuses_a_bad_model_and_a_busy_port(served_model, tmp_path):
     done = run(bad)
     assert done.returncode == 2
     assert (
-        done.stderr.strip().splitlines()[-1] == f"error: {bad}.json: metadata missing; it must travel with the "
-        f"model (class names, input size)"
+        done.stderr.strip().splitlines()[-1] == f"error: {bad}: no metadata inside the model file and no sidecar "
+        f"{bad.name}.json beside it (class names, input size)"
     )
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
