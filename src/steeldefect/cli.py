@@ -115,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # TensorFlow's converter logs every temporary SavedModel it writes; only our messages matter here.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
+    # Matplotlib announces building its font cache ("generated new fontManager") at INFO level.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     progress = not args.quiet
     default_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
