@@ -114,3 +114,47 @@ def neu_dir() -> Path:
             f"(provide ../shared/data/NEU-DET next to the repository or set STEELDEFECT_NEU_DIR)"
         )
     return path
+
+
+POOLED_PER_CLASS = 50
+
+
+@pytest.fixture(scope="session")
+def pooled_neu_run(neu_dir, tmp_path_factory) -> Path:
+    """A trained and int8-exported pooled-head Lite0 run on real NEU images.
+
+    ``$STEELDEFECT_POOLED_RUN`` names a full run to use (read only); otherwise one is trained here on
+    the first 50 images of each class (a few minutes on 2 cores), so the tests that need a real
+    model run in CI too instead of skipping.
+    """
+    given = os.environ.get("STEELDEFECT_POOLED_RUN")
+    if given:
+        if not (Path(given) / "config.json").is_file():
+            pytest.fail(f"STEELDEFECT_POOLED_RUN={given} is not a run folder")
+        return Path(given)
+    from steeldefect import pipeline
+    from steeldefect.data import CLASS_NAMES_NEU
+
+    root = tmp_path_factory.mktemp("pooled-neu")
+    images = neu_dir / "IMAGES" if (neu_dir / "IMAGES").is_dir() else neu_dir
+    subset = root / "neu"
+    subset.mkdir()
+    for name in CLASS_NAMES_NEU:
+        for index in range(1, POOLED_PER_CLASS + 1):
+            (subset / f"{name}_{index}.jpg").symlink_to(images / f"{name}_{index}.jpg")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KERAS_HOME", str(root / "keras"))  # converts the .pth from the installed package
+        patch.setenv("STEELDEFECT_CACHE", str(root / "cache"))
+        # The pooled head at the rate a full run chooses: a model as confident as a real one.
+        pipeline.train(
+            subset,
+            root / "run",
+            backbones=["efficientnet_lite0"],
+            head="pooled",
+            learning_rates=[0.01],
+            epochs=15,
+            n_folds=3,
+            progress=False,
+        )
+        pipeline.export(root / "run", variants=["int8"], calibration_samples=60, quant_report=False, progress=False)
+    return root / "run"

@@ -1,7 +1,7 @@
 """Archive scoring on real NEU-DET JPEGs (../shared/data/NEU-DET): both engines give today's
 `predict` answers, error rows for a missing and a corrupt file, and a resumable output. Skipped when
-the images are absent; the pooled-head Lite0 case also needs a trained run (``runs/neu-pooled`` of
-the checkout or ``$STEELDEFECT_POOLED_RUN``)."""
+the images are absent; the pooled-head Lite0 case uses the ``pooled_neu_run`` fixture (a small run
+trained for the session, or ``$STEELDEFECT_POOLED_RUN``)."""
 
 from __future__ import annotations
 
@@ -46,12 +46,9 @@ def manifest(neu_dir, tmp_path_factory):
 def model(request, tmp_path_factory):
     if request.param == "tiny":
         return export_tiny_classifier(tmp_path_factory.mktemp("model"), "int8", size=224)
-    run = Path(os.environ.get("STEELDEFECT_POOLED_RUN") or REPO / "runs" / "neu-pooled")
-    if not (run / "summary.json").is_file():
-        pytest.skip(f"no trained pooled-head run at {run} (set STEELDEFECT_POOLED_RUN)")
     from steeldefect.runfolder import deployable_model
 
-    return deployable_model(run, "int8")
+    return deployable_model(request.getfixturevalue("pooled_neu_run"), "int8")
 
 
 def _check_against_today(rows: list[dict], model: Path, manifest: Path) -> None:

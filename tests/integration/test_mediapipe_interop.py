@@ -2,20 +2,18 @@
 from its embedded TFLite Model Metadata, names the same class as `predict` for fp32, fp16, int8
 and int8-mixed files.
 
-Uses the trained run named by ``$STEELDEFECT_INTEROP_RUN`` (its fold 0, all its test images) when
-set; otherwise trains a small real-NEU run here (50 images per class). Either way the models are
-exported again into a temporary folder by ``bench/mediapipe_interop.py``'s code, the run is only read.
+Uses the ``pooled_neu_run`` fixture (``$STEELDEFECT_POOLED_RUN``, or a small real-NEU run trained
+for the session): its fold 0 is exported again into a temporary folder by
+``bench/mediapipe_interop.py``'s code; the run is only read.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 
-from steeldefect.data import CLASS_NAMES_NEU
 from steeldefect.modelfile import sidecar_path
 
 pytestmark = pytest.mark.integration
@@ -32,38 +30,8 @@ def load_bench():
 
 
 @pytest.fixture(scope="module")
-def run_folder(neu_dir, tmp_path_factory):
-    given = os.environ.get("STEELDEFECT_INTEROP_RUN")
-    if given:
-        if not (Path(given) / "config.json").is_file():
-            pytest.fail(f"STEELDEFECT_INTEROP_RUN={given} is not a run folder")
-        yield Path(given)
-        return
-    from steeldefect import pipeline
-
-    root = tmp_path_factory.mktemp("interop")
-    images = neu_dir / "IMAGES" if (neu_dir / "IMAGES").is_dir() else neu_dir
-    subset = root / "neu"
-    subset.mkdir()
-    for name in CLASS_NAMES_NEU:
-        for index in range(1, PER_CLASS + 1):
-            (subset / f"{name}_{index}.jpg").symlink_to(images / f"{name}_{index}.jpg")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KERAS_HOME", str(root / "keras"))  # converts the .pth from the installed package
-        patch.setenv("STEELDEFECT_CACHE", str(root / "cache"))
-        # The pooled head at the run's chosen rate: a model as confident as a real one, so that the
-        # two runtimes' slightly different resizing does not decide borderline images.
-        pipeline.train(
-            subset,
-            root / "run",
-            backbones=["efficientnet_lite0"],
-            head="pooled",
-            learning_rates=[0.01],
-            epochs=15,
-            n_folds=3,
-            progress=False,
-        )
-        yield root / "run"
+def run_folder(pooled_neu_run):
+    return pooled_neu_run
 
 
 def test_mediapipe_image_classifier_agrees_with_predict(run_folder, tmp_path):

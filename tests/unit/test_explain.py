@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
@@ -84,19 +81,11 @@ def test_overlay_is_a_png_with_the_heatmap_drawn(tmp_path):
     assert pixels.std() > 10  # not a blank canvas
 
 
-def _real_run() -> Path:
-    run = Path(os.environ.get("STEELDEFECT_RUN", Path(__file__).resolve().parents[2] / "runs" / "neu-pooled"))
-    model = run / "efficientnet_lite0" / "models" / "fold0.keras"
-    if not model.is_file():
-        pytest.skip(f"no trained run at {run} (set STEELDEFECT_RUN to a pooled Lite0 run folder)")
-    return model
-
-
 @pytest.mark.integration
-def test_randomising_the_head_of_a_real_neu_model_changes_its_maps(neu_dir):
+def test_randomising_the_head_of_a_real_neu_model_changes_its_maps(neu_dir, pooled_neu_run):
     from steeldefect.data import read_image
 
-    model = keras.models.load_model(_real_run())
+    model = keras.models.load_model(pooled_neu_run / "efficientnet_lite0" / "models" / "fold0.keras")
     classes = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
     paths = [neu_dir / "IMAGES" / f"{name}_{i}.jpg" for name in classes for i in range(1, 6)]
     images = np.stack([read_image(p) for p in paths])
