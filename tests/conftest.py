@@ -116,7 +116,7 @@ def neu_dir() -> Path:
     return path
 
 
-POOLED_PER_CLASS = 50
+POOLED_PER_CLASS = 150
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +124,7 @@ def pooled_neu_run(neu_dir, tmp_path_factory) -> Path:
     """A trained and int8-exported pooled-head Lite0 run on real NEU images.
 
     ``$STEELDEFECT_POOLED_RUN`` names a full run to use (read only); otherwise one is trained here on
-    the first 50 images of each class (a few minutes on 2 cores), so the tests that need a real
+    the first 150 images of each class (a few minutes on 2 cores), so the tests that need a real
     model run in CI too instead of skipping.
     """
     given = os.environ.get("STEELDEFECT_POOLED_RUN")
