@@ -33,9 +33,9 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import benchio
 from steeldefect import batch
 from steeldefect.cpuinfo import cpu_flags, cpu_model, int8_features
-from steeldefect.files import write_json
 from steeldefect.predict import predict_paths
 from steeldefect.runfolder import deployable_model, source_revision
 
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         | {"python": platform.python_version()},
         "git_commit": source_revision(),
     }
-    write_json(args.out, report)
+    benchio.save("archive_throughput", report, out=args.out)
     shutil.rmtree(work, ignore_errors=True)
     print(f"\nsaved {args.out}")
     return 0 if all(arm["identical_predictions"] for arm in arms) else 1

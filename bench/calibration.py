@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+import benchio
 from steeldefect import uncertainty
 from steeldefect.backbones import build_backbone, weights_id
 from steeldefect.cpuinfo import cpu_description
 from steeldefect.features import cached_features
-from steeldefect.files import read_json, write_json
+from steeldefect.files import read_json
 from steeldefect.pipeline import load_run_data
 from steeldefect.runfolder import backbone_dir, environment
 from steeldefect.training import GridCell, load_head, predict_proba
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['nll_before']:10.4f} {m['nll_after']:9.4f}"
         )
     print(f"reliability diagram: {args.plot}\n{cpu_description()}; {time.perf_counter() - started:.0f} s")
-    write_json(
-        args.out,
+    benchio.save(
+        "calibration",
         {
             "command": f"python bench/calibration.py {args.run}",
             "fit": fitted,
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "environment": environment(),
         },
+        out=args.out,
     )
     print(f"saved {args.out}")
     return 0

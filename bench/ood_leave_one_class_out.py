@@ -30,12 +30,13 @@ import numpy as np
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
+import benchio
 from steeldefect import uncertainty
 from steeldefect.backbones import build_backbone, weights_id
 from steeldefect.conversion import convert
 from steeldefect.cpuinfo import cpu_description
 from steeldefect.features import cached_features
-from steeldefect.files import read_json, save_npy, write_json
+from steeldefect.files import read_json, save_npy
 from steeldefect.pipeline import load_run_data
 from steeldefect.runfolder import environment
 from steeldefect.runtime import make_interpreter, predict_tflite
@@ -235,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:30s} score {v['score']:10.1f}  {'flagged' if v['flagged'] else 'NOT flagged'}")
     print(f"\n{cpu_description()}; {time.perf_counter() - started:.0f} s")
 
-    write_json(
-        args.out,
+    benchio.save(
+        "ood_leave_one_class_out",
         {
             "command": "python bench/ood_leave_one_class_out.py " + str(args.run),
             "run": str(args.run),
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "environment": environment(),
             "seconds": time.perf_counter() - started,
         },
+        out=args.out,
     )
     print(f"saved {args.out}")
     return 0

@@ -21,12 +21,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import benchio
 from steeldefect import uncertainty
 from steeldefect.conversion import convert
 from steeldefect.cpuinfo import cpu_description
 from steeldefect.evaluate import measure_latency
 from steeldefect.export import calibration_indices
-from steeldefect.files import write_json
 from steeldefect.pipeline import load_run_data
 from steeldefect.runfolder import environment, fold_model_path
 from steeldefect.runtime import from_output, make_interpreter, resolve_threads, to_input
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(scorer fitted on fp32 statistics)"
         )
     print(f"{cpu_description()}; {threads} threads; {time.perf_counter() - started:.0f} s")
-    write_json(
-        args.out,
+    benchio.save(
+        "ood_output_cost",
         {
             "command": f"python bench/ood_output_cost.py {args.run}",
             "threads": threads,
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "environment": environment(),
         },
+        out=args.out,
     )
     print(f"saved {args.out}")
     return 0

@@ -26,9 +26,9 @@ import keras
 import numpy as np
 from scipy.stats import spearmanr
 
+import benchio
 from steeldefect import explain
 from steeldefect.cpuinfo import cpu_description
-from steeldefect.files import write_json
 from steeldefect.pipeline import load_run_data, run_train_options
 from steeldefect.runfolder import environment
 
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{sanity['randomised_head_pointing']:.3f}"
     )
     print(f"{cpu_description()}; {time.perf_counter() - started:.0f} s")
-    write_json(
-        args.out,
+    benchio.save(
+        "pointing_game",
         {
             "command": f"python bench/pointing_game.py {args.model}",
             "model": str(args.model),
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "environment": environment(),
         },
+        out=args.out,
     )
     print(f"saved {args.out}")
     return 0

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+import benchio
 from steeldefect.cpuinfo import cpu_flags, cpu_model, int8_features
 from steeldefect.data import decode_image
 from steeldefect.modelfile import Classifier, read_model_info
@@ -460,9 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from steeldefect.files import write_json
 
-    write_json(args.out, result)
+    benchio.save("serve_throughput", result, out=args.out)
     print(f"\nsaved: {args.out}")
     return 0
 
