@@ -13,7 +13,6 @@ construction), and a reliability diagram of the pooled test predictions is writt
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from steeldefect.cpuinfo import cpu_description
 from steeldefect.features import cached_features
 from steeldefect.files import read_json
 from steeldefect.pipeline import load_run_data
-from steeldefect.runfolder import backbone_dir, environment
+from steeldefect.runfolder import backbone_dir
 from steeldefect.training import GridCell, load_head, predict_proba
 
 BACKBONE = "efficientnet_lite0"
@@ -102,18 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     benchio.save(
         "calibration",
         {
-            "command": f"python bench/calibration.py {args.run}",
             "fit": fitted,
             "test_per_model": per_model,
             "test_mean": mean,
             "plot": str(args.plot),
-            "cpu": cpu_description(),
-            "platform": platform.platform(),
-            "environment": environment(),
         },
         out=args.out,
     )
-    print(f"saved {args.out}")
     return 0
 
 

@@ -22,7 +22,6 @@ Also: the far-OOD set (photographs, grey, white, noise, a blurred NEU image) aga
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -38,7 +37,6 @@ from steeldefect.cpuinfo import cpu_description
 from steeldefect.features import cached_features
 from steeldefect.files import read_json, save_npy
 from steeldefect.pipeline import load_run_data
-from steeldefect.runfolder import environment
 from steeldefect.runtime import make_interpreter, predict_tflite
 from steeldefect.training import HeadTrainer, fit_head
 
@@ -239,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     benchio.save(
         "ood_leave_one_class_out",
         {
-            "command": "python bench/ood_leave_one_class_out.py " + str(args.run),
             "run": str(args.run),
             "learning_rate": rate,
             "epochs": epochs,
@@ -250,14 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             "mean": mean,
             "head_accuracy_known_test": mean_accuracy,
             "six_class": {"threshold": six_scorer.threshold, "test_flagged": in_test_flagged, "far_ood": far},
-            "cpu": cpu_description(),
-            "platform": platform.platform(),
-            "environment": environment(),
             "seconds": time.perf_counter() - started,
         },
         out=args.out,
     )
-    print(f"saved {args.out}")
     return 0
 
 

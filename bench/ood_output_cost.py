@@ -14,7 +14,6 @@ of the test split and of the far-OOD set when fed each variant's statistics.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from steeldefect.cpuinfo import cpu_description
 from steeldefect.evaluate import measure_latency
 from steeldefect.export import calibration_indices
 from steeldefect.pipeline import load_run_data
-from steeldefect.runfolder import environment, fold_model_path
+from steeldefect.runfolder import fold_model_path
 from steeldefect.runtime import from_output, make_interpreter, resolve_threads, to_input
 
 BACKBONE = "efficientnet_lite0"
@@ -114,17 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     benchio.save(
         "ood_output_cost",
         {
-            "command": f"python bench/ood_output_cost.py {args.run}",
             "threads": threads,
             "timings": result_rows,
             "second_output_usable": usable,
-            "cpu": cpu_description(),
-            "platform": platform.platform(),
-            "environment": environment(),
         },
         out=args.out,
     )
-    print(f"saved {args.out}")
     return 0
 
 

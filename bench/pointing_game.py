@@ -17,7 +17,6 @@ between the trained model's maps and those of the same model with a random head.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -30,7 +29,6 @@ import benchio
 from steeldefect import explain
 from steeldefect.cpuinfo import cpu_description
 from steeldefect.pipeline import load_run_data, run_train_options
-from steeldefect.runfolder import environment
 
 TOLERANCE = 15
 SIZE = 200
@@ -140,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     benchio.save(
         "pointing_game",
         {
-            "command": f"python bench/pointing_game.py {args.model}",
             "model": str(args.model),
             "n_images": len(rows),
             "tolerance_px": TOLERANCE,
@@ -152,13 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                 "per_class": per_class(trained_hit),
             },
             "sanity": sanity,
-            "cpu": cpu_description(),
-            "platform": platform.platform(),
-            "environment": environment(),
         },
         out=args.out,
     )
-    print(f"saved {args.out}")
     return 0
 
 
