@@ -1,0 +1,96 @@
+"""Augmentation for steel-surface images: a shared service under training and fine-tuning.
+
+A steel strip has no "up": a defect seen flipped, transposed (so, with the flips, any of the eight
+90-degree rotations and mirror images), slightly shifted, or under a little more or less light is
+the same defect. Built from Keras preprocessing layers (maintained, run in-graph for fine-tuning and
+eagerly for cached augmented features) plus one transpose, which Keras has no layer for: with both
+flips it completes the 8 symmetries of the square, where ``RandomRotation`` would interpolate and
+fill corners. Works on raw pixels 0..255 (float), the models' input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+SHIFT = 0.08  # fraction of height/width; NEU defects are not centred, small shifts keep them in frame
+BRIGHTNESS = 0.15  # fraction of the 0..255 range
+CONTRAST = 0.2
+
+
+def _random_transpose_layer() -> Any:
+    import keras
+
+    class RandomTranspose(keras.layers.Layer):
+        """Swap height and width with probability 1/2 (square images only)."""
+
+        def __init__(self, seed: int | None = None, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.seed = seed
+            self.generator = keras.random.SeedGenerator(seed)
+
+        def call(self, images: Any, training: bool = True) -> Any:
+            if not training:
+                return images
+            ops = keras.ops
+            batch = ops.shape(images)[0]
+            flip = keras.random.uniform((batch, 1, 1, 1), seed=self.generator) < 0.5
+            return ops.where(flip, ops.transpose(images, (0, 2, 1, 3)), images)
+
+        def compute_output_shape(self, input_shape: Any) -> Any:
+            return input_shape
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "seed": self.seed}
+
+    return RandomTranspose
+
+
+def augmentation_model(seed: int, image_size: tuple[int, int] = (224, 224)) -> Any:
+    """A Keras model: float images (N, H, W, 3) in 0..255 -> randomly flipped, transposed, shifted,
+    brightened and contrasted images of the same size and range. Active only with ``training=True``
+    (as Keras preprocessing layers are), so it can sit inside a fine-tuned model's graph."""
+    import keras
+
+    height, width = image_size
+    layers = [
+        keras.layers.RandomFlip("horizontal_and_vertical", seed=seed, name="random_flip"),
+    ]
+    if height == width:
+        layers.append(_random_transpose_layer()(seed=seed + 1, name="random_transpose"))
+    layers += [
+        keras.layers.RandomTranslation(SHIFT, SHIFT, fill_mode="reflect", seed=seed + 2, name="random_shift"),
+        keras.layers.RandomBrightness(BRIGHTNESS, value_range=(0, 255), seed=seed + 3, name="random_brightness"),
+        keras.layers.RandomContrast(CONTRAST, value_range=(0, 255), seed=seed + 4, name="random_contrast"),
+    ]
+    inputs = keras.Input((height, width, 3), name="image")
+    x = inputs
+    for layer in layers:
+        x = layer(x, training=True)
+    return keras.Model(inputs, x, name="augmentation")
+
+
+def augmented_views(images: np.ndarray, k: int, seed: int, *, batch_size: int = 64) -> np.ndarray:
+    """``k`` augmented copies of each uint8 image (N, H, W, 3): (N * k, H, W, 3) uint8, ordered view-major
+    (all images' first view, then all second views, ...), so row ``v * N + i`` is a view of image ``i``.
+    Deterministic for a given ``seed``, images and ``k``."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    model = augmentation_model(seed, tuple(int(v) for v in images.shape[1:3]))
+    out = np.empty((len(images) * k, *images.shape[1:]), dtype=np.uint8)
+    for view in range(k):
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].astype(np.float32)
+            augmented = np.asarray(model(batch, training=True))
+            rows = slice(view * len(images) + start, view * len(images) + start + len(batch))
+            out[rows] = np.clip(np.rint(augmented), 0, 255).astype(np.uint8)
+    return out
+
+
+def view_sources(n_images: int, k: int) -> np.ndarray:
+    """For each row of :func:`augmented_views`' output, the index of the image it was made from."""
+    return np.tile(np.arange(n_images), k)
