@@ -39,3 +39,51 @@ def export_tiny_classifier(
     }
     Path(str(path) + ".json").write_text(json.dumps(meta))
     return path
+
+
+def export_tiny_with_rule(
+    folder: Path, variant: str = "fp32", size: int = 32, seed: int = 1, accept: float = 0.5, temperature=None
+) -> Path:
+    """``folder/tiny_rule.<variant>.tflite``: the tiny classifier with its description and an
+    uncertainty rule embedded the way `export` embeds the deploy model's (softmax score only: the tiny
+    net has no texture layers), fitted on 40 generated images in 4 folds with the model's own
+    probabilities standing in for the out-of-fold ones; ``accept`` = 0.5 flags about half of
+    similar images, so tests see both answers."""
+    import keras
+
+    from steeldefect import training
+    from steeldefect.export import RuleData, export_model
+    from steeldefect.runtime import make_interpreter, predict_tflite
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    backbone = keras.Model(inputs, x)
+    head = training.build_head(backbone.output_shape[1:], len(CLASSES))
+    model = training.join_model(backbone, head, "tiny")
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (40, size, size, 3), dtype=np.uint8)
+    labels = np.arange(40) % len(CLASSES)
+    order = rng.permutation(40)
+    folds = [(np.setdiff1d(order, part), part) for part in np.array_split(order, 4)]
+    plain = export_model(model, "fp32", Path(folder) / "plain.fp32.tflite")
+    probabilities = predict_tflite(make_interpreter(plain), images)
+    meta = {
+        "class_names": list(CLASSES),
+        "input": {"height": size, "width": size, "channels": 3},
+        "variant": variant,
+    }
+    if temperature is not None:
+        meta["confidence"] = {"temperature": temperature}
+    path = export_model(
+        model,
+        variant,
+        Path(folder) / f"tiny_rule.{variant}.tflite",
+        images[:16],
+        metadata=meta,
+        rule_data=RuleData(images, labels, folds, probabilities, accept=accept),
+    )
+    plain.unlink()
+    return path

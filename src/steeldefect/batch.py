@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from steeldefect.files import atomic_write_bytes, write_json
-from steeldefect.modelfile import Classifier, ModelInfo, read_model_info, sidecar_path
+from steeldefect.modelfile import Classifier, Judgement, ModelInfo, read_model_info
 from steeldefect.modelfile import top_k as top_k_classes
 from steeldefect.runtime import ModelFileError
 
@@ -124,32 +124,10 @@ class Row:
     uncertain: bool | None = None
 
 
-def uncertainty_threshold(info: ModelInfo) -> float | None:
-    """The top-1 probability below which the model's metadata says an answer is uncertain, or None.
-
-    ``uncertainty`` may be a number or ``{"threshold": t, "score": "max_probability"}``. A score this
-    stage cannot compute from probabilities alone (e.g. a feature distance) gives no flag and one
-    warning, rather than a flag that means something else.
-    """
-    spec = info.metadata.get("uncertainty")
-    if spec is None:
-        return None
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        return float(spec)
-    if isinstance(spec, dict) and isinstance(spec.get("threshold"), (int, float)):
-        if spec.get("score", "max_probability") in ("max_probability", "msp"):
-            return float(spec["threshold"])
-    log.warning(
-        "%s: uncertainty %r is not a max-probability threshold; column `uncertain` left empty",
-        sidecar_path(info.path),
-        spec,
-    )
-    return None
-
-
-def make_row(path: str, probabilities: np.ndarray, info: ModelInfo, top_k: int, threshold: float | None) -> Row:
-    top = top_k_classes(probabilities, info.class_names, top_k)
-    return Row(path, top, None, None if threshold is None else bool(top[0][1] < threshold))
+def make_row(path: str, judgement: Judgement, info: ModelInfo, top_k: int) -> Row:
+    """The row for one image from the classifier's judgement of it (a batch of one)."""
+    top = top_k_classes(judgement.probabilities[0], info.class_names, top_k)
+    return Row(path, top, None, None if judgement.uncertain is None else bool(judgement.uncertain[0]))
 
 
 def parquet_schema():
@@ -242,6 +220,7 @@ def iter_predictions(
     decode_threads: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     info: ModelInfo | None = None,
+    accept: float | None = None,
 ) -> Iterator[list[Row]]:
     """Rows for ``paths`` in input order, one list per batch, as soon as each batch is done.
 
@@ -264,8 +243,7 @@ def iter_predictions(
     workers = workers or 1
     threads = threads or (None if workers == 1 else 1)
     decode_threads = decode_threads or max(2, os.cpu_count() or 1)
-    threshold = uncertainty_threshold(info)
-    classifier = Classifier(model_path, threads, info)  # checks the model before any worker starts
+    classifier = Classifier(model_path, threads, info, accept=accept)  # checks the model before any worker starts
 
     def decode(path: Path | str) -> np.ndarray | str:
         try:
@@ -280,12 +258,12 @@ def iter_predictions(
             if isinstance(image, str):
                 rows.append(Row(str(path), error=image))
             else:
-                rows.append(make_row(str(path), classifier.probabilities(image[None])[0], info, top_k, threshold))
+                rows.append(make_row(str(path), classifier.judge(image[None]), info, top_k))
         return rows
 
     batches = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     if workers > 1:
-        yield from _iter_in_processes(model_path, info, batches, workers, threads, top_k, threshold)
+        yield from _iter_in_processes(model_path, info, batches, workers, threads, top_k, accept)
         return
     # The one interpreter runs in one thread (it is not thread-safe) while the pool decodes ahead.
     with (
@@ -315,7 +293,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _start_worker(
-    model_path: Path, threads: int, info: ModelInfo, top_k: int, threshold: float | None, parent: int
+    model_path: Path, threads: int, info: ModelInfo, top_k: int, accept: float | None, parent: int
 ) -> None:
     import threading
 
@@ -326,7 +304,7 @@ def _start_worker(
         os._exit(1)
 
     threading.Thread(target=exit_with_parent, daemon=True).start()
-    _WORKER.update(classifier=Classifier(model_path, threads, info), info=info, top_k=top_k, threshold=threshold)
+    _WORKER.update(classifier=Classifier(model_path, threads, info, accept=accept), info=info, top_k=top_k)
 
 
 def _score_in_worker(batch: list[Path | str]) -> list[Row]:
@@ -340,8 +318,7 @@ def _score_in_worker(batch: list[Path | str]) -> list[Row]:
         except Exception as error:  # any unreadable file is that file's problem, not the batch's
             rows.append(Row(str(path), error=str(error)))
             continue
-        probabilities = _WORKER["classifier"].probabilities(image[None])[0]
-        rows.append(make_row(str(path), probabilities, info, _WORKER["top_k"], _WORKER["threshold"]))
+        rows.append(make_row(str(path), _WORKER["classifier"].judge(image[None]), info, _WORKER["top_k"]))
     return rows
 
 
@@ -352,7 +329,7 @@ def _iter_in_processes(
     workers: int,
     threads: int,
     top_k: int,
-    threshold: float | None,
+    accept: float | None,
 ) -> Iterator[list[Row]]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -363,7 +340,7 @@ def _iter_in_processes(
         workers,
         mp_context=context,
         initializer=_start_worker,
-        initargs=(model_path, threads, info, top_k, threshold, os.getpid()),
+        initargs=(model_path, threads, info, top_k, accept, os.getpid()),
     ) as pool:
         in_flight: collections.deque[Future] = collections.deque()
         pending = iter(batches)
@@ -691,6 +668,7 @@ def score_archive(
     decode_threads: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
+    accept: float | None = None,
 ) -> ArchiveResult:
     """Score every image of ``inputs`` (files, folders, manifests) into ``out`` with the local engine.
 
@@ -718,6 +696,7 @@ def score_archive(
                 decode_threads=decode_threads,
                 batch_size=batch_size,
                 info=info,
+                accept=accept,
             ):
                 _write_part(out, number, rows, info.sha256)
                 number += 1
@@ -764,13 +743,9 @@ def _decode_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int]) -> 
 class _RayPredictor:
     """An actor of the pool: one LiteRT interpreter, built once, used by this actor only."""
 
-    def __init__(self, model_path: str, info: ModelInfo, top_k: int, threads: int) -> None:
-        from steeldefect.runtime import make_interpreter, predict_tflite
-
-        self.interpreter = make_interpreter(Path(model_path), threads)
-        self.predict = predict_tflite
+    def __init__(self, model_path: str, info: ModelInfo, top_k: int, threads: int, accept: float | None = None) -> None:
+        self.classifier = Classifier(Path(model_path), threads, info, accept=accept)
         self.info, self.top_k = info, top_k
-        self.threshold = uncertainty_threshold(info)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         rows = []
@@ -778,8 +753,7 @@ class _RayPredictor:
             if error:
                 rows.append(Row(str(path), error=str(error)))
             else:
-                probabilities = self.predict(self.interpreter, image[None])[0]
-                rows.append(make_row(str(path), probabilities, self.info, self.top_k, self.threshold))
+                rows.append(make_row(str(path), self.classifier.judge(image[None]), self.info, self.top_k))
         return rows_to_table(rows, self.info.sha256)
 
 
@@ -795,6 +769,7 @@ def score_archive_ray(
     batch_size: int = DEFAULT_RAY_BATCH_SIZE,
     num_cpus: int | None = None,
     progress: bool = False,
+    accept: float | None = None,
 ) -> ArchiveResult:
     """The same job as :func:`score_archive` on Ray Data; the output is the same file.
 
@@ -829,6 +804,7 @@ def score_archive_ray(
                 batch_size=batch_size,
                 num_cpus=num_cpus,
                 progress=progress,
+                accept=accept,
             )
         seconds = time.perf_counter() - start
         finalize_output(out, collections.Counter(map(str, paths)))
@@ -852,6 +828,7 @@ def _run_ray(
     batch_size: int,
     num_cpus: int | None,
     progress: bool,
+    accept: float | None = None,
 ) -> dict[str, Any]:
     import pyarrow as pa
 
@@ -885,6 +862,7 @@ def _run_ray(
                 "info": info,
                 "top_k": top_k,
                 "threads": threads,
+                "accept": accept,
             },
             batch_size=batch_size,
             batch_format="numpy",

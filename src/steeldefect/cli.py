@@ -261,6 +261,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_upload_bytes=mebibytes(options.max_upload_mb),
             top_k_default=options.top_k,
             queue_size=options.queue,
+            accept=options.accept,
         )
     except (ServeError, AuditError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -280,7 +281,7 @@ def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions
         from steeldefect.runfolder import deployable_model
 
         model = deployable_model(model)
-    settings = dict(top_k=options.top_k, threads=options.threads)
+    settings = dict(top_k=options.top_k, threads=options.threads, accept=options.accept)
     if options.batch_size is not None:
         settings["batch_size"] = options.batch_size
     if options.out is None:  # today's output, from the fast path
@@ -292,7 +293,7 @@ def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions
         results = []
         with tqdm(total=len(inputs), desc="predict", unit="img", disable=not progress) as bar:
             for rows in batch.iter_predictions(model, inputs, workers=options.workers, **settings):
-                results.extend(Prediction(Path(row.path), row.top, row.error) for row in rows)
+                results.extend(Prediction(Path(row.path), row.top, row.error, row.uncertain) for row in rows)
                 bar.update(len(rows))
         print(format_predictions(results, options.format))
         return 1 if any(result.error for result in results) else 0

@@ -10,12 +10,13 @@ import io
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from steeldefect import runfolder
+from steeldefect import runfolder, uncertainty
 from steeldefect.conversion import QUANTIZED_VARIANTS, batch1_converter, convert, representative_dataset
 from steeldefect.files import atomic_write_bytes, read_json, write_csv, write_json
 from steeldefect.tflite_metadata import embed_metadata
@@ -64,6 +65,57 @@ def calibration_indices(
     return np.sort(np.concatenate(chosen))
 
 
+@dataclass(frozen=True)
+class RuleData:
+    """What the deploy model's uncertainty rule is fitted on: the whole dataset's images and labels
+    (only the folds' rows are read), the folds, and the out-of-fold probabilities `train` recorded
+    (dataset-indexed, NaN outside the folds)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    folds: Sequence[tuple[np.ndarray, np.ndarray]]
+    oof_probabilities: np.ndarray
+    accept: float = uncertainty.DEFAULT_ACCEPT
+
+
+def with_texture_output(model) -> Any | None:
+    """``model`` with the texture statistics of its backbone as a second output (probabilities first),
+    or None when the backbone lacks the layers the statistics are defined on."""
+    import keras
+
+    try:
+        stats = uncertainty.texture_statistics_model(model)
+    except ValueError:  # Keras: no such layer
+        return None
+    return keras.Model(model.input, [model.output, stats.output], name=f"{model.name}_with_texture")
+
+
+def texture_channels(model) -> tuple[int, ...]:
+    return tuple(int(model.get_layer(name).output.shape[-1]) for name in uncertainty.TEXTURE_LAYERS)
+
+
+def fit_model_rule(flatbuffer: bytes, rule_data: RuleData, channels: Sequence[int]) -> uncertainty.UncertaintyRule:
+    """The rule for one converted model, fitted on that model's own outputs for the training images (a
+    quantized model's texture statistics differ a little from the float ones, so each variant gets
+    its own reference scores and threshold)."""
+    from steeldefect.runtime import make_interpreter, predict_tflite_outputs
+
+    rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in rule_data.folds]))
+    outputs = predict_tflite_outputs(make_interpreter(flatbuffer), rule_data.images[rows])
+    texture = None
+    if len(outputs) == 2:
+        texture = np.full((len(rule_data.labels), outputs[1].shape[1]), np.nan, dtype=np.float32)
+        texture[rows] = outputs[1]
+    return uncertainty.fit_rule(
+        rule_data.labels,
+        rule_data.folds,
+        rule_data.oof_probabilities,
+        texture_raw=texture,
+        channels=channels if texture is not None else (),
+        accept=rule_data.accept,
+    )
+
+
 def export_model(
     model,
     variant: str,
@@ -72,15 +124,25 @@ def export_model(
     *,
     int8_flatbuffer: bytes | None = None,
     metadata: dict[str, Any] | None = None,
+    rule_data: RuleData | None = None,
+    channels: Sequence[int] = (),
 ) -> Path:
     """Convert a Keras model (raw pixels in, probabilities out) and write it atomically.
 
     ``metadata``: the model's description (the dict its sidecar holds: class names, input size,
     variant, calibration, provenance), embedded as TFLite Model Metadata so the file describes itself.
+    ``rule_data``: fit the model's uncertainty rule on its own outputs and embed it too
+    (``metadata["uncertainty"]`` describes it, ``uncertainty.npz`` holds its arrays).
     """
     flatbuffer = convert(model, variant, calibration_images, int8_flatbuffer=int8_flatbuffer)
+    extra_files = None
+    if rule_data is not None:
+        rule = fit_model_rule(flatbuffer, rule_data, channels)
+        if metadata is not None:
+            metadata["uncertainty"] = rule.describe()
+        extra_files = {uncertainty.RULE_FILE: rule.to_npz_bytes()}
     if metadata is not None:
-        flatbuffer = embed_metadata(flatbuffer, metadata)
+        flatbuffer = embed_metadata(flatbuffer, metadata, extra_files)
     atomic_write_bytes(path, flatbuffer)
     log.info("exported %s (%.2f MiB)", path, len(flatbuffer) / 2**20)
     return Path(path)
@@ -95,6 +157,7 @@ def export_backbone(
     n_folds: int,
     workers: int = 1,
     progress: bool = True,
+    rule_data: RuleData | None = None,
 ) -> list[Path]:
     """Every (fold, variant) LiteRT file of one backbone of a run, and of its final model (refitted
     on all training images), with its sidecar (resumable: a file whose sidecar exists is done).
@@ -102,6 +165,10 @@ def export_backbone(
     Folds are independent, so they are converted ``workers`` at a time, each in its own process:
     the converter and int8 calibration keep about one core busy. Within a fold the variants run in
     order, so ``int8-mixed`` reuses the ``int8`` flatbuffer converted just before it.
+
+    The final model also outputs its texture statistics and carries its uncertainty rule, fitted on
+    ``rule_data`` (the training images): it is converted in this process, beside the fold workers, so
+    the images are not copied into a worker.
     """
     from tqdm.auto import tqdm
 
@@ -117,9 +184,24 @@ def export_backbone(
     pending = {fold: todo for fold, todo in pending.items() if todo}
     total = sum(len(todo) for todo in pending.values())
     with tqdm(total=total, desc=f"{backbone} export", unit="model", disable=not progress) as bar:
+        final_todo = pending.pop(runfolder.FINAL, None)
+
+        def export_final() -> None:
+            if final_todo:
+                export_fold(
+                    run,
+                    backbone,
+                    runfolder.FINAL,
+                    final_todo,
+                    calibration_images,
+                    on_done=lambda _: bar.update(1),
+                    rule_data=rule_data,
+                )
+
         if workers <= 1 or len(pending) <= 1:
             for fold, todo in pending.items():
                 export_fold(run, backbone, fold, todo, calibration_images, on_done=lambda _: bar.update(1))
+            export_final()
         else:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -131,6 +213,7 @@ def export_backbone(
                     pool.submit(export_fold, run, backbone, fold, todo, calibration_images)
                     for fold, todo in pending.items()
                 ]
+                export_final()
                 for future in as_completed(futures):
                     bar.update(len(future.result()))
     return [runfolder.fold_model_path(run, backbone, fold, variant) for fold in models for variant in variants]
@@ -141,9 +224,16 @@ def _is_exported(target: Path) -> bool:
 
 
 def export_fold(
-    run: Path, backbone: str, fold: int | str, variants: Sequence[str], calibration_images: np.ndarray, on_done=None
+    run: Path,
+    backbone: str,
+    fold: int | str,
+    variants: Sequence[str],
+    calibration_images: np.ndarray,
+    on_done=None,
+    rule_data: RuleData | None = None,
 ) -> list[Path]:
-    """Convert one fold's joined Keras model to ``variants`` (in order) and write each with its sidecar."""
+    """Convert one fold's joined Keras model to ``variants`` (in order) and write each with its sidecar.
+    With ``rule_data`` the model gets the texture statistics output and an uncertainty rule."""
     import keras
 
     source = runfolder.fold_model_path(run, backbone, fold, "keras")
@@ -152,6 +242,11 @@ def export_fold(
     # many folds before it) converts it.
     keras.backend.clear_session()
     model = keras.models.load_model(source)
+    channels: tuple[int, ...] = ()
+    if rule_data is not None:
+        extended = with_texture_output(model)
+        if extended is not None:
+            model, channels = extended, texture_channels(model)
     written = []
     for variant in variants:
         target = runfolder.fold_model_path(run, backbone, fold, variant)
@@ -175,6 +270,8 @@ def export_fold(
             if variant == "int8-mixed" and _is_exported(full_integer)
             else None,
             metadata=meta,
+            rule_data=rule_data,
+            channels=channels,
         )
         meta["tflite"] = tensor_summary(target)
         write_json(runfolder.sidecar_path(target), meta)

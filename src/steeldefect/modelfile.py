@@ -20,8 +20,11 @@ from typing import Any
 import numpy as np
 
 from steeldefect.files import file_digest
-from steeldefect.runtime import ModelFileError, input_size, make_interpreter, predict_tflite
-from steeldefect.tflite_metadata import OUR_FILE, read_embedded_metadata
+from steeldefect.runtime import ModelFileError, input_size, make_interpreter, output_details, predict_tflite_outputs
+from steeldefect.tflite_metadata import OUR_FILE, read_embedded_file, read_embedded_metadata
+from steeldefect.uncertainty import RULE_FILE, UncertaintyRule, apply_temperature
+
+MAX_RULE_BYTES = 16 << 20  # the rule's arrays take ~0.5 MiB; anything far larger is not ours
 
 
 def sidecar_path(model_path: Path) -> Path:
@@ -41,6 +44,9 @@ class ModelInfo:
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # Where the description was read: the model file itself (embedded metadata) or its sidecar.
     described_by: Path | None = field(default=None, compare=False)
+    # How the model says "uncertain" (carried inside exported deploy models), and its calibration.
+    rule: UncertaintyRule | None = field(default=None, compare=False, repr=False)
+    temperature: float | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -80,7 +86,35 @@ def read_model_info(model_path: Path) -> ModelInfo:
     if min(size) < 1:
         raise ModelFileError(f"{where}: input size {size} is not positive")
     variant = str(meta.get("variant") or ("keras" if model_path.suffix == ".keras" else "tflite"))
-    return ModelInfo(model_path, tuple(names), size, variant, file_digest(model_path), meta, described_by)
+    rule = _read_rule(model_path, meta, where) if embedded is not None else None
+    temperature = _read_temperature(meta, where)
+    return ModelInfo(
+        model_path, tuple(names), size, variant, file_digest(model_path), meta, described_by, rule, temperature
+    )
+
+
+def _read_rule(model_path: Path, meta: dict[str, Any], where: str) -> UncertaintyRule | None:
+    """The uncertainty rule packed in the model file, when its description names one."""
+    spec = meta.get("uncertainty")
+    if not isinstance(spec, dict) or spec.get("file") != RULE_FILE:
+        return None
+    data = read_embedded_file(model_path, RULE_FILE, MAX_RULE_BYTES)
+    if data is None:
+        raise ModelFileError(f"{where}: names an uncertainty rule but the model file holds no {RULE_FILE}")
+    try:
+        return UncertaintyRule.from_npz_bytes(data)
+    except ValueError as error:
+        raise ModelFileError(f"{model_path}: {error}") from error
+
+
+def _read_temperature(meta: dict[str, Any], where: str) -> float | None:
+    entry = meta.get("confidence")
+    if not isinstance(entry, dict) or entry.get("temperature") is None:
+        return None
+    value = entry["temperature"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e3:
+        raise ModelFileError(f"{where}: confidence.temperature must be a number in (0, 1000]")
+    return float(value)
 
 
 def _read_sidecar(meta_path: Path) -> dict[str, Any]:
@@ -110,13 +144,32 @@ def _warn_if_sidecar_disagrees(meta_path: Path, model_path: Path, embedded: dict
         )
 
 
-class Classifier:
-    """One loaded .tflite classifier answering probability queries for uint8 RGB images.
+@dataclass(frozen=True)
+class Judgement:
+    """A classifier's answer for N images: probabilities, and where the model carries them, whether
+    each image is uncertain (with its score, a rank in [0, 1]) and the calibrated top-1 confidence."""
 
-    Not thread-safe (one LiteRT interpreter inside): one instance per thread or worker.
+    probabilities: np.ndarray  # (N, n_classes)
+    uncertain: np.ndarray | None = None  # (N,) bool
+    score: np.ndarray | None = None  # (N,)
+    confidence: np.ndarray | None = None  # (N,)
+
+
+class Classifier:
+    """One loaded .tflite classifier answering queries for uint8 RGB images.
+
+    Not thread-safe (one LiteRT interpreter inside): one instance per thread or worker. ``accept``
+    overrides the share of in-distribution images the model's uncertainty rule accepts.
     """
 
-    def __init__(self, model_path: Path, threads: int | None = None, info: ModelInfo | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        threads: int | None = None,
+        info: ModelInfo | None = None,
+        *,
+        accept: float | None = None,
+    ) -> None:
         self.info = info or read_model_info(model_path)
         self.interpreter = make_interpreter(Path(model_path), threads)
         actual = input_size(self.interpreter)
@@ -126,15 +179,36 @@ class Classifier:
                 f"{described_by}: input size {self.info.input_size[0]}x{self.info.input_size[1]} "
                 f"does not match the model's {actual[0]}x{actual[1]}"
             )
-        n_outputs = int(self.interpreter.get_output_details()[0]["shape"][-1])
+        details = output_details(self.interpreter)
+        n_outputs = int(details[0]["shape"][-1])
         if n_outputs != len(self.info.class_names):
             raise ModelFileError(
                 f"{described_by}: {len(self.info.class_names)} class names for a model with {n_outputs} outputs"
             )
+        self.rule = self.info.rule
+        if self.rule is not None:
+            if self.rule.uses_texture and (
+                len(details) != 2 or int(details[1]["shape"][-1]) != 2 * sum(self.rule.channels)
+            ):
+                raise ModelFileError(f"{described_by}: the uncertainty rule does not fit the model's outputs")
+            if accept is not None:
+                self.rule = self.rule.with_accept(accept)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, n_classes) probabilities for uint8 images (N, H, W, 3) of the model's input size."""
-        return predict_tflite(self.interpreter, images)
+        return predict_tflite_outputs(self.interpreter, images)[0]
+
+    def judge(self, images: np.ndarray) -> Judgement:
+        """Probabilities, uncertainty and calibrated confidence for uint8 images (N, H, W, 3)."""
+        outputs = predict_tflite_outputs(self.interpreter, images)
+        probabilities = outputs[0]
+        uncertain = score = confidence = None
+        if self.rule is not None:
+            score = self.rule.scores(probabilities, outputs[1] if self.rule.uses_texture else None)
+            uncertain = score > self.rule.threshold
+        if self.info.temperature is not None:
+            confidence = apply_temperature(probabilities, self.info.temperature).max(axis=1)
+        return Judgement(probabilities, uncertain, score, confidence)
 
 
 def top_k(probabilities: np.ndarray, class_names: tuple[str, ...] | list[str], k: int) -> list[tuple[str, float]]:

@@ -37,6 +37,7 @@ AT_LEAST_1 = Check(lambda v: v >= 1, "an integer >= 1")
 AT_LEAST_0 = Check(lambda v: v >= 0, "an integer >= 0")
 POSITIVE = Check(lambda v: v > 0, "a number > 0")
 FRACTION = Check(lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
+ACCEPT = Check(lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 AT_LEAST_2 = Check(lambda v: v >= 2, "an integer >= 2")
 
 
@@ -210,6 +211,12 @@ class PredictOptions(_Options):
     top_k: int = option(1, "how many classes to list per image", check=AT_LEAST_1)
     format: str = option("table", "output format on stdout", choices=FORMAT_CHOICES)
     threads: int = option(0, "interpreter threads (0 = all cores)", check=AT_LEAST_0)
+    accept: float | None = option(
+        None,
+        "share of in-distribution images the model's uncertainty rule accepts, e.g. 0.95 flags more "
+        "(default: the model's own, 0.99)",
+        check=ACCEPT,
+    )
     # Scoring an image archive (steeldefect.batch; README: Scoring an image archive).
     out: Path | None = option(None, "write results to FILE (.parquet, .csv or .jsonl) as they come; re-run to resume")
     engine: str = option(
@@ -255,6 +262,9 @@ class ServeOptions(_Options):
     queue: int = option(32, "requests that may wait for an interpreter (then 503)", check=AT_LEAST_1)
     max_upload_mb: float = option(8.0, "largest request body accepted, in MiB", check=POSITIVE)
     top_k: int = option(3, "classes per answer unless the request says top_k", check=AT_LEAST_1)
+    accept: float | None = option(
+        None, "share of in-distribution images the uncertainty rule accepts (default: the model's, 0.99)", check=ACCEPT
+    )
 
 
 def resume_free_options(*classes: type) -> set[str]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from steeldefect import backbones as backbone_registry
 from steeldefect import data as data_module
-from steeldefect import runfolder, training
+from steeldefect import runfolder, training, trust
 from steeldefect import splits as splits_module
 from steeldefect.features import cached_features
 from steeldefect.files import default_cache_dir, read_json, write_csv, write_json
@@ -243,6 +243,10 @@ def train_backbone(
         per_model = training.evaluate_fold_heads(heads, features[test_idx], dataset.labels[test_idx], n_classes)
         keras_aggregate = training.write_test_metrics(out, name, "keras", per_model, dataset.class_names)
 
+    with training.timed(stage_times, "calibration"):
+        calibration = trust.calibrate(out, name, heads, features, dataset.labels, splits.folds, test_idx)
+    confidence = {"temperature": calibration["temperature"], "fitted_on": calibration["fitted_on"]}
+
     with training.timed(stage_times, "final"):
         final_head = training.fit_final_head(
             features,
@@ -275,7 +279,7 @@ def train_backbone(
             write_json(
                 meta_path,
                 model_metadata(name, "keras", fold, best_rate, prepared, options, weights_id)
-                | {"verified": True, "agreement_on_test": agreement},
+                | {"confidence": confidence, "verified": True, "agreement_on_test": agreement},
             )
 
     summary_entry = {
@@ -287,6 +291,7 @@ def train_backbone(
         "best_learning_rate": best_rate,
         "cv": _cv_summary(rows),
         "variants": {"keras": keras_aggregate},
+        "calibration": {key: calibration[key] for key in ("temperature", "fitted_on", "test")},
         "final": {"keras": final_metrics},
         "wall_time_s": stage_times,
     }
@@ -390,6 +395,7 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
                 n_folds=len(prepared.splits.folds),
                 workers=resolve_threads(options.workers),
                 progress=progress,
+                rule_data=_rule_data(run, name, prepared),
             )
         csv_path = runfolder.quant_debug_path(run, name, "csv")
         if options.quant_report and "int8" in options.variants and not csv_path.is_file():
@@ -409,6 +415,60 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
     update_deploy(run)
     log.info("LiteRT models written under %s/*/models", run)
     return written
+
+
+def _judge_test_split(run: Path, backbone: str, prepared: PreparedData, final: dict[str, dict[str, Any]]) -> None:
+    """Each final model that carries an uncertainty rule judges the test split: the share it flags and
+    the accuracy of what it accepts go into ``final[variant]["uncertain"]``; the deployed variant's
+    (int8 when exported) answer per test image is written to ``trust/test_predictions.csv``."""
+    from steeldefect.modelfile import Classifier
+
+    test_idx = prepared.splits.test_indices
+    images, labels = prepared.images[test_idx], prepared.dataset.labels[test_idx]
+    names = prepared.dataset.class_names
+    rows_for: dict[str, list[dict[str, Any]]] = {}
+    for variant in final:
+        path = fold_model_path(run, backbone, runfolder.FINAL, variant)
+        classifier = Classifier(path)
+        if classifier.rule is None:
+            continue
+        judgement = classifier.judge(images)
+        predicted = judgement.probabilities.argmax(axis=1)
+        accepted = ~judgement.uncertain
+        final[variant]["uncertain"] = {
+            "flagged_test_share": float(judgement.uncertain.mean()),
+            "accepted_accuracy": float((predicted[accepted] == labels[accepted]).mean()) if accepted.any() else None,
+            "threshold": classifier.rule.threshold,
+            "accept": classifier.rule.accept,
+        }
+        rows_for[variant] = [
+            {
+                "file": prepared.dataset.relative_names[i],
+                "label": names[labels[row]],
+                "predicted": names[predicted[row]],
+                "probability": f"{judgement.probabilities[row, predicted[row]]:.6f}",
+                "uncertain": bool(judgement.uncertain[row]),
+                "score": f"{judgement.score[row]:.6f}",
+                "variant": variant,
+            }
+            for row, i in enumerate(test_idx)
+        ]
+    for variant in ("int8", *rows_for):
+        if variant in rows_for:
+            write_csv(runfolder.test_predictions_path(run, backbone), rows_for[variant])
+            break
+
+
+def _rule_data(run: Path, backbone: str, prepared: PreparedData):
+    """What `export` fits the deploy model's uncertainty rule on, or None for a run trained before
+    `train` recorded out-of-fold probabilities (its deploy model then carries no rule)."""
+    from steeldefect.export import RuleData
+
+    oof = trust.read_oof_probabilities(run, backbone, len(prepared.dataset.labels))
+    if oof is None:
+        log.warning("%s: no out-of-fold probabilities in the run; the deploy model gets no uncertainty rule", backbone)
+        return None
+    return RuleData(prepared.images, prepared.dataset.labels, prepared.splits.folds, oof)
 
 
 def evaluate(
@@ -465,6 +525,8 @@ def evaluate(
             aggregated["xnnpack_partitions"] = sorted({r["xnnpack_partitions"] for r in results})
             variants_summary[variant] = aggregated
             table.append({"backbone": name, "variant": variant, **_flat(aggregated)})
+        with training.timed(stage_times, "uncertainty"):
+            _judge_test_split(run, name, prepared, final)
         update_summary(run, name, variants=variants_summary, final=final, wall_time_s=stage_times)
     write_csv(runfolder.tflite_metrics_path(run, "csv"), table)
     write_json(runfolder.tflite_metrics_path(run, "json"), table)
@@ -509,7 +571,7 @@ def update_deploy(run: Path) -> Path | None:
         "test": {
             variant: {
                 key: metrics[key]
-                for key in ("accuracy", "precision_macro", "recall_macro", "size_mib")
+                for key in ("accuracy", "precision_macro", "recall_macro", "size_mib", "uncertain")
                 if key in metrics
             }
             for variant, metrics in entry.get("final", {}).items()

@@ -26,6 +26,8 @@ class Prediction:
     path: Path
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    # None when the model carries no uncertainty rule (a .keras model, an older export)
+    uncertain: bool | None = None
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:
@@ -83,6 +85,7 @@ def format_predictions(results: Sequence[Prediction], fmt: str = "table") -> str
                 {
                     "file": str(r.path),
                     "error": r.error,
+                    "uncertain": r.uncertain,
                     "predictions": [{"class": c, "probability": round(p, 6)} for c, p in r.top],
                 }
                 for r in results
@@ -92,26 +95,31 @@ def format_predictions(results: Sequence[Prediction], fmt: str = "table") -> str
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["file", "rank", "class", "probability", "error"])
+        writer.writerow(["file", "rank", "class", "probability", "uncertain", "error"])
         for r in results:
             if r.error:
-                writer.writerow([r.path, "", "", "", r.error])
+                writer.writerow([r.path, "", "", "", "", r.error])
+            flag = "" if r.uncertain is None else str(r.uncertain).lower()
             for rank, (name, probability) in enumerate(r.top, 1):
-                writer.writerow([r.path, rank, name, f"{probability:.6f}", ""])
+                writer.writerow([r.path, rank, name, f"{probability:.6f}", flag, ""])
         return buffer.getvalue().rstrip("\n")
     lines = []
     for r in results:
         if r.error:
             lines.append(f"{r.path}: ERROR {r.error}")
         else:
-            lines.append(f"{r.path}: " + ", ".join(f"{name} {probability:.3f}" for name, probability in r.top))
+            answer = ", ".join(f"{name} {probability:.3f}" for name, probability in r.top)
+            lines.append(f"{r.path}: " + ("UNCERTAIN (most likely " + answer + ")" if r.uncertain else answer))
     counts: dict[str, int] = {}
     for r in results:
         if r.top:
             counts[r.top[0][0]] = counts.get(r.top[0][0], 0) + 1
     failed = sum(1 for r in results if r.error)
+    uncertain = sum(1 for r in results if r.uncertain)
     lines.append(
-        f"summary: {len(results) - failed} classified, {failed} failed; "
+        f"summary: {len(results) - failed} classified, {failed} failed"
+        + (f", {uncertain} uncertain" if any(r.uncertain is not None for r in results) else "")
+        + "; "
         + ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
     )
     return "\n".join(lines)

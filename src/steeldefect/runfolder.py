@@ -86,6 +86,29 @@ def backbone_dir(run: Path, backbone: str) -> Path:
     return Path(run) / backbone
 
 
+def trust_dir(run: Path, backbone: str) -> Path:
+    """Calibration and uncertainty of a backbone's models: out-of-fold probabilities, the fitted
+    temperature, the reliability diagram, the deploy model's test predictions with their flags."""
+    return backbone_dir(run, backbone) / "trust"
+
+
+def oof_probabilities_path(run: Path, backbone: str) -> Path:
+    return trust_dir(run, backbone) / "oof_probabilities.npz"
+
+
+def calibration_record_path(run: Path, backbone: str) -> Path:
+    return trust_dir(run, backbone) / "calibration.json"
+
+
+def reliability_plot_path(run: Path, backbone: str) -> Path:
+    return trust_dir(run, backbone) / "reliability.png"
+
+
+def test_predictions_path(run: Path, backbone: str) -> Path:
+    """The deploy model's (int8 when exported) answer for every test image, with its uncertain flag."""
+    return trust_dir(run, backbone) / "test_predictions.csv"
+
+
 def cv_grid_path(run: Path, backbone: str) -> Path:
     return backbone_dir(run, backbone) / "cv_grid.csv"
 

@@ -85,15 +85,34 @@ def from_output(raw: np.ndarray, detail: dict) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def predict_tflite(interpreter, images: np.ndarray, *, progress: bool = False, desc: str = "tflite") -> np.ndarray:
-    """Outputs (N, ...) for uint8 images (N, H, W, 3), one invoke per image: class probabilities
-    for a classifier, feature maps for a backbone. Models are exported with batch 1 (XNNPACK takes
-    the whole graph only when every shape is static)."""
+def output_details(interpreter) -> list[dict]:
+    """The model's outputs, narrowest first. A classifier that also carries its texture statistics
+    (for the uncertainty score) has two, and the converter may order them either way; the class
+    probabilities are always the narrower."""
+    return sorted(interpreter.get_output_details(), key=lambda d: int(np.prod(d["shape"][1:])))
+
+
+def predict_tflite_outputs(
+    interpreter, images: np.ndarray, *, progress: bool = False, desc: str = "tflite"
+) -> list[np.ndarray]:
+    """Every output (N, ...) for uint8 images (N, H, W, 3), narrowest first (see :func:`output_details`),
+    one invoke per image. Models are exported with batch 1 (XNNPACK takes the whole graph only when
+    every shape is static)."""
     input_detail = interpreter.get_input_details()[0]
-    output_detail = interpreter.get_output_details()[0]
-    outputs = []
+    details = output_details(interpreter)
+    collected: list[list[np.ndarray]] = [[] for _ in details]
     for image in tqdm(images, desc=desc, unit="img", disable=not progress, leave=False):
         interpreter.set_tensor(input_detail["index"], to_input(image, input_detail))
         interpreter.invoke()
-        outputs.append(from_output(interpreter.get_tensor(output_detail["index"])[0], output_detail))
-    return np.stack(outputs) if outputs else np.zeros((0, *output_detail["shape"][1:]), np.float32)
+        for slot, detail in zip(collected, details):
+            slot.append(from_output(interpreter.get_tensor(detail["index"])[0], detail))
+    return [
+        np.stack(slot) if slot else np.zeros((0, *detail["shape"][1:]), np.float32)
+        for slot, detail in zip(collected, details)
+    ]
+
+
+def predict_tflite(interpreter, images: np.ndarray, *, progress: bool = False, desc: str = "tflite") -> np.ndarray:
+    """The first (narrowest) output (N, ...) for uint8 images (N, H, W, 3): class probabilities for a
+    classifier, feature maps for a backbone."""
+    return predict_tflite_outputs(interpreter, images, progress=progress, desc=desc)[0]

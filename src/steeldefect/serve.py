@@ -30,7 +30,6 @@ import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import numpy as np
 
 from steeldefect.audit import AuditError, AuditLog, AuditRow
 from steeldefect.data import DatasetError, decode_image
-from steeldefect.modelfile import Classifier, ModelInfo, read_model_info, sidecar_path, top_k
+from steeldefect.modelfile import Classifier, Judgement, ModelInfo, read_model_info, top_k
 from steeldefect.options import ServeOptions
 from steeldefect.runtime import ModelFileError
 
@@ -96,62 +95,27 @@ def resolve_model(model: Path) -> Path:
     return model
 
 
-@dataclass(frozen=True)
-class Trust:
-    """Probability calibration and the uncertainty rule a model's metadata may carry.
-
-    ``calibration.temperature`` (temperature scaling of the log-probabilities) gives a calibrated
-    confidence; ``uncertainty.threshold`` flags an answer whose (calibrated) top probability is below
-    it. A model without them answers ``null`` for both. The int8 export's own ``calibration`` entry
-    (the quantization sample set) has no temperature and is not a probability calibration.
-    """
-
-    temperature: float | None = None
-    threshold: float | None = None
-
-    @classmethod
-    def from_metadata(cls, info: ModelInfo) -> "Trust":
-        def number(section: str, key: str, low: float, high: float) -> float | None:
-            entry = info.metadata.get(section)
-            if not isinstance(entry, dict) or key not in entry:
-                return None
-            value = entry[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
-                raise ModelFileError(f"{sidecar_path(info.path)}: {section}.{key} must be a number in ({low}, {high}]")
-            return float(value)
-
-        return cls(number("calibration", "temperature", 0.0, 1e3), number("uncertainty", "threshold", 0.0, 1.0))
-
-    def judge(self, probabilities: np.ndarray) -> tuple[bool | None, float | None]:
-        confidence = None
-        if self.temperature is not None:
-            logits = np.log(np.clip(probabilities.astype(np.float64), 1e-12, None)) / self.temperature
-            calibrated = np.exp(logits - logits.max())
-            confidence = float(calibrated.max() / calibrated.sum())
-        uncertain = None
-        if self.threshold is not None:
-            uncertain = bool((confidence if confidence is not None else float(probabilities.max())) < self.threshold)
-        return uncertain, confidence
-
-
 class ClassifierPool:
     """``size`` classifiers of one model, each warmed up by one inference; one caller per instance."""
 
-    def __init__(self, model_path: Path, info: ModelInfo, size: int, threads: int | None) -> None:
+    def __init__(
+        self, model_path: Path, info: ModelInfo, size: int, threads: int | None, accept: float | None = None
+    ) -> None:
         if size < 1:
             raise ValueError(f"workers must be >= 1, got {size}")
         self._idle: queue.SimpleQueue[Classifier] = queue.SimpleQueue()
         blank = np.zeros((1, *info.input_size, 3), np.uint8)
         for _ in range(size):
-            classifier = Classifier(model_path, threads, info)
+            classifier = Classifier(model_path, threads, info, accept=accept)
             classifier.probabilities(blank)  # first invoke pays XNNPACK's packing: not a client's latency
             self._idle.put(classifier)
         self.size = size
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
+    def judge(self, image: np.ndarray) -> Judgement:
+        """Probabilities, uncertain flag and calibrated confidence of one image (a batch of one)."""
         classifier = self._idle.get()  # never waits: executor threads == classifiers
         try:
-            return classifier.probabilities(image[None])[0]
+            return classifier.judge(image[None])
         finally:
             self._idle.put(classifier)
 
@@ -202,6 +166,7 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     top_k_default: int = DEFAULT_TOP_K,
     queue_size: int = DEFAULT_QUEUE,
+    accept: float | None = None,
 ):
     """The FastAPI application serving ``model`` (a .tflite or a run folder).
 
@@ -225,8 +190,7 @@ def create_app(
     workers = default_workers() if workers is None else workers
     model_path = resolve_model(model)
     info = read_model_info(model_path)
-    trust = Trust.from_metadata(info)
-    pool = ClassifierPool(model_path, info, workers, threads)
+    pool = ClassifierPool(model_path, info, workers, threads, accept)
     _warm_up_decoders(info.input_size)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
     audit = AuditLog(Path(audit_path), keep=audit_keep, fsync=audit_fsync) if audit_path is not None else None
@@ -333,9 +297,11 @@ def create_app(
         start = time.perf_counter()
         image = decode_image(data, info.input_size, name)
         decoded = time.perf_counter()
-        probabilities = pool.probabilities(image)
+        judgement = pool.judge(image)
         done = time.perf_counter()
-        uncertain, confidence = trust.judge(probabilities)
+        probabilities = judgement.probabilities[0]
+        uncertain = None if judgement.uncertain is None else bool(judgement.uncertain[0])
+        confidence = None if judgement.confidence is None else float(judgement.confidence[0])
         return {
             "top": top_k(probabilities, info.class_names, len(info.class_names)),
             "uncertain": uncertain,
@@ -503,8 +469,8 @@ def create_app(
             **model_fields,
             "class_names": list(info.class_names),
             "input_size": {"height": info.input_size[0], "width": info.input_size[1]},
-            "uncertainty": trust.threshold is not None,
-            "calibrated": trust.temperature is not None,
+            "uncertainty": info.rule is not None,
+            "calibrated": info.temperature is not None,
             "provenance": {key: value for key, value in info.metadata.items() if key not in ("class_names", "input")},
             "top_k_default": top_k_default,
             "max_upload_bytes": max_upload_bytes,

@@ -34,6 +34,7 @@ from steeldefect.runtime import ModelFileError
 
 OUR_FILE = "steeldefect.json"
 LABELS_FILE = "labels.txt"
+TEXTURE_OUTPUT = "texture_statistics"
 MAX_DESCRIPTION_BYTES = 1 << 20
 _MISSING_MODULE = "mediapipe.tasks.cc.metadata.python._pywrap_metadata_version"
 
@@ -116,13 +117,14 @@ def _metadata_writer_modules():
     return metadata, metadata_info, writer_utils, schema
 
 
-def embed_metadata(flatbuffer: bytes, meta: dict[str, Any]) -> bytes:
+def embed_metadata(flatbuffer: bytes, meta: dict[str, Any], extra_files: dict[str, bytes] | None = None) -> bytes:
     """``flatbuffer`` (a .tflite without metadata) with TFLite Model Metadata and ``meta`` inside.
 
     ``meta`` is the model's description as its sidecar holds it: at least ``class_names`` and
     ``input`` (height, width); all of it is stored as ``steeldefect.json``. The writer re-serializes
     the flatbuffer with one buffer (the metadata) added and the files appended; the graph, tensors
     and weights keep their values, so predictions are byte-identical (tests/unit/test_model_metadata.py).
+    ``extra_files``: more model-level associated files (the uncertainty rule's arrays).
     """
     metadata, metadata_info, writer_utils, schema = _metadata_writer_modules()
     class_names = [str(name) for name in meta["class_names"]]
@@ -133,15 +135,19 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any]) -> bytes:
     subgraph = writer_utils.get_subgraph(model)
     inputs = [subgraph.Tensors(subgraph.Inputs(i)) for i in range(subgraph.InputsLength())]
     outputs = [subgraph.Tensors(subgraph.Outputs(i)) for i in range(subgraph.OutputsLength())]
-    if len(inputs) != 1 or len(outputs) != 1:
+    # One image in; out the class probabilities and, for a model that carries its uncertainty score,
+    # the texture statistics (TEXTURE_OUTPUT), in whatever order the converter put them.
+    if len(inputs) != 1 or not 1 <= len(outputs) <= 2:
         raise ValueError(
-            f"an image classifier has one input and one output, this model {len(inputs)} and {len(outputs)}"
+            f"an image classifier has one input and one or two outputs, this model {len(inputs)} and {len(outputs)}"
         )
-    in_shape, out_shape = inputs[0].ShapeAsNumpy().tolist(), outputs[0].ShapeAsNumpy().tolist()
+    in_shape = inputs[0].ShapeAsNumpy().tolist()
+    out_shapes = [output.ShapeAsNumpy().tolist() for output in outputs]
     if in_shape[1:3] != [height, width]:
         raise ValueError(f"metadata input size {height}x{width} does not match the model's {in_shape}")
-    if out_shape[-1] != len(class_names):
-        raise ValueError(f"{len(class_names)} class names for a model with {out_shape[-1]} outputs")
+    class_outputs = [i for i, shape in enumerate(out_shapes) if shape[-1] == len(class_names)]
+    if len(class_outputs) != 1:
+        raise ValueError(f"{len(class_names)} class names for a model with outputs {out_shapes}")
 
     variant = str(meta.get("variant", "tflite"))
     provenance = meta.get("provenance") or {}
@@ -170,12 +176,24 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any]) -> bytes:
         color_space_type=schema.ColorSpaceType.RGB,
         tensor_type=inputs[0].Type(),
     )
-    scores = metadata_info.ClassificationTensorMd(
-        name="probabilities",
-        description="Probability of each class (softmax), in the order of labels.txt",
-        label_files=[metadata_info.LabelFileMd(LABELS_FILE)],
-        tensor_type=outputs[0].Type(),
-    )
+    output_metadata = []
+    for i, output in enumerate(outputs):
+        if i == class_outputs[0]:
+            tensor = metadata_info.ClassificationTensorMd(
+                name="probabilities",
+                description="Probability of each class (softmax), in the order of labels.txt",
+                label_files=[metadata_info.LabelFileMd(LABELS_FILE)],
+                tensor_type=output.Type(),
+            )
+        else:
+            tensor = metadata_info.TensorMd(
+                name=TEXTURE_OUTPUT,
+                description=(
+                    "Per-channel mean and mean of squares of four backbone layers: the input of the "
+                    f"uncertainty score described in {OUR_FILE}"
+                ),
+            )
+        output_metadata.append(tensor.create_metadata())
     ours = metadata_info.AssociatedFileMd(
         OUR_FILE,
         description="steeldefect model description (JSON): class names, input size, variant, calibration, provenance",
@@ -183,9 +201,15 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any]) -> bytes:
     )
     subgraph_metadata = schema.SubGraphMetadataT()
     subgraph_metadata.inputTensorMetadata = [image.create_metadata()]
-    subgraph_metadata.outputTensorMetadata = [scores.create_metadata()]
+    subgraph_metadata.outputTensorMetadata = output_metadata
     general.subgraphMetadata = [subgraph_metadata]
-    general.associatedFiles = [ours.create_metadata()]
+    extra_files = dict(extra_files or {})
+    general.associatedFiles = [ours.create_metadata()] + [
+        metadata_info.AssociatedFileMd(
+            name, description=f"{name}: see {OUR_FILE}", file_type=schema.AssociatedFileType.UNKNOWN
+        ).create_metadata()
+        for name in extra_files
+    ]
 
     import flatbuffers
 
@@ -202,6 +226,7 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any]) -> bytes:
             {
                 LABELS_FILE: "\n".join(class_names).encode("utf-8"),
                 OUR_FILE: json.dumps(meta, indent=2).encode("utf-8"),
+                **extra_files,
             }
         )
         populator.populate()
@@ -250,3 +275,20 @@ def read_embedded_metadata(model: Path | bytes) -> dict[str, Any] | None:
     if labels is not None and labels != meta.get("class_names"):
         raise ModelFileError(f"{name}: {LABELS_FILE} and {OUR_FILE} inside the model file name different classes")
     return meta
+
+
+def read_embedded_file(model: Path, member: str, limit: int) -> bytes | None:
+    """An associated file packed in a model file, or None when it has none; a member larger than
+    ``limit`` bytes (model files are untrusted) or a damaged archive raise a one-line :class:`ModelFileError`."""
+    name = str(model)
+    try:
+        with zipfile.ZipFile(Path(model)) as archive:
+            try:
+                info = archive.getinfo(member)
+            except KeyError:
+                return None
+            if info.file_size > limit:
+                raise ModelFileError(f"{name}: {member} inside the model file is {info.file_size} bytes, over {limit}")
+            return archive.read(member)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
+        raise ModelFileError(f"{name}: damaged metadata in the model file ({type(error).__name__}: {error})") from error

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -347,3 +347,174 @@ def percentile_combine(reference: Sequence[np.ndarray], scores: Sequence[np.ndar
         fraction = np.searchsorted(ordered, np.asarray(score, dtype=np.float64), side="left") / len(ordered)
         combined = fraction if combined is None else np.maximum(combined, fraction)
     return combined
+
+
+# ------------------------------------------------------------------ the rule a deployed model carries
+
+SOFTMAX_SCORE = "1 - max probability"
+RULE_FILE = "uncertainty.npz"
+RULE_METHOD = "texture Mahalanobis or max softmax"
+
+
+@dataclass
+class UncertaintyRule:
+    """What a deployed model uses to say "uncertain": each image's texture score (:class:`OODScorer`
+    on the model's texture statistics output) and its softmax score (1 - top probability) are ranked
+    against their out-of-fold in-distribution reference scores, the larger rank counts
+    (:func:`percentile_combine`), and an image whose rank exceeds ``threshold`` is uncertain.
+
+    ``combined_reference`` (the out-of-fold training images' combined ranks) lets a user choose another
+    acceptance: :meth:`with_accept`. Without texture statistics (a backbone without the texture layers)
+    only the softmax score is used.
+    """
+
+    softmax_reference: np.ndarray
+    combined_reference: np.ndarray
+    threshold: float
+    accept: float
+    scorer: OODScorer | None = None
+    channels: tuple[int, ...] = ()
+    texture_reference: np.ndarray | None = None
+
+    @property
+    def uses_texture(self) -> bool:
+        return self.scorer is not None
+
+    def scores(self, probabilities: np.ndarray, texture_raw: np.ndarray | None = None) -> np.ndarray:
+        """The combined rank in [0, 1] of each image (higher = less like the training images)."""
+        softmax = 1.0 - np.asarray(probabilities, dtype=np.float64).max(axis=1)
+        references, scores = [self.softmax_reference], [softmax]
+        if self.uses_texture:
+            if texture_raw is None:
+                raise ValueError("this rule needs the model's texture statistics output")
+            references.append(self.texture_reference)
+            scores.append(self.scorer.score(texture_features(texture_raw, self.channels)))
+        return percentile_combine(references, scores)
+
+    def uncertain(self, probabilities: np.ndarray, texture_raw: np.ndarray | None = None) -> np.ndarray:
+        return self.scores(probabilities, texture_raw) > self.threshold
+
+    def with_accept(self, accept: float) -> UncertaintyRule:
+        """The same rule with the threshold that accepts ``accept`` of the in-distribution images."""
+        return replace(self, threshold=choose_threshold(self.combined_reference, accept), accept=float(accept))
+
+    def describe(self) -> dict[str, Any]:
+        """The rule's small fields, for the model's JSON description (the arrays go in :data:`RULE_FILE`)."""
+        return {
+            "method": RULE_METHOD if self.uses_texture else SOFTMAX_SCORE,
+            "threshold": self.threshold,
+            "accept": self.accept,
+            "texture_layers": list(TEXTURE_LAYERS) if self.uses_texture else [],
+            "channels": list(self.channels),
+            "reference_images": len(self.combined_reference),
+            "file": RULE_FILE,
+        }
+
+    def to_npz_bytes(self) -> bytes:
+        arrays = {
+            "softmax_reference": self.softmax_reference,
+            "combined_reference": self.combined_reference,
+            "threshold": np.float64(self.threshold),
+            "accept": np.float64(self.accept),
+            "channels": np.asarray(self.channels, dtype=np.int64),
+        }
+        if self.uses_texture:
+            state = self.scorer.to_dict()
+            arrays |= {
+                "texture_reference": self.texture_reference,
+                "n_components": np.int64(state["n_components"]),
+                "shrinkage": np.float64(state["shrinkage"]),
+                "center": self.scorer.center_,
+                "projection": self.scorer.projection_,
+                "whitening": self.scorer.whitening_,
+                "class_means": self.scorer.class_means_,
+            }
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+        return buffer.getvalue()
+
+    @classmethod
+    def from_npz_bytes(cls, data: bytes) -> UncertaintyRule:
+        """Read a rule back; model files are untrusted, so no pickled objects and every shape is checked
+        (ValueError on any problem)."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except Exception as error:  # a damaged archive raises many kinds of error; all mean the same here
+            raise ValueError(f"{RULE_FILE} is not a readable NumPy archive ({type(error).__name__})") from error
+        try:
+            channels = tuple(int(c) for c in arrays["channels"])
+            scorer = texture_reference = None
+            if "center" in arrays:
+                scorer = OODScorer(int(arrays["n_components"]), float(arrays["shrinkage"]), None)
+                scorer.center_ = arrays["center"].astype(np.float64)
+                scorer.projection_ = arrays["projection"].astype(np.float64)
+                scorer.whitening_ = arrays["whitening"].astype(np.float64)
+                scorer.class_means_ = arrays["class_means"].astype(np.float64)
+                texture_reference = np.sort(arrays["texture_reference"].astype(np.float64))
+                width = 2 * sum(channels)
+                n = scorer.projection_.shape[1]
+                if (
+                    scorer.center_.shape != (width,)
+                    or scorer.projection_.shape != (width, n)
+                    or scorer.whitening_.shape != (n, n)
+                    or scorer.class_means_.ndim != 2
+                    or scorer.class_means_.shape[1] != n
+                ):
+                    raise ValueError("array shapes do not fit together")
+            rule = cls(
+                softmax_reference=np.sort(arrays["softmax_reference"].astype(np.float64)),
+                combined_reference=np.sort(arrays["combined_reference"].astype(np.float64)),
+                threshold=float(arrays["threshold"]),
+                accept=float(arrays["accept"]),
+                scorer=scorer,
+                channels=channels,
+                texture_reference=texture_reference,
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise ValueError(f"{RULE_FILE} does not hold an uncertainty rule ({error})") from error
+        if not (0 < rule.accept <= 1 and len(rule.softmax_reference) and len(rule.combined_reference)):
+            raise ValueError(f"{RULE_FILE} holds an empty or invalid uncertainty rule")
+        return rule
+
+
+def fit_rule(
+    labels: np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    oof_probabilities: np.ndarray,
+    *,
+    texture_raw: np.ndarray | None = None,
+    channels: Sequence[int] = (),
+    accept: float = DEFAULT_ACCEPT,
+    n_components: int = DEFAULT_COMPONENTS,
+) -> UncertaintyRule:
+    """Fit the rule on the training images only.
+
+    ``labels`` and ``texture_raw`` (the deployed model's own texture statistics output, so a quantized
+    model is judged on its own numbers) index the whole dataset; ``oof_probabilities`` too, holding for
+    each training image the probabilities of the fold head that did not train on it. Test rows are never
+    read. Every reference score is out-of-fold, so the threshold accepts ``accept`` of unseen
+    in-distribution images.
+    """
+    validation = np.concatenate([val for _, val in folds])
+    softmax_oof = 1.0 - np.asarray(oof_probabilities, dtype=np.float64)[validation].max(axis=1)
+    references, oof_scores = [np.sort(softmax_oof)], [softmax_oof]
+    scorer = texture_reference = None
+    if texture_raw is not None:
+        features = np.full((len(labels), texture_features(texture_raw[:1], channels).shape[1]), np.nan)
+        rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in folds]))
+        features[rows] = texture_features(texture_raw[rows], channels)
+        scorer, texture_oof = fit_ood(features, labels, folds, accept=accept, n_components=n_components)
+        texture_reference = np.sort(texture_oof)  # fit_ood's out-of-fold scores follow ``validation``'s order
+        references.append(texture_reference)
+        oof_scores.append(texture_oof)
+    combined = percentile_combine(references, oof_scores)
+    return UncertaintyRule(
+        softmax_reference=references[0],
+        combined_reference=np.sort(combined),
+        threshold=choose_threshold(combined, accept),
+        accept=accept,
+        scorer=scorer,
+        channels=tuple(int(c) for c in channels),
+        texture_reference=texture_reference,
+    )

@@ -167,15 +167,28 @@ def test_an_output_of_another_model_is_refused_and_left_untouched(tmp_path, mode
     assert out.read_bytes() == before and not batch.parts_dir(out).exists()
 
 
-def test_uncertain_flags_answers_below_the_models_threshold(tmp_path, images):
-    plain = export_tiny_classifier(tmp_path, "fp32")
-    probabilities = [p.top[0][1] for p in predict_paths(plain, images["good"])]
-    threshold = float(np.median(probabilities))
-    flagged = export_tiny_classifier(tmp_path / "t", "fp32", extra_metadata={"uncertainty": {"threshold": threshold}})
+def test_uncertain_column_follows_the_rule_inside_the_model(tmp_path, images, capsys):
+    from steeldefect.data import read_image
+    from steeldefect.modelfile import Classifier
+    from tiny_tflite import export_tiny_with_rule
+
+    flagged = export_tiny_with_rule(tmp_path, accept=0.5)
+    expected = Classifier(flagged).judge(np.stack([read_image(p, (32, 32)) for p in images["good"]])).uncertain
+    assert 0 < expected.sum() < len(expected)  # both answers occur, so the comparison means something
     batch.score_archive(flagged, images["good"], tmp_path / "r.parquet", workers=1)
-    rows = _table(tmp_path / "r.parquet")
-    assert [row["uncertain"] for row in rows] == [p < threshold for p in probabilities]
-    assert 0 < sum(row["uncertain"] for row in rows) < len(rows)
+    assert [row["uncertain"] for row in _table(tmp_path / "r.parquet")] == expected.tolist()
+    # predict's table: the flagged images say so, and the summary counts them
+    assert cli.main(["--quiet", "predict", str(flagged), *map(str, images["good"])]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [("UNCERTAIN" in line) for line in lines[:-1]] == expected.tolist()
+    assert f", {int(expected.sum())} uncertain;" in lines[-1]
+    # --accept 1.0 accepts everything an in-distribution image could score
+    assert (
+        cli.main(["--quiet", "predict", str(flagged), *map(str, images["good"]), "--accept", "1", "--format", "csv"])
+        == 0
+    )
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert sum(row.split(",")[4] == "true" for row in rows) <= expected.sum()
 
 
 def test_predict_without_out_prints_exactly_todays_output(models, images, capsys):

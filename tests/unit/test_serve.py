@@ -389,17 +389,33 @@ def test_a_full_queue_is_answered_503_at_once_and_starts_no_work(model, tmp_path
         assert post_file(client, images["jpeg"]).status_code == 200  # and the service serves on
 
 
-def test_uncertainty_and_calibration_are_read_from_the_model_metadata(tmp_path, images):
-    model = export_small_classifier(
-        tmp_path, extra_meta={"calibration": {"temperature": 2.0}, "uncertainty": {"threshold": 0.999}}
-    )
+def test_uncertainty_and_calibration_are_read_from_the_model_file(tmp_path, images):
+    from tiny_tflite import export_tiny_with_rule
+
+    model = export_tiny_with_rule(tmp_path, accept=0.5, temperature=2.0)
+    image = Image.open(io.BytesIO(images["jpeg"].read_bytes())).convert("RGB").resize((32, 32), Image.BILINEAR)
+    expected = Classifier(model).judge(np.asarray(image)[None])
     with make_client(model, tmp_path) as client:
-        body = post_file(client, images["jpeg"], top_k=6).json()
-        assert client.get("/v1/model").json()["calibrated"] is True
+        body = post_file(client, images["jpeg"], top_k=4).json()
+        described = client.get("/v1/model").json()
+    assert described["calibrated"] is True and described["uncertainty"] is True
     p = np.array([entry["probability"] for entry in body["top_k"]])
     softened = np.exp(np.log(np.clip(p, 1e-12, None)) / 2.0)
     assert body["confidence"] == pytest.approx(softened.max() / softened.sum(), abs=1e-4)
-    assert body["uncertain"] is True  # below a 0.999 threshold: a random model is never that sure
+    assert body["uncertain"] is bool(expected.uncertain[0])
+
+
+def test_uncertain_flag_follows_the_models_rule_and_accept(tmp_path, images):
+    from tiny_tflite import export_tiny_with_rule
+
+    model = export_tiny_with_rule(tmp_path, accept=0.99)
+    flags = {}
+    for accept in (None, 1e-6):  # the model's own rule (accepts 99%), and one that accepts almost nothing
+        app = serve.create_app(model, workers=1, audit_path=None, accept=accept)
+        with TestClient(app) as client:
+            flags[accept] = post_file(client, images["jpeg"]).json()["uncertain"]
+    assert flags[1e-6] is True
+    assert isinstance(flags[None], bool)
 
 
 def test_the_int8_exports_quantization_calibration_is_not_a_probability_calibration(tmp_path, images):
@@ -410,8 +426,8 @@ def test_the_int8_exports_quantization_calibration_is_not_a_probability_calibrat
 
 
 def test_bad_trust_metadata_stops_the_service_at_start(tmp_path):
-    model = export_small_classifier(tmp_path, extra_meta={"uncertainty": {"threshold": "high"}})
-    with pytest.raises(ModelFileError, match=r"small.fp32.tflite.json: uncertainty.threshold must be a number"):
+    model = export_small_classifier(tmp_path, extra_meta={"confidence": {"temperature": "high"}})
+    with pytest.raises(ModelFileError, match=r"small.fp32.tflite.json: confidence.temperature must be a number"):
         serve.create_app(model, audit_path=None)
 
 
