@@ -90,7 +90,10 @@ def mediapipe_top1(model_path: Path, image_paths: Sequence[Path]) -> list[str]:
             with Image.open(path) as image:
                 pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
             result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=pixels))
-            names.append(result.classifications[0].categories[0].category_name)
+            # A deploy model has a second output (texture statistics, for the uncertainty score):
+            # MediaPipe reports it as another head; ours is the one named "probabilities".
+            head = next(c for c in result.classifications if c.head_name == "probabilities")
+            names.append(head.categories[0].category_name)
     return names
 
 

@@ -138,6 +138,7 @@ def write_report(run: Path) -> Path:
     ]
     lines += _extra_variants_section(run, names, backbones)
     lines += _per_class_section(run, names, backbones, summary)
+    lines += _trust_section(run, names, backbones)
     lines += _cv_section(run, names, backbones)
     lines += _plots_section(run, names, backbones, summary)
     return atomic_write_text(runfolder.report_path(run), "\n".join(lines).rstrip("\n") + "\n")
@@ -159,6 +160,7 @@ def _deploy_section(summary: dict[str, Any]) -> list[str]:
                 _fmt(test.get("precision_macro")),
                 _fmt(test.get("recall_macro")),
                 _fmt(test.get("size_mib")),
+                _flagged((test.get("uncertain") or {}).get("flagged_test_share")),
             ]
         )
     cv = deploy.get("cv_accuracy") or {}
@@ -170,9 +172,76 @@ def _deploy_section(summary: dict[str, Any]) -> list[str]:
         f"{_fmt(cv.get('std'))}), then joined, exported and tested once on the test split. "
         "`steeldefect predict RUN PATH...` uses `deploy/model.int8.tflite`.",
         "",
-        _md_table(["File", "Variant", "Accuracy", "Precision", "Recall", "Size (MiB)"], rows),
+        _md_table(["File", "Variant", "Accuracy", "Precision", "Recall", "Size (MiB)", "Uncertain (test)"], rows),
+        "",
+        "Uncertain (test): the share of test images the model's own uncertainty rule flags (it is set to "
+        "accept 99% of in-distribution images; see *Calibration and uncertainty*).",
         "",
     ]
+
+
+def _flagged(share: Any) -> str:
+    return "—" if share is None else f"{100 * share:.1f}%"
+
+
+def _trust_section(run: Path, names: list[str], backbones: dict[str, Any]) -> list[str]:
+    """Temperature and test ECE per backbone with the reliability diagram; the deploy models' rule."""
+    lines: list[str] = []
+    for name in names:
+        entry = backbones.get(name) or {}
+        calibration = entry.get("calibration")
+        if not calibration:
+            continue
+        test = calibration.get("test", {})
+        plot = runfolder.reliability_plot_path(run, name)
+        lines += [
+            f"### {_display(name, entry)}",
+            "",
+            f"Temperature **{calibration['temperature']:.2f}**, fitted on the {calibration['fitted_on']}; "
+            f"never on a test image. Test split ({test.get('images')} images, {test.get('over')}), 15-bin ECE "
+            f"{_fmt(100 * test['ece_before'])}% before, {_fmt(100 * test['ece_after'])}% after; NLL "
+            f"{test['nll_before']:.4f} before, {test['nll_after']:.4f} after. "
+            + (
+                "The temperature made the test split worse: at this accuracy almost every answer sits in the "
+                "top bin and a few images decide the ECE; it is recorded with the model, not relied on."
+                if test["ece_after"] > test["ece_before"]
+                else "Served as `confidence` by `steeldefect serve`."
+            ),
+            "",
+        ]
+        if plot.is_file():
+            lines += [f"![reliability diagram]({plot.relative_to(run)})", ""]
+        rows = []
+        for variant, metrics in (entry.get("final") or {}).items():
+            judged = metrics.get("uncertain") if isinstance(metrics, dict) else None
+            if judged:
+                rows.append(
+                    [
+                        variant,
+                        f"{judged['threshold']:.4f}",
+                        f"{100 * judged['accept']:.1f}%",
+                        _flagged(judged["flagged_test_share"]),
+                        _fmt(None if judged["accepted_accuracy"] is None else 100 * judged["accepted_accuracy"]),
+                        _fmt(metrics.get("accuracy")),
+                    ]
+                )
+        if rows:
+            predictions = runfolder.test_predictions_path(run, name)
+            lines += [
+                "Uncertainty rule of the final model (each variant fitted on its own outputs for the training "
+                "images; threshold from out-of-fold scores): an image is *uncertain* when its texture "
+                "statistics (four backbone layers, Mahalanobis distance) or its top probability rank beyond "
+                "the accepted share of training images.",
+                "",
+                _md_table(
+                    ["Variant", "Threshold (rank)", "Accepts", "Test flagged", "Accuracy of accepted", "Accuracy"],
+                    rows,
+                ),
+                "",
+            ]
+            if predictions.is_file():
+                lines += [f"Per test image: [{predictions.relative_to(run)}]({predictions.relative_to(run)})", ""]
+    return ["## Calibration and uncertainty", "", *lines] if lines else []
 
 
 # ---------------------------------------------------------------- reading the run

@@ -38,9 +38,7 @@ def calibrate(
     from steeldefect.training import predict_proba
 
     indices, oof = uncertainty.out_of_fold_probabilities(heads, features, folds)
-    record = uncertainty.fit_calibration(
-        oof, labels[indices], val_indices=indices, test_indices=test_indices
-    )
+    record = uncertainty.fit_calibration(oof, labels[indices], val_indices=indices, test_indices=test_indices)
     temperature = record["temperature"]
     test_labels = labels[test_indices]
     test_probabilities = [predict_proba(head, features[test_indices]) for head in heads]

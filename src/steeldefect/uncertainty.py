@@ -144,13 +144,20 @@ def reliability_diagram(
         confidence = probabilities.max(axis=1)
         correct = probabilities.argmax(axis=1) == labels
         bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-        xs, ys = [], []
+        xs, ys, ns = [], [], []
         for b in range(n_bins):
             if (bins == b).any():
                 xs.append(confidence[bins == b].mean())
                 ys.append(correct[bins == b].mean())
+                ns.append(int((bins == b).sum()))
         ece = expected_calibration_error(probabilities, labels, n_bins)
-        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {100 * ece:.2f}%)")
+        (line,) = ax.plot(xs, ys, marker="o", label=f"{name} (ECE {100 * ece:.2f}%)")
+        # How many answers each point stands for: at high accuracy nearly all sit in the top bin, and
+        # a point made of two images should not read like one made of two thousand.
+        for x, y, n in zip(xs, ys, ns):
+            ax.annotate(
+                f"n={n}", (x, y), textcoords="offset points", xytext=(-4, -12), fontsize=7, color=line.get_color()
+            )
     ax.set_xticks(edges[::3])
     ax.set(
         xlim=(0, 1.02),

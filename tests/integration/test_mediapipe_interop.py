@@ -48,3 +48,26 @@ def test_mediapipe_image_classifier_agrees_with_predict(run_folder, tmp_path):
         # Our label strings, from the labels file inside the model; and a real classifier, not a constant.
         assert set(result["mediapipe_labels"]) == set(prepared.dataset.class_names), variant
         assert result["accuracy_mediapipe"] >= 0.85, variant
+
+
+def test_mediapipe_reads_the_deploy_model_with_its_second_output(run_folder, tmp_path):
+    """RUN/deploy/model.int8.tflite also outputs texture statistics: MediaPipe still finds the
+    probabilities head by its metadata and agrees with `predict`."""
+    pytest.importorskip("mediapipe.tasks.python.vision", reason="mediapipe is not installed")
+    import shutil
+
+    from steeldefect.pipeline import load_run_data
+    from steeldefect.runfolder import deployable_model
+    from steeldefect.runtime import make_interpreter
+
+    bench = load_bench()
+    model = tmp_path / "model.int8.tflite"
+    shutil.copyfile(deployable_model(run_folder), model)  # the model file alone, no sidecar
+    assert len(make_interpreter(model).get_output_details()) == 2
+    prepared, _ = load_run_data(run_folder, progress=False)
+    test = prepared.splits.test_indices
+    images = [prepared.dataset.paths[i] for i in test]
+    truth = [prepared.dataset.class_names[label] for label in prepared.dataset.labels[test]]
+    result = bench.compare(model, images, truth)
+    assert result["agreement"] >= 0.99, result["disagreements"]
+    assert set(result["mediapipe_labels"]) == set(prepared.dataset.class_names)

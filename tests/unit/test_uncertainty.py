@@ -138,3 +138,63 @@ def test_percentile_combine_flags_when_either_score_is_unusual():
     assert list(uncertainty.percentile_combine(reference, queries) > threshold) == [False, True, True]
     with pytest.raises(ValueError, match="reference"):
         uncertainty.percentile_combine(reference, queries[:1])
+
+
+def test_a_rule_survives_the_model_file_and_refuses_damaged_arrays():
+    from steeldefect.uncertainty import UncertaintyRule, fit_rule
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(120) % 3
+    texture = rng.normal(size=(120, 2 * (4 + 6))) + labels[:, None]
+    texture[100:] = np.nan  # "test" rows: the fit must never read them
+    probabilities = rng.dirichlet(np.ones(3), size=120)
+    probabilities[100:] = np.nan
+    folds = [(np.setdiff1d(np.arange(100), part), part) for part in np.array_split(np.arange(100), 4)]
+    rule = fit_rule(labels, folds, probabilities, texture_raw=texture, channels=(4, 6), n_components=8)
+    assert np.isfinite(rule.threshold) and rule.uses_texture
+    again = UncertaintyRule.from_npz_bytes(rule.to_npz_bytes())
+    fresh = rng.normal(size=(20, 20)) + 1
+    fresh_p = rng.dirichlet(np.ones(3), size=20)
+    assert np.array_equal(again.scores(fresh_p, fresh), rule.scores(fresh_p, fresh))
+    # a looser acceptance flags at least as many
+    assert rule.with_accept(0.5).uncertain(fresh_p, fresh).sum() >= rule.uncertain(fresh_p, fresh).sum()
+    with pytest.raises(ValueError, match="uncertainty.npz"):
+        UncertaintyRule.from_npz_bytes(b"not an archive")
+    broken = dict(np.load(__import__("io").BytesIO(rule.to_npz_bytes())))
+    broken["projection"] = broken["projection"][:3]
+    buffer = __import__("io").BytesIO()
+    np.savez(buffer, **broken)
+    with pytest.raises(ValueError, match="does not hold an uncertainty rule"):
+        UncertaintyRule.from_npz_bytes(buffer.getvalue())
+
+
+@pytest.mark.integration
+def test_the_deploy_model_flags_far_ood_inputs_and_accepts_the_test_split(pooled_neu_run, neu_dir, tmp_path, capsys):
+    """The real pipeline end to end: `train` + `export` give RUN/deploy/model.int8.tflite a texture
+    output and its own rule; it flags every far-OOD picture and few NEU test images, through
+    the Python API and through `steeldefect predict RUN`."""
+    from PIL import Image
+
+    from steeldefect import cli
+    from steeldefect.modelfile import Classifier
+    from steeldefect.runfolder import deployable_model, test_predictions_path
+    from steeldefect.uncertainty import far_ood_examples
+
+    pytest.importorskip("skimage", reason="scikit-image (test extra) provides the far-OOD photographs")
+    model = deployable_model(pooled_neu_run)
+    classifier = Classifier(model)
+    assert classifier.rule is not None and classifier.rule.uses_texture
+    test_rows = list(__import__("csv").DictReader(test_predictions_path(pooled_neu_run, "efficientnet_lite0").open()))
+    flagged_test = np.mean([row["uncertain"] == "True" for row in test_rows])
+    assert flagged_test <= 0.05, f"{flagged_test:.1%} of the NEU test split flagged"
+    images = neu_dir / "IMAGES" if (neu_dir / "IMAGES").is_dir() else neu_dir
+    neu_image = np.asarray(Image.open(images / "crazing_1.jpg").convert("RGB"))
+    examples = far_ood_examples(neu_image, classifier.info.input_size)
+    judgement = classifier.judge(np.stack(list(examples.values())))
+    missed = [name for name, flag in zip(examples, judgement.uncertain) if not flag]
+    assert not missed, f"far-OOD inputs accepted as steel: {missed}"
+    # the command line says so too, for a picture saved as a file
+    Image.fromarray(examples["photo:astronaut"]).save(tmp_path / "astronaut.png")
+    assert cli.main(["--quiet", "predict", str(pooled_neu_run), str(tmp_path / "astronaut.png")]) == 0
+    out = capsys.readouterr().out
+    assert "UNCERTAIN" in out and "1 uncertain" in out
