@@ -147,7 +147,8 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any], extra_files: dict[st
         raise ValueError(f"metadata input size {height}x{width} does not match the model's {in_shape}")
     class_outputs = [i for i, shape in enumerate(out_shapes) if shape[-1] == len(class_names)]
     if len(class_outputs) != 1:
-        raise ValueError(f"{len(class_names)} class names for a model with outputs {out_shapes}")
+        widths = " and ".join(str(shape[-1]) for shape in out_shapes)
+        raise ValueError(f"{len(class_names)} class names for a model with {widths} outputs")
 
     variant = str(meta.get("variant", "tflite"))
     provenance = meta.get("provenance") or {}
