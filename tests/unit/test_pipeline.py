@@ -195,7 +195,7 @@ def test_summary_numbers_unchanged_by_the_restructure(tmp_path, monkeypatch):
     monkeypatch.setenv("STEELDEFECT_CACHE", str(tmp_path / "cache"))
     data = make_dataset(tmp_path / "data", per_class=16, seed=3)
     keras.backend.clear_session()  # as the golden run: layer names (and so file sizes) from a fresh session
-    monkeypatch.setattr(export_stage, "embed_metadata", lambda flatbuffer, meta: flatbuffer)
+    monkeypatch.setattr(export_stage, "embed_metadata", lambda flatbuffer, meta, extra_files=None: flatbuffer)
     summary = pipeline.reproduce(
         data,
         tmp_path / "run",
