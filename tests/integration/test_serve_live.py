@@ -298,17 +298,21 @@ def test_inspector_page_in_headless_chromium_shows_the_apis_answers(served_model
 
 
 @pytest.mark.integration
-def test_inspector_page_flags_uncertain_answers_with_their_calibrated_confidence(tmp_path, neu_dir):
-    """A model whose metadata carries an uncertainty threshold and a temperature: the page shows the
-    badge and the calibrated confidence the API gives."""
+def test_inspector_page_flags_uncertain_answers_with_their_calibrated_confidence(pooled_neu_run, tmp_path, neu_dir):
+    """The real deploy model (its uncertainty rule and temperature inside the file): among NEU images,
+    a photograph gets the page's "uncertain" badge; every card shows the calibrated confidence the API
+    gives."""
+    from PIL import Image
     from selenium.webdriver.common.by import By
 
-    model = export_small_classifier(
-        tmp_path, extra_meta={"uncertainty": {"threshold": 0.999}, "calibration": {"temperature": 2.0}}
-    )
-    samples = neu_samples(neu_dir, 1)[:3]
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (test extra) provides the photograph")
+    from steeldefect.runfolder import deployable_model
+
+    photo = tmp_path / "astronaut.jpg"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    samples = [*neu_samples(neu_dir, 1)[:2], photo]
     browser = start_chromium(tmp_path / "chromium-profile")
-    server = Server(model, tmp_path, "--no-audit")
+    server = Server(deployable_model(pooled_neu_run).resolve(), tmp_path, "--no-audit")
     try:
         browser.get(server.url + "/")
         wait_for(lambda: "sha256" in browser.execute_script(PAGE_STATE)["model"], what="the model line")
@@ -321,11 +325,12 @@ def test_inspector_page_flags_uncertain_answers_with_their_calibrated_confidence
         shown = {
             name: (
                 "uncertain" in card.get_attribute("class"),
-                card.find_element(By.CSS_SELECTOR, ".badge").text,
+                [badge.text for badge in card.find_elements(By.CSS_SELECTOR, ".badge")],
                 card.find_element(By.CSS_SELECTOR, ".meta").text,
             )
             for name, card in cards.items()
         }
+        count = browser.find_element(By.ID, "count").text
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "inspector-chromium-uncertain.png"))
         api = {
@@ -335,12 +340,14 @@ def test_inspector_page_flags_uncertain_answers_with_their_calibrated_confidence
     finally:
         browser.quit()
         server.stop()
+    assert api[photo.name]["uncertain"] is True  # a photograph is not a steel surface
+    n_uncertain = sum(answer["uncertain"] for answer in api.values())
+    assert count == f"{len(samples)} images · {n_uncertain} uncertain"
     for path in samples:
         answer = api[path.name]
-        assert answer["uncertain"] is True  # a random 6-class model is never 99.9 % sure
-        flagged, badge, meta = shown[path.name]
-        assert flagged and badge == "uncertain"
-        assert meta.startswith(f"calibrated confidence {100 * answer['confidence']:.1f}%")
+        flagged, badges, meta = shown[path.name]
+        assert flagged == answer["uncertain"] and ("uncertain" in badges) == answer["uncertain"], path.name
+        assert meta.startswith(f"calibrated confidence {100 * answer['confidence']:.1f}%"), path.name
 
 
 @pytest.mark.integration

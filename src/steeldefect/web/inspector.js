@@ -3,7 +3,7 @@
 "use strict";
 
 const PARALLEL = 3;  // requests in flight from this page; the server bounds its own queue too
-const state = { classes: [], tally: new Map(), total: 0, queue: [], running: 0, seq: 0 };
+const state = { classes: [], tally: new Map(), total: 0, uncertain: 0, queue: [], running: 0, seq: 0 };
 const $ = (id) => document.getElementById(id);
 
 function headers() {
@@ -57,7 +57,9 @@ function renderTally() {
     row.append(el("span", "", name), bar, el("span", "n", String(n)));
     box.append(row);
   }
-  $("count").textContent = state.total === 1 ? "1 image" : `${state.total} images`;
+  // Uncertain answers still count under their most likely class; how many there were is said apart.
+  $("count").textContent = (state.total === 1 ? "1 image" : `${state.total} images`) +
+    (state.uncertain ? ` · ${state.uncertain} uncertain` : "");
 }
 
 function addCard(file) {
@@ -113,6 +115,7 @@ function showAnswer(card, answer) {
   body.append(line);
   state.tally.set(answer.class, (state.tally.get(answer.class) || 0) + 1);
   state.total += 1;
+  if (answer.uncertain) state.uncertain += 1;
   renderTally();
 }
 
@@ -192,6 +195,7 @@ function setup() {
     $("results").replaceChildren();
     for (const name of state.tally.keys()) state.tally.set(name, 0);
     state.total = 0;
+    state.uncertain = 0;
     renderTally();
   });
   document.body.dataset.busy = "0";
