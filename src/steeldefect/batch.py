@@ -58,7 +58,8 @@ PARQUET_COLUMNS = (
     "model_sha256",
 )
 # `predict --format csv` columns, then the new fields.
-CSV_COLUMNS = ("file", "rank", "class", "probability", "error", "uncertain", "model_sha256")
+# `predict --format csv`'s columns, then the model's hash.
+CSV_COLUMNS = ("file", "rank", "class", "probability", "uncertain", "error", "model_sha256")
 DEFAULT_BATCH_SIZE = 64
 # Ray pays a fixed cost per block (scheduling, serialising the result table): 256 images per block
 # gave 14 % more images/s than 64 on this 2-core box (3,600 NEU images, 2 actors).
@@ -172,9 +173,9 @@ def _csv_text(rows: Sequence[Row], model_sha256: str) -> str:
     for r in rows:
         uncertain = "" if r.uncertain is None else str(r.uncertain).lower()
         if r.error:
-            writer.writerow([r.path, "", "", "", r.error, "", model_sha256])
+            writer.writerow([r.path, "", "", "", "", r.error, model_sha256])
         for rank, (name, probability) in enumerate(r.top, 1):
-            writer.writerow([r.path, rank, name, f"{probability:.6f}", "", uncertain, model_sha256])
+            writer.writerow([r.path, rank, name, f"{probability:.6f}", uncertain, "", model_sha256])
     return buffer.getvalue()
 
 

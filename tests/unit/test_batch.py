@@ -120,8 +120,8 @@ def test_csv_and_jsonl_outputs_are_todays_formats_plus_new_fields(tmp_path, mode
     batch.score_archive(models["fp32"], listing, tmp_path / "r.csv", top_k=2, batch_size=5, workers=1)
     rows = list(csv.reader(io.StringIO((tmp_path / "r.csv").read_text())))
     today = list(csv.reader(io.StringIO(format_predictions(reference, "csv"))))
-    assert rows[0] == today[0] + ["uncertain", "model_sha256"]
-    assert [row[:5] for row in rows] == today
+    assert rows[0] == today[0] + ["model_sha256"]
+    assert [row[:6] for row in rows] == today
     assert all(row[6] == sha for row in rows[1:])
     batch.score_archive(models["fp32"], listing, tmp_path / "r.jsonl", top_k=2, batch_size=5, workers=1)
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]

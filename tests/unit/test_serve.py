@@ -364,7 +364,7 @@ def test_a_full_queue_is_answered_503_at_once_and_starts_no_work(model, tmp_path
     with make_client(model, tmp_path, workers=1, queue_size=0) as client:
         slow_started = threading.Event()
         calls = []
-        original = Classifier.probabilities
+        original = Classifier.judge
 
         def slow(self, batch):
             calls.append(len(batch))
@@ -372,7 +372,7 @@ def test_a_full_queue_is_answered_503_at_once_and_starts_no_work(model, tmp_path
             time.sleep(1.0)
             return original(self, batch)
 
-        monkeypatch.setattr(Classifier, "probabilities", slow)
+        monkeypatch.setattr(Classifier, "judge", slow)
         first: dict = {}
         worker = threading.Thread(target=lambda: first.update(response=post_file(client, images["jpeg"])))
         worker.start()
@@ -480,7 +480,7 @@ def test_errors_never_leak_a_traceback(client, monkeypatch, images):
     def broken(self, batch):
         raise RuntimeError("interpreter exploded at /secret/path")
 
-    monkeypatch.setattr(Classifier, "probabilities", broken)
+    monkeypatch.setattr(Classifier, "judge", broken)
     with TestClient(client.app, raise_server_exceptions=False) as raw:
         response = post_file(raw, images["jpeg"])
     assert response.status_code == 500
