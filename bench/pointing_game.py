@@ -67,11 +67,73 @@ def hits(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return masks.reshape(len(masks), -1)[np.arange(len(masks)), peaks]
 
 
+def smoothgrad_maps(
+    model, images: np.ndarray, layers, *, samples: int, sigma: float, flip: bool, seed: int = 0
+) -> dict[tuple[str, str], np.ndarray]:
+    """SmoothGrad (Smilkov et al. 2017) of every (layer, method) map and of gradient x input: each map
+    averaged over ``samples`` copies of the image with Gaussian pixel noise (``sigma`` in 0..255
+    units), and with ``flip`` also over their mirror images (flipped back), all for the class
+    predicted on the clean image. Gradient x input (sum over RGB of |dS/dx * x|) is average-pooled
+    to 28x28 before the peak is taken, so one noisy pixel cannot win."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    classes = model.predict(images.astype(np.float32), verbose=0, batch_size=16).argmax(axis=1)
+    total: dict = {}
+    views = [False, True] if flip else [False]
+    for mirrored in views:
+        base = images[:, :, ::-1] if mirrored else images
+        for _ in range(samples):
+            noisy = np.clip(base + rng.normal(0, sigma, base.shape), 0, 255).astype(np.float32)
+            maps = explain.layer_maps(model, noisy, layers, explain.METHODS, class_index=classes)
+            final = explain._final_dense(model)
+            saved = final.activation
+            final.activation = keras.activations.linear
+            try:
+                grads = []
+                for start in range(0, len(noisy), 16):
+                    part = tf.constant(noisy[start : start + 16])
+                    with tf.GradientTape() as tape:
+                        tape.watch(part)
+                        logits = model(part, training=False)
+                        score = tf.gather(logits, tf.constant(classes[start : start + 16]), axis=1, batch_dims=1)
+                    grads.append(np.asarray(tape.gradient(score, part)))
+            finally:
+                final.activation = saved
+            gxi = np.abs(np.concatenate(grads) * noisy).sum(axis=3)
+            size = gxi.shape[1]
+            pooled = gxi.reshape(len(gxi), 28, size // 28, 28, size // 28).mean(axis=(2, 4))
+            maps["input", "gradient x input"] = np.asarray(
+                tf.image.resize(pooled[..., None], (size, size), method="bilinear")[..., 0]
+            )
+            for key, m in maps.items():
+                m = explain._normalise(m)
+                total[key, mirrored] = total.get((key, mirrored), 0) + (m[:, :, ::-1] if mirrored else m)
+    out = {}
+    for (key, mirrored), m in total.items():
+        if not mirrored:
+            out[key[0], f"{key[1]}, SmoothGrad x{samples}"] = explain._normalise(m)
+            if flip:
+                both = m + total[key, True]
+                out[key[0], f"{key[1]}, SmoothGrad x{samples} + flip"] = explain._normalise(both)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("--run", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/pointing_game.json"))
+    parser.add_argument(
+        "--occlusion",
+        action="store_true",
+        help="also occlusion sensitivity on MODEL's .fp32.tflite beside it (patch 48, stride 24; blur and mean fill)",
+    )
+    parser.add_argument(
+        "--smoothgrad", type=int, default=0, metavar="N", help="also SmoothGrad of every map with N noisy copies"
+    )
+    parser.add_argument("--sigma", type=float, default=12.0, help="SmoothGrad pixel noise (0..255 units)")
+    parser.add_argument("--threads", type=int, default=2, help="LiteRT threads for --occlusion")
     args = parser.parse_args(argv)
     run = args.run or args.model.resolve().parents[2]
     started = time.perf_counter()
@@ -99,6 +161,32 @@ def main(argv: list[str] | None = None) -> int:
     for fusion in FUSIONS:
         for method in explain.METHODS:
             maps[" + ".join(fusion), method] = explain._normalise(np.mean([maps[f, method] for f in fusion], axis=0))
+
+    timings = {}
+    if args.smoothgrad:
+        tick = time.perf_counter()
+        maps.update(
+            smoothgrad_maps(
+                model,
+                images,
+                ("head_relu", "block10_add", "block7_add", "block4_add"),
+                samples=args.smoothgrad,
+                sigma=args.sigma,
+                flip=True,
+            )
+        )
+        timings["smoothgrad_s"] = time.perf_counter() - tick
+    if args.occlusion:
+        from steeldefect.modelfile import Classifier
+
+        fp32 = args.model.with_name(args.model.name.split(".")[0] + ".fp32.tflite")
+        classifier = Classifier(fp32, threads=args.threads)
+        for fill in ("blur", "mean"):
+            tick = time.perf_counter()
+            maps["input", f"occlusion {fill} 48/24"] = explain.occlusion(
+                classifier.probabilities, images.astype(np.uint8), patch=48, stride=24, fill=fill
+            )
+            timings[f"occlusion_{fill}_s"] = time.perf_counter() - tick
 
     def per_class(hit: np.ndarray) -> dict[str, float]:
         return {name: float(hit[labels == c].mean()) for c, name in enumerate(names)}
@@ -149,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 "per_class": per_class(trained_hit),
             },
             "sanity": sanity,
+            "timings_s": timings,
         },
         out=args.out,
     )
