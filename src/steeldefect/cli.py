@@ -258,11 +258,11 @@ def _write_heatmaps(
     """The heatmap PNGs of `predict --explain`; the summary goes to stderr so stdout stays the
     chosen --format."""
     from steeldefect.batch import collect_inputs
-    from steeldefect.explain import explain_paths
+    from steeldefect.explain import DEFAULT_METHOD, explain_paths
 
     results = explain_paths(keras_model, collect_inputs(paths), out_dir, top_k=options.top_k, progress=progress)
     written = sum(1 for result in results if result.png is not None)
-    print(f"heatmaps: {written} PNGs in {out_dir} (Grad-CAM of {keras_model.name})", file=sys.stderr)
+    print(f"heatmaps: {written} PNGs in {out_dir} ({DEFAULT_METHOD} on {keras_model})", file=sys.stderr)
     return 1 if any(result.error for result in results) else 0
 
 

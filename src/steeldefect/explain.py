@@ -337,10 +337,12 @@ def explain_paths(
     layer: str | Sequence[str] | None = None,
     top_k: int = 1,
     batch_size: int = 16,
+    class_names: Sequence[str] | None = None,
     progress: bool = True,
 ) -> list[Explanation]:
     """Classify each image with the Keras model of MODEL (a run folder, a ``.keras``, a ``.tflite``
-    with its ``.keras`` beside it: :func:`keras_model_for`, or a loaded Keras model), compute the
+    with its ``.keras`` beside it: :func:`keras_model_for`; or a loaded Keras model, whose classes are
+    ``class_names``, else numbered), compute the
     heatmap of its most likely class and, when ``out_dir`` is given, write the overlay PNG there
     (names from :func:`png_names`, atomic writes). A file that cannot be read gets its own error;
     the rest still run."""
@@ -358,7 +360,7 @@ def explain_paths(
         model = keras.models.load_model(keras_path)
     else:
         size = tuple(int(v) for v in model.inputs[0].shape[1:3])
-        class_names = tuple(str(i) for i in range(int(model.outputs[0].shape[-1])))
+        class_names = tuple(class_names or (str(i) for i in range(int(model.outputs[0].shape[-1]))))
     directory = None if out_dir is None else prepare_out_dir(out_dir)
     paths = [Path(p) for p in paths]
     names = png_names(paths)

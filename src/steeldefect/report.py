@@ -731,9 +731,13 @@ def _gallery_section(run: Path, names: list[str], backbones: dict[str, Any]) -> 
             continue
         display = _display(name, backbones.get(name))
         folder = runfolder.gallery_dir(run, name)
+        record = _load(runfolder.gallery_record_path(run, name)) or {}
         wrong = [r for r in rows if r["predicted"] != r["label"] or r["uncertain"] == "true"]
         correct = [r for r in rows if r not in wrong]
         lines += [f"### {display}", ""]
+        if record.get("method"):
+            model = Path(str(record.get("model", "?"))).name
+            lines += [f"Heatmaps: `{record['method']}` at `{' + '.join(record.get('layers') or [])}` of `{model}`.", ""]
         if correct:
             path = runfolder.plots_dir(run) / f"gallery_{name}_correct.png"
             _compose([folder / r["png"] for r in correct], path)
@@ -772,9 +776,10 @@ def _gallery_section(run: Path, names: list[str], backbones: dict[str, Any]) -> 
     return [
         "## Where the model looked",
         "",
-        "Heatmaps of the model to deploy (its `final.keras`) on test images, for the predicted class "
-        "(method: see `gallery.json` beside the PNGs); the white cross marks each map's maximum. Title: predicted "
-        "class and probability, `(uncertain)` when the trust step flagged the image, `- is <label>` when wrong.",
+        "Heatmaps of the model to deploy (the final model, refitted on all training images) on test images, "
+        "for the predicted class; red = most influence, the white cross marks each map's maximum. Title: "
+        "predicted class and probability, `(uncertain)` when the trust step flagged the image, `- is <label>` "
+        "when wrong.",
         "",
         *lines,
     ]

@@ -280,10 +280,12 @@ def test_gallery_has_two_correct_per_class_and_every_wrong_or_uncertain_image(tm
 
 def test_report_shows_the_gallery_without_tensorflow(tmp_path):
     import importlib.util
+    import os
+    import subprocess
+    import sys
     from pathlib import Path
 
     from steeldefect import runfolder
-    from steeldefect.report import write_report
 
     spec = importlib.util.spec_from_file_location(
         "run_fixture", Path(__file__).resolve().parents[1] / "fixtures" / "run_fixture.py"
@@ -306,9 +308,60 @@ def test_report_shows_the_gallery_without_tensorflow(tmp_path):
     runfolder.gallery_csv_path(run, backbone).write_text(
         "file,label,predicted,probability,uncertain,png\n" + "\n".join(rows) + "\n"
     )
-    report = write_report(run).read_text()
+    # In a fresh interpreter, so that "no TensorFlow" is checked, not inherited from this process.
+    script = (
+        "import sys; from steeldefect.report import write_report; write_report(sys.argv[1]); "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'report imported TensorFlow'"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(explain.__file__).parents[1]), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    subprocess.run([sys.executable, "-c", script, str(run)], check=True, env=env)
+    report = runfolder.report_path(run).read_text()
     assert "## Where the model looked" in report
     assert f"plots/gallery_{backbone}_correct.png" in report and f"plots/gallery_{backbone}_wrong_1.png" in report
     assert "`IMAGES/inclusion_2.jpg` | inclusion | scratches" in report
     with Image.open(run / "plots" / f"gallery_{backbone}_correct.png") as grid, Image.open(folder / "img0.png") as one:
         assert grid.size == (2 * one.width, one.height)  # two correct images side by side
+
+
+@pytest.mark.integration
+def test_predict_explain_and_gallery_on_a_real_neu_run(neu_dir, pooled_neu_run, tmp_path, capsys):
+    from steeldefect import runfolder
+    from steeldefect.cli import main
+    from steeldefect.pipeline import load_run_data
+
+    # `predict RUN --explain`: the run's int8 model prints, its .keras draws; one PNG per image.
+    paths = [neu_dir / "IMAGES" / f"{name}_296.jpg" for name in ("crazing", "inclusion", "scratches")]
+    out = tmp_path / "heat"
+    assert main(["--quiet", "predict", str(pooled_neu_run), *map(str, paths), "--explain", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()[:3]
+    for path, line in zip(paths, printed):
+        printed_class = line.split(": ")[1].split()[0]
+        assert _png_title(out / (path.stem + ".png")).split()[0] == printed_class
+
+    # The gallery of the run's model to deploy: two correct per class and every wrong test image.
+    prepared, _ = load_run_data(pooled_neu_run, progress=False)
+    dataset, test = prepared.dataset, prepared.splits.test_indices
+    files = [dataset.relative_names[i] for i in test]
+    model_path = runfolder.deploy_model_path(pooled_neu_run, "keras")
+    csv_path = explain.write_gallery(
+        tmp_path / "run",
+        "efficientnet_lite0",
+        prepared.images[test],
+        dataset.labels[test],
+        files,
+        dataset.class_names,
+        model_path=model_path,
+        progress=False,
+    )
+    rows = _read_csv(csv_path)
+    model = keras.models.load_model(model_path)
+    predicted = model.predict(prepared.images[test].astype(np.float32), verbose=0, batch_size=32).argmax(axis=1)
+    wrong = {f for f, p, y in zip(files, predicted, dataset.labels[test]) if p != y}
+    assert {r["file"] for r in rows if r["predicted"] != r["label"]} == wrong
+    correct = [r["label"] for r in rows if r["predicted"] == r["label"]]
+    assert sorted(correct) == sorted(list(dataset.class_names) * 2)
