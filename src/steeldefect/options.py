@@ -233,7 +233,7 @@ class PredictOptions(_Options):
     # Heatmaps (steeldefect.explain; README: Trust): computed on the model's .keras.
     explain: Path | None = option(
         None,
-        "also write one heatmap PNG per image into DIR (needs a run folder, a .keras, or a .tflite with its .keras)",
+        "also write a heatmap PNG per image into this folder (a run folder, a .keras, or a .tflite with its .keras)",
     )
 
 
