@@ -87,9 +87,14 @@ def smoothgrad_maps(
     saved = final.activation
     final.activation = keras.activations.linear  # class logits, as explain.layer_maps does
     try:
+        started = time.perf_counter()
         for mirrored in (False, True):
             base = images[:, :, ::-1] if mirrored else images
-            for _ in range(samples):
+            for sample in range(samples):
+                done = int(mirrored) * samples + sample
+                if done:
+                    left = (time.perf_counter() - started) / done * (2 * samples - done)
+                    print(f"SmoothGrad: {done}/{2 * samples} noisy passes done, ETA {left:.0f} s", flush=True)
                 noisy = np.clip(base + rng.normal(0, sigma, base.shape), 0, 255).astype(np.float32)
                 for start in range(0, len(noisy), 16):
                     part = tf.constant(noisy[start : start + 16])
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         for fill in ("blur", "mean"):
             tick = time.perf_counter()
             maps["input", f"occlusion {fill} 48/24"] = explain.occlusion(
-                classifier.probabilities, images.astype(np.uint8), patch=48, stride=24, fill=fill
+                classifier.probabilities, images.astype(np.uint8), patch=48, stride=24, fill=fill, progress=True
             )
             timings[f"occlusion_{fill}_s"] = time.perf_counter() - tick
 

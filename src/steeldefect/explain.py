@@ -136,6 +136,7 @@ def occlusion(
     stride: int = 16,
     fill: str = "blur",
     flip: bool = False,
+    progress: bool = False,
 ) -> np.ndarray:
     """Occlusion sensitivity (Zeiler and Fergus 2014) maps (N, H, W) in [0, 1] for uint8 images
     (N, H, W, 3): a ``patch`` x ``patch`` square slides with ``stride``, replaced by the image's
@@ -152,7 +153,9 @@ def occlusion(
     starts_x = _window_starts(width, patch, stride)
     classes = None if class_index is None else np.broadcast_to(np.asarray(class_index), (n,))
     maps = np.zeros((n, height, width), np.float32)
-    for i, image in enumerate(images):
+    from tqdm.auto import tqdm
+
+    for i, image in enumerate(tqdm(images, desc=f"occlusion ({fill})", unit="img", disable=not progress)):
         views = [image, image[:, ::-1]] if flip else [image]
         for v, view in enumerate(views):
             base = np.asarray(probabilities(view[None]))[0]

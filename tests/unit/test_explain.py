@@ -52,6 +52,20 @@ def test_heatmap_maximum_falls_on_the_bright_square(method):
     assert np.allclose(model.predict(images[:1].astype(np.float32), verbose=0).sum(), 1.0)
 
 
+@pytest.mark.parametrize("fill", ["blur", "mean"])
+def test_occlusion_maximum_falls_on_the_bright_square(fill):
+    model = _bright_square_model()
+
+    def probabilities(batch):
+        return model.predict_on_batch(batch.astype(np.float32))
+
+    maps = explain.occlusion(probabilities, _images(3), patch=6, stride=2, fill=fill, flip=True)
+    assert maps.shape == (3, 32, 32) and maps.min() >= 0 and maps.max() <= 1
+    for heatmap in maps:
+        row, col = np.unravel_index(heatmap.argmax(), heatmap.shape)
+        assert SQUARE[0].start - 2 <= row < SQUARE[0].stop + 2 and SQUARE[1].start - 2 <= col < SQUARE[1].stop + 2
+
+
 @pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
 def test_randomising_the_head_changes_the_synthetic_maps():
     model = _bright_square_model()
