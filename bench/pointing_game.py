@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python bench/pointing_game.py MODEL.keras [--run RUN] [--out FILE.json]
+    python bench/pointing_game.py MODEL.keras [--run RUN] [--smoothgrad N] [--occlusion] [--out FILE.json]
 
 MODEL is a run's `fold<k>.keras` (raw pixels in); RUN (default: the run folder holding MODEL) gives
 the test split. For every TEST image whose NEU-DET boxes (ANNOTATIONS/<name>.xml, Pascal VOC, 200x200
@@ -10,7 +10,9 @@ coordinates) cover under half of the image, the heatmap of the predicted class, 
 224x224 model input back to 200x200, counts a hit when its maximum lies inside a box grown by 15 px
 on each side. Random-point baseline: the expected hit rate of a uniformly random point (the area of
 the grown boxes' union). Compared side by side: every (layer, method) of steeldefect.explain and
-fusions of layers; then the head-randomisation sanity check of the default: Spearman rank correlation
+fusions of layers; with ``--smoothgrad N`` each map (and gradient x input, pooled to 28x28) averaged
+over N noisy copies, alone and with flip-averaging; with ``--occlusion`` occlusion sensitivity on the
+LiteRT fp32 model beside MODEL; then the head-randomisation sanity check of the default: Spearman rank correlation
 between the trained model's maps and those of the same model with a random head.
 """
 
