@@ -231,7 +231,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
             print(format_predictions(results, options.format))
             status = 1 if any(result.error for result in results) else 0
         if heatmaps is not None:
-            status = max(status, _write_heatmaps(*heatmaps, args.paths, options, progress))
+            status = max(status, _write_heatmaps(*heatmaps, args.model, args.paths, options, progress))
         return status
     raise AssertionError(args.command)
 
@@ -253,14 +253,23 @@ def _explain_target(model: Path, options: PredictOptions) -> tuple[Path, Path] |
 
 
 def _write_heatmaps(
-    keras_model: Path, out_dir: Path, paths: Sequence[Path], options: PredictOptions, progress: bool
+    keras_model: Path,
+    out_dir: Path,
+    model: Path,
+    paths: Sequence[Path],
+    options: PredictOptions,
+    progress: bool,
 ) -> int:
-    """The heatmap PNGs of `predict --explain`; the summary goes to stderr so stdout stays the
-    chosen --format."""
+    """The heatmap PNGs of `predict --explain`, each of the class printed for its image (MODEL's
+    answer, asked again: a LiteRT pass costs little next to the gradients); the summary goes to
+    stderr so stdout stays the chosen --format."""
     from steeldefect.batch import collect_inputs
     from steeldefect.explain import DEFAULT_METHOD, explain_paths
+    from steeldefect.predict import predict_paths
 
-    results = explain_paths(keras_model, collect_inputs(paths), out_dir, top_k=options.top_k, progress=progress)
+    inputs = collect_inputs(paths)
+    answers = [r.top for r in predict_paths(model, inputs, top_k=options.top_k, threads=options.threads)]
+    results = explain_paths(keras_model, inputs, out_dir, top_k=options.top_k, answers=answers, progress=progress)
     written = sum(1 for result in results if result.png is not None)
     print(f"heatmaps: {written} PNGs in {out_dir} ({DEFAULT_METHOD} on {keras_model})", file=sys.stderr)
     return 1 if any(result.error for result in results) else 0

@@ -345,6 +345,7 @@ def explain_paths(
     top_k: int = 1,
     batch_size: int = 16,
     class_names: Sequence[str] | None = None,
+    answers: Sequence[Sequence[tuple[str, float]] | None] | None = None,
     progress: bool = True,
 ) -> list[Explanation]:
     """Classify each image with the Keras model of MODEL (a run folder, a ``.keras``, a ``.tflite``
@@ -352,7 +353,12 @@ def explain_paths(
     ``class_names``, else numbered), compute the
     heatmap of its most likely class and, when ``out_dir`` is given, write the overlay PNG there
     (names from :func:`png_names`, atomic writes). A file that cannot be read gets its own error;
-    the rest still run."""
+    the rest still run.
+
+    ``answers``: per image, the (class, probability) list another model of the same run gave (the
+    deployed .tflite that `predict` printed); the heatmap then explains that answer's first class and
+    the title shows it, so the PNG never contradicts the printed line (an int8 model may rank the
+    classes of a borderline image differently from its .keras). None: the Keras model's own answer."""
     import keras
     from tqdm.auto import tqdm
 
@@ -365,9 +371,12 @@ def explain_paths(
         info = read_model_info(keras_path)
         class_names, size = info.class_names, info.input_size
         model = keras.models.load_model(keras_path)
+        keras_label = str(keras_path)
     else:
+        keras_label = model.name
         size = tuple(int(v) for v in model.inputs[0].shape[1:3])
         class_names = tuple(class_names or (str(i) for i in range(int(model.outputs[0].shape[-1]))))
+    class_names = list(class_names)
     directory = None if out_dir is None else prepare_out_dir(out_dir)
     paths = [Path(p) for p in paths]
     names = png_names(paths)
@@ -384,9 +393,19 @@ def explain_paths(
             if batch:
                 images = np.stack(batch)
                 probabilities = np.asarray(model.predict_on_batch(images.astype(np.float32)))
-                maps = grad_cam(model, images, probabilities.argmax(axis=1), layer, method=method)
-                for i, image, p, heatmap in zip(rows, images, probabilities, maps):
-                    results[i].top = top_k_classes(p, class_names, top_k)
+                tops = [
+                    list(answers[i]) if answers is not None and answers[i] else top_k_classes(p, class_names, top_k)
+                    for i, p in zip(rows, probabilities)
+                ]
+                unknown = {top[0][0] for top in tops} - set(class_names)
+                if unknown:
+                    raise ValueError(
+                        f"{keras_label}: has no class {', '.join(sorted(unknown))} (classes of another model?)"
+                    )
+                explained = [class_names.index(top[0][0]) for top in tops]
+                maps = grad_cam(model, images, explained, layer, method=method)
+                for i, image, top, heatmap in zip(rows, images, tops, maps):
+                    results[i].top = top
                     results[i].heatmap = heatmap
                     if directory is not None:
                         results[i].png = save_overlay(image, heatmap, title(*results[i].top[0]), directory / names[i])

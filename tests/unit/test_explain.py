@@ -177,6 +177,14 @@ def test_explain_paths_writes_titled_overlays_with_the_maximum_on_the_square(tmp
         assert _png_title(result.png) == f"defect {result.probability:.3f}"
     assert sorted(p.name for p in (tmp_path / "heat").iterdir()) == ["x.png", "x_2.png", "y.png"]
 
+    # Another model's answer (what `predict` printed from the .tflite) is what the PNG explains and shows.
+    (other,) = explain.explain_paths(model, paths[:1], tmp_path / "other", answers=[[("clean", 0.6)]], progress=False)
+    assert other.class_name == "clean" and _png_title(other.png) == "clean 0.600"
+    clean_map = explain.grad_cam(_bright_square_model(), images[:1], class_index=0)[0]
+    assert np.allclose(other.heatmap, clean_map, atol=1e-5) and not np.allclose(other.heatmap, good[0].heatmap)
+    with pytest.raises(ValueError, match="has no class rust"):
+        explain.explain_paths(model, paths[:1], None, answers=[[("rust", 0.9)]], progress=False)
+
 
 def test_predict_explain_cli_prints_predictions_and_writes_one_png_per_image(tmp_path, capsys):
     from steeldefect.cli import main
