@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python bench/pointing_game.py MODEL.keras [--run RUN] [--out FILE.json]
+    python bench/pointing_game.py MODEL.keras [--run RUN] [--smoothgrad N] [--occlusion] [--out FILE.json]
 
 MODEL is a run's `fold<k>.keras` (raw pixels in); RUN (default: the run folder holding MODEL) gives
 the test split. For every TEST image whose NEU-DET boxes (ANNOTATIONS/<name>.xml, Pascal VOC, 200x200
@@ -10,7 +10,9 @@ coordinates) cover under half of the image, the heatmap of the predicted class, 
 224x224 model input back to 200x200, counts a hit when its maximum lies inside a box grown by 15 px
 on each side. Random-point baseline: the expected hit rate of a uniformly random point (the area of
 the grown boxes' union). Compared side by side: every (layer, method) of steeldefect.explain and
-fusions of layers; then the head-randomisation sanity check of the default: Spearman rank correlation
+fusions of layers; with ``--smoothgrad N`` each map (and gradient x input, pooled to 28x28) averaged
+over N noisy copies, alone and with flip-averaging; with ``--occlusion`` occlusion sensitivity on the
+LiteRT fp32 model beside MODEL; then the head-randomisation sanity check of the default: Spearman rank correlation
 between the trained model's maps and those of the same model with a random head.
 """
 
@@ -67,11 +69,84 @@ def hits(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return masks.reshape(len(masks), -1)[np.arange(len(masks)), peaks]
 
 
+def smoothgrad_maps(
+    model, images: np.ndarray, layers, *, samples: int, sigma: float, seed: int = 0
+) -> dict[tuple[str, str], np.ndarray]:
+    """SmoothGrad (Smilkov et al. 2017) of every (layer, method) map and of gradient x input: each map
+    averaged over ``samples`` copies of the image with Gaussian pixel noise (``sigma`` in 0..255
+    units), alone and together with the same over the mirror images (flipped back: test-time
+    augmentation), all for the class predicted on the clean image. Gradient x input (sum over RGB of
+    |dS/dx * x|) is average-pooled to 28x28 before the peak is taken, so one noisy pixel cannot win.
+    One forward and backward pass per batch gives every map."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    classes = model.predict(images.astype(np.float32), verbose=0, batch_size=16).argmax(axis=1)
+    probe = keras.Model(model.inputs, [model.get_layer(name).output for name in layers] + [model.outputs[0]])
+    final = explain._final_dense(model)
+    size = images.shape[1]
+    totals: dict = {}
+    saved = final.activation
+    final.activation = keras.activations.linear  # class logits, as explain.layer_maps does
+    try:
+        started = time.perf_counter()
+        for mirrored in (False, True):
+            base = images[:, :, ::-1] if mirrored else images
+            for sample in range(samples):
+                done = int(mirrored) * samples + sample
+                if done:
+                    left = (time.perf_counter() - started) / done * (2 * samples - done)
+                    print(f"SmoothGrad: {done}/{2 * samples} noisy passes done, ETA {left:.0f} s", flush=True)
+                noisy = np.clip(base + rng.normal(0, sigma, base.shape), 0, 255).astype(np.float32)
+                for start in range(0, len(noisy), 16):
+                    part = tf.constant(noisy[start : start + 16])
+                    picked = tf.constant(classes[start : start + 16], dtype=tf.int64)
+                    with tf.GradientTape() as tape:
+                        tape.watch(part)
+                        *activations, logits = probe(part, training=False)
+                        score = tf.gather(logits, picked, axis=1, batch_dims=1)
+                    *grads, grad_x = tape.gradient(score, [*activations, part])
+                    parts = {}
+                    for name, a, g in zip(layers, activations, grads):
+                        for method in explain.METHODS:
+                            cam = explain._combine(np.asarray(a), np.asarray(g), method)
+                            parts[name, method] = np.asarray(
+                                tf.image.resize(cam[..., None], (size, size), method="bilinear")[..., 0]
+                            )
+                    gxi = np.abs(np.asarray(grad_x) * noisy[start : start + 16]).sum(axis=3)
+                    pooled = gxi.reshape(len(gxi), 28, size // 28, 28, size // 28).mean(axis=(2, 4))
+                    parts["input", "gradient x input"] = np.asarray(
+                        tf.image.resize(pooled[..., None], (size, size), method="bilinear")[..., 0]
+                    )
+                    for key, m in parts.items():
+                        m = explain._normalise(m)
+                        totals.setdefault((key, mirrored), np.zeros((len(images), size, size), np.float32))
+                        totals[key, mirrored][start : start + 16] += m[:, :, ::-1] if mirrored else m
+    finally:
+        final.activation = saved
+    out = {}
+    for (key, mirrored), m in totals.items():
+        if not mirrored:
+            out[key[0], f"{key[1]}, SmoothGrad x{samples}"] = explain._normalise(m)
+            out[key[0], f"{key[1]}, SmoothGrad x{samples} + flip"] = explain._normalise(m + totals[key, True])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("--run", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/pointing_game.json"))
+    parser.add_argument(
+        "--occlusion",
+        action="store_true",
+        help="also occlusion sensitivity on MODEL's .fp32.tflite beside it (patch 48, stride 24; blur and mean fill)",
+    )
+    parser.add_argument(
+        "--smoothgrad", type=int, default=0, metavar="N", help="also SmoothGrad of every map with N noisy copies"
+    )
+    parser.add_argument("--sigma", type=float, default=12.0, help="SmoothGrad pixel noise (0..255 units)")
+    parser.add_argument("--threads", type=int, default=2, help="LiteRT threads for --occlusion")
     args = parser.parse_args(argv)
     run = args.run or args.model.resolve().parents[2]
     started = time.perf_counter()
@@ -99,6 +174,31 @@ def main(argv: list[str] | None = None) -> int:
     for fusion in FUSIONS:
         for method in explain.METHODS:
             maps[" + ".join(fusion), method] = explain._normalise(np.mean([maps[f, method] for f in fusion], axis=0))
+
+    timings = {}
+    if args.smoothgrad:
+        tick = time.perf_counter()
+        maps.update(
+            smoothgrad_maps(
+                model,
+                images,
+                ("head_relu", "block10_add", "block7_add"),
+                samples=args.smoothgrad,
+                sigma=args.sigma,
+            )
+        )
+        timings["smoothgrad_s"] = time.perf_counter() - tick
+    if args.occlusion:
+        from steeldefect.modelfile import Classifier
+
+        fp32 = args.model.with_name(args.model.name.split(".")[0] + ".fp32.tflite")
+        classifier = Classifier(fp32, threads=args.threads)
+        for fill in ("blur", "mean"):
+            tick = time.perf_counter()
+            maps["input", f"occlusion {fill} 48/24"] = explain.occlusion(
+                classifier.probabilities, images.astype(np.uint8), patch=48, stride=24, fill=fill, progress=True
+            )
+            timings[f"occlusion_{fill}_s"] = time.perf_counter() - tick
 
     def per_class(hit: np.ndarray) -> dict[str, float]:
         return {name: float(hit[labels == c].mean()) for c, name in enumerate(names)}
@@ -149,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 "per_class": per_class(trained_hit),
             },
             "sanity": sanity,
+            "timings_s": timings,
         },
         out=args.out,
     )

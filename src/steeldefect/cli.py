@@ -219,15 +219,60 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         from steeldefect.predict import format_predictions, predict_paths
 
         options = from_namespace(PredictOptions, args)
+        heatmaps = _explain_target(args.model, options) if options.explain is not None else None
+        if isinstance(heatmaps, int):  # refused before any work
+            return heatmaps
         if options.out is not None or args.model.suffix == ".tflite" or args.model.is_dir():
-            return _predict_archive(args.model, args.paths, options, progress)
-        results = predict_paths(
-            args.model, collect_inputs(args.paths), top_k=options.top_k, threads=options.threads, progress=progress
-        )
-        print(format_predictions(results, options.format))
-        failed = sum(1 for result in results if result.error)
-        return 1 if failed else 0
+            status = _predict_archive(args.model, args.paths, options, progress)
+        else:
+            results = predict_paths(
+                args.model, collect_inputs(args.paths), top_k=options.top_k, threads=options.threads, progress=progress
+            )
+            print(format_predictions(results, options.format))
+            status = 1 if any(result.error for result in results) else 0
+        if heatmaps is not None:
+            status = max(status, _write_heatmaps(*heatmaps, args.model, args.paths, options, progress))
+        return status
     raise AssertionError(args.command)
+
+
+def _explain_target(model: Path, options: PredictOptions) -> tuple[Path, Path] | int:
+    """(the .keras model, the heatmap folder) for `predict --explain DIR`, checked before any work:
+    a .tflite with no .keras beside it is refused in one line (exit 1), a bad DIR too (exit 2)."""
+    from steeldefect.explain import keras_model_for, prepare_out_dir
+    from steeldefect.runtime import ModelFileError
+
+    if options.out is not None:
+        raise ValueError("--explain writes heatmaps of the images printed; it does not go with --out")
+    try:
+        keras_model = keras_model_for(model)
+    except ModelFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return keras_model, prepare_out_dir(options.explain)
+
+
+def _write_heatmaps(
+    keras_model: Path,
+    out_dir: Path,
+    model: Path,
+    paths: Sequence[Path],
+    options: PredictOptions,
+    progress: bool,
+) -> int:
+    """The heatmap PNGs of `predict --explain`, each of the class printed for its image (MODEL's
+    answer, asked again: a LiteRT pass costs little next to the gradients); the summary goes to
+    stderr so stdout stays the chosen --format."""
+    from steeldefect.batch import collect_inputs
+    from steeldefect.explain import DEFAULT_METHOD, explain_paths
+    from steeldefect.predict import predict_paths
+
+    inputs = collect_inputs(paths)
+    answers = [r.top for r in predict_paths(model, inputs, top_k=options.top_k, threads=options.threads)]
+    results = explain_paths(keras_model, inputs, out_dir, top_k=options.top_k, answers=answers, progress=progress)
+    written = sum(1 for result in results if result.png is not None)
+    print(f"heatmaps: {written} PNGs in {out_dir} ({DEFAULT_METHOD} on {keras_model})", file=sys.stderr)
+    return 1 if any(result.error for result in results) else 0
 
 
 def _print_deploy(run: Path) -> None:

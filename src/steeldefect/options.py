@@ -237,6 +237,11 @@ class PredictOptions(_Options):
         "images per committed part (default 64 local, 256 ray); an interruption loses at most the batches in flight",
         check=AT_LEAST_1,
     )
+    # Heatmaps (steeldefect.explain; README: Trust): computed on the model's .keras.
+    explain: Path | None = option(
+        None,
+        "also write a heatmap PNG per image into this folder (a run folder, a .keras, or a .tflite with its .keras)",
+    )
 
 
 PORT = Check(lambda v: 0 <= v <= 65535, "a TCP port from 0 to 65535")

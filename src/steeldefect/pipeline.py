@@ -282,6 +282,15 @@ def train_backbone(
                 | {"confidence": confidence, "verified": True, "agreement_on_test": agreement},
             )
 
+    with training.timed(stage_times, "gallery"):
+        # Heatmaps of the final model on test images for the report (kept when already written).
+        from steeldefect import explain
+
+        test_files = [dataset.relative_names[i] for i in test_idx]
+        explain.write_gallery(
+            out, name, images[test_idx], dataset.labels[test_idx], test_files, dataset.class_names, progress=progress
+        )
+
     summary_entry = {
         "status": "done",
         "display_name": spec.display_name,

@@ -141,6 +141,7 @@ def write_report(run: Path) -> Path:
     lines += _trust_section(run, names, backbones)
     lines += _cv_section(run, names, backbones)
     lines += _plots_section(run, names, backbones, summary)
+    lines += _gallery_section(run, names, backbones)
     return atomic_write_text(runfolder.report_path(run), "\n".join(lines).rstrip("\n") + "\n")
 
 
@@ -780,3 +781,110 @@ def _plot_accuracy_size_latency(points: list[tuple[str, str, float, float, float
     ax.set(xlabel="model size (MiB)", ylabel="test accuracy (%)", title="LiteRT models: accuracy vs size")
     fig.colorbar(cloud, ax=ax, label="median latency (ms)")
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------- heatmap gallery
+
+GALLERY_COLUMNS = 4
+GALLERY_PER_FIGURE = 24  # a longer list of wrong answers is split over several figures
+
+
+def _gallery_section(run: Path, names: list[str], backbones: dict[str, Any]) -> list[str]:
+    """ "Where the model looked": the heatmap overlays `train` wrote (RUN/<backbone>/gallery/), composed
+    into a few grids - two correct test images per class, then every misclassified or uncertain one -
+    and listed. Reads gallery.csv and the PNGs only (no TensorFlow)."""
+    lines: list[str] = []
+    for name in names:
+        rows = _read_gallery(runfolder.gallery_csv_path(run, name))
+        if rows is None:
+            continue
+        display = _display(name, backbones.get(name))
+        folder = runfolder.gallery_dir(run, name)
+        record = _load(runfolder.gallery_record_path(run, name)) or {}
+        wrong = [r for r in rows if r["predicted"] != r["label"] or r["uncertain"] == "true"]
+        correct = [r for r in rows if r not in wrong]
+        lines += [f"### {display}", ""]
+        if record.get("method"):
+            model = Path(str(record.get("model", "?"))).name
+            lines += [f"Heatmaps: `{record['method']}` at `{' + '.join(record.get('layers') or [])}` of `{model}`.", ""]
+        if correct:
+            path = runfolder.plots_dir(run) / f"gallery_{name}_correct.png"
+            _compose([folder / r["png"] for r in correct], path)
+            lines += [
+                f"Correctly classified, {len({r['label'] for r in correct})} classes:",
+                "",
+                f"![{display} heatmaps, correct]({path.relative_to(run).as_posix()})",
+                "",
+            ]
+        if not wrong:
+            lines += ["No test image was misclassified or marked uncertain.", ""]
+            continue
+        lines += [f"Every misclassified or uncertain test image ({len(wrong)}):", ""]
+        for part in range(0, len(wrong), GALLERY_PER_FIGURE):
+            number = part // GALLERY_PER_FIGURE + 1
+            path = runfolder.plots_dir(run) / f"gallery_{name}_wrong_{number}.png"
+            _compose([folder / r["png"] for r in wrong[part : part + GALLERY_PER_FIGURE]], path)
+            lines += [
+                f"![{display} heatmaps, misclassified or uncertain ({number})]({path.relative_to(run).as_posix()})",
+                "",
+            ]
+        table = [
+            [
+                f"`{r['file']}`",
+                r["label"],
+                r["predicted"],
+                _fmt(float(r["probability"]), 3),
+                r["uncertain"],
+                f"[png]({(folder / r['png']).relative_to(run).as_posix()})",
+            ]
+            for r in wrong
+        ]
+        lines += [_md_table(["File", "Label", "Predicted", "Probability", "Uncertain", "Heatmap"], table), ""]
+    if not lines:
+        return []
+    return [
+        "## Where the model looked",
+        "",
+        "Heatmaps of the model to deploy (the final model, refitted on all training images) on test images, "
+        "for the predicted class; red = most influence, the white cross marks each map's maximum. Title: "
+        "predicted class and probability, `(uncertain)` when the trust step flagged the image, `- is <label>` "
+        "when wrong.",
+        "",
+        *lines,
+    ]
+
+
+def _read_gallery(path: Path) -> list[dict[str, str]] | None:
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and not {"file", "label", "predicted", "probability", "uncertain", "png"} <= rows[0].keys():
+        log.warning("%s: not a gallery CSV (columns file,label,predicted,probability,uncertain,png); skipped", path)
+        return None
+    return rows
+
+
+def _compose(pngs: Sequence[Path], path: Path) -> Path:
+    """One PNG: the overlays in a grid of :data:`GALLERY_COLUMNS` columns (a missing file leaves its
+    cell blank rather than failing the report)."""
+    from PIL import Image
+
+    tiles = []
+    for png in pngs:
+        try:
+            with Image.open(png) as image:
+                tiles.append(image.convert("RGB"))
+        except OSError:
+            log.warning("%s: missing or unreadable gallery image; left blank", png)
+            tiles.append(None)
+    width = max((t.width for t in tiles if t), default=300)
+    height = max((t.height for t in tiles if t), default=300)
+    columns = min(GALLERY_COLUMNS, len(tiles))
+    canvas = Image.new("RGB", (columns * width, -(-len(tiles) // columns) * height), "white")
+    for k, tile in enumerate(tiles):
+        if tile is not None:
+            canvas.paste(tile, ((k % columns) * width, (k // columns) * height))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG", optimize=True)
+    return atomic_write_bytes(path, buffer.getvalue())

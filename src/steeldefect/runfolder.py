@@ -14,6 +14,7 @@ Layout (``RUN`` is the ``--out`` folder)::
     RUN/<backbone>/models/fold<k>.keras (+ fold<k>.<variant>.tflite), each with a <model>.json sidecar
                                      and, once evaluated, a <model>.eval.json record
     RUN/<backbone>/quant_debug.{csv,png}
+    RUN/<backbone>/gallery/{gallery.csv,gallery.json,*.png}   heatmaps of test images for the report
     RUN/tflite_metrics.{json,csv}
     RUN/report.md, RUN/report_tables/*.csv, RUN/plots/*.png
 """
@@ -158,6 +159,26 @@ def test_metrics_path(run: Path, backbone: str, variant: str, suffix: str = "jso
 def quant_debug_path(run: Path, backbone: str, suffix: str) -> Path:
     """``suffix``: ``"csv"`` (per-layer int8 error) or ``"png"`` (its chart)."""
     return backbone_dir(run, backbone) / f"quant_debug.{suffix}"
+
+
+def gallery_dir(run: Path, backbone: str) -> Path:
+    """Heatmap overlays of test images (two correct per class, every wrong or uncertain one)."""
+    return backbone_dir(run, backbone) / "gallery"
+
+
+def gallery_csv_path(run: Path, backbone: str) -> Path:
+    """``file,label,predicted,probability,uncertain,png`` of each gallery image."""
+    return gallery_dir(run, backbone) / "gallery.csv"
+
+
+def gallery_record_path(run: Path, backbone: str) -> Path:
+    """What the gallery was computed from (model digest, method, uncertain flags): unchanged -> kept."""
+    return gallery_dir(run, backbone) / "gallery.json"
+
+
+def trust_test_predictions_path(run: Path, backbone: str) -> Path:
+    """The trust step's test-split predictions (``file,label,predicted,probability,uncertain``)."""
+    return backbone_dir(run, backbone) / "trust" / "test_predictions.csv"
 
 
 def models_dir(run: Path, backbone: str) -> Path:
