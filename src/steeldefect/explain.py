@@ -445,7 +445,7 @@ def write_gallery(
     model_path = Path(model_path or runfolder.fold_model_path(run, backbone, runfolder.FINAL, "keras"))
     directory = runfolder.gallery_dir(run, backbone)
     csv_path, record_path = runfolder.gallery_csv_path(run, backbone), runfolder.gallery_record_path(run, backbone)
-    uncertain_path = runfolder.trust_test_predictions_path(run, backbone)
+    uncertain_path = runfolder.test_predictions_path(run, backbone)
     flags = _uncertain_flags(uncertain_path, files)
     record = {
         "model": str(model_path),

@@ -283,13 +283,7 @@ def train_backbone(
             )
 
     with training.timed(stage_times, "gallery"):
-        # Heatmaps of the final model on test images for the report (kept when already written).
-        from steeldefect import explain
-
-        test_files = [dataset.relative_names[i] for i in test_idx]
-        explain.write_gallery(
-            out, name, images[test_idx], dataset.labels[test_idx], test_files, dataset.class_names, progress=progress
-        )
+        _write_gallery(out, name, prepared, progress)
 
     summary_entry = {
         "status": "done",
@@ -426,6 +420,24 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
     return written
 
 
+def _write_gallery(run: Path, backbone: str, prepared: PreparedData, progress: bool) -> None:
+    """Heatmaps of the final model on test images for the report: two correct per class and every
+    wrong or uncertain one (uncertain once `evaluate` wrote the deploy model's flags). A gallery
+    already written for the same model and flags is kept."""
+    from steeldefect import explain
+
+    test_idx = prepared.splits.test_indices
+    explain.write_gallery(
+        run,
+        backbone,
+        prepared.images[test_idx],
+        prepared.dataset.labels[test_idx],
+        [prepared.dataset.relative_names[i] for i in test_idx],
+        prepared.dataset.class_names,
+        progress=progress,
+    )
+
+
 def _judge_test_split(run: Path, backbone: str, prepared: PreparedData, final: dict[str, dict[str, Any]]) -> None:
     """Each final model that carries an uncertainty rule judges the test split: the share it flags and
     the accuracy of what it accepts go into ``final[variant]["uncertain"]``; the deployed variant's
@@ -536,6 +548,8 @@ def evaluate(
             table.append({"backbone": name, "variant": variant, **_flat(aggregated)})
         with training.timed(stage_times, "uncertainty"):
             _judge_test_split(run, name, prepared, final)
+        with training.timed(stage_times, "gallery"):
+            _write_gallery(run, name, prepared, progress)  # now with the deploy model's uncertain flags
         update_summary(run, name, variants=variants_summary, final=final, wall_time_s=stage_times)
     write_csv(runfolder.tflite_metrics_path(run, "csv"), table)
     write_json(runfolder.tflite_metrics_path(run, "json"), table)

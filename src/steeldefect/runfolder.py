@@ -176,11 +176,6 @@ def gallery_record_path(run: Path, backbone: str) -> Path:
     return gallery_dir(run, backbone) / "gallery.json"
 
 
-def trust_test_predictions_path(run: Path, backbone: str) -> Path:
-    """The trust step's test-split predictions (``file,label,predicted,probability,uncertain``)."""
-    return backbone_dir(run, backbone) / "trust" / "test_predictions.csv"
-
-
 def models_dir(run: Path, backbone: str) -> Path:
     return backbone_dir(run, backbone) / "models"
 

@@ -283,7 +283,7 @@ def test_gallery_has_two_correct_per_class_and_every_wrong_or_uncertain_image(tm
     assert _png_title(runfolder.gallery_dir(run, "tiny") / "clean_0.png").endswith("- is clean")
 
     # The trust step marks a correct image uncertain: it joins the list, a correct one replaces it.
-    trust = runfolder.trust_test_predictions_path(run, "tiny")
+    trust = runfolder.test_predictions_path(run, "tiny")
     trust.parent.mkdir(parents=True)
     trust.write_text("file,label,predicted,probability,uncertain\nIMAGES/defect_1.jpg,defect,defect,0.6,true\n")
     rows = _read_csv(explain.write_gallery(run, "tiny", images, labels, files, CLASSES, progress=False))
