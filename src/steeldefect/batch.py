@@ -20,6 +20,7 @@ hold, skips those images and appends the rest; an interrupted run loses only the
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import io
 import json
@@ -27,7 +28,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -329,20 +329,27 @@ def _start_worker(
     _WORKER.update(classifier=Classifier(model_path, threads, info), info=info, top_k=top_k, threshold=threshold)
 
 
-def _score_in_worker(batch: list[Path | str]) -> list[Row]:
-    """One batch in a worker process: decode and classify each image in turn."""
+def score_paths(
+    classifier: Classifier, paths: Sequence[Path | str], info: ModelInfo, top_k: int, threshold: float | None
+) -> list[Row]:
+    """Decode and classify each image in turn (a worker process's or a Ray actor's batch): one bad
+    file is an error row, not a failed batch."""
     from steeldefect.data import read_image
 
-    info, rows = _WORKER["info"], []
-    for path in batch:
+    rows = []
+    for path in paths:
         try:
             image = read_image(path, info.input_size)
         except Exception as error:  # any unreadable file is that file's problem, not the batch's
             rows.append(Row(str(path), error=str(error)))
             continue
-        probabilities = _WORKER["classifier"].probabilities(image[None])[0]
-        rows.append(make_row(str(path), probabilities, info, _WORKER["top_k"], _WORKER["threshold"]))
+        rows.append(make_row(str(path), classifier.probabilities(image[None])[0], info, top_k, threshold))
     return rows
+
+
+def _score_in_worker(batch: list[Path | str]) -> list[Row]:
+    """One batch in a worker process."""
+    return score_paths(_WORKER["classifier"], batch, _WORKER["info"], _WORKER["top_k"], _WORKER["threshold"])
 
 
 def _iter_in_processes(
@@ -744,43 +751,49 @@ def _import_ray():
     return ray
 
 
-def _decode_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """A Ray read/decode task: paths -> uint8 images (zeros for a bad file) and the error text."""
-    from steeldefect.data import read_image
-
-    height, width = input_size
-    paths = [str(p) for p in batch["path"]]
-    images = np.zeros((len(paths), height, width, 3), np.uint8)
-    errors = []
-    for i, path in enumerate(paths):
-        try:
-            images[i] = read_image(path, input_size)
-            errors.append("")
-        except Exception as error:  # one bad file is an error row, not a failed job
-            errors.append(str(error))
-    return {"path": np.array(paths, dtype=object), "image": images, "error": np.array(errors, dtype=object)}
-
-
-class _RayPredictor:
-    """An actor of the pool: one LiteRT interpreter, built once, used by this actor only."""
+class _RayScorer:
+    """An actor of the pool: one LiteRT interpreter, built once and used by this actor only. It reads,
+    decodes and classifies its batch of paths in turn (as a local worker process does), so only paths
+    and result rows cross Ray's object store, never decoded images."""
 
     def __init__(self, model_path: str, info: ModelInfo, top_k: int, threads: int) -> None:
-        from steeldefect.runtime import make_interpreter, predict_tflite
-
-        self.interpreter = make_interpreter(Path(model_path), threads)
-        self.predict = predict_tflite
+        self.classifier = Classifier(Path(model_path), threads, info)
         self.info, self.top_k = info, top_k
         self.threshold = uncertainty_threshold(info)
 
-    def __call__(self, batch: dict[str, np.ndarray]):
-        rows = []
-        for path, image, error in zip(batch["path"], batch["image"], batch["error"]):
-            if error:
-                rows.append(Row(str(path), error=str(error)))
-            else:
-                probabilities = self.predict(self.interpreter, image[None])[0]
-                rows.append(make_row(str(path), probabilities, self.info, self.top_k, self.threshold))
+    def __call__(self, batch):
+        paths = batch.column("path").to_pylist()
+        rows = score_paths(self.classifier, paths, self.info, self.top_k, self.threshold)
         return rows_to_table(rows, self.info.sha256)
+
+
+# DataContext settings of a Ray run, each measured or cheap (README, bench/archive_throughput.py):
+# Ray's progress bars and stats redraw and aggregate from the driver's scheduling loop (this module
+# shows its own bar, counted from the results), and the per-task memory poll is a thread in every
+# actor, sampling /proc every second, for a figure nobody reads here.
+_RAY_DATA_SETTINGS = {
+    "enable_progress_bars": False,
+    "enable_operator_progress_bars": False,
+    "print_on_execution_start": False,
+    "enable_auto_log_stats": False,
+    "verbose_stats_logs": False,
+    "memory_usage_poll_interval_s": None,
+}
+
+
+@contextlib.contextmanager
+def _ray_data_settings(ray):
+    """Ray Data's context with :data:`_RAY_DATA_SETTINGS` for this run, restored afterwards (a caller
+    that uses Ray Data for other work keeps its settings)."""
+    context = ray.data.DataContext.get_current()
+    saved = {name: getattr(context, name) for name in _RAY_DATA_SETTINGS if hasattr(context, name)}
+    for name in saved:
+        setattr(context, name, _RAY_DATA_SETTINGS[name])
+    try:
+        yield context
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
 
 
 def score_archive_ray(
@@ -799,8 +812,9 @@ def score_archive_ray(
     """The same job as :func:`score_archive` on Ray Data; the output is the same file.
 
     ``address`` (or ``RAY_ADDRESS``) joins a running cluster; otherwise Ray starts on this machine
-    with ``num_cpus`` (default: every core) and no dashboard. The model, the images and ``out`` must be
-    readable (``out`` writable) at the same path on every node of a cluster (a shared mount).
+    with ``num_cpus`` (default: every core) and no dashboard. The model and the images must be
+    readable at the same path on every node of a cluster (a shared mount); ``out`` is written by
+    this process, one part per scored batch as its results arrive.
     """
     ray = _import_ray()
     out = Path(out)
@@ -821,7 +835,8 @@ def score_archive_ray(
                 Path(model_path),
                 info,
                 todo,
-                parts_dir(out) / f"ray-{uuid.uuid4().hex[:12]}",
+                out,
+                state.next_part,
                 top_k=top_k,
                 address=address,
                 actors=actors,
@@ -843,7 +858,8 @@ def _run_ray(
     model_path: Path,
     info: ModelInfo,
     todo: list[str],
-    target: Path,
+    out: Path,
+    first_part: int,
     *,
     top_k: int,
     address: str | None,
@@ -854,6 +870,7 @@ def _run_ray(
     progress: bool,
 ) -> dict[str, Any]:
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_here = not ray.is_initialized()
@@ -865,39 +882,49 @@ def _run_ray(
     else:
         context = None
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-operator logs are not ours to show
-        cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-        actors = actors or max(1, cluster_cpus)
-        n_blocks = max(1, -(-len(todo) // batch_size))
-        table = pa.table({"path": todo})
-        dataset = ray.data.from_arrow([table.slice(i * batch_size, batch_size) for i in range(n_blocks)])
-        # Logical CPU shares so that decode tasks and every actor fit together (the OS shares the
-        # real cores). Ray Data restarts a killed actor and retries its batch (max_restarts and
-        # max_task_retries default to -1 for actor pools) and retries a failed decode task.
-        dataset = dataset.map_batches(
-            _decode_batch, fn_kwargs={"input_size": info.input_size}, batch_size=batch_size, num_cpus=0.5
-        )
-        dataset = dataset.map_batches(
-            _RayPredictor,
-            fn_constructor_kwargs={
-                "model_path": str(Path(model_path).resolve()),
-                "info": info,
-                "top_k": top_k,
-                "threads": threads,
-            },
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=0.5,
-        )
-        dataset.write_parquet(str(target))
-        return {
-            "cluster_cpus": cluster_cpus,
-            "actors": actors,
-            "address": address or "local",
-            "dashboard_url": (context.dashboard_url if context is not None else None) or None,
-        }
+        with _ray_data_settings(ray):
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-operator logs are not ours to show
+            cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+            actors = actors or max(1, cluster_cpus)
+            n_blocks = max(1, -(-len(todo) // batch_size))
+            table = pa.table({"path": todo})
+            # from_blocks keeps one block per batch and reads their metadata here; from_arrow would
+            # run one remote task per block for it (a worker process started for each run).
+            dataset = ray.data.from_blocks([table.slice(i * batch_size, batch_size) for i in range(n_blocks)])
+            # One stage: each actor reads, decodes and classifies its paths. Ray Data restarts a killed
+            # actor and retries its batch (max_restarts and max_task_retries default to -1 for actor
+            # pools); a batch's rows reach this process once, when its task has succeeded. Each actor
+            # holds the CPUs its interpreter uses, unless more actors were asked for than there are CPUs.
+            dataset = dataset.map_batches(
+                _RayScorer,
+                fn_constructor_kwargs={
+                    "model_path": str(Path(model_path).resolve()),
+                    "info": info,
+                    "top_k": top_k,
+                    "threads": threads,
+                },
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=min(float(threads), cluster_cpus / actors),
+            )
+            # Rows come back to this process, which commits each batch as a part as the local engine
+            # does (atomic, numbered, resumable): a few hundred bytes per image, where Ray's own
+            # write_parquet cost a write task, a worker and a tiny file per batch.
+            number = first_part
+            with tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, smoothing=0.05) as bar:
+                for part in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                    buffer = io.BytesIO()
+                    pq.write_table(part.select(list(PARQUET_COLUMNS)).cast(parquet_schema()), buffer)
+                    atomic_write_bytes(parts_dir(out) / f"part-{number:06d}.parquet", buffer.getvalue())
+                    number += 1
+                    bar.update(part.num_rows)
+            return {
+                "cluster_cpus": cluster_cpus,
+                "actors": actors,
+                "address": address or "local",
+                "dashboard_url": (context.dashboard_url if context is not None else None) or None,
+            }
     finally:
         if started_here:
             ray.shutdown()
