@@ -7,9 +7,10 @@ same rows:
 * ``local`` (:func:`score_archive`): a bounded thread pool decodes JPEGs (Pillow releases the GIL)
   while interpreter workers, each with its own LiteRT interpreter (an interpreter is not
   thread-safe), classify the images already decoded. Results stream to the output in input order.
-* ``ray`` (:func:`score_archive_ray`): the same job on Ray Data - read/decode tasks, ``map_batches``
-  with an actor pool holding one interpreter per actor, Parquet written by Ray - on this machine or on
-  a cluster (``address`` or ``RAY_ADDRESS``).
+* ``ray`` (:func:`score_archive_ray`): the same job on Ray Data - batches of paths to ``map_batches``
+  with an actor pool, each actor holding one interpreter and reading, decoding and classifying its
+  batch; the rows come back and are committed as parts as the local engine's are - on this machine or
+  on a cluster (``address`` or ``RAY_ADDRESS``).
 
 The output (``--out FILE``: ``.parquet``, ``.csv`` or ``.jsonl``) is never half-written: results are
 committed as numbered part files in ``FILE.parts/`` (each written atomically), and merged into FILE
@@ -767,10 +768,10 @@ class _RayScorer:
         return rows_to_table(rows, self.info.sha256)
 
 
-# DataContext settings of a Ray run, each measured or cheap (README, bench/archive_throughput.py):
-# Ray's progress bars and stats redraw and aggregate from the driver's scheduling loop (this module
-# shows its own bar, counted from the results), and the per-task memory poll is a thread in every
-# actor, sampling /proc every second, for a figure nobody reads here.
+# DataContext settings of a Ray run: work nobody sees here, switched off (not measured one by one).
+# Ray's progress bars and stats are drawn and gathered by the driver's scheduling loop (this module
+# shows its own bar, counted from the rows it commits), and the per-task memory poll is a thread in
+# every actor reading /proc every second, for a figure this job never reports.
 _RAY_DATA_SETTINGS = {
     "enable_progress_bars": False,
     "enable_operator_progress_bars": False,
