@@ -406,13 +406,11 @@ def output_format(out: Path) -> str:
 
 
 def _part_files(out: Path) -> list[Path]:
-    """Committed parts in commit order: local ``part-NNNNNN.<fmt>`` files, then Ray's Parquet files."""
+    """Committed parts in commit order: ``part-NNNNNN.<fmt>`` files (either engine writes them)."""
     folder = parts_dir(out)
     if not folder.is_dir():
         return []
-    local = sorted(folder.glob(f"part-*{output_format(out)}"))
-    ray = sorted(p for d in sorted(folder.glob("ray-*")) if d.is_dir() for p in d.rglob("*.parquet"))
-    return local + ray
+    return sorted(folder.glob(f"part-*{output_format(out)}"))
 
 
 def _read_paths_and_model(path: Path, fmt: str) -> tuple[list[str], str | None]:
@@ -447,7 +445,7 @@ def _readable_parquet(path: Path) -> bool:
     try:
         pq.read_metadata(path)
         return True
-    except Exception:  # noqa: BLE001 - a file cut short by a kill has no footer: it was in flight
+    except Exception:  # noqa: BLE001 - a damaged part (no footer, say) is scored again
         return False
 
 
@@ -462,7 +460,7 @@ class OutputState:
 
 def read_output_state(out: Path, model_sha256: str) -> OutputState:
     """Count the results FILE and FILE.parts/ hold per path; refuse (one line) results of another
-    model. Ray part files cut short by a kill are removed here: their rows are scored again."""
+    model. A Parquet part that cannot be read is removed here: its rows are scored again."""
     out = Path(out)
     fmt = output_format(out)
     if recover_commit(out):
@@ -471,7 +469,7 @@ def read_output_state(out: Path, model_sha256: str) -> OutputState:
     sources = ([out] if out.is_file() else []) + _part_files(out)
     for source in sources:
         if source != out and source.suffix == ".parquet" and not _readable_parquet(source):
-            log.warning("%s: incomplete part (run interrupted while writing it); its images are scored again", source)
+            log.warning("%s: unreadable part; its images are scored again", source)
             source.unlink()
             continue
         paths, sha = _read_paths_and_model(source, ".parquet" if source.suffix == ".parquet" else fmt)

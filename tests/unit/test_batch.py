@@ -392,6 +392,15 @@ def test_an_interrupted_ray_run_keeps_its_committed_batches_and_resumes(tmp_path
     assert not batch.parts_dir(out).exists()
 
 
+def test_a_damaged_part_is_dropped_and_its_images_scored_again(tmp_path, models, images):
+    out = tmp_path / "r.parquet"
+    batch.parts_dir(out).mkdir()
+    (batch.parts_dir(out) / "part-000000.parquet").write_bytes(b"PAR1 cut short")  # no footer
+    result = batch.score_archive(models["fp32"], images["good"][:5], out, workers=1)
+    assert (result.skipped, result.scored) == (0, 5)
+    assert [row["path"] for row in _table(out)] == [str(p) for p in images["good"][:5]]
+
+
 def test_a_kill_during_the_final_merge_is_finished_by_the_next_run(tmp_path, models, images, monkeypatch):
     out = tmp_path / "r.parquet"
     batch.score_archive(models["fp32"], images["good"][:5], out, workers=1)
