@@ -7,9 +7,10 @@ same rows:
 * ``local`` (:func:`score_archive`): a bounded thread pool decodes JPEGs (Pillow releases the GIL)
   while interpreter workers, each with its own LiteRT interpreter (an interpreter is not
   thread-safe), classify the images already decoded. Results stream to the output in input order.
-* ``ray`` (:func:`score_archive_ray`): the same job on Ray Data - read/decode tasks, ``map_batches``
-  with an actor pool holding one interpreter per actor, Parquet written by Ray - on this machine or on
-  a cluster (``address`` or ``RAY_ADDRESS``).
+* ``ray`` (:func:`score_archive_ray`): the same job on Ray Data - batches of paths to ``map_batches``
+  with an actor pool, each actor holding one interpreter and reading, decoding and classifying its
+  batch; the rows come back and are committed as parts as the local engine's are - on this machine or
+  on a cluster (``address`` or ``RAY_ADDRESS``).
 
 The output (``--out FILE``: ``.parquet``, ``.csv`` or ``.jsonl``) is never half-written: results are
 committed as numbered part files in ``FILE.parts/`` (each written atomically), and merged into FILE
@@ -20,6 +21,7 @@ hold, skips those images and appends the rest; an interrupted run loses only the
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import io
 import json
@@ -27,7 +29,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -308,19 +309,25 @@ def _start_worker(
     _WORKER.update(classifier=Classifier(model_path, threads, info, accept=accept), info=info, top_k=top_k)
 
 
-def _score_in_worker(batch: list[Path | str]) -> list[Row]:
-    """One batch in a worker process: decode and classify each image in turn."""
+def score_paths(classifier: Classifier, paths: Sequence[Path | str], info: ModelInfo, top_k: int) -> list[Row]:
+    """Decode and classify each image in turn (a worker process's or a Ray actor's batch): one bad
+    file is an error row, not a failed batch."""
     from steeldefect.data import read_image
 
-    info, rows = _WORKER["info"], []
-    for path in batch:
+    rows = []
+    for path in paths:
         try:
             image = read_image(path, info.input_size)
         except Exception as error:  # any unreadable file is that file's problem, not the batch's
             rows.append(Row(str(path), error=str(error)))
             continue
-        rows.append(make_row(str(path), _WORKER["classifier"].judge(image[None]), info, _WORKER["top_k"]))
+        rows.append(make_row(str(path), classifier.judge(image[None]), info, top_k))
     return rows
+
+
+def _score_in_worker(batch: list[Path | str]) -> list[Row]:
+    """One batch in a worker process."""
+    return score_paths(_WORKER["classifier"], batch, _WORKER["info"], _WORKER["top_k"])
 
 
 def _iter_in_processes(
@@ -376,13 +383,11 @@ def output_format(out: Path) -> str:
 
 
 def _part_files(out: Path) -> list[Path]:
-    """Committed parts in commit order: local ``part-NNNNNN.<fmt>`` files, then Ray's Parquet files."""
+    """Committed parts in commit order: ``part-NNNNNN.<fmt>`` files (either engine writes them)."""
     folder = parts_dir(out)
     if not folder.is_dir():
         return []
-    local = sorted(folder.glob(f"part-*{output_format(out)}"))
-    ray = sorted(p for d in sorted(folder.glob("ray-*")) if d.is_dir() for p in d.rglob("*.parquet"))
-    return local + ray
+    return sorted(folder.glob(f"part-*{output_format(out)}"))
 
 
 def _read_paths_and_model(path: Path, fmt: str) -> tuple[list[str], str | None]:
@@ -417,7 +422,7 @@ def _readable_parquet(path: Path) -> bool:
     try:
         pq.read_metadata(path)
         return True
-    except Exception:  # noqa: BLE001 - a file cut short by a kill has no footer: it was in flight
+    except Exception:  # noqa: BLE001 - a damaged part (no footer, say) is scored again
         return False
 
 
@@ -432,7 +437,7 @@ class OutputState:
 
 def read_output_state(out: Path, model_sha256: str) -> OutputState:
     """Count the results FILE and FILE.parts/ hold per path; refuse (one line) results of another
-    model. Ray part files cut short by a kill are removed here: their rows are scored again."""
+    model. A Parquet part that cannot be read is removed here: its rows are scored again."""
     out = Path(out)
     fmt = output_format(out)
     if recover_commit(out):
@@ -441,7 +446,7 @@ def read_output_state(out: Path, model_sha256: str) -> OutputState:
     sources = ([out] if out.is_file() else []) + _part_files(out)
     for source in sources:
         if source != out and source.suffix == ".parquet" and not _readable_parquet(source):
-            log.warning("%s: incomplete part (run interrupted while writing it); its images are scored again", source)
+            log.warning("%s: unreadable part; its images are scored again", source)
             source.unlink()
             continue
         paths, sha = _read_paths_and_model(source, ".parquet" if source.suffix == ".parquet" else fmt)
@@ -724,38 +729,48 @@ def _import_ray():
     return ray
 
 
-def _decode_batch(batch: dict[str, np.ndarray], input_size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """A Ray read/decode task: paths -> uint8 images (zeros for a bad file) and the error text."""
-    from steeldefect.data import read_image
-
-    height, width = input_size
-    paths = [str(p) for p in batch["path"]]
-    images = np.zeros((len(paths), height, width, 3), np.uint8)
-    errors = []
-    for i, path in enumerate(paths):
-        try:
-            images[i] = read_image(path, input_size)
-            errors.append("")
-        except Exception as error:  # one bad file is an error row, not a failed job
-            errors.append(str(error))
-    return {"path": np.array(paths, dtype=object), "image": images, "error": np.array(errors, dtype=object)}
-
-
-class _RayPredictor:
-    """An actor of the pool: one LiteRT interpreter, built once, used by this actor only."""
+class _RayScorer:
+    """An actor of the pool: one LiteRT interpreter, built once and used by this actor only. It reads,
+    decodes and classifies its batch of paths in turn (as a local worker process does), so only paths
+    and result rows cross Ray's object store, never decoded images."""
 
     def __init__(self, model_path: str, info: ModelInfo, top_k: int, threads: int, accept: float | None = None) -> None:
         self.classifier = Classifier(Path(model_path), threads, info, accept=accept)
         self.info, self.top_k = info, top_k
 
-    def __call__(self, batch: dict[str, np.ndarray]):
-        rows = []
-        for path, image, error in zip(batch["path"], batch["image"], batch["error"]):
-            if error:
-                rows.append(Row(str(path), error=str(error)))
-            else:
-                rows.append(make_row(str(path), self.classifier.judge(image[None]), self.info, self.top_k))
+    def __call__(self, batch):
+        paths = batch.column("path").to_pylist()
+        rows = score_paths(self.classifier, paths, self.info, self.top_k)
         return rows_to_table(rows, self.info.sha256)
+
+
+# DataContext settings of a Ray run: work nobody sees here, switched off (not measured one by one).
+# Ray's progress bars and stats are drawn and gathered by the driver's scheduling loop (this module
+# shows its own bar, counted from the rows it commits), and the per-task memory poll is a thread in
+# every actor reading /proc every second, for a figure this job never reports.
+_RAY_DATA_SETTINGS = {
+    "enable_progress_bars": False,
+    "enable_operator_progress_bars": False,
+    "print_on_execution_start": False,
+    "enable_auto_log_stats": False,
+    "verbose_stats_logs": False,
+    "memory_usage_poll_interval_s": None,
+}
+
+
+@contextlib.contextmanager
+def _ray_data_settings(ray):
+    """Ray Data's context with :data:`_RAY_DATA_SETTINGS` for this run, restored afterwards (a caller
+    that uses Ray Data for other work keeps its settings)."""
+    context = ray.data.DataContext.get_current()
+    saved = {name: getattr(context, name) for name in _RAY_DATA_SETTINGS if hasattr(context, name)}
+    for name in saved:
+        setattr(context, name, _RAY_DATA_SETTINGS[name])
+    try:
+        yield context
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
 
 
 def score_archive_ray(
@@ -775,8 +790,9 @@ def score_archive_ray(
     """The same job as :func:`score_archive` on Ray Data; the output is the same file.
 
     ``address`` (or ``RAY_ADDRESS``) joins a running cluster; otherwise Ray starts on this machine
-    with ``num_cpus`` (default: every core) and no dashboard. The model, the images and ``out`` must be
-    readable (``out`` writable) at the same path on every node of a cluster (a shared mount).
+    with ``num_cpus`` (default: every core) and no dashboard. The model and the images must be
+    readable at the same path on every node of a cluster (a shared mount); ``out`` is written by
+    this process, one part per scored batch as its results arrive.
     """
     ray = _import_ray()
     out = Path(out)
@@ -797,7 +813,8 @@ def score_archive_ray(
                 Path(model_path),
                 info,
                 todo,
-                parts_dir(out) / f"ray-{uuid.uuid4().hex[:12]}",
+                out,
+                state.next_part,
                 top_k=top_k,
                 address=address,
                 actors=actors,
@@ -820,7 +837,8 @@ def _run_ray(
     model_path: Path,
     info: ModelInfo,
     todo: list[str],
-    target: Path,
+    out: Path,
+    first_part: int,
     *,
     top_k: int,
     address: str | None,
@@ -832,6 +850,7 @@ def _run_ray(
     accept: float | None = None,
 ) -> dict[str, Any]:
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_here = not ray.is_initialized()
@@ -843,40 +862,50 @@ def _run_ray(
     else:
         context = None
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-operator logs are not ours to show
-        cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-        actors = actors or max(1, cluster_cpus)
-        n_blocks = max(1, -(-len(todo) // batch_size))
-        table = pa.table({"path": todo})
-        dataset = ray.data.from_arrow([table.slice(i * batch_size, batch_size) for i in range(n_blocks)])
-        # Logical CPU shares so that decode tasks and every actor fit together (the OS shares the
-        # real cores). Ray Data restarts a killed actor and retries its batch (max_restarts and
-        # max_task_retries default to -1 for actor pools) and retries a failed decode task.
-        dataset = dataset.map_batches(
-            _decode_batch, fn_kwargs={"input_size": info.input_size}, batch_size=batch_size, num_cpus=0.5
-        )
-        dataset = dataset.map_batches(
-            _RayPredictor,
-            fn_constructor_kwargs={
-                "model_path": str(Path(model_path).resolve()),
-                "info": info,
-                "top_k": top_k,
-                "threads": threads,
-                "accept": accept,
-            },
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=0.5,
-        )
-        dataset.write_parquet(str(target))
-        return {
-            "cluster_cpus": cluster_cpus,
-            "actors": actors,
-            "address": address or "local",
-            "dashboard_url": (context.dashboard_url if context is not None else None) or None,
-        }
+        with _ray_data_settings(ray):
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-operator logs are not ours to show
+            cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+            actors = actors or max(1, cluster_cpus)
+            n_blocks = max(1, -(-len(todo) // batch_size))
+            table = pa.table({"path": todo})
+            # from_blocks keeps one block per batch and reads their metadata here; from_arrow would
+            # run one remote task per block for it (a worker process started for each run).
+            dataset = ray.data.from_blocks([table.slice(i * batch_size, batch_size) for i in range(n_blocks)])
+            # One stage: each actor reads, decodes and classifies its paths. Ray Data restarts a killed
+            # actor and retries its batch (max_restarts and max_task_retries default to -1 for actor
+            # pools); a batch's rows reach this process once, when its task has succeeded. Each actor
+            # holds the CPUs its interpreter uses, unless more actors were asked for than there are CPUs.
+            dataset = dataset.map_batches(
+                _RayScorer,
+                fn_constructor_kwargs={
+                    "model_path": str(Path(model_path).resolve()),
+                    "info": info,
+                    "top_k": top_k,
+                    "threads": threads,
+                    "accept": accept,
+                },
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=min(float(threads), cluster_cpus / actors),
+            )
+            # Rows come back to this process, which commits each batch as a part as the local engine
+            # does (atomic, numbered, resumable): a few hundred bytes per image, where Ray's own
+            # write_parquet cost a write task, a worker and a tiny file per batch.
+            number = first_part
+            with tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, smoothing=0.05) as bar:
+                for part in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                    buffer = io.BytesIO()
+                    pq.write_table(part.select(list(PARQUET_COLUMNS)).cast(parquet_schema()), buffer)
+                    atomic_write_bytes(parts_dir(out) / f"part-{number:06d}.parquet", buffer.getvalue())
+                    number += 1
+                    bar.update(part.num_rows)
+            return {
+                "cluster_cpus": cluster_cpus,
+                "actors": actors,
+                "address": address or "local",
+                "dashboard_url": (context.dashboard_url if context is not None else None) or None,
+            }
     finally:
         if started_here:
             ray.shutdown()

@@ -358,7 +358,7 @@ def test_ray_actor_killed_mid_job_is_replaced_and_every_image_is_scored_once(tmp
         deadline = time.monotonic() + 120
         while killed is None and job.is_alive() and time.monotonic() < deadline:
             actors = _descendants_named("ray::MapWorker")
-            if len(actors) == 2 and any(batch.parts_dir(out).glob("ray-*/*.parquet")):
+            if len(actors) == 2 and any(batch.parts_dir(out).glob("part-*.parquet")):
                 killed = actors[0]
                 os.kill(killed, signal.SIGKILL)
             time.sleep(0.05)
@@ -369,6 +369,49 @@ def test_ray_actor_killed_mid_job_is_replaced_and_every_image_is_scored_once(tmp
     result = outcome["result"]
     assert result.failed == 0 and result.scored == len(listing)
     assert collections.Counter(row["path"] for row in _table(out)) == collections.Counter(listing)
+
+
+def test_an_interrupted_ray_run_keeps_its_committed_batches_and_resumes(tmp_path, models, images, monkeypatch):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    listing = _listing(images)
+    out = tmp_path / "r.parquet"
+    real_tqdm = batch.tqdm
+
+    class InterruptedAfterTwoBatches(real_tqdm):
+        committed = 0
+
+        def update(self, n=1):
+            super().update(n)
+            InterruptedAfterTwoBatches.committed += n
+            if self.committed >= 8:  # two batches of 4 committed: Ctrl-C
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "tqdm", InterruptedAfterTwoBatches)
+    context = ray.data.DataContext.get_current()
+    poll_interval = context.memory_usage_poll_interval_s
+    with pytest.raises(KeyboardInterrupt):
+        batch.score_archive_ray(models["int8"], listing, out, top_k=2, actors=2, batch_size=4, num_cpus=2)
+    monkeypatch.undo()
+    assert context.memory_usage_poll_interval_s == poll_interval  # the caller's Ray Data settings are back
+    assert not out.exists() and len(list(batch.parts_dir(out).glob("part-*.parquet"))) == 2
+
+    result = batch.score_archive_ray(models["int8"], listing, out, top_k=2, actors=2, batch_size=4, num_cpus=2)
+    assert (result.skipped, result.scored, result.failed) == (8, len(listing) - 8, 2)
+    rows = _table(out)
+    assert sorted(row["path"] for row in rows) == sorted(map(str, listing))  # no duplicates, no gaps
+    reference = {str(p.path): p for p in predict_paths(models["int8"], listing, top_k=2)}
+    for row in rows:
+        assert list(zip(row["top_classes"] or [], row["top_probabilities"] or [])) == reference[row["path"]].top
+    assert not batch.parts_dir(out).exists()
+
+
+def test_a_damaged_part_is_dropped_and_its_images_scored_again(tmp_path, models, images):
+    out = tmp_path / "r.parquet"
+    batch.parts_dir(out).mkdir()
+    (batch.parts_dir(out) / "part-000000.parquet").write_bytes(b"PAR1 cut short")  # no footer
+    result = batch.score_archive(models["fp32"], images["good"][:5], out, workers=1)
+    assert (result.skipped, result.scored) == (0, 5)
+    assert [row["path"] for row in _table(out)] == [str(p) for p in images["good"][:5]]
 
 
 def test_a_kill_during_the_final_merge_is_finished_by_the_next_run(tmp_path, models, images, monkeypatch):
