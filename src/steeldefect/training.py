@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from steeldefect import runfolder
+from steeldefect.augfeatures import AugmentedFeatures, training_rows
 from steeldefect.files import atomic_save, atomic_write_bytes, read_json, write_csv, write_json
 from steeldefect.metrics import METRIC_NAMES, aggregate, classification_metrics
 from steeldefect.options import CLASS_WEIGHT_CHOICES, HEAD_CHOICES, TrainOptions
@@ -261,11 +262,14 @@ def run_grid(
     seed: int = 42,
     class_weight: str = "none",
     progress: bool = True,
+    augmented: AugmentedFeatures | None = None,
 ) -> list[dict[str, Any]]:
     """Train every (rate, fold) head, or reuse the ones a previous run finished.
 
     ``features``/``labels`` index the whole dataset; ``folds`` holds (train, validation) indices into
     them. Each cell writes its head, history and metrics.json (last, so its presence means done).
+    ``augmented``: views of training images; a fold trains on the views of its own training images
+    only, and validates on plain images.
     """
     cells = [GridCell(float(rate), fold) for rate in learning_rates for fold in range(len(folds))]
     rows = []
@@ -283,9 +287,10 @@ def run_grid(
             started = time.perf_counter()
             if trainer is None:
                 trainer = HeadTrainer(features.shape[1:], n_classes, kind=kind, batch_size=batch_size)
+            train_x, train_y = training_rows(features, labels, train_idx, augmented)
             head, history = fit_head(
-                features[train_idx],
-                labels[train_idx],
+                train_x,
+                train_y,
                 n_classes=n_classes,
                 kind=kind,
                 learning_rate=cell.learning_rate,
@@ -328,15 +333,18 @@ def fit_final_head(
     batch_size: int = 64,
     seed: int = 42,
     class_weight: str = "none",
+    augmented: AugmentedFeatures | None = None,
 ) -> keras.Model:
-    """The head to deploy: refitted on every training image (all folds) with the rate the grid
-    chose, as is usual after cross-validation; reused when a previous run already fitted it."""
+    """The head to deploy: refitted on every training image (all folds, plus their ``augmented``
+    views) with the rate the grid chose, as is usual after cross-validation; reused when a
+    previous run already fitted it."""
     path = runfolder.final_head_path(run, backbone)
     if path.is_file():
         return load_head(path, features.shape[1:], n_classes, kind)
+    train_x, train_y = training_rows(features, labels, train_indices, augmented)
     head, history = fit_head(
-        features[train_indices],
-        labels[train_indices],
+        train_x,
+        train_y,
         n_classes=n_classes,
         kind=kind,
         learning_rate=learning_rate,
