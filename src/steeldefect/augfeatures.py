@@ -142,8 +142,9 @@ def augmented_features(
             if len(cached) == len(sources):
                 views.append(cached)
                 continue
-            log.warning("augmented feature cache %s has %d rows for %d images; recomputing", path, len(cached),
-                        len(sources))
+            log.warning(
+                "augmented feature cache %s has %d rows for %d images; recomputing", path, len(cached), len(sources)
+            )
         if interpreter is None:
             model = model_factory()
             if pooled:
@@ -177,8 +178,14 @@ def augmented_features(
                 },
             )
         views.append(features)
-    log.info("augmented features for %s: %d views x %d images (%d extracted, %d from the cache)", backbone, k,
-             len(sources), extracted, k - extracted)
+    log.info(
+        "augmented features for %s: %d views x %d images (%d extracted, %d from the cache)",
+        backbone,
+        k,
+        len(sources),
+        extracted,
+        k - extracted,
+    )
     return AugmentedFeatures(np.concatenate(views), np.tile(sources, k), extracted)
 
 

@@ -47,7 +47,16 @@ IMBALANCE_PLOT_NAME = "imbalance.png"
 REPORT_NAME = "report.md"
 # The columns that identify a row: a re-run with the same values skips it.
 KEY_FIELDS = (
-    "backbone", "point", "order", "method", "class_weight", "augment", "steps", "learning_rate", "seed", "draw"
+    "backbone",
+    "point",
+    "order",
+    "method",
+    "class_weight",
+    "augment",
+    "steps",
+    "learning_rate",
+    "seed",
+    "draw",
 )
 
 
@@ -218,7 +227,10 @@ def learning_curve(
         nonlocal backbone_model
         if backbone_model is None:
             backbone_model = backbone_registry.build_backbone(
-                name, weights=options.weights, preprocessing=options.preprocessing, seed=options.seed,
+                name,
+                weights=options.weights,
+                preprocessing=options.preprocessing,
+                seed=options.seed,
                 image_size=images.shape[1:3],
             )
         return backbone_model
@@ -226,8 +238,14 @@ def learning_curve(
     from steeldefect.features import cached_features
 
     features, _, _ = cached_features(
-        get_backbone, images, dataset_fingerprint=prepared.fingerprint, backbone=name, weights_id=weights_key,
-        preprocessing=options.preprocessing, cache_dir=cache_dir, progress=progress,
+        get_backbone,
+        images,
+        dataset_fingerprint=prepared.fingerprint,
+        backbone=name,
+        weights_id=weights_key,
+        preprocessing=options.preprocessing,
+        cache_dir=cache_dir,
+        progress=progress,
     )
     map_shape = tuple(features.shape[1:])
     pooled = features.mean(axis=(1, 2)) if features.ndim == 4 else features.reshape(len(features), -1)
@@ -246,7 +264,11 @@ def learning_curve(
                         plan.append((point, method, weight_mode, draw, row))
     log.info(
         "learning curve: %d points x %d methods x %d class weights x %d draws, %d rows to train (%d done before)",
-        len(points), len(methods), len(options.class_weights), options.draws, len(plan),
+        len(points),
+        len(methods),
+        len(options.class_weights),
+        options.draws,
+        len(plan),
         len(points) * len(methods) * len(options.class_weights) * options.draws - len(plan),
     )
 
@@ -257,9 +279,18 @@ def learning_curve(
 
         started = time.perf_counter()
         augmented = augmented_features(
-            get_backbone, images, pool, k=options.augment, seed=options.seed, pooled=True,
-            dataset_fingerprint=prepared.fingerprint, backbone=name, weights_id=weights_key,
-            preprocessing=options.preprocessing, cache_dir=cache_dir, progress=progress,
+            get_backbone,
+            images,
+            pool,
+            k=options.augment,
+            seed=options.seed,
+            pooled=True,
+            dataset_fingerprint=prepared.fingerprint,
+            backbone=name,
+            weights_id=weights_key,
+            preprocessing=options.preprocessing,
+            cache_dir=cache_dir,
+            progress=progress,
         )
         extraction_seconds = time.perf_counter() - started
 
@@ -270,9 +301,21 @@ def learning_curve(
             started = time.perf_counter()
             sample = draw_sample(labels, pool, point.counts, seed=options.seed, draw=draw)
             probabilities, n_rows = _train_and_score(
-                method, sample, labels, pooled, images, test_idx, augmented, trainers,
-                options=options, weight_mode=weight_mode, n_classes=len(class_names), map_shape=map_shape,
-                draw=draw, backbone=name, progress=progress,
+                method,
+                sample,
+                labels,
+                pooled,
+                images,
+                test_idx,
+                augmented,
+                trainers,
+                options=options,
+                weight_mode=weight_mode,
+                n_classes=len(class_names),
+                map_shape=map_shape,
+                draw=draw,
+                backbone=name,
+                progress=progress,
             )
             row = {**identity, **_scores(labels[test_idx], probabilities, point, class_names)}
             row["n_train_rows"] = n_rows
@@ -377,17 +420,23 @@ def _train_and_score(
     start = training.build_head(map_shape, n_classes, kind="pooled")
     start.set_weights(head.get_weights())
     model = finetune.fine_tune_model(
-        backbone, images, labels, sample, head_model=start, blocks=options.fine_tune_blocks,
-        learning_rate=options.fine_tune_learning_rate, epochs=options.fine_tune_epochs, seed=seed,
-        class_weight=weights, progress=progress,
+        backbone,
+        images,
+        labels,
+        sample,
+        head_model=start,
+        blocks=options.fine_tune_blocks,
+        learning_rate=options.fine_tune_learning_rate,
+        epochs=options.fine_tune_epochs,
+        seed=seed,
+        class_weight=weights,
+        progress=progress,
     )
     probabilities = model.predict(images[test_idx].astype(np.float32), batch_size=32, verbose=0)
     return np.asarray(probabilities), len(sample)
 
 
-def _scores(
-    y_true: np.ndarray, probabilities: np.ndarray, point: Point, class_names: Sequence[str]
-) -> dict[str, Any]:
+def _scores(y_true: np.ndarray, probabilities: np.ndarray, point: Point, class_names: Sequence[str]) -> dict[str, Any]:
     from steeldefect.metrics import classification_metrics
 
     metrics = classification_metrics(y_true, np.asarray(probabilities).argmax(axis=1), len(class_names))
@@ -412,16 +461,22 @@ def summarise(rows: Sequence[dict[str, Any]], points: Sequence[Point], class_nam
     class weight, in the order the points were asked."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["point"], row["order"], row["method"], row["class_weight"], str(row["augment"])),
-                          []).append(row)
+        groups.setdefault(
+            (row["point"], row["order"], row["method"], row["class_weight"], str(row["augment"])), []
+        ).append(row)
     order = {(p.label, p.order_label): i for i, p in enumerate(points)}
     summary = []
     for (point, class_order, method, weight, augment), members in sorted(
         groups.items(), key=lambda item: (order.get(item[0][:2], len(order)), item[0][2:])
     ):
         entry: dict[str, Any] = {
-            "point": point, "order": class_order, "method": method, "class_weight": weight, "augment": augment,
-            "draws": len(members), "balanced": class_order == "",
+            "point": point,
+            "order": class_order,
+            "method": method,
+            "class_weight": weight,
+            "augment": augment,
+            "draws": len(members),
+            "balanced": class_order == "",
         }
         for metric in SUMMARY_METRICS:
             values = np.array([float(m[metric]) for m in members])
@@ -460,8 +515,14 @@ def write_plots(out: Path, summary: Sequence[dict[str, Any]]) -> list[str]:
             entries = sorted((e for e in balanced if _variant(e) == variant), key=lambda e: int(e["point"]))
             x = [int(e["point"]) for e in entries]
             for ax, metric in zip(axes, ("accuracy", "rarest_recall")):
-                ax.errorbar(x, [e[f"{metric}_mean"] for e in entries], yerr=[e[f"{metric}_std"] for e in entries],
-                            marker="o", capsize=3, label=variant)
+                ax.errorbar(
+                    x,
+                    [e[f"{metric}_mean"] for e in entries],
+                    yerr=[e[f"{metric}_std"] for e in entries],
+                    marker="o",
+                    capsize=3,
+                    label=variant,
+                )
         for ax, title in zip(axes, ("test accuracy (%)", "rarest-class recall (%)")):
             ax.set_xscale("log")
             ticks = sorted({int(e["point"]) for e in balanced})
@@ -485,12 +546,18 @@ def write_plots(out: Path, summary: Sequence[dict[str, Any]]) -> list[str]:
             for ax, metric in zip(axes, ("recall_macro", "rarest_recall")):
                 by_order = {e["order"]: e for e in profiles if _variant(e) == variant}
                 xs = [j + i * width for j, order in enumerate(orders) if order in by_order]
-                ax.bar(xs, [by_order[o][f"{metric}_mean"] for o in orders if o in by_order], width,
-                       yerr=[by_order[o][f"{metric}_std"] for o in orders if o in by_order], capsize=2,
-                       label=variant)
+                ax.bar(
+                    xs,
+                    [by_order[o][f"{metric}_mean"] for o in orders if o in by_order],
+                    width,
+                    yerr=[by_order[o][f"{metric}_std"] for o in orders if o in by_order],
+                    capsize=2,
+                    label=variant,
+                )
         for ax, title in zip(axes, ("macro recall (%)", "rarest-class recall (%)")):
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(orders))],
-                          [f"order {j + 1}" for j in range(len(orders))])
+            ax.set_xticks(
+                [j + 0.4 - width / 2 for j in range(len(orders))], [f"order {j + 1}" for j in range(len(orders))]
+            )
             ax.set_title(f"{profiles[0]['point']}: {title}")
             low = min(min(e["recall_macro_mean"], e["rarest_recall_mean"]) for e in profiles)
             ax.set_ylim(max(0, low - 10), 100.5)

@@ -188,7 +188,8 @@ class LearningCurveOptions(DataOptions):
     """`learning-curve`: accuracy vs training images per class (or an imbalance profile), per method."""
 
     backbone: str = option(
-        "efficientnet_lite0", "backbone whose frozen features the heads use",
+        "efficientnet_lite0",
+        "backbone whose frozen features the heads use",
         check=Check(lambda v: v != "all" and _is_backbone(v), "a registered backbone"),
     )
     weights: str = option("imagenet", "'none' = random init, explicitly", choices=WEIGHTS_CHOICES)
@@ -200,10 +201,13 @@ class LearningCurveOptions(DataOptions):
         check=AT_LEAST_1,
     )
     draws: int = option(5, "seeded stratified draws per point", check=AT_LEAST_1)
-    methods: tuple[str, ...] = option(("frozen", "augmented"), "what to train on each draw",
-                                      choices=LEARNING_CURVE_METHODS)
+    methods: tuple[str, ...] = option(
+        ("frozen", "augmented"), "what to train on each draw", choices=LEARNING_CURVE_METHODS
+    )
     class_weights: tuple[str, ...] = option(
-        ("none",), "loss weight per class, each one a separate series", flag="--class-weight",
+        ("none",),
+        "loss weight per class, each one a separate series",
+        flag="--class-weight",
         choices=CLASS_WEIGHT_CHOICES,
     )
     augment: int = option(8, "augmented views per training image for the 'augmented' method", check=AT_LEAST_1)

@@ -207,8 +207,9 @@ def train_backbone(
         )
     head_features, augmented = features, None
     if options.augment:
-        head_features, augmented = _augmented_rows(prepared, features, name, options, weights_id, get_backbone,
-                                                   stage_times, progress)
+        head_features, augmented = _augmented_rows(
+            prepared, features, name, options, weights_id, get_backbone, stage_times, progress
+        )
     weights = training.class_weights(dataset.labels[splits.train_indices], n_classes, options.class_weight)
     if weights is not None:
         log.info(

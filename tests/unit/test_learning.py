@@ -33,8 +33,9 @@ def test_training_rows_take_views_of_the_fold_training_images_only():
     pool = splits.train_indices
     k = 3
     # An augmented row's value is 1000 + the index of the image it was made from.
-    augmented = augfeatures.AugmentedFeatures((1000 + np.tile(pool, k)).astype(np.float32)[:, None],
-                                              np.tile(pool, k), 0)
+    augmented = augfeatures.AugmentedFeatures(
+        (1000 + np.tile(pool, k)).astype(np.float32)[:, None], np.tile(pool, k), 0
+    )
     for fold_train, fold_val in splits.folds:
         x, y = augfeatures.training_rows(features, labels, fold_train, augmented)
         origins = np.where(x[:, 0] >= 1000, x[:, 0] - 1000, x[:, 0]).astype(int)
@@ -91,8 +92,16 @@ def test_augmented_views_are_cached_and_reused(tmp_path):
         builds.append(1)
         return build_tiny(None, True, (32, 32, 3))
 
-    settings = dict(seed=3, pooled=True, dataset_fingerprint="f" * 64, backbone="tiny", weights_id="w",
-                    preprocessing="model", cache_dir=tmp_path, progress=False)
+    settings = dict(
+        seed=3,
+        pooled=True,
+        dataset_fingerprint="f" * 64,
+        backbone="tiny",
+        weights_id="w",
+        preprocessing="model",
+        cache_dir=tmp_path,
+        progress=False,
+    )
     sources = np.array([1, 2, 5, 7])
     first = augfeatures.augmented_features(factory, images, sources, k=2, **settings)
     assert first.extracted_views == 2 and len(builds) == 1
@@ -161,8 +170,25 @@ def test_class_with_fewer_images_than_asked_is_refused_naming_it():
 
 
 def curve_args(data, out, *extra):
-    return ["--quiet", "learning-curve", "--data", str(data), "--backbone", TINY, "--image-size", "32", "--folds",
-            "2", "--steps", "20", "--batch-size", "8", "--out", str(out), *extra]
+    return [
+        "--quiet",
+        "learning-curve",
+        "--data",
+        str(data),
+        "--backbone",
+        TINY,
+        "--image-size",
+        "32",
+        "--folds",
+        "2",
+        "--steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def read_csv(path):
@@ -172,8 +198,9 @@ def read_csv(path):
 
 def test_cli_learning_curve_end_to_end_and_resumes(tiny_env, tmp_path, capsys, monkeypatch):
     out = tmp_path / "curve"
-    args = curve_args(tiny_env, out, "--per-class", "2", "4", "--draws", "2", "--methods", "frozen", "augmented",
-                      "--augment", "2")
+    args = curve_args(
+        tiny_env, out, "--per-class", "2", "4", "--draws", "2", "--methods", "frozen", "augmented", "--augment", "2"
+    )
     assert cli.main(args) == 0
     rows = read_csv(out / "learning_curve.csv")
     assert len(rows) == 2 * 2 * 2  # points x methods x draws
@@ -202,9 +229,29 @@ def test_cli_learning_curve_end_to_end_and_resumes(tiny_env, tmp_path, capsys, m
 
 def test_cli_imbalance_profile_in_two_orders(tiny_env, tmp_path):
     out = tmp_path / "profile"
-    args = curve_args(tiny_env, out, "--per-class", "6", "3", "2", "--draws", "1", "--methods", "frozen",
-                      "--class-weight", "none", "balanced", "--class-order", "dots", "stripes", "flat",
-                      "--class-order", "flat", "dots", "stripes")
+    args = curve_args(
+        tiny_env,
+        out,
+        "--per-class",
+        "6",
+        "3",
+        "2",
+        "--draws",
+        "1",
+        "--methods",
+        "frozen",
+        "--class-weight",
+        "none",
+        "balanced",
+        "--class-order",
+        "dots",
+        "stripes",
+        "flat",
+        "--class-order",
+        "flat",
+        "dots",
+        "stripes",
+    )
     assert cli.main(args) == 0
     rows = read_csv(out / "learning_curve.csv")
     assert len(rows) == 2 * 2  # orders x class weights
