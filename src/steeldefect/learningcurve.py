@@ -504,6 +504,7 @@ def write_plots(out: Path, summary: Sequence[dict[str, Any]]) -> list[str]:
     log x) and imbalance.png (profiles: macro and rarest-class recall per class order)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
     written = []
     balanced = [e for e in summary if e["balanced"]]
@@ -525,6 +526,7 @@ def write_plots(out: Path, summary: Sequence[dict[str, Any]]) -> list[str]:
                 )
         for ax, title in zip(axes, ("test accuracy (%)", "rarest-class recall (%)")):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_locator(NullLocator())  # only the measured counts as ticks, no 6x10^0
             ticks = sorted({int(e["point"]) for e in balanced})
             ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.set_xlabel("training images per class")

@@ -283,3 +283,20 @@ def test_cli_fine_tuned_without_the_module_is_refused_in_one_line(tiny_env, tmp_
     assert error == (
         "error: --methods fine-tuned: this installation has no fine-tuning (steeldefect.finetune is missing)"
     )
+
+
+def test_class_weights_scale_the_loss_without_breaking_its_gradient():
+    """Uniform class weights of 2 must train the same head as none, with twice the loss; scaling
+    the one-hot target instead made TensorFlow's fused gradient wrong and the head diverge."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    x = (rng.normal(0, 1, (60, 8)) + 3 * np.eye(3, 8)[labels]).astype(np.float32)
+    trainer = training.HeadTrainer((8,), 3, kind="flatten", batch_size=16)
+    plain, plain_history = trainer.fit(x, labels, learning_rate=0.01, epochs=30, seed=1)
+    doubled, doubled_history = trainer.fit(
+        x, labels, learning_rate=0.01, epochs=30, seed=1, class_weight=np.full(3, 2.0, np.float32)
+    )
+    np.testing.assert_allclose(doubled_history["loss"], 2 * np.array(plain_history["loss"]), rtol=0.05, atol=1e-3)
+    np.testing.assert_array_equal(
+        training.predict_proba(doubled, x).argmax(1), training.predict_proba(plain, x).argmax(1)
+    )
