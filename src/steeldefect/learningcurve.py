@@ -9,10 +9,11 @@ drawn, each method is trained on it and scored on the test split:
 - ``fine-tuned``: ``steeldefect.finetune.fine_tune_model`` started from the frozen head.
 
 Heads train for a fixed number of Adam steps, not epochs: with 30 images an epoch is one step, with
-1,530 it is 24, so "15 epochs" would mean 15 steps at 5 images per class. The default, 300 steps at
-a learning rate of 0.01, is what the full-data grid chose for the pooled head (15 epochs x 20
-batches of 64 at 0.01, `runs/neu-pooled`), kept for every sample size so no point is tuned on the
-test split.
+1,530 it is 24, so "15 epochs" would mean 15 steps at 5 images per class. The defaults, 1,000 steps
+at a learning rate of 0.001, are the same for every sample size and method: 0.001 is the rate the
+full-data grid chose for the pooled head with augmented rows (`train --head pooled --augment 8`);
+0.01 with 300 steps (the plain pooled grid's choice, 15 epochs x 20 batches) was tried first and
+was unstable on small samples (README, "Few and imbalanced images").
 
 Draws are nested and reproducible: draw ``d`` takes, for every class, the first n images of a
 permutation of that class's training images seeded by (seed, d, class), so the 10-image sample
@@ -353,7 +354,7 @@ def _row_identity(
         "order": point.order_label,
         "method": method,
         "class_weight": weight_mode,
-        "augment": options.augment if method != "frozen" else 0,
+        "augment": options.augment if method == "augmented" else 0,
         "steps": options.steps,
         "learning_rate": options.learning_rate,
         "seed": options.seed,
@@ -492,7 +493,7 @@ def summarise(rows: Sequence[dict[str, Any]], points: Sequence[Point], class_nam
 
 
 def _method(entry: dict[str, Any]) -> str:
-    return entry["method"] + (f" K={entry['augment']}" if entry["method"] != "frozen" else "")
+    return entry["method"] + (f" K={entry['augment']}" if entry["method"] == "augmented" else "")
 
 
 def _variant(entry: dict[str, Any]) -> str:

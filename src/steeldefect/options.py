@@ -211,8 +211,10 @@ class LearningCurveOptions(DataOptions):
         choices=CLASS_WEIGHT_CHOICES,
     )
     augment: int = option(8, "augmented views per training image for the 'augmented' method", check=AT_LEAST_1)
-    steps: int = option(300, "Adam steps per head, whatever the sample size", check=AT_LEAST_1)
-    learning_rate: float = option(0.01, "head learning rate (the full-data pooled grid's choice)", check=POSITIVE)
+    steps: int = option(1000, "Adam steps per head, whatever the sample size", check=AT_LEAST_1)
+    learning_rate: float = option(
+        0.001, "head learning rate (the full-data `train --head pooled --augment 8` grid's choice)", check=POSITIVE
+    )
     batch_size: int = option(64, "head batch size (smaller samples: the whole sample)", check=AT_LEAST_1)
     fine_tune_blocks: int = option(2, "fine-tuned: backbone blocks unfrozen", check=AT_LEAST_1)
     fine_tune_learning_rate: float = option(1e-4, "fine-tuned: learning rate", check=POSITIVE)
