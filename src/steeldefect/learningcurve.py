@@ -615,10 +615,11 @@ def write_report(
     for key in keys:
         entries = [e for e in summary if (e["point"], e["order"]) == key]
         metric = "accuracy" if entries[0]["balanced"] else "recall_macro"
+        metric_name = "accuracy" if metric == "accuracy" else "macro recall"
         best = max(entries, key=lambda e: e[f"{metric}_mean"])
         where = f"{key[0]} per class" if not key[1] else f"{key[0]} in order {key[1]}"
         lines.append(
-            f"- {where}: **{_variant(best)}**, {metric.replace('_', ' ')} {_pm(best, metric)}%, "
+            f"- {where}: **{_variant(best)}**, {metric_name} {_pm(best, metric)}%, "
             f"rarest-class recall {_pm(best, 'rarest_recall')}%"
         )
     for plot in plots:
