@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         DataOptions,
         EvaluateOptions,
         ExportOptions,
+        LearningCurveOptions,
         PredictOptions,
         ServeOptions,
         TrainOptions,
@@ -91,6 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(reproduce, ExportOptions, only=("calibration_samples",))
     add_arguments(reproduce, EvaluateOptions)
     reproduce.add_argument("--out", type=Path, default=None, help="run folder (default runs/reproduce-<timestamp>)")
+
+    curve = commands.add_parser(
+        "learning-curve", help="accuracy vs images per class (or an imbalance profile) per method, with plots"
+    )
+    curve.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
+    add_arguments(curve, LearningCurveOptions)
+    curve.add_argument(
+        "--class-order",
+        dest="class_orders",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="CLASS",
+        help="assign the --per-class counts to the classes in this order (an imbalance profile); "
+        "give it several times for several orders",
+    )
+    curve.add_argument("--out", type=Path, required=True, help="results folder (a re-run resumes)")
 
     predict = commands.add_parser("predict", help="classify images with a .tflite or .keras model")
     predict.add_argument("model", type=Path)
@@ -207,6 +225,21 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "evaluate":
         pipeline.evaluate(args.run, from_namespace(EvaluateOptions, args), progress=progress)
         print(f"metrics: {args.run}/tflite_metrics.csv, {args.run}/summary.json")
+        return 0
+    if args.command == "learning-curve":
+        from steeldefect.learningcurve import learning_curve
+        from steeldefect.options import LearningCurveOptions
+
+        namespace = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "class_orders"})
+        result = learning_curve(
+            args.data,
+            args.out,
+            from_namespace(LearningCurveOptions, namespace),
+            class_orders=[tuple(order) for order in args.class_orders],
+            progress=progress,
+        )
+        print(f"learning curve: {args.out}/learning_curve.csv, {args.out}/learning_curve_summary.csv")
+        print(f"report: {result['report']}")
         return 0
     if args.command == "report":
         from steeldefect.report import write_report

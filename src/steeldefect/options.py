@@ -173,6 +173,53 @@ class TrainOptions(DataOptions):
         "smallest",
         choices=CLASS_WEIGHT_CHOICES,
     )
+    augment: int = option(
+        0,
+        "K augmented views (flips, transposes, shifts, brightness, contrast) of every training image "
+        "as extra head-training rows; validation and test images are never augmented",
+        check=AT_LEAST_0,
+    )
+
+
+LEARNING_CURVE_METHODS = ("frozen", "augmented", "fine-tuned")
+
+
+@dataclass(frozen=True)
+class LearningCurveOptions(DataOptions):
+    """`learning-curve`: accuracy vs training images per class (or an imbalance profile), per method."""
+
+    backbone: str = option(
+        "efficientnet_lite0",
+        "backbone whose frozen features the heads use",
+        check=Check(lambda v: v != "all" and _is_backbone(v), "a registered backbone"),
+    )
+    weights: str = option("imagenet", "'none' = random init, explicitly", choices=WEIGHTS_CHOICES)
+    preprocessing: str = option("model", "as for train", choices=PREPROCESSING_CHOICES)
+    per_class: tuple[int, ...] = option(
+        (5, 10, 20, 50),
+        "training images per class, one point each; with --class-order, one count per class "
+        "(an imbalance profile, assigned in that order)",
+        check=AT_LEAST_1,
+    )
+    draws: int = option(5, "seeded stratified draws per point", check=AT_LEAST_1)
+    methods: tuple[str, ...] = option(
+        ("frozen", "augmented"), "what to train on each draw", choices=LEARNING_CURVE_METHODS
+    )
+    class_weights: tuple[str, ...] = option(
+        ("none",),
+        "loss weight per class, each one a separate series",
+        flag="--class-weight",
+        choices=CLASS_WEIGHT_CHOICES,
+    )
+    augment: int = option(8, "augmented views per training image for the 'augmented' method", check=AT_LEAST_1)
+    steps: int = option(1000, "Adam steps per head, whatever the sample size", check=AT_LEAST_1)
+    learning_rate: float = option(
+        0.001, "head learning rate (the full-data `train --head pooled --augment 8` grid's choice)", check=POSITIVE
+    )
+    batch_size: int = option(64, "head batch size (smaller samples: the whole sample)", check=AT_LEAST_1)
+    fine_tune_blocks: int = option(2, "fine-tuned: backbone blocks unfrozen", check=AT_LEAST_1)
+    fine_tune_learning_rate: float = option(1e-4, "fine-tuned: learning rate", check=POSITIVE)
+    fine_tune_epochs: int = option(5, "fine-tuned: epochs", check=AT_LEAST_1)
 
 
 @dataclass(frozen=True)

@@ -205,6 +205,11 @@ def train_backbone(
             cache_dir=options.cache_dir,
             progress=progress,
         )
+    head_features, augmented = features, None
+    if options.augment:
+        head_features, augmented = _augmented_rows(
+            prepared, features, name, options, weights_id, get_backbone, stage_times, progress
+        )
     weights = training.class_weights(dataset.labels[splits.train_indices], n_classes, options.class_weight)
     if weights is not None:
         log.info(
@@ -214,7 +219,7 @@ def train_backbone(
         )
     with training.timed(stage_times, "grid"):
         rows = training.run_grid(
-            features,
+            head_features,
             dataset.labels,
             splits.folds,
             run=out,
@@ -227,6 +232,7 @@ def train_backbone(
             seed=options.seed,
             class_weight=options.class_weight,
             progress=progress,
+            augmented=augmented,
         )
     write_csv(runfolder.cv_grid_path(out, name), rows)
     best_rate = training.select_best_rate(rows)
@@ -249,7 +255,7 @@ def train_backbone(
 
     with training.timed(stage_times, "final"):
         final_head = training.fit_final_head(
-            features,
+            head_features,
             dataset.labels,
             splits.train_indices,
             run=out,
@@ -261,7 +267,12 @@ def train_backbone(
             batch_size=options.batch_size,
             seed=options.seed,
             class_weight=options.class_weight,
+            augmented=augmented,
         )
+        if head_features is not features:  # trained on pooled vectors: the same weights on the maps
+            final_head = training.load_head(
+                runfolder.final_head_path(out, name), features.shape[1:], n_classes, options.head
+            )
         (final_metrics,) = training.evaluate_fold_heads(
             [final_head], features[test_idx], dataset.labels[test_idx], n_classes
         )
@@ -301,6 +312,47 @@ def train_backbone(
     update_summary(out, name, **summary_entry)
     log.info("%s: best lr %g, test accuracy %.2f%%", name, best_rate, keras_aggregate["accuracy"]["mean"])
     return summary_entry
+
+
+def _augmented_rows(
+    prepared: PreparedData,
+    features: np.ndarray,
+    name: str,
+    options: TrainOptions,
+    weights_id: str,
+    get_backbone: Any,
+    stage_times: dict[str, float],
+    progress: bool,
+) -> tuple[np.ndarray, Any]:
+    """``--augment K``: the K views of every training image (never validation or test images) as
+    extra rows. A pooled head trains on channel means, since its GlobalAveragePooling2D has no
+    weights: both plain and augmented rows become (N, 1, 1, C), 49x smaller than whole maps."""
+    from steeldefect import augfeatures
+
+    pooled = options.head == "pooled"
+    train_idx = prepared.splits.train_indices
+    augfeatures.check_memory(options.augment, len(train_idx), tuple(features.shape[1:]), pooled=pooled)
+    with training.timed(stage_times, "augmented_features"):
+        augmented = augfeatures.augmented_features(
+            get_backbone,
+            prepared.images,
+            train_idx,
+            k=options.augment,
+            seed=options.seed,
+            pooled=pooled,
+            dataset_fingerprint=prepared.fingerprint,
+            backbone=name,
+            weights_id=weights_id + (f"-seed{options.seed}" if options.weights == "none" else ""),
+            preprocessing=options.preprocessing,
+            cache_dir=options.cache_dir,
+            progress=progress,
+        )
+    if not pooled:
+        return features, augmented
+    pooled_features = features.mean(axis=(1, 2), keepdims=True)
+    return pooled_features, augfeatures.AugmentedFeatures(
+        augmented.features.reshape(len(augmented.features), 1, 1, -1), augmented.sources, augmented.extracted_views
+    )
 
 
 def _cv_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

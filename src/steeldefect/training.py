@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from steeldefect import runfolder
+from steeldefect.augfeatures import AugmentedFeatures, training_rows
 from steeldefect.files import atomic_save, atomic_write_bytes, read_json, write_csv, write_json
 from steeldefect.metrics import METRIC_NAMES, aggregate, classification_metrics
 from steeldefect.options import CLASS_WEIGHT_CHOICES, HEAD_CHOICES, TrainOptions
@@ -94,13 +95,13 @@ class HeadTrainer:
         self._train_step = tf.function(self._step, jit_compile=True)
         self._evaluate = tf.function(self._eval, jit_compile=True)
 
-    def _step(self, x, y):
+    def _step(self, x, y, weights=None):
         import tensorflow as tf
 
         variables = self._template.trainable_variables
         with tf.GradientTape() as tape:
             probabilities = self._template(x, training=True)
-            loss = self._loss(y, probabilities)
+            loss = self._loss(y, probabilities, sample_weight=weights)
         self._optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss, _n_correct(y, probabilities)
 
@@ -123,8 +124,10 @@ class HeadTrainer:
         validation: tuple[np.ndarray, np.ndarray] | None = None,
         class_weight: np.ndarray | None = None,
     ) -> tuple[keras.Model, dict[str, list[float]]]:
-        """``class_weight`` (one per class) scales each image's loss by its class's weight: with a
-        one-hot target, a target scaled by ``w`` gives exactly ``w`` times the cross-entropy."""
+        """``class_weight`` (one per class) scales each image's loss by its class's weight, as a
+        per-image sample weight. (Not by scaling the one-hot target: the loss value would be the
+        same, but TensorFlow's fused softmax cross-entropy takes its gradient as softmax - target,
+        right only when the target sums to 1, and heads trained that way diverged.)"""
         if tuple(features.shape[1:]) != self.feature_shape:
             raise ValueError(f"features of shape {features.shape[1:]} given to a trainer for {self.feature_shape}")
         keras.utils.set_random_seed(seed)
@@ -138,8 +141,9 @@ class HeadTrainer:
 
         x = self._dense_features(features)
         y = keras.utils.to_categorical(labels, self.n_classes).astype(np.float32)
+        sample_weights = None
         if class_weight is not None:
-            y = y * np.asarray(class_weight, dtype=np.float32)[None, :]
+            sample_weights = np.asarray(class_weight, dtype=np.float32)[np.asarray(labels)]
         if validation is not None:
             x_val = self._dense_features(validation[0])
             y_val = keras.utils.to_categorical(validation[1], self.n_classes).astype(np.float32)
@@ -147,7 +151,7 @@ class HeadTrainer:
         history: dict[str, list[float]] = {"accuracy": [], "loss": []}
         for _ in range(epochs):
             permutation = order.permutation(len(x))
-            loss, accuracy = _sweep(self._train_step, x, y, self.batch_size, permutation)
+            loss, accuracy = _sweep(self._train_step, x, y, self.batch_size, permutation, sample_weights)
             history["loss"].append(loss)
             history["accuracy"].append(accuracy)
             if validation is not None:
@@ -159,7 +163,14 @@ class HeadTrainer:
         return head, history
 
 
-def _sweep(step, x: np.ndarray, y: np.ndarray, batch_size: int, order: np.ndarray | None = None) -> tuple[float, float]:
+def _sweep(
+    step,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    order: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+) -> tuple[float, float]:
     """``step`` over consecutive batches of the rows ``order`` (default: all, in order); mean loss
     (weighted by batch size, as Keras reports it) and accuracy. Each shuffled batch is gathered on
     its own, right before its step, while it is still in cache: cheaper than shuffling the whole
@@ -168,7 +179,10 @@ def _sweep(step, x: np.ndarray, y: np.ndarray, batch_size: int, order: np.ndarra
     for start in range(0, len(x), batch_size):
         stop = min(start + batch_size, len(x))
         rows = slice(start, stop) if order is None else order[start:stop]
-        loss, n_correct = step(x[rows], y[rows])
+        if weights is None:
+            loss, n_correct = step(x[rows], y[rows])
+        else:
+            loss, n_correct = step(x[rows], y[rows], weights[rows])
         loss_sum += float(loss) * (stop - start)
         correct += float(n_correct)
     return loss_sum / max(len(x), 1), correct / max(len(x), 1)
@@ -261,11 +275,14 @@ def run_grid(
     seed: int = 42,
     class_weight: str = "none",
     progress: bool = True,
+    augmented: AugmentedFeatures | None = None,
 ) -> list[dict[str, Any]]:
     """Train every (rate, fold) head, or reuse the ones a previous run finished.
 
     ``features``/``labels`` index the whole dataset; ``folds`` holds (train, validation) indices into
     them. Each cell writes its head, history and metrics.json (last, so its presence means done).
+    ``augmented``: views of training images; a fold trains on the views of its own training images
+    only, and validates on plain images.
     """
     cells = [GridCell(float(rate), fold) for rate in learning_rates for fold in range(len(folds))]
     rows = []
@@ -283,9 +300,10 @@ def run_grid(
             started = time.perf_counter()
             if trainer is None:
                 trainer = HeadTrainer(features.shape[1:], n_classes, kind=kind, batch_size=batch_size)
+            train_x, train_y = training_rows(features, labels, train_idx, augmented)
             head, history = fit_head(
-                features[train_idx],
-                labels[train_idx],
+                train_x,
+                train_y,
                 n_classes=n_classes,
                 kind=kind,
                 learning_rate=cell.learning_rate,
@@ -328,15 +346,18 @@ def fit_final_head(
     batch_size: int = 64,
     seed: int = 42,
     class_weight: str = "none",
+    augmented: AugmentedFeatures | None = None,
 ) -> keras.Model:
-    """The head to deploy: refitted on every training image (all folds) with the rate the grid
-    chose, as is usual after cross-validation; reused when a previous run already fitted it."""
+    """The head to deploy: refitted on every training image (all folds, plus their ``augmented``
+    views) with the rate the grid chose, as is usual after cross-validation; reused when a
+    previous run already fitted it."""
     path = runfolder.final_head_path(run, backbone)
     if path.is_file():
         return load_head(path, features.shape[1:], n_classes, kind)
+    train_x, train_y = training_rows(features, labels, train_indices, augmented)
     head, history = fit_head(
-        features[train_indices],
-        labels[train_indices],
+        train_x,
+        train_y,
         n_classes=n_classes,
         kind=kind,
         learning_rate=learning_rate,
