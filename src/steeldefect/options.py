@@ -323,6 +323,19 @@ def resume_free_options(*classes: type) -> set[str]:
     return {spec.name for cls in classes for spec in dataclasses.fields(cls) if spec.metadata.get("resume_free")}
 
 
+def recorded_defaults(*classes: type) -> dict[str, Any]:
+    """Each option's default as `record` writes it, read from the fields (no instance is built: the
+    backbone check would import Keras)."""
+    defaults = {}
+    for cls in classes:
+        for spec in dataclasses.fields(cls):
+            if spec.default is not dataclasses.MISSING:
+                defaults[spec.name] = _jsonable(spec.default)
+            elif spec.default_factory is not dataclasses.MISSING:
+                defaults[spec.name] = _jsonable(spec.default_factory())
+    return defaults
+
+
 def additive_options(*classes: type) -> set[str]:
     return {spec.name for cls in classes for spec in dataclasses.fields(cls) if spec.metadata.get("additive")}
 

@@ -35,6 +35,7 @@ from steeldefect.options import (
     ExportOptions,
     TrainOptions,
     additive_options,
+    recorded_defaults,
     resume_free_options,
 )
 
@@ -325,10 +326,11 @@ def record_config(run: Path, command: str, options: dict[str, Any]) -> Path:
         for key in _ADDITIVE_OPTIONS & options.keys():
             earlier = list(previous["options"].get(key) or [])
             options = {**options, key: earlier + [v for v in options[key] if v not in earlier]}
+        earlier_options = {key: previous["options"].get(key, _DEFAULTS.get(key)) for key in options}
         changed = {
-            key: (previous["options"].get(key), value)
+            key: (earlier_options[key], value)
             for key, value in options.items()
-            if key not in _RESUME_FREE_OPTIONS | _ADDITIVE_OPTIONS and previous["options"].get(key) != value
+            if key not in _RESUME_FREE_OPTIONS | _ADDITIVE_OPTIONS and earlier_options[key] != value
         }
         if changed:
             details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
@@ -354,6 +356,9 @@ def _nothing_computed(run: Path) -> bool:
 _OPTION_CLASSES = (TrainOptions, ExportOptions, EvaluateOptions)
 _RESUME_FREE_OPTIONS = resume_free_options(*_OPTION_CLASSES)
 _ADDITIVE_OPTIONS = additive_options(*_OPTION_CLASSES)
+# An option added after a folder was made (e.g. `augment`) is absent from its config.json: that run
+# computed what the option's default computes, so absent counts as the default.
+_DEFAULTS = recorded_defaults(*_OPTION_CLASSES)
 
 
 def load_summary(run: Path) -> dict[str, Any]:

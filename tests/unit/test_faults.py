@@ -225,3 +225,22 @@ def test_a_bad_sidecar_beside_a_self_describing_model_is_only_a_warning(exported
     with pytest.warns(UserWarning, match=str(sidecar)):
         code, err = run_cli(["predict", exported, tiny_env / "dots"], capsys)
     assert code == 0 and "Traceback" not in err
+
+
+def test_a_folder_made_before_an_option_existed_resumes_as_if_it_had_the_default(tmp_path):
+    """config.json of an older run lacks options added since (augment, fine-tune): they were the
+    default then; a different value is still refused."""
+    import json
+
+    from steeldefect import runfolder
+    from steeldefect.options import TrainOptions
+
+    run = tmp_path / "old-run"
+    run.mkdir()
+    options = TrainOptions().record()
+    older = {key: value for key, value in options.items() if key != "augment"}
+    (run / "config.json").write_text(json.dumps({"commands": {"train": {"options": older}}}))
+    (run / "summary.json").write_text("{}")  # something was computed: the recorded options bind
+    runfolder.record_config(run, "train", options)  # same options, augment at its default: accepted
+    with pytest.raises(ValueError, match=r"augment: 0 -> 4"):
+        runfolder.record_config(run, "train", {**options, "augment": 4})
