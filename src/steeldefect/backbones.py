@@ -9,6 +9,7 @@ are only ever read from Keras' own cache (``$KERAS_HOME/models``); they are down
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import shutil
@@ -18,6 +19,7 @@ import urllib.error
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -335,6 +337,18 @@ def weights_id(name: str, weights: str) -> str:
         return spec.weights.identity()
     except ValueError as error:
         raise WeightsMissingError(missing_weights_message(spec, str(error))) from error
+
+
+def backbone_factory(
+    name: str, *, weights: str, preprocessing: str, seed: int, image_size: tuple[int, int]
+) -> Callable[[], Any]:
+    """A callable that builds the backbone on its first call and returns the same model after: a
+    warm feature cache never needs the backbone, so it is only built when something asks for it."""
+    return functools.cache(
+        lambda: build_backbone(
+            name, weights=weights, preprocessing=preprocessing, seed=seed, image_size=tuple(image_size)
+        )
+    )
 
 
 def build_backbone(

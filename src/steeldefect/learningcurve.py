@@ -222,19 +222,13 @@ def learning_curve(
 
     weights_id = backbone_registry.weights_id(name, options.weights)
     weights_key = weights_id + (f"-seed{options.seed}" if options.weights == "none" else "")
-    backbone_model = None
-
-    def get_backbone():
-        nonlocal backbone_model
-        if backbone_model is None:
-            backbone_model = backbone_registry.build_backbone(
-                name,
-                weights=options.weights,
-                preprocessing=options.preprocessing,
-                seed=options.seed,
-                image_size=images.shape[1:3],
-            )
-        return backbone_model
+    get_backbone = backbone_registry.backbone_factory(
+        name,
+        weights=options.weights,
+        preprocessing=options.preprocessing,
+        seed=options.seed,
+        image_size=images.shape[1:3],
+    )
 
     from steeldefect.features import cached_features
 

@@ -180,19 +180,13 @@ def train_backbone(
     n_classes = len(dataset.class_names)
     stage_times: dict[str, float] = {}
     weights_id = backbone_registry.weights_id(name, options.weights)
-    backbone_model = None
-
-    def get_backbone():
-        nonlocal backbone_model
-        if backbone_model is None:
-            backbone_model = backbone_registry.build_backbone(
-                name,
-                weights=options.weights,
-                preprocessing=options.preprocessing,
-                seed=options.seed,
-                image_size=images.shape[1:3],
-            )
-        return backbone_model
+    get_backbone = backbone_registry.backbone_factory(
+        name,
+        weights=options.weights,
+        preprocessing=options.preprocessing,
+        seed=options.seed,
+        image_size=images.shape[1:3],
+    )
 
     with training.timed(stage_times, "features"):
         features, _, _ = cached_features(
