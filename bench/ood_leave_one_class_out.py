@@ -14,9 +14,13 @@ Reported per class and mean: AUROC (unknown vs known), % of unknown images flagg
 flagged, and the head's accuracy on all and on the accepted known test images.
 
 Scores: max softmax probability of the head (baseline), energy (-logsumexp of its logits), cosine 5-NN
-distance on the pooled final features, Mahalanobis on the pooled final features (PCA 64), and the
-shipped score, Mahalanobis on the texture statistics of four intermediate layers (steeldefect.uncertainty).
-Also: the far-OOD set (photographs, grey, white, noise, a blurred NEU image) against the six-class scorer.
+distance on the pooled final features, Mahalanobis on the pooled final features (PCA 64), the first
+shipped score, tied Mahalanobis on the texture statistics of four intermediate layers, and (added later,
+same heads) the per-class-covariance texture score that ships now (steeldefect.uncertainty), cosine 1-NN
+on the texture statistics, and max-rank combinations ("or") of these with each other and max softmax.
+Also: the far-OOD set (photographs, grey, white, noise, a blurred NEU image) against the six-class
+scorer as shipped. The held-out heads' outputs are cached (beside the feature cache) so that a re-run
+and bench/ood_texture_variants.py compare scores on the same heads.
 """
 
 from __future__ import annotations
