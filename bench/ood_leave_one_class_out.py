@@ -283,12 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     print(
-        f"\n{'score':14s} {'mean AUROC':>10s} {'min':>6s} {'unknown flagged':>16s} {'known flagged':>14s} "
+        f"\n{'score':20s} {'mean AUROC':>10s} {'min':>6s} {'unknown flagged':>16s} {'known flagged':>14s} "
         f"{'acc. accepted':>13s}  (head accuracy on all known test images: {100 * mean_accuracy:.2f}%)"
     )
     for name, m in mean.items():
         print(
-            f"{name:14s} {m['auroc']:10.3f} {m['min_auroc']:6.3f} {100 * m['unknown_flagged']:15.1f}% "
+            f"{name:20s} {m['auroc']:10.3f} {m['min_auroc']:6.3f} {100 * m['unknown_flagged']:15.1f}% "
             f"{100 * m['known_flagged']:13.1f}% {100 * m['accuracy_accepted_known']:12.2f}%"
         )
     print("\nper class (AUROC / % unknown flagged):")
