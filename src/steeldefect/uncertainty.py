@@ -4,9 +4,10 @@
 Calibration: one temperature T fitted on the out-of-fold validation predictions of the CV grid (never
 on test images) by minimising the negative log-likelihood; probabilities become softmax(log p / T).
 
-Out-of-distribution score: the Mahalanobis distance (tied covariance, nearest class mean) of an
-image's *texture statistics* - the channel means and standard deviations of four intermediate
-backbone layers (28x28, 14x14 and 7x7 stages) - after a PCA to 64 components. Chosen by the
+Out-of-distribution score: a per-class Gaussian distance (QDA-like: each class's own covariance,
+shrunk halfway to the shared one; the smallest Mahalanobis distance plus log-determinant over the
+classes) of an image's *texture statistics* - the channel means and standard deviations of four
+intermediate backbone layers (28x28, 14x14 and 7x7 stages) - after a PCA to 64 components. Chosen by the
 leave-one-class-out measurement in ``bench/ood_leave_one_class_out.py``: on the pooled final
 features (what the head sees), every score tried, softmax ones included, stays at or below 0.90 mean
 AUROC, because the last layer keeps only what separates the known classes; the texture statistics
@@ -30,6 +31,9 @@ import numpy as np
 TEXTURE_LAYERS = ("block4_add", "block7_add", "block10_add", "block14_add")
 DEFAULT_COMPONENTS = 64
 DEFAULT_ACCEPT = 0.99
+# Weight of each class's own covariance against the shared (tied) one: 0 = tied Mahalanobis (the
+# first shipped score), 0.5 = halfway, chosen by bench/ood_leave_one_class_out.py (README, "Trust").
+DEFAULT_CLASS_COVARIANCE = 0.5
 ECE_BINS = 15
 
 
@@ -214,12 +218,19 @@ def texture_features(raw: np.ndarray, channels: Sequence[int]) -> np.ndarray:
 
 @dataclass
 class OODScorer:
-    """Mahalanobis distance to the nearest class mean (tied covariance) after PCA; higher = less like
-    the training images. Fit on training images only; ``threshold`` is set by :func:`choose_threshold`."""
+    """Distance to the nearest class after PCA; higher = less like the training images. Fit on training
+    images only; ``threshold`` is set by :func:`choose_threshold`.
+
+    ``class_covariance`` = 0: Mahalanobis distance with one covariance shared by all classes (tied).
+    ``class_covariance`` = w > 0: each class c has its own covariance w * S_c + (1 - w) * S_tied, and the
+    score is min over c of (Mahalanobis distance to c)^2 + log det of c's covariance (the class's negative
+    Gaussian log-likelihood up to a constant), so a tight class is not judged by a wide class's spread.
+    """
 
     n_components: int = DEFAULT_COMPONENTS
     shrinkage: float = 1e-2  # ridge on the covariance, relative to its mean eigenvalue
     threshold: float | None = None
+    class_covariance: float = 0.0
 
     def fit(self, features: np.ndarray, labels: np.ndarray) -> OODScorer:
         features = np.asarray(features, dtype=np.float64)
@@ -234,16 +245,35 @@ class OODScorer:
         z = (features - self.center_) @ self.projection_
         self.class_means_ = np.stack([z[labels == c].mean(axis=0) for c in classes])
         residual = z - self.class_means_[np.searchsorted(classes, labels)]
-        covariance = residual.T @ residual / len(residual)
-        covariance += self.shrinkage * np.trace(covariance) / n * np.eye(n)
-        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        tied = residual.T @ residual / len(residual)
+        ridge = self.shrinkage * np.trace(tied) / n * np.eye(n)
+        eigenvalues, eigenvectors = np.linalg.eigh(tied + ridge)
         self.whitening_ = eigenvectors / np.sqrt(eigenvalues)
+        self.class_whitening_ = self.log_determinants_ = None
+        if not 0 <= self.class_covariance <= 1:
+            raise ValueError(f"class_covariance must lie in [0, 1], got {self.class_covariance}")
+        if self.class_covariance > 0:
+            whitening, log_determinants = [], []
+            w = self.class_covariance
+            for c in classes:
+                own = np.cov(z[labels == c].T, bias=True).reshape(n, n)
+                values, vectors = np.linalg.eigh(w * own + (1 - w) * tied + ridge)
+                whitening.append(vectors / np.sqrt(values))
+                log_determinants.append(np.log(values).sum())
+            self.class_whitening_ = np.stack(whitening)
+            self.log_determinants_ = np.asarray(log_determinants)
         return self
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        z = (np.asarray(features, dtype=np.float64) - self.center_) @ self.projection_ @ self.whitening_
-        means = self.class_means_ @ self.whitening_
-        return (((z[:, None, :] - means[None]) ** 2).sum(axis=2)).min(axis=1)
+        z = (np.asarray(features, dtype=np.float64) - self.center_) @ self.projection_
+        if self.class_whitening_ is None:
+            z, means = z @ self.whitening_, self.class_means_ @ self.whitening_
+            return (((z[:, None, :] - means[None]) ** 2).sum(axis=2)).min(axis=1)
+        distances = [
+            (((z - mean) @ whitening) ** 2).sum(axis=1) + log_det
+            for mean, whitening, log_det in zip(self.class_means_, self.class_whitening_, self.log_determinants_)
+        ]
+        return np.min(distances, axis=0)
 
     def is_uncertain(self, features: np.ndarray) -> np.ndarray:
         if self.threshold is None:
@@ -252,24 +282,61 @@ class OODScorer:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything needed to score again (arrays as nested lists, for JSON or npz)."""
-        return {
+        state = {
             "n_components": self.n_components,
             "shrinkage": self.shrinkage,
             "threshold": self.threshold,
+            "class_covariance": self.class_covariance,
             "center": self.center_.tolist(),
             "projection": self.projection_.tolist(),
             "whitening": self.whitening_.tolist(),
             "class_means": self.class_means_.tolist(),
         }
+        if self.class_whitening_ is not None:
+            state |= {
+                "class_whitening": self.class_whitening_.tolist(),
+                "log_determinants": self.log_determinants_.tolist(),
+            }
+        return state
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> OODScorer:
-        scorer = cls(int(state["n_components"]), float(state["shrinkage"]), state.get("threshold"))
+        """Inverse of :meth:`to_dict`; a state without per-class arrays (older files) is the tied score.
+        Raises ValueError when the arrays' shapes do not fit together."""
+        scorer = cls(
+            int(state["n_components"]),
+            float(state["shrinkage"]),
+            state.get("threshold"),
+            float(state.get("class_covariance", 0.0)),
+        )
         scorer.center_ = np.asarray(state["center"], dtype=np.float64)
         scorer.projection_ = np.asarray(state["projection"], dtype=np.float64)
         scorer.whitening_ = np.asarray(state["whitening"], dtype=np.float64)
         scorer.class_means_ = np.asarray(state["class_means"], dtype=np.float64)
+        scorer.class_whitening_ = scorer.log_determinants_ = None
+        if "class_whitening" in state:
+            scorer.class_whitening_ = np.asarray(state["class_whitening"], dtype=np.float64)
+            scorer.log_determinants_ = np.asarray(state["log_determinants"], dtype=np.float64)
+        scorer.check_shapes()
         return scorer
+
+    def check_shapes(self, width: int | None = None) -> None:
+        """ValueError unless the fitted arrays fit together (and take ``width`` input features)."""
+        width = self.center_.shape[0] if width is None else width
+        n = self.projection_.shape[1] if self.projection_.ndim == 2 else -1
+        k = self.class_means_.shape[0] if self.class_means_.ndim == 2 else -1
+        ok = (
+            self.center_.shape == (width,)
+            and self.projection_.shape == (width, n)
+            and self.whitening_.shape == (n, n)
+            and self.class_means_.shape == (k, n)
+            and k >= 1
+        )
+        if self.class_whitening_ is not None:
+            ok = ok and self.class_whitening_.shape == (k, n, n) and self.log_determinants_.shape == (k,)
+            ok = ok and self.class_covariance > 0
+        if not ok:
+            raise ValueError("array shapes do not fit together")
 
 
 def choose_threshold(in_distribution_scores: np.ndarray, accept: float = DEFAULT_ACCEPT) -> float:
@@ -287,15 +354,21 @@ def fit_ood(
     *,
     accept: float = DEFAULT_ACCEPT,
     n_components: int = DEFAULT_COMPONENTS,
+    class_covariance: float = DEFAULT_CLASS_COVARIANCE,
 ) -> tuple[OODScorer, np.ndarray]:
     """The scorer fit on all training rows of ``folds`` with its threshold from out-of-fold scores:
     for each fold a scorer fit on the other folds scores the held-out one. Returns (scorer, the
-    out-of-fold scores). ``features``/``labels`` index the whole dataset; test rows are never read."""
+    out-of-fold scores). ``features``/``labels`` index the whole dataset; test rows are never read.
+    ``class_covariance`` 0 gives the tied Mahalanobis score (see :class:`OODScorer`)."""
+
+    def new() -> OODScorer:
+        return OODScorer(n_components, class_covariance=class_covariance)
+
     oof = []
     for train, val in folds:
-        oof.append(OODScorer(n_components).fit(features[train], labels[train]).score(features[val]))
+        oof.append(new().fit(features[train], labels[train]).score(features[val]))
     everything = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in folds]))
-    scorer = OODScorer(n_components).fit(features[everything], labels[everything])
+    scorer = new().fit(features[everything], labels[everything])
     oof_scores = np.concatenate(oof)
     scorer.threshold = choose_threshold(oof_scores, accept)
     return scorer, oof_scores
@@ -360,7 +433,8 @@ def percentile_combine(reference: Sequence[np.ndarray], scores: Sequence[np.ndar
 
 SOFTMAX_SCORE = "1 - max probability"
 RULE_FILE = "uncertainty.npz"
-RULE_METHOD = "texture Mahalanobis or max softmax"
+RULE_METHOD = "texture Mahalanobis or max softmax"  # tied covariance (files written before per-class)
+RULE_METHOD_CLASS_COVARIANCE = "texture per-class Gaussian or max softmax"
 
 
 @dataclass
@@ -408,7 +482,13 @@ class UncertaintyRule:
     def describe(self) -> dict[str, Any]:
         """The rule's small fields, for the model's JSON description (the arrays go in :data:`RULE_FILE`)."""
         return {
-            "method": RULE_METHOD if self.uses_texture else SOFTMAX_SCORE,
+            "method": (
+                SOFTMAX_SCORE
+                if not self.uses_texture
+                else RULE_METHOD_CLASS_COVARIANCE
+                if self.scorer.class_covariance > 0
+                else RULE_METHOD
+            ),
             "threshold": self.threshold,
             "accept": self.accept,
             "texture_layers": list(TEXTURE_LAYERS) if self.uses_texture else [],
@@ -426,16 +506,21 @@ class UncertaintyRule:
             "channels": np.asarray(self.channels, dtype=np.int64),
         }
         if self.uses_texture:
-            state = self.scorer.to_dict()
             arrays |= {
                 "texture_reference": self.texture_reference,
-                "n_components": np.int64(state["n_components"]),
-                "shrinkage": np.float64(state["shrinkage"]),
+                "n_components": np.int64(self.scorer.n_components),
+                "shrinkage": np.float64(self.scorer.shrinkage),
                 "center": self.scorer.center_,
                 "projection": self.scorer.projection_,
                 "whitening": self.scorer.whitening_,
                 "class_means": self.scorer.class_means_,
             }
+            if self.scorer.class_whitening_ is not None:  # absent = tied score, as in older files
+                arrays |= {
+                    "class_covariance": np.float64(self.scorer.class_covariance),
+                    "class_whitening": self.scorer.class_whitening_,
+                    "log_determinants": self.scorer.log_determinants_,
+                }
         buffer = io.BytesIO()
         np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
         return buffer.getvalue()
@@ -453,22 +538,21 @@ class UncertaintyRule:
             channels = tuple(int(c) for c in arrays["channels"])
             scorer = texture_reference = None
             if "center" in arrays:
-                scorer = OODScorer(int(arrays["n_components"]), float(arrays["shrinkage"]), None)
+                per_class = "class_whitening" in arrays
+                scorer = OODScorer(
+                    int(arrays["n_components"]),
+                    float(arrays["shrinkage"]),
+                    None,
+                    float(arrays["class_covariance"]) if per_class else 0.0,
+                )
                 scorer.center_ = arrays["center"].astype(np.float64)
                 scorer.projection_ = arrays["projection"].astype(np.float64)
                 scorer.whitening_ = arrays["whitening"].astype(np.float64)
                 scorer.class_means_ = arrays["class_means"].astype(np.float64)
+                scorer.class_whitening_ = arrays["class_whitening"].astype(np.float64) if per_class else None
+                scorer.log_determinants_ = arrays["log_determinants"].astype(np.float64) if per_class else None
                 texture_reference = np.sort(arrays["texture_reference"].astype(np.float64))
-                width = 2 * sum(channels)
-                n = scorer.projection_.shape[1]
-                if (
-                    scorer.center_.shape != (width,)
-                    or scorer.projection_.shape != (width, n)
-                    or scorer.whitening_.shape != (n, n)
-                    or scorer.class_means_.ndim != 2
-                    or scorer.class_means_.shape[1] != n
-                ):
-                    raise ValueError("array shapes do not fit together")
+                scorer.check_shapes(2 * sum(channels))
             rule = cls(
                 softmax_reference=np.sort(arrays["softmax_reference"].astype(np.float64)),
                 combined_reference=np.sort(arrays["combined_reference"].astype(np.float64)),
@@ -494,6 +578,7 @@ def fit_rule(
     channels: Sequence[int] = (),
     accept: float = DEFAULT_ACCEPT,
     n_components: int = DEFAULT_COMPONENTS,
+    class_covariance: float = DEFAULT_CLASS_COVARIANCE,
 ) -> UncertaintyRule:
     """Fit the rule on the training images only.
 
@@ -511,7 +596,9 @@ def fit_rule(
         features = np.full((len(labels), texture_features(texture_raw[:1], channels).shape[1]), np.nan)
         rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in folds]))
         features[rows] = texture_features(texture_raw[rows], channels)
-        scorer, texture_oof = fit_ood(features, labels, folds, accept=accept, n_components=n_components)
+        scorer, texture_oof = fit_ood(
+            features, labels, folds, accept=accept, n_components=n_components, class_covariance=class_covariance
+        )
         texture_reference = np.sort(texture_oof)  # fit_ood's out-of-fold scores follow ``validation``'s order
         references.append(texture_reference)
         oof_scores.append(texture_oof)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -198,3 +200,106 @@ def test_the_deploy_model_flags_far_ood_inputs_and_accepts_the_test_split(pooled
     assert cli.main(["--quiet", "predict", str(pooled_neu_run), str(tmp_path / "astronaut.png")]) == 0
     out = capsys.readouterr().out
     assert "UNCERTAIN" in out and "1 uncertain" in out
+
+
+def _tight_and_thin(rng, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes of very different shapes: a tight round one at 0 and a long thin one at x = 6."""
+    tight = rng.normal(0, 0.2, (n, 3))
+    thin = rng.normal(0, 1, (n, 3)) * [4.0, 0.3, 0.3] + [6.0, 0.0, 0.0]
+    return np.vstack([tight, thin]), np.repeat([0, 1], n)
+
+
+def test_per_class_score_is_the_gaussian_negative_log_likelihood_of_the_nearest_class():
+    from scipy.stats import multivariate_normal
+
+    rng = np.random.default_rng(2)
+    features, labels = _tight_and_thin(rng)
+    scorer = uncertainty.OODScorer(n_components=3, shrinkage=1e-9, class_covariance=1.0).fit(features, labels)
+    queries = rng.normal(0, 3, (20, 3))
+    expected = []
+    for c in (0, 1):
+        z = (features[labels == c] - scorer.center_) @ scorer.projection_
+        gaussian = multivariate_normal(z.mean(0), np.cov(z.T, bias=True))
+        expected.append(-2 * gaussian.logpdf((queries - scorer.center_) @ scorer.projection_) - 3 * np.log(2 * np.pi))
+    assert np.allclose(scorer.score(queries), np.min(expected, axis=0), rtol=1e-6)
+    with pytest.raises(ValueError, match="class_covariance"):
+        uncertainty.OODScorer(n_components=3, class_covariance=1.5).fit(features, labels)
+
+
+def test_per_class_covariance_flags_what_the_tied_one_misses():
+    # Two classes of equal volume, one long along x, one long along y: the shared covariance is broad in
+    # both directions, so an image 2 units off the x-class sideways (where that class is 0.3 thin) looks
+    # ordinary to the tied score. Both scorers get their threshold from out-of-fold scores.
+    rng = np.random.default_rng(3)
+    along_x = rng.normal(0, 1, (400, 3)) * [3.0, 0.3, 0.3]
+    along_y = rng.normal(0, 1, (400, 3)) * [0.3, 3.0, 0.3] + [0.0, 0.0, 4.0]
+    features, labels = np.vstack([along_x, along_y]), np.repeat([0, 1], 400)
+    splits = make_splits(labels, test_fraction=0.2, n_folds=5, seed=0)
+    beside = rng.normal(0, 1, (100, 3)) * [3.0, 0.3, 0.3] + [0.0, 2.0, 0.0]
+    tied, _ = uncertainty.fit_ood(features, labels, splits.folds, n_components=3, class_covariance=0.0)
+    per_class, _ = uncertainty.fit_ood(features, labels, splits.folds, n_components=3, class_covariance=1.0)
+    assert per_class.is_uncertain(beside).mean() > 0.95
+    assert tied.is_uncertain(beside).mean() < 0.1
+    for scorer in (tied, per_class):
+        assert scorer.is_uncertain(features[splits.test_indices]).mean() <= 0.03  # known images still accepted
+        again = uncertainty.OODScorer.from_dict(scorer.to_dict())
+        assert np.allclose(again.score(beside), scorer.score(beside))
+    default, _ = uncertainty.fit_ood(features, labels, splits.folds, n_components=3)
+    assert default.class_covariance == uncertainty.DEFAULT_CLASS_COVARIANCE > 0  # what fit_rule ships
+
+
+def _rule(class_covariance: float) -> tuple[uncertainty.UncertaintyRule, np.ndarray, np.ndarray]:
+    """A rule fitted on synthetic 'texture statistics' (raw layout: per layer mean, mean of squares)."""
+    rng = np.random.default_rng(4)
+    channels = (3, 5)
+    labels = np.repeat(np.arange(3), 60)
+    mean = rng.normal(0, 1, (3, 8))[labels] + rng.normal(0, 0.3, (len(labels), 8))
+    raw = np.hstack([mean[:, :3], mean[:, :3] ** 2 + 0.5, mean[:, 3:], mean[:, 3:] ** 2 + 0.5])
+    splits = make_splits(labels, test_fraction=0.2, n_folds=4, seed=0)
+    probabilities = np.full((len(labels), 3), 0.1)
+    probabilities[np.arange(len(labels)), labels] = 0.8
+    rule = uncertainty.fit_rule(
+        labels,
+        splits.folds,
+        probabilities,
+        texture_raw=raw,
+        channels=channels,
+        n_components=6,
+        class_covariance=class_covariance,
+    )
+    return rule, probabilities, raw
+
+
+def test_rule_files_keep_the_per_class_score_and_older_tied_files_still_read():
+    per_class, probabilities, raw = _rule(uncertainty.DEFAULT_CLASS_COVARIANCE)
+    tied, _, _ = _rule(0.0)
+    assert per_class.describe()["method"] == uncertainty.RULE_METHOD_CLASS_COVARIANCE
+    assert tied.describe()["method"] == uncertainty.RULE_METHOD
+    for rule in (per_class, tied):
+        data = rule.to_npz_bytes()
+        again = uncertainty.UncertaintyRule.from_npz_bytes(data)
+        assert np.allclose(again.scores(probabilities, raw), rule.scores(probabilities, raw))
+        assert again.scorer.class_covariance == rule.scorer.class_covariance
+    # A tied file, as written before per-class covariances existed, has none of the new arrays.
+    with np.load(io.BytesIO(tied.to_npz_bytes())) as archive:
+        assert not {"class_whitening", "log_determinants", "class_covariance"} & set(archive.files)
+    assert not np.allclose(
+        per_class.scorer.score(per_class.scorer.center_[None]), tied.scorer.score(tied.scorer.center_[None])
+    )
+
+
+@pytest.mark.parametrize("damage", ["drop log_determinants", "wrong class_whitening shape", "zero class_covariance"])
+def test_rule_file_with_inconsistent_per_class_arrays_is_refused(damage):
+    rule, _, _ = _rule(uncertainty.DEFAULT_CLASS_COVARIANCE)
+    with np.load(io.BytesIO(rule.to_npz_bytes())) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    if damage == "drop log_determinants":
+        del arrays["log_determinants"]
+    elif damage == "wrong class_whitening shape":
+        arrays["class_whitening"] = arrays["class_whitening"][:, :-1]
+    else:
+        arrays["class_covariance"] = np.float64(0.0)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    with pytest.raises(ValueError, match=uncertainty.RULE_FILE):
+        uncertainty.UncertaintyRule.from_npz_bytes(buffer.getvalue())
