@@ -231,8 +231,8 @@ def _trust_section(run: Path, names: list[str], backbones: dict[str, Any]) -> li
             lines += [
                 "Uncertainty rule of the final model (each variant fitted on its own outputs for the training "
                 "images; threshold from out-of-fold scores): an image is *uncertain* when its texture "
-                "statistics (four backbone layers, Mahalanobis distance) or its top probability rank beyond "
-                "the accepted share of training images.",
+                "statistics (four backbone layers, likelihood under the nearest class) or its top "
+                "probability rank beyond the accepted share of training images.",
                 "",
                 _md_table(
                     ["Variant", "Threshold (rank)", "Accepts", "Test flagged", "Accuracy of accepted", "Accuracy"],
