@@ -182,7 +182,9 @@ class TrainOptions(DataOptions):
     fine_tune_epochs: int = option(
         10, "fine-tuning epochs (one augmented view of each image per epoch)", check=AT_LEAST_1
     )
-    fine_tune_lr: float = option(1e-4, "fine-tuning learning rate (Adam)", check=POSITIVE)
+    fine_tune_lr: float = option(
+        1e-4, "fine-tuning learning rate (Adam), decayed to 0 by a cosine over the epochs", check=POSITIVE
+    )
     fine_tune_views: int = option(
         0, "augmented views cached per training image for fine-tuning (0 = one per epoch)", check=AT_LEAST_0
     )
