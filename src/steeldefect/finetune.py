@@ -344,7 +344,7 @@ def _fine_tune(
     variables = [v for layer in split.trained_layers for v in layer.trainable_weights] + list(head.trainable_weights)
     steps = epochs * -(-len(train_idx) // batch_size)
     # Cosine decay to 0 over the run: at a constant 1e-4 the fold validation accuracy of full NEU swung
-    # by up to 4 points from one epoch to the next (a run recorded in the README), so which weights were
+    # by up to 3.6 points from one epoch to the next (a run recorded in the README), so which weights were
     # kept depended on where the last epoch happened to land.
     optimizer = keras.optimizers.Adam(learning_rate=keras.optimizers.schedules.CosineDecay(learning_rate, steps))
     optimizer.build(variables)
@@ -358,11 +358,11 @@ def _fine_tune(
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss, training._n_correct(y, probabilities)
 
+    view_rows = activations.view_rows(train_idx)
     n_classes = int(head.output_shape[-1])
     y_all = keras.utils.to_categorical(labels[train_idx], n_classes).astype(np.float32)
     if class_weight is not None:
         y_all = y_all * np.asarray(class_weight, dtype=np.float32)[None, :]
-    view_rows = activations.view_rows(train_idx)
     n_views = activations.views.shape[0]
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     order = np.random.default_rng(seed)

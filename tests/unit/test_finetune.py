@@ -269,17 +269,20 @@ def test_fine_tuned_joined_model_matches_its_cached_activations(tiny_bn):
     )
     agreement = finetune.check_fine_tuned_agrees(tuned, 1, images, activations.plain)
     assert agreement["prediction_agreement"] == 1.0
-    with pytest.raises(ValueError, match="no augmented activations cached"):
+    partial = finetune.compute_activations(
+        split.bottom, images, np.arange(3), np.arange(0), views=1, seed=0, progress=False
+    )
+    with pytest.raises(ValueError, match=r"no augmented activations cached for image\(s\) \[5\]"):
         finetune.fine_tune_model(
             TINY_BN,
             images,
             labels,
-            np.array([0, len(images) + 3]),
+            np.array([0, 5]),
             head_model=head,
             blocks=1,
             epochs=1,
             progress=False,
-            activations=activations,
+            activations=partial,
         )
 
 
