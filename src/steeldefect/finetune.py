@@ -117,15 +117,6 @@ class SplitBackbone:
             if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
         ]
 
-    @property
-    def batch_norm_layers(self) -> list[keras.layers.Layer]:
-        return [
-            layer
-            for block in self.blocks
-            for layer in block.layers
-            if isinstance(layer, keras.layers.BatchNormalization)
-        ]
-
 
 def split_backbone(backbone: keras.Model, n_blocks: int) -> SplitBackbone:
     """Cut ``backbone`` at the input of its top ``n_blocks`` blocks and unfreeze their weights
