@@ -180,6 +180,23 @@ class TrainOptions(DataOptions):
         check=AT_LEAST_0,
     )
 
+    # Fine-tuning (steeldefect.finetune; README: Fine-tuning).
+    fine_tune: int = option(
+        0,
+        "after the frozen grid, fine-tune the backbone's top N blocks with each fold's and the final head "
+        "(BatchNormalization frozen; 0 = frozen backbone)",
+        check=AT_LEAST_0,
+    )
+    fine_tune_epochs: int = option(
+        10, "fine-tuning epochs (one augmented view of each image per epoch)", check=AT_LEAST_1
+    )
+    fine_tune_lr: float = option(
+        1e-4, "fine-tuning learning rate (Adam), decayed to 0 by a cosine over the epochs", check=POSITIVE
+    )
+    fine_tune_views: int = option(
+        0, "augmented views cached per training image for fine-tuning (0 = one per epoch)", check=AT_LEAST_0
+    )
+
 
 LEARNING_CURVE_METHODS = ("frozen", "augmented", "fine-tuned")
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from steeldefect import backbones as backbone_registry
 from steeldefect import data as data_module
-from steeldefect import runfolder, training, trust
+from steeldefect import finetune, runfolder, training, trust
 from steeldefect import splits as splits_module
 from steeldefect.features import cached_features
 from steeldefect.files import default_cache_dir, read_json, write_csv, write_json
@@ -132,6 +132,8 @@ def train(
     if options.weights == "imagenet" and not skip_missing:
         for name in names:  # fail before any work when an explicitly named backbone cannot run
             backbone_registry.weights_path(name)
+    for name in names:
+        finetune.check_fine_tune(name, options)
     # Everything that can be refused (bad data, a class too small, changed data) is checked before
     # the run folder records anything, so a failed start leaves the folder as it was.
     prepared = load_data(data, options, progress=progress)
@@ -272,6 +274,22 @@ def train_backbone(
         )
         final_metrics.pop("fold")
 
+    fine_tuned: dict[str, Any] = {}
+    if options.fine_tune:  # fold<k>.keras / final.keras become the fine-tuned models; the join below skips them
+        with training.timed(stage_times, "fine_tune"):
+            fine_tuned = finetune.fine_tune_run(
+                prepared,
+                out,
+                name,
+                options,
+                heads=heads,
+                final_head=final_head,
+                frozen_per_model=per_model,
+                frozen_final=final_metrics,
+                metadata=lambda fold: model_metadata(name, "keras", fold, best_rate, prepared, options, weights_id),
+                progress=progress,
+            )
+
     with training.timed(stage_times, "join"):
         for fold, fold_head in [*enumerate(heads), (runfolder.FINAL, final_head)]:
             path = fold_model_path(out, name, fold, "keras")
@@ -302,9 +320,11 @@ def train_backbone(
         "calibration": {key: calibration[key] for key in ("temperature", "fitted_on", "test")},
         "final": {"keras": final_metrics},
         "wall_time_s": stage_times,
-    }
+    } | fine_tuned
     update_summary(out, name, **summary_entry)
-    log.info("%s: best lr %g, test accuracy %.2f%%", name, best_rate, keras_aggregate["accuracy"]["mean"])
+    log.info(
+        "%s: best lr %g, test accuracy %.2f%%", name, best_rate, summary_entry["variants"]["keras"]["accuracy"]["mean"]
+    )
     return summary_entry
 
 
