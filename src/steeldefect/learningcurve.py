@@ -198,13 +198,6 @@ def learning_curve(
 
     out = Path(out)
     methods = list(dict.fromkeys(options.methods))
-    if "fine-tuned" in methods:
-        try:
-            from steeldefect import finetune  # noqa: F401  (built by the fine-tuning work; may be absent)
-        except ImportError:
-            raise ValueError(
-                "--methods fine-tuned: this installation has no fine-tuning (steeldefect.finetune is missing)"
-            ) from None
     name = options.backbone
     backbone_registry.get_backbone(name)
     if options.weights == "imagenet":
