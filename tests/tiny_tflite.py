@@ -11,15 +11,12 @@ import numpy as np
 CLASSES = ("crazing", "inclusion", "patches", "scratches")
 
 
-def export_tiny_classifier(
-    folder: Path, variant: str = "fp32", size: int = 32, seed: int = 1, extra_metadata: dict | None = None
-) -> Path:
-    """``folder/tiny.<variant>.tflite`` with its sidecar: a small conv net (random weights, so its
-    probabilities vary from image to image), raw uint8 pixels in, probabilities out."""
+def _tiny_model(size: int, seed: int):
+    """A small conv net (random weights, so its probabilities vary from image to image), raw uint8
+    pixels in, probabilities out."""
     import keras
 
     from steeldefect import training
-    from steeldefect.export import export_model
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((size, size, 3))
@@ -28,7 +25,18 @@ def export_tiny_classifier(
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
     backbone = keras.Model(inputs, x)
     head = training.build_head(backbone.output_shape[1:], len(CLASSES))
-    model = training.join_model(backbone, head, "tiny")
+    return training.join_model(backbone, head, "tiny")
+
+
+def export_tiny_classifier(
+    folder: Path, variant: str = "fp32", size: int = 32, seed: int = 1, extra_metadata: dict | None = None
+) -> Path:
+    """``folder/tiny.<variant>.tflite`` with its sidecar: a small conv net (random weights, so its
+    probabilities vary from image to image), raw uint8 pixels in, probabilities out."""
+
+    from steeldefect.export import export_model
+
+    model = _tiny_model(size, seed)
     calibration = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8)
     path = export_model(model, variant, Path(folder) / f"tiny.{variant}.tflite", calibration)
     meta = {
@@ -49,20 +57,11 @@ def export_tiny_with_rule(
     net has no texture layers), fitted on 40 generated images in 4 folds with the model's own
     probabilities standing in for the out-of-fold ones; ``accept`` = 0.5 flags about half of
     similar images, so tests see both answers."""
-    import keras
 
-    from steeldefect import training
     from steeldefect.export import RuleData, export_model
     from steeldefect.runtime import make_interpreter, predict_tflite
 
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((size, size, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
-    backbone = keras.Model(inputs, x)
-    head = training.build_head(backbone.output_shape[1:], len(CLASSES))
-    model = training.join_model(backbone, head, "tiny")
+    model = _tiny_model(size, seed)
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (40, size, size, 3), dtype=np.uint8)
     labels = np.arange(40) % len(CLASSES)
