@@ -301,8 +301,16 @@ def _write_heatmaps(
     from steeldefect.predict import predict_paths
 
     inputs = collect_inputs(paths)
-    answers = [r.top for r in predict_paths(model, inputs, top_k=options.top_k, threads=options.threads)]
-    results = explain_paths(keras_model, inputs, out_dir, top_k=options.top_k, answers=answers, progress=progress)
+    predictions = predict_paths(model, inputs, top_k=options.top_k, threads=options.threads, accept=options.accept)
+    results = explain_paths(
+        keras_model,
+        inputs,
+        out_dir,
+        top_k=options.top_k,
+        answers=[r.top for r in predictions],
+        uncertain=[r.uncertain for r in predictions],
+        progress=progress,
+    )
     written = sum(1 for result in results if result.png is not None)
     print(f"heatmaps: {written} PNGs in {out_dir} ({DEFAULT_METHOD} on {keras_model})", file=sys.stderr)
     return 1 if any(result.error for result in results) else 0

@@ -346,6 +346,7 @@ def explain_paths(
     batch_size: int = 16,
     class_names: Sequence[str] | None = None,
     answers: Sequence[Sequence[tuple[str, float]] | None] | None = None,
+    uncertain: Sequence[bool | None] | None = None,
     progress: bool = True,
 ) -> list[Explanation]:
     """Classify each image with the Keras model of MODEL (a run folder, a ``.keras``, a ``.tflite``
@@ -358,7 +359,8 @@ def explain_paths(
     ``answers``: per image, the (class, probability) list another model of the same run gave (the
     deployed .tflite that `predict` printed); the heatmap then explains that answer's first class and
     the title shows it, so the PNG never contradicts the printed line (an int8 model may rank the
-    classes of a borderline image differently from its .keras). None: the Keras model's own answer."""
+    classes of a borderline image differently from its .keras). None: the Keras model's own answer.
+    ``uncertain``: per image, whether that model flagged it; the title then says "(uncertain)"."""
     import keras
     from tqdm.auto import tqdm
 
@@ -408,7 +410,8 @@ def explain_paths(
                     results[i].top = top
                     results[i].heatmap = heatmap
                     if directory is not None:
-                        results[i].png = save_overlay(image, heatmap, title(*results[i].top[0]), directory / names[i])
+                        text = title(*results[i].top[0]) + (" (uncertain)" if uncertain and uncertain[i] else "")
+                        results[i].png = save_overlay(image, heatmap, text, directory / names[i])
             bar.update(min(batch_size, len(paths) - start))
     return results
 

@@ -54,7 +54,13 @@ class _KerasRunner:
 
 
 def predict_paths(
-    model_path: Path, paths: Sequence[Path], *, top_k: int = 1, threads: int | None = None, progress: bool = False
+    model_path: Path,
+    paths: Sequence[Path],
+    *,
+    top_k: int = 1,
+    threads: int | None = None,
+    progress: bool = False,
+    accept: float | None = None,
 ) -> list[Prediction]:
     from steeldefect.data import read_image
 
@@ -64,7 +70,8 @@ def predict_paths(
 
         model_path = deployable_model(model_path)
     info = read_model_info(model_path)
-    runner = _KerasRunner(model_path) if model_path.suffix == ".keras" else Classifier(model_path, threads, info)
+    keras_model = model_path.suffix == ".keras"
+    runner = _KerasRunner(model_path) if keras_model else Classifier(model_path, threads, info, accept=accept)
     results = []
     for path in tqdm(collect_images(paths), desc="predict", unit="img", disable=not progress):
         try:
@@ -72,8 +79,13 @@ def predict_paths(
         except Exception as error:  # any unreadable file is that file's problem, not the batch's
             results.append(Prediction(path, error=str(error)))
             continue
-        probabilities = runner.probabilities(image[None])[0]
-        results.append(Prediction(path, top_k_classes(probabilities, info.class_names, top_k)))
+        if keras_model:  # a .keras model carries no uncertainty rule
+            probabilities, uncertain = runner.probabilities(image[None])[0], None
+        else:
+            judgement = runner.judge(image[None])
+            probabilities = judgement.probabilities[0]
+            uncertain = None if judgement.uncertain is None else bool(judgement.uncertain[0])
+        results.append(Prediction(path, top_k_classes(probabilities, info.class_names, top_k), uncertain=uncertain))
     return results
 
 

@@ -184,6 +184,11 @@ def test_explain_paths_writes_titled_overlays_with_the_maximum_on_the_square(tmp
     assert np.allclose(other.heatmap, clean_map, atol=1e-5) and not np.allclose(other.heatmap, good[0].heatmap)
     with pytest.raises(ValueError, match="has no class rust"):
         explain.explain_paths(model, paths[:1], None, answers=[[("rust", 0.9)]], progress=False)
+    # An image the deployed model flagged says so in its title, as `predict` says so in its line.
+    flagged = explain.explain_paths(
+        model, paths[:2], tmp_path / "flagged", answers=[[("clean", 0.6)]] * 2, uncertain=[True, False], progress=False
+    )
+    assert [_png_title(r.png) for r in flagged] == ["clean 0.600 (uncertain)", "clean 0.600"]
 
 
 def test_predict_explain_cli_prints_predictions_and_writes_one_png_per_image(tmp_path, capsys):
