@@ -367,8 +367,11 @@ def test_predict_explain_and_gallery_on_a_real_neu_run(neu_dir, pooled_neu_run, 
     assert main(["--quiet", "predict", str(pooled_neu_run), *map(str, paths), "--explain", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()[:3]
     for path, line in zip(paths, printed):
-        printed_class = line.split(": ")[1].split()[0]
-        assert _png_title(out / (path.stem + ".png")).split()[0] == printed_class
+        answer = line.split(": ", 1)[1]
+        flagged = answer.startswith("UNCERTAIN (most likely ")
+        printed_class = answer.removeprefix("UNCERTAIN (most likely ").split()[0]
+        title = _png_title(out / (path.stem + ".png"))
+        assert title.split()[0] == printed_class and title.endswith("(uncertain)") == flagged
 
     # The gallery of the run's model to deploy: two correct per class and every wrong test image.
     prepared, _ = load_run_data(pooled_neu_run, progress=False)

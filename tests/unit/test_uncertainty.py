@@ -179,15 +179,17 @@ def test_the_deploy_model_flags_far_ood_inputs_and_accepts_the_test_split(pooled
 
     from steeldefect import cli
     from steeldefect.modelfile import Classifier
-    from steeldefect.runfolder import deployable_model, test_predictions_path
+    from steeldefect.pipeline import load_run_data
+    from steeldefect.runfolder import deployable_model
     from steeldefect.uncertainty import far_ood_examples
 
     pytest.importorskip("skimage", reason="scikit-image (test extra) provides the far-OOD photographs")
     model = deployable_model(pooled_neu_run)
     classifier = Classifier(model)
     assert classifier.rule is not None and classifier.rule.uses_texture
-    test_rows = list(__import__("csv").DictReader(test_predictions_path(pooled_neu_run, "efficientnet_lite0").open()))
-    flagged_test = np.mean([row["uncertain"] == "True" for row in test_rows])
+    prepared, _ = load_run_data(pooled_neu_run, progress=False)
+    test_images = prepared.images[prepared.splits.test_indices]
+    flagged_test = classifier.judge(test_images).uncertain.mean()
     assert flagged_test <= 0.05, f"{flagged_test:.1%} of the NEU test split flagged"
     images = neu_dir / "IMAGES" if (neu_dir / "IMAGES").is_dir() else neu_dir
     neu_image = np.asarray(Image.open(images / "crazing_1.jpg").convert("RGB"))
