@@ -26,7 +26,7 @@ from steeldefect.features import cached_features
 from steeldefect.files import read_json
 from steeldefect.pipeline import load_run_data
 from steeldefect.runfolder import backbone_dir
-from steeldefect.training import GridCell, load_head, predict_proba
+from steeldefect.training import GridCell, load_head, out_of_fold_probabilities, predict_proba
 
 BACKBONE = "efficientnet_lite0"
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for k in range(len(splits.folds))
     ]
-    indices, oof = uncertainty.out_of_fold_probabilities(heads, features, splits.folds)
+    indices, oof = out_of_fold_probabilities(heads, features, splits.folds)
     fitted = uncertainty.fit_calibration(oof, labels[indices], val_indices=indices, test_indices=splits.test_indices)
     test, y = splits.test_indices, labels[splits.test_indices]
     per_model = []

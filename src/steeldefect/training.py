@@ -471,3 +471,13 @@ def timed(stage_times: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         stage_times[stage] = round(stage_times.get(stage, 0.0) + time.perf_counter() - started, 3)
+
+
+def out_of_fold_probabilities(
+    heads: Sequence[Any], features: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, probabilities): each fold's validation images scored by the head that did not train
+    on them. ``heads[k]`` is the Keras head of fold k; ``features`` index the whole dataset."""
+    indices = np.concatenate([val for _, val in folds])
+    probabilities = np.concatenate([predict_proba(head, features[val]) for head, (_, val) in zip(heads, folds)])
+    return indices, probabilities

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from steeldefect import runfolder, uncertainty
+from steeldefect import runfolder, training, uncertainty
 from steeldefect.files import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,11 @@ def calibrate(
     """Fit the temperature on the out-of-fold predictions of ``heads`` (fold k's head on fold k's
     validation images), measure test ECE before/after over the fold models, write the record, the
     out-of-fold probabilities and the reliability diagram. Returns the record."""
-    from steeldefect.training import predict_proba
-
-    indices, oof = uncertainty.out_of_fold_probabilities(heads, features, folds)
+    indices, oof = training.out_of_fold_probabilities(heads, features, folds)
     record = uncertainty.fit_calibration(oof, labels[indices], val_indices=indices, test_indices=test_indices)
     temperature = record["temperature"]
     test_labels = labels[test_indices]
-    test_probabilities = [predict_proba(head, features[test_indices]) for head in heads]
+    test_probabilities = [training.predict_proba(head, features[test_indices]) for head in heads]
     calibrated = [uncertainty.apply_temperature(p, temperature) for p in test_probabilities]
     ece = uncertainty.expected_calibration_error
     nll = uncertainty.negative_log_likelihood

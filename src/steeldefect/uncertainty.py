@@ -118,18 +118,6 @@ def fit_calibration(
     }
 
 
-def out_of_fold_probabilities(
-    heads: Sequence[Any], features: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, probabilities): each fold's validation images scored by the head that did not train
-    on them. ``heads[k]`` is the Keras head of fold k; ``features`` index the whole dataset."""
-    from steeldefect.training import predict_proba
-
-    indices = np.concatenate([val for _, val in folds])
-    probabilities = np.concatenate([predict_proba(head, features[val]) for head, (_, val) in zip(heads, folds)])
-    return indices, probabilities
-
-
 def reliability_diagram(
     curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, n_bins: int = ECE_BINS, title: str = ""
 ) -> Path:

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from steeldefect import uncertainty
+from steeldefect import training, uncertainty
 from steeldefect.splits import make_splits
 
 
@@ -66,7 +66,7 @@ def test_out_of_fold_predictions_use_only_validation_rows_never_test():
     labels = np.repeat(np.arange(3), 40)
     splits = make_splits(labels, test_fraction=0.2, n_folds=4, seed=0)
     features = np.arange(len(labels), dtype=np.float64)[:, None] / 1000
-    indices, probabilities = uncertainty.out_of_fold_probabilities([_TableHead()] * 4, features, splits.folds)
+    indices, probabilities = training.out_of_fold_probabilities([_TableHead()] * 4, features, splits.folds)
     assert len(np.intersect1d(indices, splits.test_indices)) == 0
     assert sorted(indices) == sorted(splits.train_indices)
     assert np.allclose(probabilities[:, 0], indices / 1000)  # each row scored from its own features
