@@ -136,6 +136,13 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def save_npz(path: str | os.PathLike, *arrays: np.ndarray, **named: np.ndarray) -> Path:
+    """``np.savez`` written atomically (positional arrays are stored as arr_0, arr_1, ...)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, *arrays, **named)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from steeldefect import runfolder
 from steeldefect.augfeatures import AugmentedFeatures, training_rows
-from steeldefect.files import atomic_save, atomic_write_bytes, read_json, write_csv, write_json
+from steeldefect.files import atomic_save, read_json, save_npz, write_csv, write_json
 from steeldefect.metrics import METRIC_NAMES, aggregate, classification_metrics
 from steeldefect.options import CLASS_WEIGHT_CHOICES, HEAD_CHOICES, TrainOptions
 
@@ -381,9 +380,7 @@ def select_best_rate(rows: Sequence[dict[str, Any]]) -> float:
 
 def save_head(head: keras.Model, path: Path) -> Path:
     """The head's weights only: Keras' save_weights would add Adam's two moments (3x the size)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, *head.get_weights())
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_npz(path, *head.get_weights())
 
 
 def prune_heads(run: Path, backbone: str, keep_rate: float) -> None:

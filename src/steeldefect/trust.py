@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from steeldefect import runfolder, training, uncertainty
-from steeldefect.files import atomic_write_bytes, write_json
+from steeldefect.files import save_npz, write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,7 @@ def calibrate(
         },
         "ece_bins": uncertainty.ECE_BINS,
     }
-    oof_path = runfolder.oof_probabilities_path(run, backbone)
-    oof_path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = _npz_bytes(indices=indices, probabilities=oof)
-    atomic_write_bytes(oof_path, buffer)
+    save_npz(runfolder.oof_probabilities_path(run, backbone), indices=indices, probabilities=oof)
     write_json(runfolder.calibration_record_path(run, backbone), record)
     uncertainty.reliability_diagram(
         {
@@ -91,11 +88,3 @@ def read_oof_probabilities(run: Path, backbone: str, n_images: int) -> np.ndarra
     full = np.full((n_images, probabilities.shape[1]), np.nan)
     full[indices] = probabilities
     return full
-
-
-def _npz_bytes(**arrays: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
