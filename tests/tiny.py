@@ -45,6 +45,7 @@ def register_tiny_backbone(monkeypatch, keras_home: Path, *, in_all: bool = True
             path.name, "tiny/" + path.name, path.stat().st_size, hashlib.md5(path.read_bytes()).hexdigest()
         ),
         _build=build_tiny,
+        multilayer=("tiny_conv1", "tiny_conv2"),
     )
     monkeypatch.setitem(backbones.REGISTRY, TINY, spec)
     if in_all:

@@ -43,8 +43,12 @@ class AugmentedFeatures:
     extracted_views: int  # how many views had to be computed (0 = all from the cache)
 
 
-def augmentation_settings() -> dict[str, Any]:
+def augmentation_settings(views: str = "random") -> dict[str, Any]:
     """What the augmentation does, as recorded in the cache key."""
+    if views == "dihedral":
+        return {"layers": ["dihedral"]}
+    if views != "random":
+        raise ValueError(f"views must be 'random' or 'dihedral', got {views!r}")
     return {
         "layers": ["flip_hv", "transpose", "shift", "brightness", "contrast"],
         "shift": augment.SHIFT,
@@ -63,6 +67,7 @@ def augmented_cache_key(
     *,
     seed: int,
     pooled: bool,
+    views: str = "random",
 ) -> str:
     description = json.dumps(
         {
@@ -72,7 +77,7 @@ def augmented_cache_key(
             "preprocessing": preprocessing,
             "image_size": list(image_size),
             "engine": EXTRACTION_ENGINE,
-            "augmentation": augmentation_settings(),
+            "augmentation": augmentation_settings(views),
             "seed": int(seed),
             "sources": hashlib.sha256(np.asarray(sources, dtype=np.int64).tobytes()).hexdigest(),
             "pooled": bool(pooled),
@@ -117,42 +122,59 @@ def augmented_features(
     preprocessing: str,
     cache_dir: Path | None,
     progress: bool = True,
+    views: str = "random",
 ) -> AugmentedFeatures:
     """Features of ``k`` augmented views of ``images[sources]`` (rows view-major: view 0 of every
     source, then view 1, ...), each view read from the cache or extracted on the LiteRT runtime
     like the plain features. ``pooled`` stores one value per channel (the pooled head's input)
-    instead of whole maps. ``model_factory`` (the backbone) is called only on a cache miss."""
+    instead of whole maps (a backbone whose output is already a vector is taken as it is).
+    ``views="dihedral"``: view ``v`` is the exact flip/rotation ``v + 1`` of
+    :func:`steeldefect.augment.dihedral_view` (k <= 7), with no randomness.
+    ``model_factory`` (the backbone) is called only on a cache miss."""
     from steeldefect.conversion import convert
     from steeldefect.runtime import make_interpreter, predict_tflite
 
     sources = np.asarray(sources, dtype=np.int64)
     if k < 1:
         raise ValueError(f"--augment must be >= 1 here, got {k}")
+    if views == "dihedral" and k > 7:
+        raise ValueError(f"--augment-views dihedral: --augment must be 1..7, got {k}")
     image_size = tuple(int(v) for v in images.shape[1:3])
     key = augmented_cache_key(
-        dataset_fingerprint, backbone, weights_id, preprocessing, image_size, sources, seed=seed, pooled=pooled
+        dataset_fingerprint,
+        backbone,
+        weights_id,
+        preprocessing,
+        image_size,
+        sources,
+        seed=seed,
+        pooled=pooled,
+        views=views,
     )
     folder = Path(cache_dir) / "features" / "augmented" if cache_dir else None
     interpreter = None
-    views, extracted = [], 0
+    parts, extracted = [], 0
     for view in range(k):
         path = folder / f"{backbone}-{key}-view{view}.npy" if folder else None
         if path is not None and path.is_file():
             cached = np.load(path)
             if len(cached) == len(sources):
-                views.append(cached)
+                parts.append(cached)
                 continue
             log.warning(
                 "augmented feature cache %s has %d rows for %d images; recomputing", path, len(cached), len(sources)
             )
         if interpreter is None:
             model = model_factory()
-            if pooled:
+            if pooled and len(model.output.shape) == 4:
                 import keras
 
                 model = keras.Model(model.input, keras.layers.GlobalAveragePooling2D()(model.output))
             interpreter = make_interpreter(convert(model, "fp32"))
-        pixels = augment.augmented_views(images[sources], 1, view_seed(seed, view))
+        if views == "dihedral":
+            pixels = augment.dihedral_view(images[sources], view + 1)
+        else:
+            pixels = augment.augmented_views(images[sources], 1, view_seed(seed, view))
         features = predict_tflite(
             interpreter, pixels, progress=progress, desc=f"{backbone} augmented view {view + 1}/{k}"
         )
@@ -169,7 +191,7 @@ def augmented_features(
                     "preprocessing": preprocessing,
                     "image_size": list(image_size),
                     "engine": EXTRACTION_ENGINE,
-                    "augmentation": augmentation_settings(),
+                    "augmentation": augmentation_settings(views),
                     "seed": seed,
                     "view": view,
                     "pooled": pooled,
@@ -177,7 +199,7 @@ def augmented_features(
                     "shape": list(features.shape),
                 },
             )
-        views.append(features)
+        parts.append(features)
     log.info(
         "augmented features for %s: %d views x %d images (%d extracted, %d from the cache)",
         backbone,
@@ -186,7 +208,7 @@ def augmented_features(
         extracted,
         k - extracted,
     )
-    return AugmentedFeatures(np.concatenate(views), np.tile(sources, k), extracted)
+    return AugmentedFeatures(np.concatenate(parts), np.tile(sources, k), extracted)
 
 
 def training_rows(

@@ -94,3 +94,17 @@ def augmented_views(images: np.ndarray, k: int, seed: int, *, batch_size: int = 
 def view_sources(n_images: int, k: int) -> np.ndarray:
     """For each row of :func:`augmented_views`' output, the index of the image it was made from."""
     return np.tile(np.arange(n_images), k)
+
+
+def dihedral_view(images: np.ndarray, view: int) -> np.ndarray:
+    """View ``view`` (0..7) of the 8 symmetries of the square: 0 is the image itself, 1-3 its 90, 180
+    and 270-degree rotations, 4-7 the same of its left-right mirror image. Exact (no interpolation,
+    no fill), for square images (N, S, S, C)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"dihedral views need square images (N, S, S, C), got {images.shape}")
+    if not 0 <= view <= 7:
+        raise ValueError(f"dihedral view must be 0..7, got {view}")
+    if view >= 4:
+        images = images[:, :, ::-1]
+    return np.ascontiguousarray(np.rot90(images, view % 4, axes=(1, 2)))

@@ -26,7 +26,7 @@ import numpy as np
 
 from steeldefect import efficientnet_lite
 from steeldefect.files import file_digest, keras_home
-from steeldefect.options import PREPROCESSING_CHOICES, WEIGHTS_CHOICES
+from steeldefect.options import FEATURES_CHOICES, PREPROCESSING_CHOICES, WEIGHTS_CHOICES
 
 # ImageNet BGR channel means that VGG-16 was trained with (keras.applications.imagenet_utils, "caffe").
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -208,6 +208,9 @@ class BackboneSpec:
     weights: WeightFile | PackageWeights
     # (weights file or None, preprocessing inside?, input shape) -> model
     _build: Callable[[Path | None, bool, tuple[int, int, int]], keras.Model]
+    # ``features="multilayer"``: the layers whose channel means, side by side, are the features.
+    # Empty: the backbone offers only its last feature map.
+    multilayer: tuple[str, ...] = ()
 
 
 def keras_models_dir() -> Path:
@@ -282,6 +285,9 @@ REGISTRY: dict[str, BackboneSpec] = {
             feature_shape=(7, 7, 1280),
             weights=PackageWeights(),
             _build=_build_lite0,
+            # Mid-level texture (blocks 7 and 10 at 14x14) beside the last blocks: chosen by the
+            # few-image learning curve (README, "Few and imbalanced images"), 4,736 values per image.
+            multilayer=("block7_dw_relu", "block10_dw_relu", "block14_dw_relu", "block15_dw_relu", "head_relu"),
         ),
     )
 }
@@ -340,15 +346,54 @@ def weights_id(name: str, weights: str) -> str:
 
 
 def backbone_factory(
-    name: str, *, weights: str, preprocessing: str, seed: int, image_size: tuple[int, int]
+    name: str,
+    *,
+    weights: str,
+    preprocessing: str,
+    seed: int,
+    image_size: tuple[int, int],
+    features: str = "maps",
 ) -> Callable[[], Any]:
     """A callable that builds the backbone on its first call and returns the same model after: a
     warm feature cache never needs the backbone, so it is only built when something asks for it."""
     return functools.cache(
         lambda: build_backbone(
-            name, weights=weights, preprocessing=preprocessing, seed=seed, image_size=tuple(image_size)
+            name,
+            weights=weights,
+            preprocessing=preprocessing,
+            seed=seed,
+            image_size=tuple(image_size),
+            features=features,
         )
     )
+
+
+def check_features(name: str, features: str) -> None:
+    """Refuse, in one line, a feature kind the backbone does not offer."""
+    if features not in FEATURES_CHOICES:
+        raise ValueError(f"--features must be one of {', '.join(FEATURES_CHOICES)}, got {features!r}")
+    if features == "multilayer" and not get_backbone(name).multilayer:
+        offering = ", ".join(spec.name for spec in REGISTRY.values() if spec.multilayer)
+        raise ValueError(f"--features multilayer is defined for {offering} only, not {name}")
+
+
+def feature_name(name: str, features: str) -> str:
+    """The name a backbone's features are cached and recorded under: the backbone's own name for its
+    last feature map, ``<name>+multilayer`` for the multi-layer vector (different numbers, own files)."""
+    return name if features == "maps" else f"{name}+{features}"
+
+
+def multilayer_model(backbone: keras.Model, layers: Sequence[str]) -> keras.Model:
+    """``backbone`` with one output: the channel means of ``layers`` side by side, (N, sum of channels).
+
+    The layers stay the backbone's own (same names, same weights), so the Grad-CAM layer and the
+    texture statistics are found in a joined model exactly as with the plain backbone."""
+    pooled = [
+        keras.layers.GlobalAveragePooling2D(name=f"multilayer_mean_{index}")(backbone.get_layer(layer).output)
+        for index, layer in enumerate(layers)
+    ]
+    output = keras.layers.Concatenate(name="multilayer_features")(pooled)
+    return keras.Model(backbone.input, output, name=f"{backbone.name}_multilayer")
 
 
 def build_backbone(
@@ -358,8 +403,12 @@ def build_backbone(
     preprocessing: str = "model",
     seed: int = 0,
     image_size: tuple[int, int] = (224, 224),
+    features: str = "maps",
 ) -> keras.Model:
     """A frozen feature extractor taking raw RGB pixels 0..255 of shape (*image_size, 3).
+
+    ``features="maps"`` outputs the last feature map (N, h, w, C); ``"multilayer"`` the channel
+    means of the spec's ``multilayer`` layers side by side (N, D).
 
     ``weights="none"`` is the only way to get random weights, seeded by ``seed``; missing ImageNet
     weights raise WeightsMissingError rather than falling back silently.
@@ -380,6 +429,10 @@ def build_backbone(
         # The checks above passed but HDF5 still failed to read the file (e.g. it changed since).
         raise WeightsMissingError(missing_weights_message(spec, f"unreadable ({_first_line(error)})")) from error
     model.trainable = False
+    if features != "maps":
+        check_features(name, features)
+        model = multilayer_model(model, spec.multilayer)
+        model.trainable = False
     return model
 
 

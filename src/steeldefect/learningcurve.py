@@ -6,7 +6,10 @@ drawn, each method is trained on it and scored on the test split:
 
 - ``frozen``: the reference pooled head (Dense 128 -> Dense 64 -> softmax) on cached Lite0 features;
 - ``augmented``: the same head, with K augmented views of each sampled image as extra rows;
-- ``fine-tuned``: ``steeldefect.finetune.fine_tune_model`` started from the frozen head.
+- ``fine-tuned``: ``steeldefect.finetune.fine_tune_model`` started from the frozen head;
+- ``multilayer``: the same head on the channel means of five Lite0 layers side by side
+  (``backbones.multilayer_model``), with the 7 exact flips/90-degree rotations of each sampled image
+  as extra rows: what ``train --features multilayer --augment 7 --augment-views dihedral`` does.
 
 Heads train for a fixed number of Adam steps, not epochs: with 30 images an epoch is one step, with
 1,530 it is 24, so "15 epochs" would mean 15 steps at 5 images per class. The defaults, 1,000 steps
@@ -37,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from steeldefect.files import atomic_write_bytes, atomic_write_text, default_cache_dir, write_csv, write_json
-from steeldefect.options import LearningCurveOptions
+from steeldefect.options import DIHEDRAL_VIEWS, LearningCurveOptions
 
 log = logging.getLogger(__name__)
 
@@ -260,29 +263,73 @@ def learning_curve(
         len(points) * len(methods) * len(options.class_weights) * options.draws - len(plan),
     )
 
-    augmented = None
-    extraction_seconds = 0.0
-    if any(method == "augmented" for _, method, _, _, _ in plan):
-        from steeldefect.augfeatures import augmented_features
+    from steeldefect.augfeatures import augmented_features
 
-        started = time.perf_counter()
-        augmented = augmented_features(
-            get_backbone,
-            images,
-            pool,
-            k=options.augment,
+    # What each method's head trains on: (features of every image, augmented views of the pool or None).
+    inputs: dict[str, tuple[np.ndarray, Any]] = {"frozen": (pooled, None), "fine-tuned": (pooled, None)}
+    extraction_seconds = 0.0
+    planned = {method for _, method, _, _, _ in plan}
+    started = time.perf_counter()
+    if "augmented" in planned:
+        inputs["augmented"] = (
+            pooled,
+            augmented_features(
+                get_backbone,
+                images,
+                pool,
+                k=options.augment,
+                seed=options.seed,
+                pooled=True,
+                dataset_fingerprint=prepared.fingerprint,
+                backbone=name,
+                weights_id=weights_key,
+                preprocessing=options.preprocessing,
+                cache_dir=cache_dir,
+                progress=progress,
+            ),
+        )
+    if "multilayer" in planned:
+        backbone_registry.check_features(name, "multilayer")
+        get_multilayer = backbone_registry.backbone_factory(
+            name,
+            weights=options.weights,
+            preprocessing=options.preprocessing,
             seed=options.seed,
-            pooled=True,
+            image_size=images.shape[1:3],
+            features="multilayer",
+        )
+        multilayer_name = backbone_registry.feature_name(name, "multilayer")
+        multilayer, _, _ = cached_features(
+            get_multilayer,
+            images,
             dataset_fingerprint=prepared.fingerprint,
-            backbone=name,
+            backbone=multilayer_name,
             weights_id=weights_key,
             preprocessing=options.preprocessing,
             cache_dir=cache_dir,
             progress=progress,
         )
-        extraction_seconds = time.perf_counter() - started
+        inputs["multilayer"] = (
+            multilayer,
+            augmented_features(
+                get_multilayer,
+                images,
+                pool,
+                k=DIHEDRAL_VIEWS,
+                seed=options.seed,
+                pooled=False,
+                views="dihedral",
+                dataset_fingerprint=prepared.fingerprint,
+                backbone=multilayer_name,
+                weights_id=weights_key,
+                preprocessing=options.preprocessing,
+                cache_dir=cache_dir,
+                progress=progress,
+            ),
+        )
+    extraction_seconds = time.perf_counter() - started
 
-    trainers: dict[int, Any] = {}
+    trainers: dict[tuple[int, int], Any] = {}
     with tqdm(total=len(plan), desc="learning curve", unit="row", disable=not progress) as bar:
         for point, method, weight_mode, draw, identity in plan:
             bar.set_postfix_str(f"{point.label} {method} {weight_mode} draw {draw}")
@@ -292,10 +339,9 @@ def learning_curve(
                 method,
                 sample,
                 labels,
-                pooled,
+                *inputs[method],
                 images,
                 test_idx,
-                augmented,
                 trainers,
                 options=options,
                 weight_mode=weight_mode,
@@ -341,7 +387,7 @@ def _row_identity(
         "order": point.order_label,
         "method": method,
         "class_weight": weight_mode,
-        "augment": options.augment if method == "augmented" else 0,
+        "augment": {"augmented": options.augment, "multilayer": DIHEDRAL_VIEWS}.get(method, 0),
         "steps": options.steps,
         "learning_rate": options.learning_rate,
         "seed": options.seed,
@@ -371,11 +417,11 @@ def _train_and_score(
     method: str,
     sample: np.ndarray,
     labels: np.ndarray,
-    pooled: np.ndarray,
+    features: np.ndarray,
+    augmented: Any,
     images: np.ndarray,
     test_idx: np.ndarray,
-    augmented: Any,
-    trainers: dict[int, Any],
+    trainers: dict[tuple[int, int], Any],
     *,
     options: LearningCurveOptions,
     weight_mode: str,
@@ -391,16 +437,17 @@ def _train_and_score(
     from steeldefect.augfeatures import training_rows
 
     weights = training.class_weights(labels[sample], n_classes, weight_mode)
-    x, y = training_rows(pooled, labels, sample, augmented if method == "augmented" else None)
+    x, y = training_rows(features, labels, sample, augmented)
     batch, epochs = steps_to_epochs(len(x), options.batch_size, options.steps)
-    if batch not in trainers:
-        trainers[batch] = training.HeadTrainer(x.shape[1:], n_classes, kind="flatten", batch_size=batch)
+    trainer_key = (batch, int(x.shape[1]))  # one compiled trainer per batch size and feature width
+    if trainer_key not in trainers:
+        trainers[trainer_key] = training.HeadTrainer(x.shape[1:], n_classes, kind="flatten", batch_size=batch)
     seed = training.derived_seed(options.seed, "learning-curve-head", draw, len(sample))
-    head, _ = trainers[batch].fit(
+    head, _ = trainers[trainer_key].fit(
         x, y, learning_rate=options.learning_rate, epochs=epochs, seed=seed, class_weight=weights
     )
     if method != "fine-tuned":
-        return training.predict_proba(head, pooled[test_idx]), len(x)
+        return training.predict_proba(head, features[test_idx]), len(x)
 
     from steeldefect import finetune
 
@@ -480,6 +527,8 @@ def summarise(rows: Sequence[dict[str, Any]], points: Sequence[Point], class_nam
 
 
 def _method(entry: dict[str, Any]) -> str:
+    if entry["method"] == "multilayer":
+        return f"multilayer + dihedral K={entry['augment']}"
     return entry["method"] + (f" K={entry['augment']}" if entry["method"] == "augmented" else "")
 
 
@@ -586,6 +635,12 @@ def write_report(
         f"pooled Dense 128 -> 64 -> softmax, {options.steps} Adam steps at {options.learning_rate:g}, batch "
         f"<= {options.batch_size}. Mean ± std over draws; seconds = training and scoring one draw "
         "(augmented features are extracted once per run, before, and cached).",
+        "",
+        "Methods: frozen = the head on the last feature map's channel means (1,280 values); augmented = the "
+        "same plus K random views (flips, transposes, shifts, brightness, contrast) of each sampled image; "
+        "multilayer = the head on the channel means of five backbone layers (4,736 values) plus the 7 "
+        "flips/90-degree rotations of each sampled image (`train --features multilayer --augment 7 "
+        "--augment-views dihedral`); fine-tuned = the top blocks fine-tuned from the frozen head.",
         "",
         "| images per class | class order | method | class weights | accuracy % | macro recall % "
         "| rarest-class recall % | rarest class | s / draw |",

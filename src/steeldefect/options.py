@@ -18,6 +18,13 @@ from typing import Any
 from steeldefect.conversion import DEFAULT_VARIANTS, VARIANTS
 
 HEAD_CHOICES = ("flatten", "pooled")
+# What the frozen backbone hands the head: its last feature map, or the channel means of several
+# layers side by side (steeldefect.backbones.multilayer_model).
+FEATURES_CHOICES = ("maps", "multilayer")
+# How --augment's views are made: random flips/transposes/shifts/brightness/contrast, or the
+# 7 non-identity flips and 90-degree rotations (a steel surface has no "up").
+VIEWS_CHOICES = ("random", "dihedral")
+DIHEDRAL_VIEWS = 7
 PREPROCESSING_CHOICES = ("model", "reference")
 WEIGHTS_CHOICES = ("imagenet", "none")
 FORMAT_CHOICES = ("table", "csv", "json")
@@ -163,6 +170,12 @@ class TrainOptions(DataOptions):
         choices=PREPROCESSING_CHOICES,
     )
     head: str = option("flatten", "classifier head on the frozen features", choices=HEAD_CHOICES)
+    features: str = option(
+        "maps",
+        "what the head sees: the backbone's last feature map, or 'multilayer' = the channel means of "
+        "five Lite0 layers side by side (best with few images; the head is then a Dense stack)",
+        choices=FEATURES_CHOICES,
+    )
     learning_rates: tuple[float, ...] = option((0.01, 0.001, 0.0001), "the learning-rate grid", check=POSITIVE)
     epochs: int = option(15, "epochs per head", check=AT_LEAST_1)
     batch_size: int = option(64, "head training batch size", check=AT_LEAST_1)
@@ -178,6 +191,12 @@ class TrainOptions(DataOptions):
         "K augmented views (flips, transposes, shifts, brightness, contrast) of every training image "
         "as extra head-training rows; validation and test images are never augmented",
         check=AT_LEAST_0,
+    )
+    augment_views: str = option(
+        "random",
+        f"how --augment's views are made: 'random' as above, or 'dihedral' = the {DIHEDRAL_VIEWS} flips and "
+        f"90-degree rotations of each image (--augment 1..{DIHEDRAL_VIEWS})",
+        choices=VIEWS_CHOICES,
     )
 
     # Fine-tuning (steeldefect.finetune; README: Fine-tuning).
@@ -197,8 +216,18 @@ class TrainOptions(DataOptions):
         0, "augmented views cached per training image for fine-tuning (0 = one per epoch)", check=AT_LEAST_0
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Combinations no single option can refuse on its own.
+        if self.features == "multilayer" and self.head == "pooled":
+            raise ValueError("--head pooled: multilayer features are already channel means; use --head flatten")
+        if self.features == "multilayer" and self.fine_tune:
+            raise ValueError("--fine-tune needs --features maps (the fine-tuned blocks feed one feature map)")
+        if self.augment_views == "dihedral" and not 1 <= self.augment <= DIHEDRAL_VIEWS:
+            raise ValueError(f"--augment-views dihedral: --augment must be 1..{DIHEDRAL_VIEWS}, got {self.augment}")
 
-LEARNING_CURVE_METHODS = ("frozen", "augmented", "fine-tuned")
+
+LEARNING_CURVE_METHODS = ("frozen", "augmented", "fine-tuned", "multilayer")
 
 
 @dataclass(frozen=True)
@@ -220,7 +249,9 @@ class LearningCurveOptions(DataOptions):
     )
     draws: int = option(5, "seeded stratified draws per point", check=AT_LEAST_1)
     methods: tuple[str, ...] = option(
-        ("frozen", "augmented"), "what to train on each draw", choices=LEARNING_CURVE_METHODS
+        ("frozen", "augmented", "multilayer"),
+        "what to train on each draw ('multilayer' = train --features multilayer --augment 7 --augment-views dihedral)",
+        choices=LEARNING_CURVE_METHODS,
     )
     class_weights: tuple[str, ...] = option(
         ("none",),

@@ -133,6 +133,7 @@ def train(
         for name in names:  # fail before any work when an explicitly named backbone cannot run
             backbone_registry.weights_path(name)
     for name in names:
+        backbone_registry.check_features(name, options.features)
         finetune.check_fine_tune(name, options)
     # Everything that can be refused (bad data, a class too small, changed data) is checked before
     # the run folder records anything, so a failed start leaves the folder as it was.
@@ -188,6 +189,7 @@ def train_backbone(
         preprocessing=options.preprocessing,
         seed=options.seed,
         image_size=images.shape[1:3],
+        features=options.features,
     )
 
     with training.timed(stage_times, "features"):
@@ -195,7 +197,7 @@ def train_backbone(
             get_backbone,
             images,
             dataset_fingerprint=prepared.fingerprint,
-            backbone=name,
+            backbone=backbone_registry.feature_name(name, options.features),
             weights_id=weights_id + (f"-seed{options.seed}" if options.weights == "none" else ""),
             preprocessing=options.preprocessing,
             cache_dir=options.cache_dir,
@@ -314,6 +316,7 @@ def train_backbone(
         "weights": weights_id,
         "preprocessing": options.preprocessing,
         "head": options.head,
+        "features": options.features,
         "best_learning_rate": best_rate,
         "cv": _cv_summary(rows),
         "variants": {"keras": keras_aggregate},
@@ -354,8 +357,9 @@ def _augmented_rows(
             k=options.augment,
             seed=options.seed,
             pooled=pooled,
+            views=options.augment_views,
             dataset_fingerprint=prepared.fingerprint,
-            backbone=name,
+            backbone=backbone_registry.feature_name(name, options.features),
             weights_id=weights_id + (f"-seed{options.seed}" if options.weights == "none" else ""),
             preprocessing=options.preprocessing,
             cache_dir=options.cache_dir,
