@@ -108,3 +108,36 @@ def dihedral_view(images: np.ndarray, view: int) -> np.ndarray:
     if view >= 4:
         images = images[:, :, ::-1]
     return np.ascontiguousarray(np.rot90(images, view % 4, axes=(1, 2)))
+
+
+def dihedral_average_model(model: Any) -> Any:
+    """``model`` answering for the 8 flips/90-degree rotations of each input image at once: every
+    output is the mean over the views (test-time augmentation, 8x the compute). Built from transpose
+    and reverse ops, which LiteRT runs in float and in full-integer int8; the batch stays dynamic.
+    View ``v`` is :func:`dihedral_view` ``v``."""
+    import keras
+
+    ops = keras.ops
+
+    def views(images: Any) -> Any:
+        mirrored = ops.flip(images, axis=2)
+        stacked = []
+        for start in (images, mirrored):
+            rotated = start
+            for _ in range(4):
+                stacked.append(rotated)
+                # np.rot90(x, 1, axes=(1, 2)): mirror the width axis, then swap height and width.
+                rotated = ops.transpose(ops.flip(rotated, axis=2), (0, 2, 1, 3))
+        return ops.concatenate(stacked, axis=0)
+
+    inputs = keras.Input(model.input.shape[1:], name=model.input.name if hasattr(model.input, "name") else "pixels")
+    batched = keras.layers.Lambda(views, name="dihedral_views")(inputs)
+    outputs = model(batched)
+    single = not isinstance(outputs, (list, tuple))
+    averaged = [
+        keras.layers.Lambda(
+            lambda t: ops.mean(ops.reshape(t, (8, -1, *t.shape[1:])), axis=0), name=f"dihedral_mean_{index}"
+        )(output)
+        for index, output in enumerate([outputs] if single else outputs)
+    ]
+    return keras.Model(inputs, averaged[0] if single else averaged, name=f"{model.name}_dihedral")

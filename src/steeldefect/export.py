@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from steeldefect import runfolder, uncertainty
+from steeldefect import augment, runfolder, uncertainty
 from steeldefect.conversion import QUANTIZED_VARIANTS, batch1_converter, convert, representative_dataset
 from steeldefect.files import atomic_write_bytes, read_json, write_csv, write_json
 from steeldefect.tflite_metadata import embed_metadata
@@ -158,6 +158,7 @@ def export_backbone(
     workers: int = 1,
     progress: bool = True,
     rule_data: RuleData | None = None,
+    tta: bool = False,
 ) -> list[Path]:
     """Every (fold, variant) LiteRT file of one backbone of a run, and of its final model (refitted
     on all training images), with its sidecar (resumable: a file whose sidecar exists is done).
@@ -168,7 +169,8 @@ def export_backbone(
 
     The final model also outputs its texture statistics and carries its uncertainty rule, fitted on
     ``rule_data`` (the training images): it is converted in this process, beside the fold workers, so
-    the images are not copied into a worker.
+    the images are not copied into a worker. ``tta`` (`export --tta`): every file answers with the mean
+    over the 8 flips/rotations of its input (:func:`steeldefect.augment.dihedral_average_model`).
     """
     from tqdm.auto import tqdm
 
@@ -196,11 +198,12 @@ def export_backbone(
                     calibration_images,
                     on_done=lambda _: bar.update(1),
                     rule_data=rule_data,
+                    tta=tta,
                 )
 
         if workers <= 1 or len(pending) <= 1:
             for fold, todo in pending.items():
-                export_fold(run, backbone, fold, todo, calibration_images, on_done=lambda _: bar.update(1))
+                export_fold(run, backbone, fold, todo, calibration_images, on_done=lambda _: bar.update(1), tta=tta)
             export_final()
         else:
             import multiprocessing
@@ -210,7 +213,7 @@ def export_backbone(
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context) as pool:
                 futures = [
-                    pool.submit(export_fold, run, backbone, fold, todo, calibration_images)
+                    pool.submit(export_fold, run, backbone, fold, todo, calibration_images, tta=tta)
                     for fold, todo in pending.items()
                 ]
                 export_final()
@@ -231,9 +234,11 @@ def export_fold(
     calibration_images: np.ndarray,
     on_done=None,
     rule_data: RuleData | None = None,
+    tta: bool = False,
 ) -> list[Path]:
     """Convert one fold's joined Keras model to ``variants`` (in order) and write each with its sidecar.
-    With ``rule_data`` the model gets the texture statistics output and an uncertainty rule."""
+    With ``rule_data`` the model gets the texture statistics output and an uncertainty rule; with
+    ``tta`` every output is averaged over the 8 flips/rotations of the input image."""
     import keras
 
     source = runfolder.fold_model_path(run, backbone, fold, "keras")
@@ -247,6 +252,10 @@ def export_fold(
         extended = with_texture_output(model)
         if extended is not None:
             model, channels = extended, texture_channels(model)
+    if tta:
+        # After the texture output is added, so the uncertainty rule is fitted on, and judges, the
+        # same averaged outputs the file gives.
+        model = augment.dihedral_average_model(model)
     written = []
     for variant in variants:
         target = runfolder.fold_model_path(run, backbone, fold, variant)
@@ -254,6 +263,7 @@ def export_fold(
         # The description is built first: it is embedded in the model file (which is the source of
         # truth), and the sidecar repeats it with the tensor summary added.
         meta = read_json(runfolder.sidecar_path(source)) | {"variant": variant, "verified": None}
+        meta["test_time_augmentation"] = "dihedral-8" if tta else "none"
         if variant in QUANTIZED_VARIANTS:
             meta["calibration"] = {
                 "samples": len(calibration_images),

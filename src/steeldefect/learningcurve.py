@@ -265,8 +265,12 @@ def learning_curve(
 
     from steeldefect.augfeatures import augmented_features
 
-    # What each method's head trains on: (features of every image, augmented views of the pool or None).
-    inputs: dict[str, tuple[np.ndarray, Any]] = {"frozen": (pooled, None), "fine-tuned": (pooled, None)}
+    # What each method's head trains on: (features of every image, augmented views of the pool or None,
+    # features of the test images' 7 flips/rotations for test-time averaging or None).
+    inputs: dict[str, tuple[np.ndarray, Any, Any]] = {
+        "frozen": (pooled, None, None),
+        "fine-tuned": (pooled, None, None),
+    }
     extraction_seconds = 0.0
     planned = {method for _, method, _, _, _ in plan}
     started = time.perf_counter()
@@ -287,46 +291,18 @@ def learning_curve(
                 cache_dir=cache_dir,
                 progress=progress,
             ),
+            None,
         )
-    if "multilayer" in planned:
-        backbone_registry.check_features(name, "multilayer")
-        get_multilayer = backbone_registry.backbone_factory(
-            name,
-            weights=options.weights,
-            preprocessing=options.preprocessing,
-            seed=options.seed,
-            image_size=images.shape[1:3],
-            features="multilayer",
+    if planned & {"multilayer", "multilayer-tta"}:
+        features_ml, augmented_ml, get_multilayer = multilayer_inputs(
+            prepared, pool, options, cache_dir, progress=progress
         )
-        multilayer_name = backbone_registry.feature_name(name, "multilayer")
-        multilayer, _, _ = cached_features(
-            get_multilayer,
-            images,
-            dataset_fingerprint=prepared.fingerprint,
-            backbone=multilayer_name,
-            weights_id=weights_key,
-            preprocessing=options.preprocessing,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
-        inputs["multilayer"] = (
-            multilayer,
-            augmented_features(
-                get_multilayer,
-                images,
-                pool,
-                k=DIHEDRAL_VIEWS,
-                seed=options.seed,
-                pooled=False,
-                views="dihedral",
-                dataset_fingerprint=prepared.fingerprint,
-                backbone=multilayer_name,
-                weights_id=weights_key,
-                preprocessing=options.preprocessing,
-                cache_dir=cache_dir,
-                progress=progress,
-            ),
-        )
+        inputs["multilayer"] = (features_ml, augmented_ml, None)
+        if "multilayer-tta" in planned:
+            # The test images' own flips/rotations, only ever averaged into their scores (never
+            # training rows), as `export --tta` files do inside the model.
+            test_views = multilayer_test_views(prepared, test_idx, options, cache_dir, get_multilayer, progress)
+            inputs["multilayer-tta"] = (features_ml, augmented_ml, test_views)
     extraction_seconds = time.perf_counter() - started
 
     trainers: dict[tuple[int, int], Any] = {}
@@ -339,8 +315,9 @@ def learning_curve(
                 method,
                 sample,
                 labels,
-                *inputs[method],
+                *inputs[method][:2],
                 images,
+                inputs[method][2],
                 test_idx,
                 trainers,
                 options=options,
@@ -378,6 +355,81 @@ def learning_curve(
     return {"rows": current, "summary": summary, "report": report}
 
 
+def multilayer_inputs(
+    prepared: Any, pool: np.ndarray, options: LearningCurveOptions, cache_dir: Path, *, progress: bool = True
+) -> tuple[np.ndarray, Any, Any]:
+    """The ``multilayer`` method's inputs: multi-layer features of every image, the 7 dihedral views
+    of the ``pool`` images (both cached like `train`'s), and the backbone factory that made them."""
+    from steeldefect import backbones as backbone_registry
+    from steeldefect.augfeatures import augmented_features
+    from steeldefect.features import cached_features
+
+    name = options.backbone
+    backbone_registry.check_features(name, "multilayer")
+    weights_key = backbone_registry.weights_id(name, options.weights) + (
+        f"-seed{options.seed}" if options.weights == "none" else ""
+    )
+    get_multilayer = backbone_registry.backbone_factory(
+        name,
+        weights=options.weights,
+        preprocessing=options.preprocessing,
+        seed=options.seed,
+        image_size=prepared.images.shape[1:3],
+        features="multilayer",
+    )
+    feature_name = backbone_registry.feature_name(name, "multilayer")
+    settings = dict(
+        dataset_fingerprint=prepared.fingerprint,
+        backbone=feature_name,
+        weights_id=weights_key,
+        preprocessing=options.preprocessing,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    features, _, _ = cached_features(get_multilayer, prepared.images, **settings)
+    augmented = augmented_features(
+        get_multilayer,
+        prepared.images,
+        pool,
+        k=DIHEDRAL_VIEWS,
+        seed=options.seed,
+        pooled=False,
+        views="dihedral",
+        **settings,
+    )
+    return features, augmented, get_multilayer
+
+
+def multilayer_test_views(
+    prepared: Any,
+    test_idx: np.ndarray,
+    options: LearningCurveOptions,
+    cache_dir: Path,
+    get_multilayer: Any,
+    progress: bool,
+) -> Any:
+    """Multi-layer features of the 7 flips/rotations of the test images (cached like training views)."""
+    from steeldefect import backbones as backbone_registry
+    from steeldefect.augfeatures import augmented_features
+
+    return augmented_features(
+        get_multilayer,
+        prepared.images,
+        test_idx,
+        k=DIHEDRAL_VIEWS,
+        seed=options.seed,
+        pooled=False,
+        views="dihedral",
+        dataset_fingerprint=prepared.fingerprint,
+        backbone=backbone_registry.feature_name(options.backbone, "multilayer"),
+        weights_id=backbone_registry.weights_id(options.backbone, options.weights)
+        + (f"-seed{options.seed}" if options.weights == "none" else ""),
+        preprocessing=options.preprocessing,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+
+
 def _row_identity(
     options: LearningCurveOptions, point: Point, method: str, weight_mode: str, draw: int, backbone: str
 ) -> dict[str, Any]:
@@ -387,7 +439,9 @@ def _row_identity(
         "order": point.order_label,
         "method": method,
         "class_weight": weight_mode,
-        "augment": {"augmented": options.augment, "multilayer": DIHEDRAL_VIEWS}.get(method, 0),
+        "augment": {"augmented": options.augment, "multilayer": DIHEDRAL_VIEWS, "multilayer-tta": DIHEDRAL_VIEWS}.get(
+            method, 0
+        ),
         "steps": options.steps,
         "learning_rate": options.learning_rate,
         "seed": options.seed,
@@ -413,6 +467,37 @@ def _fieldnames(rows: Sequence[dict[str, Any]]) -> list[str]:
     return names
 
 
+def fit_head(
+    sample: np.ndarray,
+    labels: np.ndarray,
+    features: np.ndarray,
+    augmented: Any,
+    trainers: dict[tuple[int, int], Any],
+    *,
+    options: LearningCurveOptions,
+    weight_mode: str,
+    n_classes: int,
+    draw: int,
+) -> tuple[Any, int]:
+    """The head a draw trains (on ``sample``'s rows of ``features`` plus their ``augmented`` views),
+    seeded by (seed, draw, sample size) as in the learning curve, and how many rows it trained on.
+    ``trainers`` caches one compiled trainer per batch size and feature width across calls."""
+    from steeldefect import training
+    from steeldefect.augfeatures import training_rows
+
+    weights = training.class_weights(labels[sample], n_classes, weight_mode)
+    x, y = training_rows(features, labels, sample, augmented)
+    batch, epochs = steps_to_epochs(len(x), options.batch_size, options.steps)
+    trainer_key = (batch, int(x.shape[1]))
+    if trainer_key not in trainers:
+        trainers[trainer_key] = training.HeadTrainer(x.shape[1:], n_classes, kind="flatten", batch_size=batch)
+    seed = training.derived_seed(options.seed, "learning-curve-head", draw, len(sample))
+    head, _ = trainers[trainer_key].fit(
+        x, y, learning_rate=options.learning_rate, epochs=epochs, seed=seed, class_weight=weights
+    )
+    return head, len(x)
+
+
 def _train_and_score(
     method: str,
     sample: np.ndarray,
@@ -420,6 +505,7 @@ def _train_and_score(
     features: np.ndarray,
     augmented: Any,
     images: np.ndarray,
+    test_views: Any,
     test_idx: np.ndarray,
     trainers: dict[tuple[int, int], Any],
     *,
@@ -434,20 +520,26 @@ def _train_and_score(
     """Class probabilities of the test images from one method trained on ``sample``, and how many
     rows it trained on."""
     from steeldefect import training
-    from steeldefect.augfeatures import training_rows
 
-    weights = training.class_weights(labels[sample], n_classes, weight_mode)
-    x, y = training_rows(features, labels, sample, augmented)
-    batch, epochs = steps_to_epochs(len(x), options.batch_size, options.steps)
-    trainer_key = (batch, int(x.shape[1]))  # one compiled trainer per batch size and feature width
-    if trainer_key not in trainers:
-        trainers[trainer_key] = training.HeadTrainer(x.shape[1:], n_classes, kind="flatten", batch_size=batch)
-    seed = training.derived_seed(options.seed, "learning-curve-head", draw, len(sample))
-    head, _ = trainers[trainer_key].fit(
-        x, y, learning_rate=options.learning_rate, epochs=epochs, seed=seed, class_weight=weights
+    head, n_rows = fit_head(
+        sample,
+        labels,
+        features,
+        augmented,
+        trainers,
+        options=options,
+        weight_mode=weight_mode,
+        n_classes=n_classes,
+        draw=draw,
     )
     if method != "fine-tuned":
-        return training.predict_proba(head, features[test_idx]), len(x)
+        probabilities = training.predict_proba(head, features[test_idx])
+        if test_views is not None:  # the mean over the image and its 7 views, row-aligned with test_idx
+            views = test_views.features.reshape(-1, len(test_idx), *features.shape[1:])
+            probabilities = (probabilities + sum(training.predict_proba(head, v) for v in views)) / (1 + len(views))
+        return probabilities, n_rows
+    weights = training.class_weights(labels[sample], n_classes, weight_mode)
+    seed = training.derived_seed(options.seed, "learning-curve-head", draw, len(sample))
 
     from steeldefect import finetune
 
@@ -529,6 +621,8 @@ def summarise(rows: Sequence[dict[str, Any]], points: Sequence[Point], class_nam
 def _method(entry: dict[str, Any]) -> str:
     if entry["method"] == "multilayer":
         return f"multilayer + dihedral K={entry['augment']}"
+    if entry["method"] == "multilayer-tta":
+        return f"multilayer + dihedral K={entry['augment']}, 8-view test average"
     return entry["method"] + (f" K={entry['augment']}" if entry["method"] == "augmented" else "")
 
 

@@ -227,7 +227,7 @@ class TrainOptions(DataOptions):
             raise ValueError(f"--augment-views dihedral: --augment must be 1..{DIHEDRAL_VIEWS}, got {self.augment}")
 
 
-LEARNING_CURVE_METHODS = ("frozen", "augmented", "fine-tuned", "multilayer")
+LEARNING_CURVE_METHODS = ("frozen", "augmented", "fine-tuned", "multilayer", "multilayer-tta")
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,8 @@ class LearningCurveOptions(DataOptions):
     draws: int = option(5, "seeded stratified draws per point", check=AT_LEAST_1)
     methods: tuple[str, ...] = option(
         ("frozen", "augmented", "multilayer"),
-        "what to train on each draw ('multilayer' = train --features multilayer --augment 7 --augment-views dihedral)",
+        "what to train on each draw ('multilayer' = train --features multilayer --augment 7 --augment-views "
+        "dihedral; 'multilayer-tta' = the same head scored as `export --tta` files answer)",
         choices=LEARNING_CURVE_METHODS,
     )
     class_weights: tuple[str, ...] = option(
@@ -282,6 +283,11 @@ class ExportOptions(_Options):
         additive=True,
     )
     calibration_samples: int = option(200, "training images used to calibrate int8", check=AT_LEAST_1)
+    tta: bool = option(
+        False,
+        "every file answers with the mean over the 8 flips/90-degree rotations of each image "
+        "(test-time augmentation: 8x the inference cost; the .keras models stay single-view)",
+    )
     quant_report: bool = option(
         True, "per-layer int8 error report (--no-quant-report skips it)", flag="--no-quant-report", resume_free=True
     )

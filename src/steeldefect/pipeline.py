@@ -469,6 +469,7 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
                 workers=resolve_threads(options.workers),
                 progress=progress,
                 rule_data=_rule_data(run, name, prepared),
+                tta=options.tta,
             )
         csv_path = runfolder.quant_debug_path(run, name, "csv")
         if options.quant_report and "int8" in options.variants and not csv_path.is_file():

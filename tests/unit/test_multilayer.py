@@ -77,6 +77,27 @@ def test_dihedral_augmented_features_are_the_backbone_on_the_exact_views(tmp_pat
         augfeatures.augmented_features(lambda: model, images, sources, k=8, views="dihedral", **settings)
 
 
+def test_dihedral_average_model_answers_the_mean_over_the_eight_views_in_keras_and_litert():
+    from steeldefect.conversion import convert
+    from steeldefect.runtime import make_interpreter, predict_tflite
+
+    backbone = build_tiny(None, True, (32, 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(backbone.output)
+    model = keras.Model(backbone.input, [keras.layers.Dense(3, activation="softmax")(pooled), pooled])
+    averaged = augment.dihedral_average_model(model)
+    images = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    views = [model.predict(augment.dihedral_view(images, v).astype(np.float32), verbose=0)[0] for v in range(8)]
+    wanted = np.mean(views, axis=0)
+    assert np.abs(views[0] - wanted).max() > 1e-3  # the views do change the answer: the test can fail
+    got, texture = averaged.predict(images.astype(np.float32), verbose=0)
+    np.testing.assert_allclose(got, wanted, atol=1e-6)
+    assert texture.shape == (5, 16)
+    for variant, tolerance in (("fp32", 1e-5), ("int8", 0.02)):
+        flatbuffer = convert(averaged, variant, images.astype(np.float32))
+        probabilities = predict_tflite(make_interpreter(flatbuffer, threads=1), images, progress=False)
+        np.testing.assert_allclose(probabilities, wanted, atol=tolerance)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -135,6 +156,31 @@ def test_train_multilayer_with_dihedral_views_end_to_end(tiny_env, tmp_path, mon
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_export_tta_writes_files_that_answer_the_mean_over_the_views(tiny_env, tmp_path):
+    from steeldefect import runfolder
+    from steeldefect.modelfile import Classifier, read_model_info
+
+    run = tmp_path / "run"
+    pipeline.train(tiny_env, run, backbones=[TINY], **FAST)
+    pipeline.export(run, variants=["fp32"], tta=True, calibration_samples=12, quant_report=False, progress=False)
+    deploy = runfolder.deploy_model_path(run, "fp32")
+    assert read_model_info(deploy).metadata["test_time_augmentation"] == "dihedral-8"
+    prepared, _ = pipeline.load_run_data(run, progress=False)
+    images = prepared.images[prepared.splits.test_indices[:4]]
+    keras_model = keras.models.load_model(run / "deploy" / "model.keras", compile=False)
+    views = [
+        np.asarray(keras_model.predict(augment.dihedral_view(images, v).astype(np.float32), verbose=0))
+        for v in range(8)
+    ]
+    got = Classifier(deploy, threads=1).probabilities(images)
+    np.testing.assert_allclose(got, np.mean(views, axis=0), atol=1e-4)
+    # the file does not answer as the single-view .keras model does
+    assert np.abs(got - views[0]).max() > 1e-3
+    # Files with and without the average are never mixed in one run folder.
+    with pytest.raises(ValueError, match=r"tta: True -> False"):
+        pipeline.export(run, variants=["fp32", "int8"], calibration_samples=12, quant_report=False, progress=False)
+
+
 def test_cli_learning_curve_multilayer_method(tiny_env, tmp_path):
     out = tmp_path / "curve"
     args = [
@@ -158,6 +204,7 @@ def test_cli_learning_curve_multilayer_method(tiny_env, tmp_path):
         "--methods",
         "frozen",
         "multilayer",
+        "multilayer-tta",
         "--out",
         str(out),
     ]
@@ -167,4 +214,8 @@ def test_cli_learning_curve_multilayer_method(tiny_env, tmp_path):
     assert len(multilayer) == 4 and all(r["augment"] == "7" for r in multilayer)
     # each sampled image and its 7 views, 3 classes
     assert all(int(r["n_train_rows"]) == 8 * 3 * int(r["point"]) for r in multilayer)
-    assert "multilayer + dihedral K=7" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "multilayer + dihedral K=7" in report and "8-view test average" in report
+    averaged = {(r["point"], r["draw"]): r for r in rows if r["method"] == "multilayer-tta"}
+    assert len(averaged) == 4  # the same heads as 'multilayer' (same seeds), scored on 8 views per test image
+    assert all(r["n_train_rows"] == averaged[(r["point"], r["draw"])]["n_train_rows"] for r in multilayer)

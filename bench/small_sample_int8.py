@@ -1,0 +1,127 @@
+"""Int8 of heads trained on few or imbalanced images: does full-integer quantization keep their accuracy?
+
+Usage (from the repository root)::
+
+    python bench/small_sample_int8.py --data ../shared/data/NEU-DET/IMAGES [--draws 1] [--out FILE.json]
+
+For each case (balanced 5 / 10 / 20 images per class, and the imbalance profile 255/128/64/32/16/8
+in the README's three class orders with balanced class weights), the learning curve's ``multilayer``
+head of draw d is trained exactly as `learning-curve` trains it (same sample, same seed), joined to
+the multi-layer Lite0 backbone, converted to fp32 and full-integer int8 LiteRT files, and both score
+the fixed 270-image test split from pixels. The int8 calibration set is what a plant with that few
+images has: the sampled training images and their 7 flips/rotations (never test images).
+Printed and saved: accuracy, macro recall and rarest-class recall of each file, and the differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+import benchio
+from steeldefect import augment, learningcurve, pipeline, training
+from steeldefect.conversion import convert
+from steeldefect.cpuinfo import cpu_description
+from steeldefect.files import default_cache_dir
+from steeldefect.metrics import classification_metrics
+from steeldefect.options import LearningCurveOptions
+from steeldefect.runtime import make_interpreter, predict_tflite
+
+PROFILE = (255, 128, 64, 32, 16, 8)
+ORDERS = (
+    ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"),
+    ("scratches", "rolled-in_scale", "pitted_surface", "patches", "inclusion", "crazing"),
+    ("patches", "scratches", "crazing", "inclusion", "pitted_surface", "rolled-in_scale"),
+)
+
+
+def scores(y_true: np.ndarray, probabilities: np.ndarray, rarest: int, n_classes: int) -> dict:
+    metrics = classification_metrics(y_true, probabilities.argmax(1), n_classes)
+    return {
+        "accuracy": round(float(metrics["accuracy"]), 2),
+        "recall_macro": round(float(metrics["recall_macro"]), 2),
+        "rarest_recall": round(float(metrics["recall_per_class"][rarest]), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--draws", type=int, default=1, help="draws per case (0..draws-1)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    options = LearningCurveOptions()
+    prepared = pipeline.load_data(args.data, options, progress=False)
+    labels = np.asarray(prepared.dataset.labels)
+    names = list(prepared.dataset.class_names)
+    pool, test_idx = prepared.splits.train_indices, prepared.splits.test_indices
+    features, augmented, get_backbone = learningcurve.multilayer_inputs(
+        prepared, pool, options, default_cache_dir(), progress=False
+    )
+    cases = [(f"{n} per class", [n] * len(names), "none", None) for n in (5, 10, 20)]
+    for number, order in enumerate(ORDERS, 1):
+        counts = [PROFILE[order.index(name)] for name in names]
+        cases.append((f"255..8 order {number}", counts, "balanced", names.index(order[-1])))
+    trainers: dict = {}
+    rows = []
+    print(cpu_description(), f"threads {args.threads}")
+    for label, counts, weight_mode, rarest in cases:
+        for draw in range(args.draws):
+            started = time.perf_counter()
+            sample = learningcurve.draw_sample(labels, pool, counts, seed=options.seed, draw=draw)
+            head, _ = learningcurve.fit_head(
+                sample,
+                labels,
+                features,
+                augmented,
+                trainers,
+                options=options,
+                weight_mode=weight_mode,
+                n_classes=len(names),
+                draw=draw,
+            )
+            joined = training.join_model(get_backbone(), head, name="small_sample")
+            calibration = np.concatenate([augment.dihedral_view(prepared.images[sample], v) for v in range(8)]).astype(
+                np.float32
+            )
+            row = {"case": label, "draw": draw, "n_train": int(len(sample)), "n_calibration": len(calibration)}
+            head_probabilities = training.predict_proba(head, features[test_idx])
+            worst = rarest
+            if worst is None:  # balanced: the worst class of the float head
+                recalls = classification_metrics(labels[test_idx], head_probabilities.argmax(1), len(names))
+                worst = int(np.argmin(recalls["recall_per_class"]))
+            row["rarest_class"] = names[worst]
+            row["head_on_features"] = scores(labels[test_idx], head_probabilities, worst, len(names))
+            for variant in ("fp32", "int8"):
+                flatbuffer = convert(joined, variant, calibration if variant == "int8" else None)
+                interpreter = make_interpreter(flatbuffer, threads=args.threads)
+                probabilities = predict_tflite(interpreter, prepared.images[test_idx], progress=False)
+                row[variant] = scores(labels[test_idx], probabilities, worst, len(names))
+                row[f"{variant}_bytes"] = len(flatbuffer)
+            row["int8_minus_fp32"] = {k: round(row["int8"][k] - row["fp32"][k], 2) for k in row["fp32"]}
+            row["seconds"] = round(time.perf_counter() - started, 1)
+            rows.append(row)
+            fp32, int8 = row["fp32"], row["int8"]
+            print(
+                f"{label:>22} draw {draw}: fp32 acc {fp32['accuracy']:.2f} macro {fp32['recall_macro']:.2f} "
+                f"rarest {fp32['rarest_recall']:.2f} | int8 acc {int8['accuracy']:.2f} "
+                f"macro {int8['recall_macro']:.2f} rarest {int8['rarest_recall']:.2f} | {row['seconds']:.0f} s",
+                flush=True,
+            )
+    worst_drop = min(min(r["int8_minus_fp32"].values()) for r in rows)
+    print(f"largest int8 loss over all cases and metrics: {-worst_drop:.2f} points")
+    benchio.save(
+        "small_sample_int8",
+        {"rows": rows, "largest_int8_loss_points": round(-worst_drop, 2), "options": options.record()},
+        threads=args.threads,
+        out=args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()
