@@ -7,8 +7,9 @@ Usage (from the repository root)::
 For each case (balanced 5 / 10 / 20 images per class, and the imbalance profile 255/128/64/32/16/8
 in the README's three class orders with balanced class weights), the learning curve's ``multilayer``
 head of draw d is trained exactly as `learning-curve` trains it (same sample, same seed), joined to
-the multi-layer Lite0 backbone, converted to fp32 and full-integer int8 LiteRT files, and both score
-the fixed 270-image test split from pixels. The int8 calibration set is what a plant with that few
+the multi-layer Lite0 backbone, converted to fp32 and full-integer int8 LiteRT files, as is and
+averaged over the 8 flips/rotations (`export --tta`), and all four score the fixed 270-image test
+split from pixels. The int8 calibration set is what a plant with that few
 images has: the sampled training images and their 7 flips/rotations (never test images).
 Printed and saved: accuracy, macro recall and rarest-class recall of each file, and the differences.
 """
@@ -97,24 +98,31 @@ def main() -> None:
                 worst = int(np.argmin(recalls["recall_per_class"]))
             row["rarest_class"] = names[worst]
             row["head_on_features"] = scores(labels[test_idx], head_probabilities, worst, len(names))
-            for variant in ("fp32", "int8"):
-                flatbuffer = convert(joined, variant, calibration if variant == "int8" else None)
-                interpreter = make_interpreter(flatbuffer, threads=args.threads)
-                probabilities = predict_tflite(interpreter, prepared.images[test_idx], progress=False)
-                row[variant] = scores(labels[test_idx], probabilities, worst, len(names))
-                row[f"{variant}_bytes"] = len(flatbuffer)
-            row["int8_minus_fp32"] = {k: round(row["int8"][k] - row["fp32"][k], 2) for k in row["fp32"]}
+            averaged = augment.dihedral_average_model(joined)
+            for tta, model in (("", joined), ("tta_", averaged)):
+                for variant in ("fp32", "int8"):
+                    flatbuffer = convert(model, variant, calibration if variant == "int8" else None)
+                    interpreter = make_interpreter(flatbuffer, threads=args.threads)
+                    probabilities = predict_tflite(interpreter, prepared.images[test_idx], progress=False)
+                    row[tta + variant] = scores(labels[test_idx], probabilities, worst, len(names))
+                    row[f"{tta}{variant}_bytes"] = len(flatbuffer)
+                row[f"{tta}int8_minus_fp32"] = {
+                    k: round(row[f"{tta}int8"][k] - row[f"{tta}fp32"][k], 2) for k in row["fp32"]
+                }
             row["seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
-            fp32, int8 = row["fp32"], row["int8"]
-            print(
-                f"{label:>22} draw {draw}: fp32 acc {fp32['accuracy']:.2f} macro {fp32['recall_macro']:.2f} "
-                f"rarest {fp32['rarest_recall']:.2f} | int8 acc {int8['accuracy']:.2f} "
-                f"macro {int8['recall_macro']:.2f} rarest {int8['rarest_recall']:.2f} | {row['seconds']:.0f} s",
-                flush=True,
-            )
-    worst_drop = min(min(r["int8_minus_fp32"].values()) for r in rows)
-    print(f"largest int8 loss over all cases and metrics: {-worst_drop:.2f} points")
+            for tta in ("", "tta_"):
+                fp32, int8 = row[f"{tta}fp32"], row[f"{tta}int8"]
+                print(
+                    f"{label:>22} draw {draw} {'8-view average' if tta else 'single view':>14}: "
+                    f"fp32 acc {fp32['accuracy']:.2f} macro {fp32['recall_macro']:.2f} "
+                    f"rarest {fp32['rarest_recall']:.2f} | int8 acc {int8['accuracy']:.2f} "
+                    f"macro {int8['recall_macro']:.2f} rarest {int8['rarest_recall']:.2f}",
+                    flush=True,
+                )
+            print(f"{'':>22} {row['seconds']:.0f} s", flush=True)
+    worst_drop = min(min(r[f"{tta}int8_minus_fp32"].values()) for r in rows for tta in ("", "tta_"))
+    print(f"largest int8 loss over all cases, metrics and both forms: {-worst_drop:.2f} points")
     benchio.save(
         "small_sample_int8",
         {"rows": rows, "largest_int8_loss_points": round(-worst_drop, 2), "options": options.record()},
