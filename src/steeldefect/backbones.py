@@ -345,6 +345,11 @@ def weights_id(name: str, weights: str) -> str:
         raise WeightsMissingError(missing_weights_message(spec, str(error))) from error
 
 
+def cache_weights_id(name: str, weights: str, seed: int) -> str:
+    """The weights part of a feature cache key: random weights are a different backbone per seed."""
+    return weights_id(name, weights) + (f"-seed{seed}" if weights == "none" else "")
+
+
 def backbone_factory(
     name: str,
     *,

@@ -216,8 +216,7 @@ def learning_curve(
         check_pool(point, labels[pool], class_names)
     pipeline._prepare_out(out)
 
-    weights_id = backbone_registry.weights_id(name, options.weights)
-    weights_key = weights_id + (f"-seed{options.seed}" if options.weights == "none" else "")
+    weights_key = backbone_registry.cache_weights_id(name, options.weights, options.seed)
     get_backbone = backbone_registry.backbone_factory(
         name,
         weights=options.weights,
@@ -366,9 +365,7 @@ def multilayer_inputs(
 
     name = options.backbone
     backbone_registry.check_features(name, "multilayer")
-    weights_key = backbone_registry.weights_id(name, options.weights) + (
-        f"-seed{options.seed}" if options.weights == "none" else ""
-    )
+    weights_key = backbone_registry.cache_weights_id(name, options.weights, options.seed)
     get_multilayer = backbone_registry.backbone_factory(
         name,
         weights=options.weights,
@@ -422,8 +419,7 @@ def multilayer_test_views(
         views="dihedral",
         dataset_fingerprint=prepared.fingerprint,
         backbone=backbone_registry.feature_name(options.backbone, "multilayer"),
-        weights_id=backbone_registry.weights_id(options.backbone, options.weights)
-        + (f"-seed{options.seed}" if options.weights == "none" else ""),
+        weights_id=backbone_registry.cache_weights_id(options.backbone, options.weights, options.seed),
         preprocessing=options.preprocessing,
         cache_dir=cache_dir,
         progress=progress,

@@ -198,7 +198,7 @@ def train_backbone(
             images,
             dataset_fingerprint=prepared.fingerprint,
             backbone=backbone_registry.feature_name(name, options.features),
-            weights_id=weights_id + (f"-seed{options.seed}" if options.weights == "none" else ""),
+            weights_id=backbone_registry.cache_weights_id(name, options.weights, options.seed),
             preprocessing=options.preprocessing,
             cache_dir=options.cache_dir,
             progress=progress,
@@ -206,7 +206,7 @@ def train_backbone(
     head_features, augmented = features, None
     if options.augment:
         head_features, augmented = _augmented_rows(
-            prepared, features, name, options, weights_id, get_backbone, stage_times, progress
+            prepared, features, name, options, get_backbone, stage_times, progress
         )
     weights = training.class_weights(dataset.labels[splits.train_indices], n_classes, options.class_weight)
     if weights is not None:
@@ -336,7 +336,6 @@ def _augmented_rows(
     features: np.ndarray,
     name: str,
     options: TrainOptions,
-    weights_id: str,
     get_backbone: Any,
     stage_times: dict[str, float],
     progress: bool,
@@ -360,7 +359,7 @@ def _augmented_rows(
             views=options.augment_views,
             dataset_fingerprint=prepared.fingerprint,
             backbone=backbone_registry.feature_name(name, options.features),
-            weights_id=weights_id + (f"-seed{options.seed}" if options.weights == "none" else ""),
+            weights_id=backbone_registry.cache_weights_id(name, options.weights, options.seed),
             preprocessing=options.preprocessing,
             cache_dir=options.cache_dir,
             progress=progress,
