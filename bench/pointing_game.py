@@ -14,6 +14,24 @@ fusions of layers; with ``--smoothgrad N`` each map (and gradient x input, poole
 over N noisy copies, alone and with flip-averaging; with ``--occlusion`` occlusion sensitivity on the
 LiteRT fp32 model beside MODEL; then the head-randomisation sanity check of the default: Spearman rank correlation
 between the trained model's maps and those of the same model with a random head.
+
+Honest selection (issue #14, part 3)::
+
+    python bench/pointing_game.py MODEL.keras --select-on fold0 [--local-head] [--dihedral] [--shifts 2,3]
+        [--input-size 448] [--prior N] [--scorecam 32,64] [--tf-threads 1] [--out FILE.json]
+
+compares feature-map methods on the validation images of fold ``fold<k>`` (MODEL = ``fold<k>.keras`` did
+not train on them; filtered like the test images), picks the one with the highest overall hit rate
+there (ties: the better weakest class), and only then scores that one method, once, on the test
+images, beside the default Grad-CAM and the random point. Methods: Grad-CAM and LayerCAM on
+``head_relu`` in closed form from the head's weights; ``--local-head``: the pooled head applied to each
+7x7 cell's 1280-d vector (class logit, log-odds, margin, logit minus mean logit); ``--dihedral``: maps
+averaged over the mirrored (flip) and all eight flipped/rotated copies; ``--shifts N``: N x N copies
+shifted by fractions of a 32-px cell (reflect-padded), interleaved into a 7N x 7N grid;
+``--input-size S``: the image resized to S x S (448: a 14x14 grid); ``--prior N``: each of those minus
+the class's mean map over N training images per class of the fold's training part (the model scores
+some classes at fixed positions whatever the image); ``--scorecam K``: Score-CAM over each image's top
+K channels. The chosen method's cost per image is measured on the test run.
 """
 
 from __future__ import annotations
