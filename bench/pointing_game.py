@@ -391,6 +391,13 @@ def filtered_rows(indices, dataset, annotations: Path) -> tuple[np.ndarray, np.n
     return np.array(rows), np.stack(masks)
 
 
+def fold_number(text: str) -> int:
+    """``fold<k>`` (as in splits.csv) -> k; anything else is argparse's one-line usage error."""
+    if not (text.startswith("fold") and text[4:].isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a fold role of splits.csv, e.g. fold0")
+    return int(text[4:])
+
+
 def select_main(args) -> int:
     """Choose a feature-map method on the validation images of fold ``args.select_on`` (which MODEL
     did not train on), then score only the chosen one, once, on the test images."""
@@ -399,16 +406,21 @@ def select_main(args) -> int:
     prepared, _ = load_run_data(run, progress=False)
     data_folder, _ = run_train_options(run)
     dataset = prepared.dataset
-    fold = int(args.select_on.removeprefix("fold"))
+    fold = args.select_on
     if not 0 <= fold < len(prepared.splits.folds):
-        raise SystemExit(f"--select-on: {run} has folds fold0..fold{len(prepared.splits.folds) - 1}")
+        raise SystemExit(f"--select-on: {run} has folds fold0..fold{len(prepared.splits.folds) - 1}, not fold{fold}")
+    if args.model.name.split(".")[0] != f"fold{fold}":
+        # Any other model (another fold's, the final one) trained on these images: the choice would flatter it.
+        raise SystemExit(
+            f"--select-on fold{fold}: {args.model} is not fold{fold}'s model, which never saw those images"
+        )
     annotations = Path(data_folder) / "ANNOTATIONS"
     train_idx, val_idx = prepared.splits.folds[fold]
     val_rows, val_masks = filtered_rows(val_idx, dataset, annotations)
     test_rows, test_masks = filtered_rows(prepared.splits.test_indices, dataset, annotations)
     names = dataset.class_names
     print(
-        f"selection on {args.select_on}: {len(val_rows)} of {len(val_idx)} validation images, then "
+        f"selection on fold{fold}: {len(val_rows)} of {len(val_idx)} validation images, then "
         f"{len(test_rows)} of {len(prepared.splits.test_indices)} test images (boxes under half the image)"
     )
     model = keras.models.load_model(args.model)
@@ -491,7 +503,7 @@ def select_main(args) -> int:
     random_hit = test_masks.reshape(len(test_masks), -1).mean(axis=1)
 
     short = [n[:8] for n in names]
-    print(f"\nvalidation ({args.select_on}, {len(val_rows)} images)")
+    print(f"\nvalidation (fold{fold}, {len(val_rows)} images)")
     print(f"{'heatmap':58s} {'overall':>7s} " + " ".join(f"{s:>8s}" for s in short))
     for name, r in sorted(val_results.items(), key=lambda kv: -kv[1]["overall"]):
         print(f"{name:58s} {r['overall']:7.3f} " + " ".join(f"{r['per_class'][n]:8.3f}" for n in names))
@@ -516,7 +528,7 @@ def select_main(args) -> int:
         "pointing_game_selection",
         {
             "model": str(args.model),
-            "select_on": args.select_on,
+            "select_on": f"fold{fold}",
             "n_validation": len(val_rows),
             "n_test": len(test_rows),
             "tolerance_px": TOLERANCE,
@@ -554,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--select-on",
         metavar="FOLD",
+        type=fold_number,
         default=None,
         help="choose among the feature-map methods on this fold's validation images (e.g. fold0, the images "
         "MODEL fold<k>.keras did not train on), then score the chosen one once on the test images",
@@ -596,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tf.config.threading.set_intra_op_parallelism_threads(args.tf_threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.tf_threads)
-    if args.select_on:
+    if args.select_on is not None:
         if args.out == parser.get_default("out"):
             args.out = Path("runs/bench/pointing_game_selection.json")
         return select_main(args)
