@@ -391,6 +391,17 @@ def filtered_rows(indices, dataset, annotations: Path) -> tuple[np.ndarray, np.n
     return np.array(rows), np.stack(masks)
 
 
+def positive_ints(text: str) -> list[int]:
+    """``2,3`` -> [2, 3]; anything else is argparse's one-line usage error."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers separated by commas")
+    return values
+
+
 def fold_number(text: str) -> int:
     """``fold<k>`` (as in splits.csv) -> k; anything else is argparse's one-line usage error."""
     if not (text.startswith("fold") and text[4:].isdigit()):
@@ -574,17 +585,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-head", action="store_true", help="with --select-on: also the local-head maps")
     parser.add_argument(
         "--shifts",
-        type=lambda text: [int(v) for v in text.split(",")],
+        type=positive_ints,
         default=[],
         metavar="N[,N]",
-        help="with --select-on: also N x N half-cell-shifted copies interleaved into a finer grid",
+        help="with --select-on: also N x N copies shifted by 1/N of a 32-px cell, interleaved into a finer grid",
     )
     parser.add_argument(
         "--dihedral", action="store_true", help="with --select-on: also flip and 8-fold dihedral averaging"
     )
     parser.add_argument(
         "--input-size",
-        type=lambda text: [int(v) for v in text.split(",")],
+        type=positive_ints,
         default=[],
         metavar="S[,S]",
         help="with --select-on: also the image resized to S x S (448: a 14x14 head_relu)",
@@ -598,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scorecam",
-        type=lambda text: [int(v) for v in text.split(",")],
+        type=positive_ints,
         default=[],
         metavar="K[,K]",
         help="with --select-on: also Score-CAM over each image's top K head_relu channels (K passes per image)",
