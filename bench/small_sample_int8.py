@@ -48,13 +48,13 @@ def scores(y_true: np.ndarray, probabilities: np.ndarray, rarest: int, n_classes
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--draws", type=int, default=1, help="draws per case (0..draws-1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     options = LearningCurveOptions()
     prepared = pipeline.load_data(args.data, options, progress=False)
