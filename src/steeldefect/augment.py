@@ -130,7 +130,9 @@ def dihedral_average_model(model: Any) -> Any:
                 rotated = ops.transpose(ops.flip(rotated, axis=2), (0, 2, 1, 3))
         return ops.concatenate(stacked, axis=0)
 
-    inputs = keras.Input(model.input.shape[1:], name=model.input.name if hasattr(model.input, "name") else "pixels")
+    # ``inputs[0]``: a model rebuilt around a loaded one (the deploy model with its texture output)
+    # reports ``input`` as a one-element list.
+    inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name="pixels")
     batched = keras.layers.Lambda(views, name="dihedral_views")(inputs)
     outputs = model(batched)
     single = not isinstance(outputs, (list, tuple))
