@@ -682,6 +682,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
     import shutil
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and os.path.samefile(source, target):
+        return  # already that file (a re-run of export or evaluate)
     temporary = target.with_name(f".{target.name}.tmp")
     temporary.unlink(missing_ok=True)
     try:
@@ -689,6 +691,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
     except OSError:
         shutil.copyfile(source, temporary)
     os.replace(temporary, target)
+    # rename() between two links to one file does nothing and leaves the temporary name behind.
+    temporary.unlink(missing_ok=True)
 
 
 def _flat(aggregated: dict[str, Any]) -> dict[str, Any]:

@@ -212,3 +212,23 @@ def test_summary_numbers_unchanged_by_the_restructure(tmp_path, monkeypatch):
     assert set(entry["variants"]) == set(golden["variants"])
     for variant, expected in golden["variants"].items():
         assert {key: entry["variants"][variant][key] for key in expected} == expected, variant
+
+
+def test_deploy_links_leave_no_temporary_file_behind_and_follow_a_new_model(tmp_path):
+    """`deploy/` is relinked by every export and evaluate: re-linking the same model must not leave
+    `.model.*.tmp` names (rename between two links to one file is a no-op), and a new model replaces
+    the old one."""
+    source = tmp_path / "models" / "final.int8.tflite"
+    source.parent.mkdir()
+    source.write_bytes(b"first")
+    target = tmp_path / "deploy" / "model.int8.tflite"
+    for _ in range(2):
+        pipeline._link_or_copy(source, target)
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.int8.tflite"]
+    replacement = tmp_path / "models" / "final.int8.tflite.new"
+    replacement.write_bytes(b"second")
+    replacement.replace(source)  # a re-export writes a new file under the same name
+    pipeline._link_or_copy(source, target)
+    assert target.read_bytes() == b"second"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.int8.tflite"]
