@@ -270,6 +270,24 @@ def _read_cv_rows(path: Path) -> list[dict[str, float]]:
         return []
 
 
+def _training_setup(config: dict[str, Any]) -> str:
+    """What changes the numbers beside the backbone: head, features, augmentation, class weights,
+    fine-tuning, test-time averaging (options absent from an older run count as their defaults)."""
+    train = ((config.get("commands") or {}).get("train") or {}).get("options") or {}
+    if not train:
+        return ""
+    parts = [f"head {train.get('head', 'flatten')}", f"features {train.get('features', 'maps')}"]
+    if train.get("augment"):
+        parts.append(f"{train['augment']} {train.get('augment_views', 'random')} augmented views per training image")
+    parts.append(f"class weights {train.get('class_weight', 'auto')}")
+    if train.get("fine_tune"):
+        parts.append(f"top {train['fine_tune']} blocks fine-tuned")
+    export = ((config.get("commands") or {}).get("export") or {}).get("options") or {}
+    if export.get("tta"):
+        parts.append("exported files average the 8 flips/rotations of each image")
+    return ", ".join(parts)
+
+
 def _display(name: str, entry: dict[str, Any] | None) -> str:
     return (entry or {}).get("display_name") or DISPLAY_NAMES.get(name, name)
 
@@ -381,6 +399,9 @@ def _header(
         lines.append(f"- `{command}` started {record.get('started', '?')}: {versions}")
     if not config:
         lines.append("- `config.json` missing: environment not recorded")
+    setup = _training_setup(config)
+    if setup:
+        lines.append(f"- Training: {setup}")
     for name in names:
         entry = backbones.get(name)
         if _status(entry) == "done" and entry.get("best_learning_rate") is not None:

@@ -5,6 +5,7 @@ tiny backbone (the NEU figures are the README's)."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -156,6 +157,10 @@ def test_train_multilayer_with_dihedral_views_end_to_end(tiny_env, tmp_path, mon
         expected = expected[0]
     got = Classifier(deploy, threads=1).probabilities(images)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+    from steeldefect.report import write_report
+
+    text = Path(write_report(run)).read_text()
+    assert "- Training: head flatten, features multilayer, 7 dihedral augmented views per training image" in text
 
 
 def test_export_tta_writes_files_that_answer_the_mean_over_the_views(tiny_env, tmp_path):
@@ -178,6 +183,9 @@ def test_export_tta_writes_files_that_answer_the_mean_over_the_views(tiny_env, t
     np.testing.assert_allclose(got, np.mean(views, axis=0), atol=1e-4)
     # the file does not answer as the single-view .keras model does
     assert np.abs(got - views[0]).max() > 1e-3
+    from steeldefect.report import write_report
+
+    assert "exported files average the 8 flips/rotations of each image" in Path(write_report(run)).read_text()
     # Files with and without the average are never mixed in one run folder.
     with pytest.raises(ValueError, match=r"tta: True -> False"):
         pipeline.export(run, variants=["fp32", "int8"], calibration_samples=12, quant_report=False, progress=False)
