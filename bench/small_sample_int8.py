@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import benchio
-from steeldefect import augment, learningcurve, pipeline, training
+from steeldefect import augment, backbones, learningcurve, pipeline, training
 from steeldefect.conversion import convert
 from steeldefect.cpuinfo import cpu_description
 from steeldefect.files import default_cache_dir
@@ -61,8 +61,15 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.asarray(prepared.dataset.labels)
     names = list(prepared.dataset.class_names)
     pool, test_idx = prepared.splits.train_indices, prepared.splits.test_indices
-    features, augmented, get_backbone = learningcurve.multilayer_inputs(
-        prepared, pool, options, default_cache_dir(), progress=False
+    cache_dir = default_cache_dir()
+    features, augmented, _ = learningcurve.multilayer_inputs(prepared, pool, options, cache_dir, progress=False)
+    get_backbone = backbones.backbone_factory(
+        options.backbone,
+        weights=options.weights,
+        preprocessing=options.preprocessing,
+        seed=options.seed,
+        image_size=prepared.images.shape[1:3],
+        features="multilayer",
     )
     cases = [(f"{n} per class", [n] * len(names), "none", None) for n in (5, 10, 20)]
     for number, order in enumerate(ORDERS, 1):

@@ -227,9 +227,7 @@ def learning_curve(
 
     from steeldefect.features import cached_features
 
-    features, _, _ = cached_features(
-        get_backbone,
-        images,
+    cache_key = dict(
         dataset_fingerprint=prepared.fingerprint,
         backbone=name,
         weights_id=weights_key,
@@ -237,6 +235,7 @@ def learning_curve(
         cache_dir=cache_dir,
         progress=progress,
     )
+    features, _, _ = cached_features(get_backbone, images, **cache_key)
     map_shape = tuple(features.shape[1:])
     pooled = features.mean(axis=(1, 2)) if features.ndim == 4 else features.reshape(len(features), -1)
     del features
@@ -277,31 +276,23 @@ def learning_curve(
         inputs["augmented"] = (
             pooled,
             augmented_features(
-                get_backbone,
-                images,
-                pool,
-                k=options.augment,
-                seed=options.seed,
-                pooled=True,
-                dataset_fingerprint=prepared.fingerprint,
-                backbone=name,
-                weights_id=weights_key,
-                preprocessing=options.preprocessing,
-                cache_dir=cache_dir,
-                progress=progress,
+                get_backbone, images, pool, k=options.augment, seed=options.seed, pooled=True, **cache_key
             ),
             None,
         )
     if planned & {"multilayer", "multilayer-tta"}:
-        features_ml, augmented_ml, get_multilayer = multilayer_inputs(
-            prepared, pool, options, cache_dir, progress=progress
+        # With multilayer-tta, also the test images' own flips/rotations: only ever averaged into
+        # their scores (never training rows), as `export --tta` files do inside the model.
+        features_ml, augmented_ml, test_views = multilayer_inputs(
+            prepared,
+            pool,
+            options,
+            cache_dir,
+            test_idx=test_idx if "multilayer-tta" in planned else None,
+            progress=progress,
         )
         inputs["multilayer"] = (features_ml, augmented_ml, None)
-        if "multilayer-tta" in planned:
-            # The test images' own flips/rotations, only ever averaged into their scores (never
-            # training rows), as `export --tta` files do inside the model.
-            test_views = multilayer_test_views(prepared, test_idx, options, cache_dir, get_multilayer, progress)
-            inputs["multilayer-tta"] = (features_ml, augmented_ml, test_views)
+        inputs["multilayer-tta"] = (features_ml, augmented_ml, test_views)
     extraction_seconds = time.perf_counter() - started
 
     trainers: dict[tuple[int, int], Any] = {}
@@ -355,17 +346,23 @@ def learning_curve(
 
 
 def multilayer_inputs(
-    prepared: Any, pool: np.ndarray, options: LearningCurveOptions, cache_dir: Path, *, progress: bool = True
+    prepared: Any,
+    pool: np.ndarray,
+    options: LearningCurveOptions,
+    cache_dir: Path,
+    *,
+    test_idx: np.ndarray | None = None,
+    progress: bool = True,
 ) -> tuple[np.ndarray, Any, Any]:
-    """The ``multilayer`` method's inputs: multi-layer features of every image, the 7 dihedral views
-    of the ``pool`` images (both cached like `train`'s), and the backbone factory that made them."""
+    """The ``multilayer`` methods' inputs, cached like `train`'s: multi-layer features of every image,
+    the 7 dihedral views of the ``pool`` images, and with ``test_idx`` the 7 views of those test
+    images (for the 8-view average; else None)."""
     from steeldefect import backbones as backbone_registry
     from steeldefect.augfeatures import augmented_features
     from steeldefect.features import cached_features
 
     name = options.backbone
     backbone_registry.check_features(name, "multilayer")
-    weights_key = backbone_registry.cache_weights_id(name, options.weights, options.seed)
     get_multilayer = backbone_registry.backbone_factory(
         name,
         weights=options.weights,
@@ -374,56 +371,29 @@ def multilayer_inputs(
         image_size=prepared.images.shape[1:3],
         features="multilayer",
     )
-    feature_name = backbone_registry.feature_name(name, "multilayer")
-    settings = dict(
+    cache_key = dict(
         dataset_fingerprint=prepared.fingerprint,
-        backbone=feature_name,
-        weights_id=weights_key,
+        backbone=backbone_registry.feature_name(name, "multilayer"),
+        weights_id=backbone_registry.cache_weights_id(name, options.weights, options.seed),
         preprocessing=options.preprocessing,
         cache_dir=cache_dir,
         progress=progress,
     )
-    features, _, _ = cached_features(get_multilayer, prepared.images, **settings)
-    augmented = augmented_features(
-        get_multilayer,
-        prepared.images,
-        pool,
-        k=DIHEDRAL_VIEWS,
-        seed=options.seed,
-        pooled=False,
-        views="dihedral",
-        **settings,
-    )
-    return features, augmented, get_multilayer
+    features, _, _ = cached_features(get_multilayer, prepared.images, **cache_key)
 
+    def views(sources: np.ndarray) -> Any:
+        return augmented_features(
+            get_multilayer,
+            prepared.images,
+            sources,
+            k=DIHEDRAL_VIEWS,
+            seed=options.seed,
+            pooled=False,
+            views="dihedral",
+            **cache_key,
+        )
 
-def multilayer_test_views(
-    prepared: Any,
-    test_idx: np.ndarray,
-    options: LearningCurveOptions,
-    cache_dir: Path,
-    get_multilayer: Any,
-    progress: bool,
-) -> Any:
-    """Multi-layer features of the 7 flips/rotations of the test images (cached like training views)."""
-    from steeldefect import backbones as backbone_registry
-    from steeldefect.augfeatures import augmented_features
-
-    return augmented_features(
-        get_multilayer,
-        prepared.images,
-        test_idx,
-        k=DIHEDRAL_VIEWS,
-        seed=options.seed,
-        pooled=False,
-        views="dihedral",
-        dataset_fingerprint=prepared.fingerprint,
-        backbone=backbone_registry.feature_name(options.backbone, "multilayer"),
-        weights_id=backbone_registry.cache_weights_id(options.backbone, options.weights, options.seed),
-        preprocessing=options.preprocessing,
-        cache_dir=cache_dir,
-        progress=progress,
-    )
+    return features, views(pool), None if test_idx is None else views(test_idx)
 
 
 def _row_identity(
