@@ -158,3 +158,14 @@ def pooled_neu_run(neu_dir, tmp_path_factory) -> Path:
         )
         pipeline.export(root / "run", variants=["int8"], calibration_samples=60, quant_report=False, progress=False)
     return root / "run"
+
+
+@pytest.fixture()
+def tiny_env(tmp_path, monkeypatch) -> Path:
+    """The tiny backbone registered (weights in a private KERAS_HOME), a private cache, and a small
+    generated three-class dataset: what the learning and few-image tests train on."""
+    from tiny import make_dataset, register_tiny_backbone
+
+    register_tiny_backbone(monkeypatch, tmp_path / "keras")
+    monkeypatch.setenv("STEELDEFECT_CACHE", str(tmp_path / "cache"))
+    return make_dataset(tmp_path / "data")

@@ -16,6 +16,8 @@ from PIL import Image
 from steeldefect import backbones
 
 TINY = "tiny"
+# Training options that make a tiny-backbone run take seconds.
+FAST_TRAIN = dict(learning_rates=[0.01], epochs=3, batch_size=8, n_folds=2, image_size=32, progress=False)
 CLASSES = ("dots", "stripes", "flat")
 
 

@@ -13,16 +13,9 @@ import pytest
 
 from steeldefect import augfeatures, augment, backbones, cli, pipeline, training
 from steeldefect.options import TrainOptions
-from tiny import TINY, build_tiny, make_dataset, register_tiny_backbone
+from tiny import FAST_TRAIN, TINY, build_tiny
 
-FAST = dict(learning_rates=[0.01], epochs=3, batch_size=8, n_folds=2, image_size=32, progress=False)
-
-
-@pytest.fixture()
-def tiny_env(tmp_path, monkeypatch):
-    register_tiny_backbone(monkeypatch, tmp_path / "keras")
-    monkeypatch.setenv("STEELDEFECT_CACHE", str(tmp_path / "cache"))
-    return make_dataset(tmp_path / "data")
+FAST = FAST_TRAIN
 
 
 def test_dihedral_views_are_the_eight_exact_symmetries_of_the_square():
