@@ -116,11 +116,29 @@ def neu_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def neu_images(neu_dir) -> Path:
+    """The folder holding the NEU images: NEU-DET/IMAGES, or the given folder itself."""
+    return neu_dir / "IMAGES" if (neu_dir / "IMAGES").is_dir() else neu_dir
+
+
+def link_neu_subset(images: Path, folder: Path, per_class: int) -> Path:
+    """The first ``per_class`` NEU images of each class as symlinks in ``folder`` (the images stay in
+    ../shared: never copied into the project or the test's own folders)."""
+    from steeldefect.data import CLASS_NAMES_NEU
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CLASS_NAMES_NEU:
+        for index in range(1, per_class + 1):
+            (folder / f"{name}_{index}.jpg").symlink_to(images / f"{name}_{index}.jpg")
+    return folder
+
+
 POOLED_PER_CLASS = 150
 
 
 @pytest.fixture(scope="session")
-def pooled_neu_run(neu_dir, tmp_path_factory) -> Path:
+def pooled_neu_run(neu_images, tmp_path_factory) -> Path:
     """A trained and int8-exported pooled-head Lite0 run on real NEU images.
 
     ``$STEELDEFECT_POOLED_RUN`` names a full run to use (read only); otherwise one is trained here on
@@ -133,15 +151,9 @@ def pooled_neu_run(neu_dir, tmp_path_factory) -> Path:
             pytest.fail(f"STEELDEFECT_POOLED_RUN={given} is not a run folder")
         return Path(given)
     from steeldefect import pipeline
-    from steeldefect.data import CLASS_NAMES_NEU
 
     root = tmp_path_factory.mktemp("pooled-neu")
-    images = neu_dir / "IMAGES" if (neu_dir / "IMAGES").is_dir() else neu_dir
-    subset = root / "neu"
-    subset.mkdir()
-    for name in CLASS_NAMES_NEU:
-        for index in range(1, POOLED_PER_CLASS + 1):
-            (subset / f"{name}_{index}.jpg").symlink_to(images / f"{name}_{index}.jpg")
+    subset = link_neu_subset(neu_images, root / "neu", POOLED_PER_CLASS)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KERAS_HOME", str(root / "keras"))  # converts the .pth from the installed package
         patch.setenv("STEELDEFECT_CACHE", str(root / "cache"))

@@ -16,6 +16,16 @@ from PIL import Image
 from steeldefect import backbones
 
 TINY = "tiny"
+# The cache identity the augmented-feature tests give `augfeatures.augmented_features` (plus cache_dir).
+AUGMENT_KEY = dict(
+    seed=3,
+    pooled=True,
+    dataset_fingerprint="f" * 64,
+    backbone="tiny",
+    weights_id="w",
+    preprocessing="model",
+    progress=False,
+)
 # Training options that make a tiny-backbone run take seconds.
 FAST_TRAIN = dict(learning_rates=[0.01], epochs=3, batch_size=8, n_folds=2, image_size=32, progress=False)
 CLASSES = ("dots", "stripes", "flat")

@@ -21,14 +21,11 @@ FAST = dict(learning_rates=[0.001], epochs=15, n_folds=3, progress=False)
 
 
 @pytest.fixture(scope="module")
-def neu_subset(neu_dir, tmp_path_factory):
+def neu_subset(neu_images, tmp_path_factory):
     """30 images per class as symlinks (the images themselves stay in ../shared)."""
-    folder = tmp_path_factory.mktemp("neu30")
-    images = neu_dir / "IMAGES" if (neu_dir / "IMAGES").is_dir() else neu_dir
-    for name in CLASS_NAMES_NEU:
-        for index in range(1, PER_CLASS + 1):
-            (folder / f"{name}_{index}.jpg").symlink_to(images / f"{name}_{index}.jpg")
-    return folder
+    from conftest import link_neu_subset
+
+    return link_neu_subset(neu_images, tmp_path_factory.mktemp("neu30"), PER_CLASS)
 
 
 @pytest.fixture(scope="module")

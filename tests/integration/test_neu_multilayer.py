@@ -21,22 +21,18 @@ PER_CLASS = 60
 
 
 @pytest.fixture(scope="module")
-def neu_subset(neu_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("neu60")
-    images = neu_dir / "IMAGES" if (neu_dir / "IMAGES").is_dir() else neu_dir
-    for name in CLASS_NAMES_NEU:
-        for index in range(1, PER_CLASS + 1):
-            (folder / f"{name}_{index}.jpg").symlink_to(images / f"{name}_{index}.jpg")
-    return folder
+def neu_subset(neu_images, tmp_path_factory):
+    from conftest import link_neu_subset
+
+    return link_neu_subset(neu_images, tmp_path_factory.mktemp("neu60"), PER_CLASS)
 
 
-def test_multilayer_backbone_with_real_weights_is_the_means_of_its_layers(neu_dir):
+def test_multilayer_backbone_with_real_weights_is_the_means_of_its_layers(neu_images):
     import keras
 
     from steeldefect.data import read_image
 
-    images = neu_dir / "IMAGES" if (neu_dir / "IMAGES").is_dir() else neu_dir
-    pixels = np.stack([read_image(images / f"{name}_1.jpg", (224, 224)) for name in CLASS_NAMES_NEU])
+    pixels = np.stack([read_image(neu_images / f"{name}_1.jpg", (224, 224)) for name in CLASS_NAMES_NEU])
     model = backbones.build_backbone("efficientnet_lite0", features="multilayer")
     layers = backbones.get_backbone("efficientnet_lite0").multilayer
     maps = keras.Model(model.input, [model.get_layer(name).output for name in layers]).predict(

@@ -11,7 +11,7 @@ import pytest
 
 from steeldefect import augfeatures, cli, learningcurve, pipeline, training
 from steeldefect.files import read_json
-from tiny import CLASSES, FAST_TRAIN, TINY, build_tiny
+from tiny import AUGMENT_KEY, CLASSES, FAST_TRAIN, TINY, build_tiny
 
 FAST = FAST_TRAIN
 
@@ -85,16 +85,7 @@ def test_augmented_views_are_cached_and_reused(tmp_path):
         builds.append(1)
         return build_tiny(None, True, (32, 32, 3))
 
-    settings = dict(
-        seed=3,
-        pooled=True,
-        dataset_fingerprint="f" * 64,
-        backbone="tiny",
-        weights_id="w",
-        preprocessing="model",
-        cache_dir=tmp_path,
-        progress=False,
-    )
+    settings = dict(AUGMENT_KEY, cache_dir=tmp_path)
     sources = np.array([1, 2, 5, 7])
     first = augfeatures.augmented_features(factory, images, sources, k=2, **settings)
     assert first.extracted_views == 2 and len(builds) == 1

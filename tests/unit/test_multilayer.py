@@ -13,7 +13,7 @@ import pytest
 
 from steeldefect import augfeatures, augment, backbones, cli, pipeline, training
 from steeldefect.options import TrainOptions
-from tiny import FAST_TRAIN, TINY, build_tiny
+from tiny import AUGMENT_KEY, FAST_TRAIN, TINY, build_tiny
 
 FAST = FAST_TRAIN
 
@@ -47,16 +47,7 @@ def test_multilayer_backbone_outputs_the_channel_means_of_its_layers(tiny_env):
 def test_dihedral_augmented_features_are_the_backbone_on_the_exact_views(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     model = build_tiny(None, True, (32, 32, 3))
-    settings = dict(
-        seed=3,
-        pooled=True,
-        dataset_fingerprint="f" * 64,
-        backbone="tiny",
-        weights_id="w",
-        preprocessing="model",
-        cache_dir=tmp_path,
-        progress=False,
-    )
+    settings = dict(AUGMENT_KEY, cache_dir=tmp_path)
     sources = np.array([0, 2, 5])
     dihedral = augfeatures.augmented_features(lambda: model, images, sources, k=7, views="dihedral", **settings)
     assert dihedral.features.shape == (21, 16) and dihedral.extracted_views == 7
