@@ -661,8 +661,13 @@ def write_plots(out: Path, summary: Sequence[dict[str, Any]]) -> list[str]:
             low = min(min(e["recall_macro_mean"], e["rarest_recall_mean"]) for e in profiles)
             ax.set_ylim(max(0, low - 10), 100.5)
             ax.grid(alpha=0.3, axis="y")
-        axes[0].legend(fontsize=7, loc="lower left")
-        figure.tight_layout()
+        # Below the bars, not over them: with four methods x two class weights the legend inside an
+        # axis covered the macro-recall bars.
+        handles, names = axes[0].get_legend_handles_labels()
+        rows = math.ceil(len(names) / 2)
+        figure.set_size_inches(11, 4.2 + 0.22 * rows)
+        figure.legend(handles, names, fontsize=7, loc="lower center", ncol=2, frameon=False)
+        figure.tight_layout(rect=(0, 0.06 * rows / (1 + 0.05 * rows), 1, 1))
         _save_png(figure, out / IMBALANCE_PLOT_NAME)
         written.append(IMBALANCE_PLOT_NAME)
     return written
