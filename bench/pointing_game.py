@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import keras
@@ -47,6 +46,7 @@ from scipy.stats import spearmanr
 
 import benchio
 from steeldefect import explain
+from steeldefect.annotations import annotation_path, box_mask, read_voc
 from steeldefect.cpuinfo import cpu_description
 from steeldefect.pipeline import load_run_data, run_train_options
 
@@ -62,28 +62,24 @@ FUSIONS = (
 )
 
 
-def read_boxes(path: Path) -> list[tuple[int, int, int, int]]:
-    """(xmin, ymin, xmax, ymax) of every object in a Pascal VOC file."""
-    root = ET.parse(path).getroot()
-    boxes = []
-    for box in root.iter("bndbox"):
-        boxes.append(tuple(int(float(box.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")))
-    return boxes
+def hits(maps: np.ndarray, masks: np.ndarray, *, tie: str = "first") -> np.ndarray:
+    """Whether each map's maximum, mapped from the model input to 200x200, lies in its grown-box mask.
 
-
-def box_mask(boxes, grow: int = 0) -> np.ndarray:
-    mask = np.zeros((SIZE, SIZE), bool)
-    for x0, y0, x1, y1 in boxes:
-        mask[max(0, y0 - 1 - grow) : min(SIZE, y1 + grow), max(0, x0 - 1 - grow) : min(SIZE, x1 + grow)] = True
-    return mask
-
-
-def hits(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Whether each map's maximum, mapped from the model input to 200x200, lies in its grown-box mask."""
+    ``tie``: which pixel stands for a maximum that several pixels share. "first" (the protocol since the
+    first measurement): the first in row-major order. "centre": the tied pixel nearest the centre of
+    all tied pixels (steeldefect.explain.peak: where the overlay PNGs draw their cross). They differ on
+    plateaus: bilinear upsampling of a 7x7 map holds an edge cell's value flat out to the image border,
+    so when a border cell is the highest, "first" points at the image's top or left edge, up to half a
+    cell (16 px) from where the cell is."""
     import tensorflow as tf
 
     small = np.asarray(tf.image.resize(maps[..., None], (SIZE, SIZE), method="bilinear")[..., 0])
-    peaks = small.reshape(len(small), -1).argmax(axis=1)
+    flat = small.reshape(len(small), -1)
+    peaks = flat.argmax(axis=1)
+    if tie == "centre":  # where the overlay PNGs draw their cross
+        peaks = np.array([np.ravel_multi_index(explain.peak(m), m.shape) for m in small])
+    elif tie != "first":
+        raise ValueError(f"tie must be 'first' or 'centre', got {tie!r}")
     return masks.reshape(len(masks), -1)[np.arange(len(masks)), peaks]
 
 
@@ -377,15 +373,27 @@ def parse_candidate(name: str) -> tuple[str, str, bool]:
     return scorer, rest.split(" - ")[0], rest.endswith(" - class prior")
 
 
+def boxes_folder(run: Path, given: Path | None) -> Path:
+    """Where the boxes are: ``--boxes``, else the folder the run's attention head trained on, else
+    ANNOTATIONS/ inside or beside the run's data folder (NEU-DET/ANNOTATIONS beside NEU-DET/IMAGES)."""
+    data_folder, options = run_train_options(run)
+    candidates = [given] if given else [options.boxes] if options.boxes else []
+    candidates += [Path(data_folder) / "ANNOTATIONS", Path(data_folder).parent / "ANNOTATIONS"]
+    for folder in candidates:
+        if folder is not None and Path(folder).is_dir() and any(Path(folder).glob("*.xml")):
+            return Path(folder)
+    raise SystemExit(f"no box folder for {run}: none of {', '.join(str(c) for c in candidates)} holds .xml files")
+
+
 def filtered_rows(indices, dataset, annotations: Path) -> tuple[np.ndarray, np.ndarray]:
     """The images among ``indices`` whose boxes cover under half the image, and their grown-box masks."""
     rows, masks = [], []
     for i in indices:
-        xml = annotations / (dataset.paths[i].stem + ".xml")
+        xml = annotation_path(annotations, dataset.paths[i])
         if not xml.is_file():
             continue
-        boxes = read_boxes(xml)
-        if boxes and box_mask(boxes).mean() < 0.5:
+        boxes = read_voc(xml)
+        if boxes.boxes and box_mask(boxes).mean() < 0.5:
             rows.append(i)
             masks.append(box_mask(boxes, TOLERANCE))
     return np.array(rows), np.stack(masks)
@@ -415,7 +423,7 @@ def select_main(args) -> int:
     started = time.perf_counter()
     run = args.run or args.model.resolve().parents[2]
     prepared, _ = load_run_data(run, progress=False)
-    data_folder, _ = run_train_options(run)
+    annotations = boxes_folder(run, args.boxes)
     dataset = prepared.dataset
     fold = args.select_on
     if not 0 <= fold < len(prepared.splits.folds):
@@ -425,7 +433,6 @@ def select_main(args) -> int:
         raise SystemExit(
             f"--select-on fold{fold}: {args.model} is not fold{fold}'s model, which never saw those images"
         )
-    annotations = Path(data_folder) / "ANNOTATIONS"
     train_idx, val_idx = prepared.splits.folds[fold]
     val_rows, val_masks = filtered_rows(val_idx, dataset, annotations)
     test_rows, test_masks = filtered_rows(prepared.splits.test_indices, dataset, annotations)
@@ -563,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path)
     parser.add_argument("--run", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/pointing_game.json"))
+    parser.add_argument("--boxes", type=Path, default=None, help="Pascal VOC box folder (default: see boxes_folder)")
     parser.add_argument(
         "--occlusion",
         action="store_true",
@@ -627,19 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     run = args.run or args.model.resolve().parents[2]
     started = time.perf_counter()
     prepared, _ = load_run_data(run, progress=False)
-    data_folder, _ = run_train_options(run)
+    annotations = boxes_folder(run, args.boxes)
     dataset, test = prepared.dataset, prepared.splits.test_indices
-    annotations = Path(data_folder) / "ANNOTATIONS"
-    rows, masks = [], []
-    for i in test:
-        xml = annotations / (dataset.paths[i].stem + ".xml")
-        if not xml.is_file():
-            continue
-        boxes = read_boxes(xml)
-        if boxes and box_mask(boxes).mean() < 0.5:
-            rows.append(i)
-            masks.append(box_mask(boxes, TOLERANCE))
-    rows, masks = np.array(rows), np.stack(masks)
+    rows, masks = filtered_rows(test, dataset, annotations)
     labels = dataset.labels[rows]
     names = dataset.class_names
     print(f"{len(rows)} of {len(test)} test images have boxes covering under half the image")
@@ -686,9 +684,19 @@ def main(argv: list[str] | None = None) -> int:
         hit = hits(m, masks)
         results[f"{method} @ {layer}"] = {"overall": float(hit.mean()), "per_class": per_class(hit)}
 
-    default = explain.grad_cam(model, images)
+    # The model's own default: Grad-CAM, or the attention of an attention head (train --head attention).
+    method = explain.default_method(model)
+    tick = time.perf_counter()
+    default = explain.heatmaps(model, images)
+    timings["default_per_image_s"] = (time.perf_counter() - tick) / len(images)
     trained_hit = hits(default, masks)
-    randomised = explain.grad_cam(explain.randomize_head(model), images)
+    centre_hit = hits(default, masks, tie="centre")
+    if method == explain.ATTENTION:
+        results["attention (the head's own weights)"] = {
+            "overall": float(trained_hit.mean()),
+            "per_class": per_class(trained_hit),
+        }
+    randomised = explain.heatmaps(explain.randomize_head(model), images, method=method)
     rhos = [spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(default, randomised)]
     rhos = np.nan_to_num(np.array(rhos))
     sanity = {
@@ -697,13 +705,18 @@ def main(argv: list[str] | None = None) -> int:
         "randomised_head_pointing": float(hits(randomised, masks).mean()),
     }
 
+    described = method if method == explain.ATTENTION else f"{method} @ {' + '.join(explain.DEFAULT_LAYERS)}"
     short = [n[:8] for n in names]
     print(f"\n{'heatmap':58s} {'overall':>7s} " + " ".join(f"{s:>8s}" for s in short))
     for name, r in sorted(results.items(), key=lambda kv: -kv[1]["overall"]):
         print(f"{name:58s} {r['overall']:7.3f} " + " ".join(f"{r['per_class'][n]:8.3f}" for n in names))
     print(
-        f"\ndefault ({explain.DEFAULT_METHOD} @ {' + '.join(explain.DEFAULT_LAYERS)}): "
+        f"\ndefault ({described}): "
         f"{trained_hit.mean():.3f} overall; " + ", ".join(f"{n} {v:.2f}" for n, v in per_class(trained_hit).items())
+    )
+    print(
+        f"default, a shared maximum taken at its centre (hits(tie='centre')): {centre_hit.mean():.3f} overall; "
+        + ", ".join(f"{n} {v:.2f}" for n, v in per_class(centre_hit).items())
     )
     print(
         f"head randomisation: Spearman rank correlation trained vs random-head maps, median "
@@ -719,10 +732,11 @@ def main(argv: list[str] | None = None) -> int:
             "tolerance_px": TOLERANCE,
             "results": results,
             "default": {
-                "method": explain.DEFAULT_METHOD,
-                "layers": list(explain.DEFAULT_LAYERS),
+                "method": method,
+                "layers": [explain.ATTENTION] if method == explain.ATTENTION else list(explain.DEFAULT_LAYERS),
                 "overall": float(trained_hit.mean()),
                 "per_class": per_class(trained_hit),
+                "tie_centre": {"overall": float(centre_hit.mean()), "per_class": per_class(centre_hit)},
             },
             "sanity": sanity,
             "timings_s": timings,

@@ -297,7 +297,7 @@ def _write_heatmaps(
     answer, asked again: a LiteRT pass costs little next to the gradients); the summary goes to
     stderr so stdout stays the chosen --format."""
     from steeldefect.batch import collect_inputs
-    from steeldefect.explain import DEFAULT_METHOD, explain_paths
+    from steeldefect.explain import explain_paths, method_for_file
     from steeldefect.predict import predict_paths
 
     inputs = collect_inputs(paths)
@@ -312,7 +312,8 @@ def _write_heatmaps(
         progress=progress,
     )
     written = sum(1 for result in results if result.png is not None)
-    print(f"heatmaps: {written} PNGs in {out_dir} ({DEFAULT_METHOD} on {keras_model})", file=sys.stderr)
+    method = method_for_file(keras_model)
+    print(f"heatmaps: {written} PNGs in {out_dir} ({method} on {keras_model})", file=sys.stderr)
     return 1 if any(result.error for result in results) else 0
 
 

@@ -10,6 +10,11 @@ Methods (``method=``):
 - ``layercam``: ReLU(sum_k ReLU(dS/dA_k) * A_k) per position (Jiang et al. 2021), which stays
   meaningful on earlier, higher-resolution layers.
 Several ``layers`` are fused by averaging their maps, each upsampled and scaled to [0, 1].
+- ``attention``: for a model with an attention head (``train --head attention --boxes DIR``), its
+  own attention weights over the feature-map cells. The head's answer is the attention-weighted
+  sum of the cells' class logits, so the map is what the answer was made of, not an estimate from
+  gradients; it is the default for such models (:func:`default_method`), and the only method that
+  meets the pointing-game target (README, "Heatmaps taught by the defect boxes").
 :func:`occlusion` needs no gradients (any runtime's probabilities). The default is plain Grad-CAM
 on the last 7x7 map: against the NEU-DET defect boxes (`bench/pointing_game.py`, README "Trust")
 occlusion is clearly worse, and the best SmoothGrad variant gains 8 images of 187 at eight times
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 
 METHODS = ("gradcam", "gradcam++", "layercam")
+ATTENTION = "attention"
 # See the module docstring and bench/pointing_game.py for why the plain method is the default.
 DEFAULT_LAYERS = ("head_relu",)
 DEFAULT_METHOD = "gradcam"
@@ -39,6 +45,72 @@ def _final_dense(model: Any) -> Any:
     while hasattr(layer, "layers"):  # a nested head model
         layer = layer.layers[-1]
     return layer
+
+
+def attention_head(model: Any) -> Any | None:
+    """The nested head of a joined model when it is an attention head (has a layer ``attention``)."""
+    head = model.layers[-1] if model.layers else None
+    if head is not None and hasattr(head, "layers") and any(layer.name == ATTENTION for layer in head.layers):
+        return head
+    return None
+
+
+def default_method(model: Any) -> str:
+    """``attention`` for a model with an attention head, else :data:`DEFAULT_METHOD`."""
+    return ATTENTION if attention_head(model) is not None else DEFAULT_METHOD
+
+
+def method_for_file(keras_path: str | Path) -> str:
+    """:func:`default_method` of a saved model, from its sidecar's ``head`` (without loading it)."""
+    from steeldefect.files import read_json
+    from steeldefect.modelfile import sidecar_path
+
+    sidecar = sidecar_path(Path(keras_path))
+    head = read_json(sidecar).get("head") if sidecar.is_file() else None
+    return ATTENTION if head == "attention" else DEFAULT_METHOD
+
+
+def attention_maps(model: Any, images: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
+    """(N, H, W) in [0, 1]: an attention head's weights over the feature-map cells, upsampled
+    (bilinear) to the input size. The same map whatever the class asked about: it says where the
+    model looked, and the answer is a weighted sum over exactly those cells."""
+    import keras
+    import tensorflow as tf
+
+    head = attention_head(model)
+    if head is None:
+        raise ValueError(f"model {model.name} has no attention head (train --head attention)")
+    # A joined model is the backbone's layers followed by the head, one nested model as the last layer.
+    features = keras.Model(model.inputs, model.layers[-2].output)
+    weights = keras.Model(head.inputs, head.get_layer(ATTENTION).output)
+    rows, cols = (int(v) for v in head.inputs[0].shape[1:3])
+    images = np.asarray(images, dtype=np.float32)
+    height, width = images.shape[1:3]
+    out = []
+    for start in range(0, len(images), batch_size):
+        cells = np.asarray(weights(features(images[start : start + batch_size], training=False), training=False))
+        grid = cells.reshape(-1, rows, cols, 1)
+        out.append(_normalise(np.asarray(tf.image.resize(grid, (height, width), method="bilinear"))[..., 0]))
+    if not out:
+        return np.zeros((0, height, width), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def heatmaps(
+    model: Any,
+    images: np.ndarray,
+    class_index: int | Sequence[int] | None = None,
+    layer: str | Sequence[str] | None = None,
+    *,
+    method: str | None = None,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Heatmaps (N, H, W) in [0, 1] by ``method`` (None: :func:`default_method` of ``model``):
+    :func:`attention_maps` or :func:`grad_cam`."""
+    method = method or default_method(model)
+    if method == ATTENTION:
+        return attention_maps(model, images, batch_size=batch_size)
+    return grad_cam(model, images, class_index, layer, method=method, batch_size=batch_size)
 
 
 def _normalise(maps: np.ndarray) -> np.ndarray:
@@ -209,11 +281,23 @@ def randomize_head(model: Any, seed: int = 0) -> Any:
     rng = np.random.default_rng(seed)
     head.set_weights(
         [
-            rng.normal(0, 1 / np.sqrt(w.shape[0]), w.shape).astype(w.dtype) if w.ndim > 1 else w * 0
+            rng.normal(0, 1 / np.sqrt(np.prod(w.shape[:-1])), w.shape).astype(w.dtype) if w.ndim > 1 else w * 0
             for w in head.get_weights()
         ]
     )
     return copy
+
+
+def peak(heatmap: np.ndarray) -> tuple[int, int]:
+    """(row, column) of a heatmap's maximum. When several pixels share it, the one nearest their
+    centre: bilinear upsampling holds a border cell's value flat out to the image edge, and the
+    first tied pixel (``argmax``) would put the mark on the edge, up to half a cell from the cell."""
+    heatmap = np.asarray(heatmap)
+    flat = heatmap.ravel()
+    tied = np.flatnonzero(flat == flat.max())
+    rows, cols = np.divmod(tied, heatmap.shape[1])
+    nearest = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
+    return int(rows[nearest]), int(cols[nearest])
 
 
 def save_overlay(image: np.ndarray, heatmap: np.ndarray, title: str, path: str | Path, *, alpha: float = 0.45) -> Path:
@@ -235,8 +319,8 @@ def save_overlay(image: np.ndarray, heatmap: np.ndarray, title: str, path: str |
     ax = fig.add_axes((0.02, 0.02, 0.96, 0.86))
     ax.imshow(image)
     ax.imshow(heatmap, cmap="jet", alpha=alpha, vmin=0, vmax=1)
-    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    ax.plot(peak[1], peak[0], marker="+", color="white", markersize=14, markeredgewidth=2)
+    row, col = peak(heatmap)
+    ax.plot(col, row, marker="+", color="white", markersize=14, markeredgewidth=2)
     ax.set_axis_off()
     fig.suptitle(title, fontsize=9, y=0.97)
     buffer = io.BytesIO()
@@ -340,7 +424,7 @@ def explain_paths(
     paths: Sequence[str | Path],
     out_dir: str | Path | None,
     *,
-    method: str = DEFAULT_METHOD,
+    method: str | None = None,
     layer: str | Sequence[str] | None = None,
     top_k: int = 1,
     batch_size: int = 16,
@@ -360,6 +444,7 @@ def explain_paths(
     deployed .tflite that `predict` printed); the heatmap then explains that answer's first class and
     the title shows it, so the PNG never contradicts the printed line (an int8 model may rank the
     classes of a borderline image differently from its .keras). None: the Keras model's own answer.
+    ``method`` None: the model's :func:`default_method`.
     ``uncertain``: per image, whether that model flagged it; the title then says "(uncertain)"."""
     import keras
     from tqdm.auto import tqdm
@@ -405,7 +490,7 @@ def explain_paths(
                         f"{keras_label}: has no class {', '.join(sorted(unknown))} (classes of another model?)"
                     )
                 explained = [class_names.index(top[0][0]) for top in tops]
-                maps = grad_cam(model, images, explained, layer, method=method)
+                maps = heatmaps(model, images, explained, layer, method=method)
                 for i, image, top, heatmap in zip(rows, images, tops, maps):
                     results[i].top = top
                     results[i].heatmap = heatmap
@@ -426,7 +511,7 @@ def write_gallery(
     *,
     model_path: str | Path | None = None,
     per_class: int = 2,
-    method: str = DEFAULT_METHOD,
+    method: str | None = None,
     layer: str | Sequence[str] | None = None,
     progress: bool = True,
 ) -> Path:
@@ -450,11 +535,13 @@ def write_gallery(
     csv_path, record_path = runfolder.gallery_csv_path(run, backbone), runfolder.gallery_record_path(run, backbone)
     uncertain_path = runfolder.test_predictions_path(run, backbone)
     flags = _uncertain_flags(uncertain_path, files)
+    method = method or method_for_file(model_path)
+    layers = [layer] if isinstance(layer, str) else list(layer or DEFAULT_LAYERS)
     record = {
         "model": str(model_path),
         "model_sha256": file_digest(model_path),
         "method": method,
-        "layers": [layer] if isinstance(layer, str) else list(layer or DEFAULT_LAYERS),
+        "layers": [ATTENTION] if method == ATTENTION else layers,
         "per_class": per_class,
         "files": list(files),
         "uncertain": sorted(f for f, u in zip(files, flags) if u),
@@ -486,7 +573,7 @@ def write_gallery(
 
     for start in tqdm(range(0, len(chosen), 16), desc="gallery", unit="batch", disable=not progress):
         part = chosen[start : start + 16]
-        maps = grad_cam(model, images[part], predicted[part], layer, method=method)
+        maps = heatmaps(model, images[part], predicted[part], layer, method=method)
         for k, (i, heatmap) in enumerate(zip(part, maps)):
             name = names[start + k]
             label, guess, p = class_names[labels[i]], class_names[predicted[i]], float(probabilities[i, predicted[i]])

@@ -17,7 +17,9 @@ from typing import Any
 
 from steeldefect.conversion import DEFAULT_VARIANTS, VARIANTS
 
-HEAD_CHOICES = ("flatten", "pooled")
+# "attention": a 1x1-conv head that scores every feature-map cell and pools the cells' class logits
+# with learned attention weights (steeldefect.training.build_head); --boxes teaches it where to look.
+HEAD_CHOICES = ("flatten", "pooled", "attention")
 # What the frozen backbone hands the head: its last feature map, or the channel means of several
 # layers side by side (steeldefect.backbones.multilayer_model).
 FEATURES_CHOICES = ("maps", "multilayer")
@@ -169,7 +171,17 @@ class TrainOptions(DataOptions):
         "'reference' feeds raw 0..255 pixels with no scaling, as the reference study did",
         choices=PREPROCESSING_CHOICES,
     )
-    head: str = option("flatten", "classifier head on the frozen features", choices=HEAD_CHOICES)
+    head: str = option(
+        "flatten",
+        "classifier head on the frozen features; 'attention' pools per-cell class scores with learned "
+        "weights that are the model's heatmap (taught by --boxes)",
+        choices=HEAD_CHOICES,
+    )
+    boxes: Path | None = option(
+        None,
+        "folder of Pascal VOC defect boxes (DIR/<image name>.xml) that teach --head attention where the "
+        "defects are; only training images' boxes are used",
+    )
     features: str = option(
         "maps",
         "what the head sees: the backbone's last feature map, or 'multilayer' = the channel means of "
@@ -223,6 +235,16 @@ class TrainOptions(DataOptions):
             raise ValueError("--head pooled: multilayer features are already channel means; use --head flatten")
         if self.features == "multilayer" and self.fine_tune:
             raise ValueError("--fine-tune needs --features maps (the fine-tuned blocks feed one feature map)")
+        if self.boxes is not None and self.head != "attention":
+            raise ValueError("--boxes teaches an attention head where to look; it needs --head attention")
+        if self.head == "attention":
+            if self.boxes is None:
+                raise ValueError("--head attention needs --boxes DIR (the defect boxes that teach it where to look)")
+            if self.features != "maps":
+                raise ValueError("--head attention needs --features maps (it scores every cell of the feature map)")
+            if self.augment or self.fine_tune:
+                # Their views and crops would move the defects away from their boxes.
+                raise ValueError("--head attention does not go with --augment or --fine-tune")
         if self.augment_views == "dihedral" and not 1 <= self.augment <= DIHEDRAL_VIEWS:
             raise ValueError(f"--augment-views dihedral: --augment must be 1..{DIHEDRAL_VIEWS}, got {self.augment}")
 

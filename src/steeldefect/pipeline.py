@@ -208,6 +208,7 @@ def train_backbone(
         head_features, augmented = _augmented_rows(
             prepared, features, name, options, get_backbone, stage_times, progress
         )
+    masks = _box_masks(dataset, splits, options, features.shape[1:3]) if options.head == "attention" else None
     weights = training.class_weights(dataset.labels[splits.train_indices], n_classes, options.class_weight)
     if weights is not None:
         log.info(
@@ -231,6 +232,7 @@ def train_backbone(
             class_weight=options.class_weight,
             progress=progress,
             augmented=augmented,
+            masks=masks,
         )
     write_csv(runfolder.cv_grid_path(out, name), rows)
     best_rate = training.select_best_rate(rows)
@@ -266,6 +268,7 @@ def train_backbone(
             seed=options.seed,
             class_weight=options.class_weight,
             augmented=augmented,
+            masks=masks,
         )
         if head_features is not features:  # trained on pooled vectors: the same weights on the maps
             final_head = training.load_head(
@@ -329,6 +332,21 @@ def train_backbone(
         "%s: best lr %g, test accuracy %.2f%%", name, best_rate, summary_entry["variants"]["keras"]["accuracy"]["mean"]
     )
     return summary_entry
+
+
+def _box_masks(dataset: Any, splits: Any, options: TrainOptions, grid: tuple[int, int]) -> np.ndarray:
+    """Box coverage per image and feature-map cell for an attention head. Only the training images'
+    rows are kept: a test image's boxes are for measuring heatmaps, never for training."""
+    from steeldefect.annotations import cell_masks
+
+    masks = np.zeros((len(dataset.paths), grid[0] * grid[1]), np.float32)
+    train = splits.train_indices
+    masks[train] = cell_masks(options.boxes, [dataset.paths[i] for i in train], tuple(grid))
+    n_boxed = int((masks[train].sum(axis=1) > 0).sum())
+    if n_boxed == 0:
+        raise ValueError(f"--boxes {options.boxes}: no training image has a box there (<image name>.xml)")
+    log.info("attention head: boxes for %d of %d training images from %s", n_boxed, len(train), options.boxes)
+    return masks
 
 
 def _augmented_rows(

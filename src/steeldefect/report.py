@@ -277,6 +277,8 @@ def _training_setup(config: dict[str, Any]) -> str:
     if not train:
         return ""
     parts = [f"head {train.get('head', 'flatten')}", f"features {train.get('features', 'maps')}"]
+    if train.get("boxes"):
+        parts.append(f"attention taught by the training images' boxes in {Path(train['boxes']).name}/")
     if train.get("augment"):
         parts.append(f"{train['augment']} {train.get('augment_views', 'random')} augmented views per training image")
     parts.append(f"class weights {train.get('class_weight', 'auto')}")
@@ -827,7 +829,11 @@ def _gallery_section(run: Path, names: list[str], backbones: dict[str, Any]) -> 
         lines += [f"### {display}", ""]
         if record.get("method"):
             model = Path(str(record.get("model", "?"))).name
-            lines += [f"Heatmaps: `{record['method']}` at `{' + '.join(record.get('layers') or [])}` of `{model}`.", ""]
+            if record["method"] == "attention":
+                lines += [f"Heatmaps: the attention head's own weights over the feature-map cells of `{model}`.", ""]
+            else:
+                layers = " + ".join(record.get("layers") or [])
+                lines += [f"Heatmaps: `{record['method']}` at `{layers}` of `{model}`.", ""]
         if correct:
             path = runfolder.plots_dir(run) / f"gallery_{name}_correct.png"
             _compose([folder / r["png"] for r in correct], path)

@@ -36,9 +36,12 @@ DEFAULT_LEARNING_RATES = TrainOptions().learning_rates
 def build_head(
     feature_shape: Sequence[int], n_classes: int, *, kind: str = "flatten", dropout: float = 0.2, name: str = "head"
 ) -> keras.Model:
-    """The reference classifier head; ``kind="pooled"`` swaps Flatten for GlobalAveragePooling2D."""
+    """The reference classifier head; ``kind="pooled"`` swaps Flatten for GlobalAveragePooling2D;
+    ``kind="attention"``: :func:`attention_head`."""
     if kind not in HEAD_CHOICES:
         raise ValueError(f"head must be one of {HEAD_CHOICES}, got {kind!r}")
+    if kind == "attention":
+        return attention_head(feature_shape, n_classes, dropout=dropout, name=name)
     inputs = keras.Input(shape=tuple(feature_shape), name="features")
     x = keras.layers.Flatten()(inputs) if kind == "flatten" else keras.layers.GlobalAveragePooling2D()(inputs)
     x = keras.layers.Dense(128, activation="relu")(x)
@@ -46,6 +49,51 @@ def build_head(
     x = keras.layers.Dense(64, activation="relu")(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+ATTENTION_LAYER = "attention"
+# Weight of the box term against the cross-entropy when an attention head trains on boxes. Picked on
+# fold 0's validation images among 1, 3 and 10 (README, "Heatmaps taught by the defect boxes"); the
+# pointing game barely moved between them.
+BOX_LOSS_WEIGHT = 3.0
+ATTENTION_HIDDEN = 128
+
+
+def attention_head(
+    feature_shape: Sequence[int], n_classes: int, *, dropout: float = 0.2, name: str = "head"
+) -> keras.Model:
+    """A head that classifies every feature-map cell and pools the cells with learned weights.
+
+    Each cell's feature vector goes through a shared 1x1 layer (ReLU, ``ATTENTION_HIDDEN`` units) to
+    class logits and to one attention score; a softmax over the cells turns the scores into weights
+    (layer ``"attention"``), and the image's class logits are the weighted sum of the cells' logits.
+    So the attention weights are exactly how much each cell contributed to the answer: they are
+    this model's heatmap (steeldefect.explain, method ``attention``), with no gradients involved.
+    """
+    height, width, _ = (int(v) for v in feature_shape)
+    cells = height * width
+    inputs = keras.Input(shape=tuple(feature_shape), name="features")
+    x = keras.layers.Dropout(dropout)(inputs)
+    x = keras.layers.Conv2D(ATTENTION_HIDDEN, 1, activation="relu", name="cell_hidden")(x)
+    cell_logits = keras.layers.Reshape((cells, n_classes))(keras.layers.Conv2D(n_classes, 1, name="cell_logits")(x))
+    scores = keras.layers.Reshape((cells,))(keras.layers.Conv2D(1, 1, name="attention_scores")(x))
+    weights = keras.layers.Softmax(name=ATTENTION_LAYER)(scores)
+    logits = keras.layers.Dot(axes=(1, 1), name="pooled_logits")([weights, cell_logits])
+    outputs = keras.layers.Activation("softmax", name="probabilities")(logits)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def box_loss(masks, attention):
+    """KL(boxes || attention) per image, averaged over the images that have boxes: the attention is
+    pulled towards the box cells in proportion to how much of each cell the boxes cover. ``masks``
+    (N, cells) is :func:`steeldefect.annotations.cell_masks`; an all-zero row (no boxes) adds nothing."""
+    import tensorflow as tf
+
+    total = tf.reduce_sum(masks, axis=1, keepdims=True)
+    target = masks / tf.maximum(total, 1e-8)
+    has_boxes = tf.cast(total[:, 0] > 0, tf.float32)
+    kl = tf.reduce_sum(target * (tf.math.log(target + 1e-8) - tf.math.log(attention + 1e-8)), axis=1)
+    return tf.reduce_sum(kl * has_boxes) / tf.maximum(tf.reduce_sum(has_boxes), 1.0)
 
 
 def derived_seed(seed: int, *parts: object) -> int:
@@ -86,13 +134,22 @@ class HeadTrainer:
         self.dropout = dropout
         # The part of the head that has weights sees the pooled (one value per channel) or whole maps.
         self._dense_input = self.feature_shape[-1:] if kind == "pooled" else self.feature_shape
-        self._template = build_head(self._dense_input, n_classes, kind="flatten", dropout=dropout, name="template")
+        template_kind = "attention" if kind == "attention" else "flatten"
+        self._template = build_head(self._dense_input, n_classes, kind=template_kind, dropout=dropout, name="template")
+        if kind == "attention":  # the same weights, also handing out the attention for the box loss
+            self._with_attention = keras.Model(
+                self._template.inputs, [self._template.output, self._template.get_layer(ATTENTION_LAYER).output]
+            )
         self._optimizer = keras.optimizers.Adam(learning_rate=1e-3)
         self._optimizer.build(self._template.trainable_variables)
         self._loss = keras.losses.CategoricalCrossentropy()
         # XLA fuses the large Dense step and Adam's update: 2.4x faster than TensorFlow's graph mode.
-        self._train_step = tf.function(self._step, jit_compile=True)
-        self._evaluate = tf.function(self._eval, jit_compile=True)
+        # Not for the attention head: XLA's CPU backward pass of its 1x1 convolutions was 25x slower
+        # than graph mode (7 s against 0.27 s per epoch of 256 Lite0 maps).
+        jit = kind != "attention"
+        step = self._attention_step if kind == "attention" else self._step
+        self._train_step = tf.function(step, jit_compile=jit)
+        self._evaluate = tf.function(self._eval, jit_compile=jit)
 
     def _step(self, x, y, weights=None):
         import tensorflow as tf
@@ -102,6 +159,17 @@ class HeadTrainer:
             probabilities = self._template(x, training=True)
             loss = self._loss(y, probabilities, sample_weight=weights)
         self._optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss, _n_correct(y, probabilities)
+
+    def _attention_step(self, x, y, weights, masks):
+        import tensorflow as tf
+
+        variables = self._template.trainable_variables
+        with tf.GradientTape() as tape:
+            probabilities, attention = self._with_attention(x, training=True)
+            loss = self._loss(y, probabilities, sample_weight=weights)
+            total = loss + BOX_LOSS_WEIGHT * box_loss(masks, attention)
+        self._optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
         return loss, _n_correct(y, probabilities)
 
     def _eval(self, x, y):
@@ -122,8 +190,11 @@ class HeadTrainer:
         seed: int = 0,
         validation: tuple[np.ndarray, np.ndarray] | None = None,
         class_weight: np.ndarray | None = None,
+        masks: np.ndarray | None = None,
     ) -> tuple[keras.Model, dict[str, list[float]]]:
-        """``class_weight`` (one per class) scales each image's loss by its class's weight, as a
+        """``masks``: an attention head's box coverage per training image and cell
+        (:func:`steeldefect.annotations.cell_masks`); the reported loss is the cross-entropy alone.
+        ``class_weight`` (one per class) scales each image's loss by its class's weight, as a
         per-image sample weight. (Not by scaling the one-hot target: the loss value would be the
         same, but TensorFlow's fused softmax cross-entropy takes its gradient as softmax - target,
         right only when the target sums to 1, and heads trained that way diverged.)"""
@@ -140,9 +211,13 @@ class HeadTrainer:
 
         x = self._dense_features(features)
         y = keras.utils.to_categorical(labels, self.n_classes).astype(np.float32)
-        sample_weights = None
+        extras: tuple[np.ndarray, ...] = ()
         if class_weight is not None:
-            sample_weights = np.asarray(class_weight, dtype=np.float32)[np.asarray(labels)]
+            extras = (np.asarray(class_weight, dtype=np.float32)[np.asarray(labels)],)
+        if self.kind == "attention":
+            if masks is None or len(masks) != len(x):
+                raise ValueError("an attention head trains with one box mask per training image")
+            extras = (extras[0] if extras else np.ones(len(x), np.float32), np.asarray(masks, np.float32))
         if validation is not None:
             x_val = self._dense_features(validation[0])
             y_val = keras.utils.to_categorical(validation[1], self.n_classes).astype(np.float32)
@@ -150,7 +225,7 @@ class HeadTrainer:
         history: dict[str, list[float]] = {"accuracy": [], "loss": []}
         for _ in range(epochs):
             permutation = order.permutation(len(x))
-            loss, accuracy = _sweep(self._train_step, x, y, self.batch_size, permutation, sample_weights)
+            loss, accuracy = _sweep(self._train_step, x, y, self.batch_size, permutation, extras)
             history["loss"].append(loss)
             history["accuracy"].append(accuracy)
             if validation is not None:
@@ -168,9 +243,10 @@ def _sweep(
     y: np.ndarray,
     batch_size: int,
     order: np.ndarray | None = None,
-    weights: np.ndarray | None = None,
+    extras: Sequence[np.ndarray] = (),
 ) -> tuple[float, float]:
-    """``step`` over consecutive batches of the rows ``order`` (default: all, in order); mean loss
+    """``step`` over consecutive batches of the rows ``order`` (default: all, in order), each batch's
+    rows of ``extras`` (per-image weights, box masks) passed after x and y; mean loss
     (weighted by batch size, as Keras reports it) and accuracy. Each shuffled batch is gathered on
     its own, right before its step, while it is still in cache: cheaper than shuffling the whole
     array each epoch (250 MB for a Flatten head on MobileNet maps)."""
@@ -178,10 +254,7 @@ def _sweep(
     for start in range(0, len(x), batch_size):
         stop = min(start + batch_size, len(x))
         rows = slice(start, stop) if order is None else order[start:stop]
-        if weights is None:
-            loss, n_correct = step(x[rows], y[rows])
-        else:
-            loss, n_correct = step(x[rows], y[rows], weights[rows])
+        loss, n_correct = step(x[rows], y[rows], *(extra[rows] for extra in extras))
         loss_sum += float(loss) * (stop - start)
         correct += float(n_correct)
     return loss_sum / max(len(x), 1), correct / max(len(x), 1)
@@ -206,8 +279,10 @@ def fit_head(
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     trainer: HeadTrainer | None = None,
     class_weight: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Train one head with Adam + categorical cross-entropy; returns (head, per-epoch history).
+    """Train one head with Adam + categorical cross-entropy (+ the box loss of an attention head,
+    ``masks`` one row per image); returns (head, per-epoch history).
 
     Pass the same ``trainer`` for many heads of one shape to compile the training step only once.
     """
@@ -223,6 +298,7 @@ def fit_head(
         seed=seed,
         validation=validation,
         class_weight=class_weight,
+        masks=masks,
     )
 
 
@@ -275,13 +351,15 @@ def run_grid(
     class_weight: str = "none",
     progress: bool = True,
     augmented: AugmentedFeatures | None = None,
+    masks: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Train every (rate, fold) head, or reuse the ones a previous run finished.
 
     ``features``/``labels`` index the whole dataset; ``folds`` holds (train, validation) indices into
     them. Each cell writes its head, history and metrics.json (last, so its presence means done).
     ``augmented``: views of training images; a fold trains on the views of its own training images
-    only, and validates on plain images.
+    only, and validates on plain images. ``masks``: box coverage per image (an attention head),
+    indexed like ``features``; a fold trains on its own training images' boxes only.
     """
     cells = [GridCell(float(rate), fold) for rate in learning_rates for fold in range(len(folds))]
     rows = []
@@ -312,6 +390,7 @@ def run_grid(
                 validation=(features[val_idx], labels[val_idx]),
                 trainer=trainer,
                 class_weight=class_weights(labels[train_idx], n_classes, class_weight),
+                masks=None if masks is None else masks[train_idx],
             )
             predicted = predict_proba(head, features[val_idx]).argmax(axis=1)
             metrics = classification_metrics(labels[val_idx], predicted, n_classes)
@@ -346,6 +425,7 @@ def fit_final_head(
     seed: int = 42,
     class_weight: str = "none",
     augmented: AugmentedFeatures | None = None,
+    masks: np.ndarray | None = None,
 ) -> keras.Model:
     """The head to deploy: refitted on every training image (all folds, plus their ``augmented``
     views) with the rate the grid chose, as is usual after cross-validation; reused when a
@@ -364,6 +444,7 @@ def fit_final_head(
         batch_size=batch_size,
         seed=derived_seed(seed, learning_rate, runfolder.FINAL),
         class_weight=class_weights(labels[train_indices], n_classes, class_weight),
+        masks=None if masks is None else masks[train_indices],
     )
     save_head(head, path)
     write_json(runfolder.final_history_path(run, backbone), history)

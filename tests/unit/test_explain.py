@@ -395,3 +395,11 @@ def test_predict_explain_and_gallery_on_a_real_neu_run(neu_dir, pooled_neu_run, 
     assert {r["file"] for r in rows if r["predicted"] != r["label"]} == wrong
     correct = [r["label"] for r in rows if r["predicted"] == r["label"]]
     assert sorted(correct) == sorted(list(dataset.class_names) * 2)
+
+
+def test_a_shared_maximum_is_marked_at_the_centre_of_its_plateau():
+    heatmap = np.zeros((9, 9), np.float32)
+    heatmap[6:9, 0:3] = 1.0  # a border cell upsampled: flat out to the edge
+    assert explain.peak(heatmap) == (7, 1)  # not (6, 0), argmax's first tied pixel on the image edge
+    heatmap[2, 5] = 2.0
+    assert explain.peak(heatmap) == (2, 5)  # a single maximum is itself
