@@ -13,7 +13,11 @@ the grown boxes' union). Compared side by side: every (layer, method) of steelde
 fusions of layers; with ``--smoothgrad N`` each map (and gradient x input, pooled to 28x28) averaged
 over N noisy copies, alone and with flip-averaging; with ``--occlusion`` occlusion sensitivity on the
 LiteRT fp32 model beside MODEL; then the head-randomisation sanity check of the default: Spearman rank correlation
-between the trained model's maps and those of the same model with a random head.
+between the trained model's maps and those of the same model with a random head. The default is the
+model's own (steeldefect.explain.default_method): Grad-CAM, or for an attention head (`train --head
+attention --boxes DIR`) its attention weights. The boxes are ``--boxes`` DIR, else the folder that
+head trained on, else ANNOTATIONS/ in or beside the run's data folder. The default is also scored
+with a shared maximum taken at its centre (``hits(tie="centre")``, where the overlays mark it).
 
 Honest selection (issue #14, part 3)::
 
