@@ -13,8 +13,8 @@ Several ``layers`` are fused by averaging their maps, each upsampled and scaled 
 - ``attention``: for a model with an attention head (``train --head attention --boxes DIR``), its
   own attention weights over the feature-map cells. The head's answer is the attention-weighted
   sum of the cells' class logits, so the map is what the answer was made of, not an estimate from
-  gradients; it is the default for such models (:func:`default_method`), and the only method that
-  meets the pointing-game target (README, "Heatmaps taught by the defect boxes").
+  gradients; it is the default for such models (:func:`default_method`), and the only method here that
+  reaches the pointing game's overall target (README, "Heatmaps taught by the defect boxes").
 :func:`occlusion` needs no gradients (any runtime's probabilities). The default is plain Grad-CAM
 on the last 7x7 map: against the NEU-DET defect boxes (`bench/pointing_game.py`, README "Trust")
 occlusion is clearly worse, and the best SmoothGrad variant gains 8 images of 187 at eight times
