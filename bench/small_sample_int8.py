@@ -2,7 +2,8 @@
 
 Usage (from the repository root)::
 
-    python bench/small_sample_int8.py --data ../shared/data/NEU-DET/IMAGES [--draws 1] [--out FILE.json]
+    python bench/small_sample_int8.py --data ../shared/data/NEU-DET/IMAGES [--draws 1] [--cases all|few|imbalance]
+        [--out FILE.json]
 
 For each case (balanced 5 / 10 / 20 images per class, and the imbalance profile 255/128/64/32/16/8
 in the README's three class orders with balanced class weights), the learning curve's ``multilayer``
@@ -11,7 +12,9 @@ the multi-layer Lite0 backbone, converted to fp32 and full-integer int8 LiteRT f
 averaged over the 8 flips/rotations (`export --tta`), and all four score the fixed 270-image test
 split from pixels. The int8 calibration set is what `export` would take from that training set:
 up to 200 of the sampled images, evenly across classes (never test images).
-Printed and saved: accuracy, macro recall and rarest-class recall of each file, and the differences.
+Printed and saved: accuracy, macro recall and rarest-class recall of each file, and the differences;
+and per case, the mean and standard deviation over the draws of each figure and of the differences
+(the "summary" list).
 """
 
 from __future__ import annotations
@@ -49,10 +52,45 @@ def scores(y_true: np.ndarray, probabilities: np.ndarray, rarest: int, n_classes
     }
 
 
+FORMS = ("head_on_features", "fp32", "int8", "int8_minus_fp32", "tta_fp32", "tta_int8", "tta_int8_minus_fp32")
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per case: mean and standard deviation over its draws (population std, ddof=0) of every score."""
+    summary = []
+    for case in dict.fromkeys(row["case"] for row in rows):
+        chosen = [row for row in rows if row["case"] == case]
+        entry: dict = {
+            "case": case,
+            "draws": len(chosen),
+            "rarest_class": sorted({row["rarest_class"] for row in chosen}),
+        }
+        for form in FORMS:
+            entry[form] = {
+                metric: {
+                    "mean": round(float(np.mean([row[form][metric] for row in chosen])), 2),
+                    "std": round(float(np.std([row[form][metric] for row in chosen])), 2),
+                }
+                for metric in chosen[0][form]
+            }
+        summary.append(entry)
+    return summary
+
+
+def _pm(value: dict) -> str:
+    return f"{value['mean']:.2f} ± {value['std']:.2f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--draws", type=int, default=1, help="draws per case (0..draws-1)")
+    parser.add_argument(
+        "--cases",
+        choices=("all", "few", "imbalance"),
+        default="all",
+        help="few = 5/10/20 images per class, imbalance = 255..8 in three class orders, all = both",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -72,10 +110,13 @@ def main(argv: list[str] | None = None) -> None:
         image_size=prepared.images.shape[1:3],
         features="multilayer",
     )
-    cases = [(f"{n} per class", [n] * len(names), "none", None) for n in (5, 10, 20)]
-    for number, order in enumerate(ORDERS, 1):
-        counts = [PROFILE[order.index(name)] for name in names]
-        cases.append((f"255..8 order {number}", counts, "balanced", names.index(order[-1])))
+    cases = []
+    if args.cases in ("all", "few"):
+        cases += [(f"{n} per class", [n] * len(names), "none", None) for n in (5, 10, 20)]
+    if args.cases in ("all", "imbalance"):
+        for number, order in enumerate(ORDERS, 1):
+            counts = [PROFILE[order.index(name)] for name in names]
+            cases.append((f"255..8 order {number}", counts, "balanced", names.index(order[-1])))
     trainers: dict = {}
     rows = []
     print(cpu_description(), f"threads {args.threads}")
@@ -129,11 +170,26 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
             print(f"{'':>22} {row['seconds']:.0f} s", flush=True)
+    summary = summarise(rows)
+    for entry in summary:
+        for tta in ("", "tta_"):
+            fp32, int8, diff = entry[f"{tta}fp32"], entry[f"{tta}int8"], entry[f"{tta}int8_minus_fp32"]
+            print(
+                f"{entry['case']:>22} {entry['draws']} draws {'8-view average' if tta else 'single view':>14}: "
+                f"fp32 macro {_pm(fp32['recall_macro'])} rarest {_pm(fp32['rarest_recall'])} | "
+                f"int8 macro {_pm(int8['recall_macro'])} rarest {_pm(int8['rarest_recall'])} | "
+                f"int8-fp32 macro {_pm(diff['recall_macro'])} rarest {_pm(diff['rarest_recall'])}"
+            )
     worst_drop = min(min(r[f"{tta}int8_minus_fp32"].values()) for r in rows for tta in ("", "tta_"))
     print(f"largest int8 loss over all cases, metrics and both forms: {-worst_drop:.2f} points")
     benchio.save(
         "small_sample_int8",
-        {"rows": rows, "largest_int8_loss_points": round(-worst_drop, 2), "options": options.record()},
+        {
+            "rows": rows,
+            "summary": summary,
+            "largest_int8_loss_points": round(-worst_drop, 2),
+            "options": options.record(),
+        },
         threads=args.threads,
         out=args.out,
     )

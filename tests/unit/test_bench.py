@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from steeldefect.cpuinfo import cpu_model
@@ -52,3 +53,61 @@ def test_every_bench_takes_an_out_file(name, capsys):
         module.main(["--help"])
     assert exit_info.value.code == 0
     assert "--out" in capsys.readouterr().out
+
+
+def _row(case: str, draw: int, forms: tuple[str, ...], macro: float) -> dict:
+    return {
+        "case": case,
+        "draw": draw,
+        "rarest_class": "crazing",
+        **{form: {"accuracy": macro, "recall_macro": macro, "rarest_recall": 2 * macro} for form in forms},
+    }
+
+
+def test_small_sample_int8_summary_is_mean_and_population_std_per_case():
+    module = _load("small_sample_int8")
+    rows = [_row("255..8 order 1", d, module.FORMS, macro) for d, macro in enumerate((98.0, 99.0, 100.0))]
+    rows.append(_row("255..8 order 2", 0, module.FORMS, 97.0))
+    summary = module.summarise(rows)
+    assert [entry["case"] for entry in summary] == ["255..8 order 1", "255..8 order 2"]
+    assert summary[0]["draws"] == 3 and summary[1]["draws"] == 1
+    assert summary[0]["int8"]["recall_macro"] == {"mean": 99.0, "std": 0.82}
+    assert summary[0]["int8"]["rarest_recall"] == {"mean": 198.0, "std": 1.63}
+    assert summary[1]["fp32"]["recall_macro"] == {"mean": 97.0, "std": 0.0}
+
+
+def test_small_sample_int8_cases_option_rejects_unknown_values(capsys):
+    module = _load("small_sample_int8")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--data", "x", "--cases", "balanced"])
+    assert exit_info.value.code == 2
+    assert "--cases" in capsys.readouterr().err
+
+
+def test_int8_robust_head_views_are_the_eight_dihedral_views_view_major():
+    module = _load("int8_robust_head")
+    images = np.arange(2 * 3 * 3 * 1, dtype=np.uint8).reshape(2, 3, 3, 1)
+    views = module.all_views(images)
+    assert views.shape == (16, 3, 3, 1)
+    assert np.array_equal(views[:2], images)  # view 0 = the images, in order
+    assert np.array_equal(views[2:4], np.rot90(images, 1, axes=(1, 2)))
+    assert np.array_equal(views[8:10], images[:, :, ::-1])  # view 4 = the mirror image
+    assert len({view.tobytes() for view in views[::2]}) == 8  # all eight symmetries differ
+
+
+def test_int8_robust_head_summary_per_order_and_method():
+    module = _load("int8_robust_head")
+    forms = ("fp32", "int8", "int8_minus_fp32")
+    rows = []
+    for draw, macro in enumerate((98.0, 100.0)):
+        row = {"case": "255..8 order 1", "draw": draw}
+        for method in module.METHODS:
+            value = macro + (method == "int8_rows")
+            row[method] = {form: {"recall_macro": value, "rarest_recall": 95.0} for form in forms}
+        rows.append(row)
+    summary = module.summarise(rows)
+    assert [(entry["case"], entry["method"]) for entry in summary] == [("255..8 order 1", m) for m in module.METHODS]
+    by_method = {entry["method"]: entry for entry in summary}
+    assert by_method["baseline"]["int8"]["recall_macro"] == {"mean": 99.0, "std": 1.0}
+    assert by_method["int8_rows"]["fp32"]["recall_macro"] == {"mean": 100.0, "std": 1.0}
+    assert "int8_full" not in by_method["baseline"]
