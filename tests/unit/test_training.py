@@ -28,7 +28,7 @@ def test_heads_have_the_reference_layers():
     # The Flatten head holds 50,176 x 128 weights; the pooled one a fiftieth of that.
     assert flatten.count_params() > 40 * pooled.count_params()
     with pytest.raises(ValueError, match="head must be one of"):
-        training.build_head((7, 7, 8), 6, kind="attention")
+        training.build_head((7, 7, 8), 6, kind="transformer")
 
 
 def test_fit_head_learns_and_is_deterministic():
