@@ -49,3 +49,16 @@ def save(name: str, results: dict[str, Any], *, threads: Any = None, out: Path |
     write_json(path, record)
     print(f"results saved: {path}")
     return path
+
+
+def mean_std(values: Any) -> dict[str, float]:
+    """{"mean", "std"} (population std, as the study reports) of ``values``, rounded to 0.01."""
+    import numpy as np
+
+    values = np.asarray(list(values), dtype=float)
+    return {"mean": round(float(values.mean()), 2), "std": round(float(values.std()), 2)}
+
+
+def pm(value: dict[str, float]) -> str:
+    """``mean ± std`` of a :func:`mean_std` result, for printing."""
+    return f"{value['mean']:.2f} ± {value['std']:.2f}"

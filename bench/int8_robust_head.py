@@ -83,18 +83,11 @@ def summarise(rows: list[dict]) -> list[dict]:
                 if form not in chosen[0][method]:
                     continue
                 entry[form] = {
-                    metric: {
-                        "mean": round(float(np.mean([row[method][form][metric] for row in chosen])), 2),
-                        "std": round(float(np.std([row[method][form][metric] for row in chosen])), 2),
-                    }
+                    metric: benchio.mean_std(row[method][form][metric] for row in chosen)
                     for metric in chosen[0][method][form]
                 }
             summary.append(entry)
     return summary
-
-
-def _pm(value: dict) -> str:
-    return f"{value['mean']:6.2f} ± {value['std']:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         text = f"{entry['case']} {entry['method']:>20} ({entry['draws']} draws):"
         for form in ("fp32", "int8", "int8_minus_fp32", "abs_int8_minus_fp32", "int8_full"):
             if form in entry:
-                text += f" {form} macro {_pm(entry[form]['recall_macro'])} rarest {_pm(entry[form]['rarest_recall'])};"
+                macro, rarest = benchio.pm(entry[form]["recall_macro"]), benchio.pm(entry[form]["rarest_recall"])
+                text += f" {form} macro {macro} rarest {rarest};"
         print(text)
 
 

@@ -66,19 +66,9 @@ def summarise(rows: list[dict]) -> list[dict]:
             "rarest_class": sorted({row["rarest_class"] for row in chosen}),
         }
         for form in FORMS:
-            entry[form] = {
-                metric: {
-                    "mean": round(float(np.mean([row[form][metric] for row in chosen])), 2),
-                    "std": round(float(np.std([row[form][metric] for row in chosen])), 2),
-                }
-                for metric in chosen[0][form]
-            }
+            entry[form] = {metric: benchio.mean_std(row[form][metric] for row in chosen) for metric in chosen[0][form]}
         summary.append(entry)
     return summary
-
-
-def _pm(value: dict) -> str:
-    return f"{value['mean']:.2f} ± {value['std']:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,9 +166,9 @@ def main(argv: list[str] | None = None) -> None:
             fp32, int8, diff = entry[f"{tta}fp32"], entry[f"{tta}int8"], entry[f"{tta}int8_minus_fp32"]
             print(
                 f"{entry['case']:>22} {entry['draws']} draws {'8-view average' if tta else 'single view':>14}: "
-                f"fp32 macro {_pm(fp32['recall_macro'])} rarest {_pm(fp32['rarest_recall'])} | "
-                f"int8 macro {_pm(int8['recall_macro'])} rarest {_pm(int8['rarest_recall'])} | "
-                f"int8-fp32 macro {_pm(diff['recall_macro'])} rarest {_pm(diff['rarest_recall'])}"
+                f"fp32 macro {benchio.pm(fp32['recall_macro'])} rarest {benchio.pm(fp32['rarest_recall'])} | "
+                f"int8 macro {benchio.pm(int8['recall_macro'])} rarest {benchio.pm(int8['rarest_recall'])} | "
+                f"int8-fp32 macro {benchio.pm(diff['recall_macro'])} rarest {benchio.pm(diff['rarest_recall'])}"
             )
     worst_drop = min(min(r[f"{tta}int8_minus_fp32"].values()) for r in rows for tta in ("", "tta_"))
     print(f"largest int8 loss over all cases, metrics and both forms: {-worst_drop:.2f} points")
