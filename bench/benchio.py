@@ -59,6 +59,11 @@ def mean_std(values: Any) -> dict[str, float]:
     return {"mean": round(float(values.mean()), 2), "std": round(float(values.std()), 2)}
 
 
+def mean_std_per_metric(scores: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """For score dicts of the same metrics (one per draw): :func:`mean_std` of each metric."""
+    return {metric: mean_std(score[metric] for score in scores) for metric in scores[0]}
+
+
 def pm(value: dict[str, float]) -> str:
     """``mean ± std`` of a :func:`mean_std` result, for printing."""
     return f"{value['mean']:.2f} ± {value['std']:.2f}"

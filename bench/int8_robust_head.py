@@ -82,10 +82,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             for form in ("fp32", "int8", "int8_minus_fp32", "abs_int8_minus_fp32", "int8_full"):
                 if form not in chosen[0][method]:
                     continue
-                entry[form] = {
-                    metric: benchio.mean_std(row[method][form][metric] for row in chosen)
-                    for metric in chosen[0][method][form]
-                }
+                entry[form] = benchio.mean_std_per_metric([row[method][form] for row in chosen])
             summary.append(entry)
     return summary
 

@@ -66,7 +66,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "rarest_class": sorted({row["rarest_class"] for row in chosen}),
         }
         for form in FORMS:
-            entry[form] = {metric: benchio.mean_std(row[form][metric] for row in chosen) for metric in chosen[0][form]}
+            entry[form] = benchio.mean_std_per_metric([row[form] for row in chosen])
         summary.append(entry)
     return summary
 

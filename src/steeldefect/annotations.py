@@ -76,10 +76,10 @@ def cell_coverage(boxes: Boxes, grid: tuple[int, int]) -> np.ndarray:
     coverage does not depend on the model's input size."""
     rows, cols = grid
     fine = np.zeros((rows * _SUBCELL, cols * _SUBCELL), bool)
+    # VOC pixel k covers [k - 1, k) in continuous coordinates; sample the fine grid at its centres.
+    y = (np.arange(rows * _SUBCELL) + 0.5) * boxes.height / (rows * _SUBCELL)
+    x = (np.arange(cols * _SUBCELL) + 0.5) * boxes.width / (cols * _SUBCELL)
     for xmin, ymin, xmax, ymax in boxes.boxes:
-        # VOC pixel k covers [k - 1, k) in continuous coordinates; sample the fine grid at its centres.
-        y = (np.arange(rows * _SUBCELL) + 0.5) * boxes.height / (rows * _SUBCELL)
-        x = (np.arange(cols * _SUBCELL) + 0.5) * boxes.width / (cols * _SUBCELL)
         fine |= ((y >= ymin - 1) & (y < ymax))[:, None] & ((x >= xmin - 1) & (x < xmax))[None, :]
     return fine.reshape(rows, _SUBCELL, cols, _SUBCELL).mean(axis=(1, 3)).astype(np.float32)
 
