@@ -181,3 +181,18 @@ def tiny_env(tmp_path, monkeypatch) -> Path:
     register_tiny_backbone(monkeypatch, tmp_path / "keras")
     monkeypatch.setenv("STEELDEFECT_CACHE", str(tmp_path / "cache"))
     return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """bench/pointing_game.py as a module: its box filter and hit rule are the protocol the tests check."""
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))  # as when the script runs as `python bench/pointing_game.py`
+    spec = importlib.util.spec_from_file_location("bench_pointing_game", bench / "pointing_game.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

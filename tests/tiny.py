@@ -100,3 +100,26 @@ def write_hdf5(path: Path, seed: int = 0) -> Path:
         h5.create_dataset("conv1/kernel", data=rng.normal(size=(3, 3, 3, 8)).astype("float32"))
         h5.create_dataset("conv1/bias", data=np.zeros(8, "float32"))
     return path
+
+
+def curve_args(data, out, *extra) -> list[str]:
+    """`learning-curve` CLI arguments that make a tiny-backbone curve take seconds."""
+    return [
+        "--quiet",
+        "learning-curve",
+        "--data",
+        str(data),
+        "--backbone",
+        TINY,
+        "--image-size",
+        "32",
+        "--folds",
+        "2",
+        "--steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        *extra,
+    ]

@@ -11,16 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steeldefect import annotations, cli, explain, pipeline
+from steeldefect import cli, explain, pipeline
 
 pytestmark = pytest.mark.integration
 
 PER_CLASS = 100
 
 
-def test_attention_head_points_at_real_defect_boxes(neu_dir, neu_images, tmp_path, monkeypatch):
+def test_attention_head_points_at_real_defect_boxes(neu_dir, neu_images, tmp_path, monkeypatch, pg):
     import keras
-    import tensorflow as tf
 
     from conftest import link_neu_subset
 
@@ -33,18 +32,10 @@ def test_attention_head_points_at_real_defect_boxes(neu_dir, neu_images, tmp_pat
 
     prepared, _ = pipeline.load_run_data(run, progress=False)
     test = prepared.splits.test_indices
-    rows, masks = [], []
-    for i in test:  # the bench's protocol: boxes under half the image, 15 px tolerance, 200x200
-        found = annotations.read_voc(annotations.annotation_path(boxes, prepared.dataset.paths[i]))
-        if found.boxes and annotations.box_mask(found).mean() < 0.5:
-            rows.append(i)
-            masks.append(annotations.box_mask(found, 15))
-    masks = np.stack(masks)
+    # The bench's protocol: boxes under half the image, 15 px tolerance, scored at 200x200.
+    rows, masks = pg.filtered_rows(test, prepared.dataset, boxes)
     model = keras.models.load_model(run / "deploy" / "model.keras")
-    maps = explain.heatmaps(model, prepared.images[rows])
-    small = np.asarray(tf.image.resize(maps[..., None], (200, 200), method="bilinear"))[..., 0]
-    peaks = small.reshape(len(rows), -1).argmax(axis=1)
-    hits = masks.reshape(len(rows), -1)[np.arange(len(rows)), peaks]
+    hits = pg.hits(explain.heatmaps(model, prepared.images[rows]), masks)
     random_point = masks.reshape(len(rows), -1).mean()
     assert len(rows) >= 40
     assert hits.mean() >= 0.8 and hits.mean() >= random_point + 0.25, (hits.mean(), random_point)

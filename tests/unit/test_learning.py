@@ -11,7 +11,7 @@ import pytest
 
 from steeldefect import augfeatures, cli, learningcurve, pipeline, training
 from steeldefect.files import read_json
-from tiny import AUGMENT_KEY, CLASSES, FAST_TRAIN, TINY, build_tiny
+from tiny import AUGMENT_KEY, CLASSES, FAST_TRAIN, TINY, build_tiny, curve_args
 
 FAST = FAST_TRAIN
 
@@ -151,28 +151,6 @@ def test_class_with_fewer_images_than_asked_is_refused_naming_it():
 
 
 # --- the CLI end to end -------------------------------------------------------------------------
-
-
-def curve_args(data, out, *extra):
-    return [
-        "--quiet",
-        "learning-curve",
-        "--data",
-        str(data),
-        "--backbone",
-        TINY,
-        "--image-size",
-        "32",
-        "--folds",
-        "2",
-        "--steps",
-        "20",
-        "--batch-size",
-        "8",
-        "--out",
-        str(out),
-        *extra,
-    ]
 
 
 def read_csv(path):

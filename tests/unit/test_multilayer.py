@@ -13,7 +13,7 @@ import pytest
 
 from steeldefect import augfeatures, augment, backbones, cli, pipeline, training
 from steeldefect.options import TrainOptions
-from tiny import AUGMENT_KEY, FAST_TRAIN, TINY, build_tiny
+from tiny import AUGMENT_KEY, FAST_TRAIN, TINY, build_tiny, curve_args
 
 FAST = FAST_TRAIN
 
@@ -177,31 +177,8 @@ def test_export_tta_writes_files_that_answer_the_mean_over_the_views(tiny_env, t
 
 def test_cli_learning_curve_multilayer_method(tiny_env, tmp_path):
     out = tmp_path / "curve"
-    args = [
-        "--quiet",
-        "learning-curve",
-        "--data",
-        str(tiny_env),
-        "--backbone",
-        TINY,
-        "--image-size",
-        "32",
-        "--folds",
-        "2",
-        "--steps",
-        "20",
-        "--per-class",
-        "2",
-        "4",
-        "--draws",
-        "2",
-        "--methods",
-        "frozen",
-        "multilayer",
-        "multilayer-tta",
-        "--out",
-        str(out),
-    ]
+    args = curve_args(tiny_env, out, "--per-class", "2", "4", "--draws", "2")
+    args += ["--methods", "frozen", "multilayer", "multilayer-tta"]
     assert cli.main(args) == 0
     rows = list(csv.DictReader((out / "learning_curve.csv").open()))
     multilayer = [r for r in rows if r["method"] == "multilayer"]

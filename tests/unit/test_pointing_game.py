@@ -4,27 +4,11 @@ shifted / turned views land back where they came from."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
 
 from steeldefect import explain
-
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
-
-
-@pytest.fixture(scope="module")
-def pg():
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))  # as when the script runs as `python bench/pointing_game.py`
-    spec = importlib.util.spec_from_file_location("bench_pointing_game", BENCH_DIR / "pointing_game.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _pooled_model(seed: int = 0) -> keras.Model:
