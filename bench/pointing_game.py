@@ -15,7 +15,8 @@ over N noisy copies, alone and with flip-averaging; with ``--occlusion`` occlusi
 LiteRT fp32 model beside MODEL; then the head-randomisation sanity check of the default: Spearman rank correlation
 between the trained model's maps and those of the same model with a random head. The default is the
 model's own (steeldefect.explain.default_method): Grad-CAM, or for an attention head (`train --head
-attention --boxes DIR`) its attention weights. The boxes are ``--boxes`` DIR, else the folder that
+attention --boxes DIR`) its attention weights as a density (explain.ATTENTION_SMOOTHING; also
+scored as the upsampled weights alone). The boxes are ``--boxes`` DIR, else the folder that
 head trained on, else ANNOTATIONS/ in or beside the run's data folder. The default is also scored
 with a shared maximum taken at its centre (``hits(tie="centre")``, where the overlays mark it).
 
@@ -696,10 +697,18 @@ def main(argv: list[str] | None = None) -> int:
     trained_hit = hits(default, masks)
     centre_hit = hits(default, masks, tie="centre")
     if method == explain.ATTENTION:
-        results["attention (the head's own weights)"] = {
+        results[f"attention density, sigma {explain.ATTENTION_SMOOTHING:g} cell (the default)"] = {
             "overall": float(trained_hit.mean()),
             "per_class": per_class(trained_hit),
         }
+        # The weights upsampled as they are (no density), under both readings of a shared maximum.
+        raw = explain.heatmaps(model, images, smoothing=0)
+        for tie in ("first", "centre"):
+            raw_hit = hits(raw, masks, tie=tie)
+            results[f"attention weights, upsampled only ({tie} tied pixel)"] = {
+                "overall": float(raw_hit.mean()),
+                "per_class": per_class(raw_hit),
+            }
     randomised = explain.heatmaps(explain.randomize_head(model), images, method=method)
     rhos = [spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(default, randomised)]
     rhos = np.nan_to_num(np.array(rhos))
@@ -709,7 +718,11 @@ def main(argv: list[str] | None = None) -> int:
         "randomised_head_pointing": float(hits(randomised, masks).mean()),
     }
 
-    described = method if method == explain.ATTENTION else f"{method} @ {' + '.join(explain.DEFAULT_LAYERS)}"
+    described = (
+        f"{method} density, sigma {explain.ATTENTION_SMOOTHING:g} cell"
+        if method == explain.ATTENTION
+        else f"{method} @ {' + '.join(explain.DEFAULT_LAYERS)}"
+    )
     short = [n[:8] for n in names]
     print(f"\n{'heatmap':58s} {'overall':>7s} " + " ".join(f"{s:>8s}" for s in short))
     for name, r in sorted(results.items(), key=lambda kv: -kv[1]["overall"]):
@@ -738,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
             "default": {
                 "method": method,
                 "layers": [explain.ATTENTION] if method == explain.ATTENTION else list(explain.DEFAULT_LAYERS),
+                "smoothing": explain.ATTENTION_SMOOTHING if method == explain.ATTENTION else 0,
                 "overall": float(trained_hit.mean()),
                 "per_class": per_class(trained_hit),
                 "tie_centre": {"overall": float(centre_hit.mean()), "per_class": per_class(centre_hit)},

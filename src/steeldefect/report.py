@@ -830,7 +830,12 @@ def _gallery_section(run: Path, names: list[str], backbones: dict[str, Any]) -> 
         if record.get("method"):
             model = Path(str(record.get("model", "?"))).name
             if record["method"] == "attention":
-                lines += [f"Heatmaps: the attention head's own weights over the feature-map cells of `{model}`.", ""]
+                smoothing = record.get("smoothing")
+                density = f", as a density (Gaussian sigma {smoothing:g} cell)" if smoothing else ""
+                lines += [
+                    f"Heatmaps: the attention head's own weights over the feature-map cells of `{model}`{density}.",
+                    "",
+                ]
             else:
                 layers = " + ".join(record.get("layers") or [])
                 lines += [f"Heatmaps: `{record['method']}` at `{layers}` of `{model}`.", ""]

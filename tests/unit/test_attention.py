@@ -94,10 +94,13 @@ def test_attention_heatmap_is_the_heads_own_cell_weights():
     inputs = keras.Input((4, 4, 8))  # an identity "backbone", so the features are the model's input
     model = training.join_model(keras.Model(inputs, keras.layers.Activation("linear")(inputs)), head, name="m")
     assert explain.default_method(model) == "attention"
-    maps = explain.heatmaps(model, features[:5])
     weights = np.asarray(keras.Model(head.inputs, head.get_layer("attention").output)(features[:5]))
-    assert maps.shape == (5, 4, 4)  # upsampled to the input size, here the 4x4 map itself
-    np.testing.assert_array_equal(maps.reshape(5, 16).argmax(1), weights.argmax(1))
+    raw = explain.heatmaps(model, features[:5], smoothing=0)
+    assert raw.shape == (5, 4, 4)  # upsampled to the input size, here the 4x4 map itself
+    np.testing.assert_array_equal(raw.reshape(5, 16).argmax(1), weights.argmax(1))
+    # The default is the density of those same weights (one cell = one pixel here).
+    density = explain.smooth(raw, explain.ATTENTION_SMOOTHING)
+    np.testing.assert_allclose(explain.heatmaps(model, features[:5]), density, atol=1e-6)
     assert explain.default_method(keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))) == (
         explain.DEFAULT_METHOD
     )
@@ -144,8 +147,10 @@ def test_train_attention_head_end_to_end(tiny_env, tmp_path, capsys, monkeypatch
     assert read and len(read) == len(prepared.splits.train_indices) and not test_files & set(read)
     model = keras.models.load_model(run / "deploy" / "model.keras")
     images = prepared.images[prepared.splits.test_indices]
-    # Trained on boxes over the left half: the attention heatmap peaks there on the test images.
-    maps = explain.heatmaps(model, images)
+    # Trained on boxes over the left half: the attention weights peak there on the test images. (Read
+    # as weights, not as the default density: on the tiny backbone's 4x4 grid every cell but the
+    # middle four is a border cell, and the density's zero padding pulls a border mark inwards.)
+    maps = explain.heatmaps(model, images, smoothing=0)
     peaks = maps.reshape(len(maps), -1).argmax(1) % maps.shape[2]
     assert (peaks < maps.shape[2] // 2).mean() >= 0.8
     # Exported like any run: int8 answers as the .keras model does on most test images.
@@ -163,6 +168,7 @@ def test_train_attention_head_end_to_end(tiny_env, tmp_path, capsys, monkeypatch
     text = Path(write_report(run)).read_text()
     assert "attention taught by the training images' boxes in boxes/" in text
     assert "Heatmaps: the attention head's own weights over the feature-map cells" in text
+    assert f"as a density (Gaussian sigma {explain.ATTENTION_SMOOTHING:g} cell)" in text
     # `predict --explain` uses the attention maps and says so.
     image = next(tiny_env.rglob(f"{CLASSES[0]}_0.png"))
     assert cli.main(["--quiet", "predict", str(run), str(image), "--explain", str(tmp_path / "maps")]) == 0
@@ -179,3 +185,18 @@ def test_cli_names_a_broken_box_file_in_one_line(tiny_env, tmp_path, capsys):
     assert cli.main(args) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"error: {broken}: not a readable Pascal VOC file") and "\n" not in error
+
+
+def test_attention_density_peaks_where_the_weight_is_concentrated():
+    """A lone border cell with the single highest weight against three neighbouring cells that hold
+    more weight together: the upsampled weights point at the border cell, the density at the group."""
+    cells = np.full((7, 7), 0.01, np.float32)
+    cells[6, 0] = 0.20  # bottom-left corner
+    cells[2, 3] = cells[2, 4] = cells[3, 3] = 0.15
+    upsampled = np.kron(cells, np.ones((32, 32), np.float32))[None]
+    assert explain.peak(upsampled[0])[0] >= 6 * 32  # the corner
+    row, col = explain.peak(explain.smooth(upsampled, 0.5 * 32)[0])
+    assert 2 * 32 <= row < 4 * 32 and 3 * 32 <= col < 5 * 32
+    # Nothing outside the image: a uniform map's density is highest in the middle, and in [0, 1].
+    flat = explain.smooth(np.ones((1, 64, 64), np.float32), 8.0)[0]
+    assert flat.max() == 1.0 and flat.min() == 0.0 and explain.peak(flat) in {(31, 31), (31, 32), (32, 31), (32, 32)}

@@ -4,6 +4,8 @@ shifted / turned views land back where they came from."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -155,3 +157,27 @@ def test_a_border_plateau_counts_where_the_overlay_marks_it(pg):
     assert pg.hits(maps, mask, tie="centre")[0]
     with pytest.raises(ValueError, match="tie must be"):
         pg.hits(maps, mask, tie="last")
+
+
+def test_models_bench_chooses_the_best_validation_smoothing_that_passes_the_sanity_check(pg):
+    import importlib.util
+
+    path = Path(pg.__file__).with_name("pointing_game_models.py")
+    spec = importlib.util.spec_from_file_location("bench_pointing_game_models", path)
+    models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(models)
+
+    def entry(overall, lowest, rhos):
+        return {
+            "out_of_fold": {"centre": {"overall": overall, "lowest": lowest}},
+            "sanity_median_spearman": {f"fold{k}": r for k, r in enumerate(rhos)},
+        }
+
+    entries = {
+        0.0: entry(0.92, 0.79, [0.3, 0.25]),
+        0.5: entry(0.95, 0.84, [0.45, 0.49]),
+        0.6: entry(0.95, 0.86, [0.47, 0.48]),  # same overall, better weakest class
+        1.0: entry(0.97, 0.90, [0.45, 0.51]),  # best pointing, but one fold fails the sanity check
+    }
+    assert models.choose(entries) == 0.6
+    assert models.choose({1.0: entries[1.0]}) is None
