@@ -37,14 +37,12 @@ from pathlib import Path
 import numpy as np
 
 import benchio
-from small_sample_int8 import ORDERS, PROFILE, scores
-from steeldefect import augment, backbones, learningcurve, pipeline, training
+from small_sample_int8 import ORDERS, PROFILE, by_case, load_inputs, scores
+from steeldefect import augment, learningcurve, training
 from steeldefect.augfeatures import training_rows
 from steeldefect.conversion import convert
 from steeldefect.cpuinfo import cpu_description
 from steeldefect.export import calibration_indices
-from steeldefect.files import default_cache_dir
-from steeldefect.options import LearningCurveOptions
 from steeldefect.runtime import make_interpreter, predict_tflite
 
 METHODS = ("baseline", "int8_rows", "dropout_0.5", "dihedral_calibration")
@@ -75,8 +73,7 @@ def train(trainers: dict, x: np.ndarray, y: np.ndarray, weights, *, options, n_c
 def summarise(rows: list[dict]) -> list[dict]:
     """Per order and method: mean and population std over draws of fp32, int8 and int8 - fp32."""
     summary = []
-    for case in dict.fromkeys(row["case"] for row in rows):
-        chosen = [row for row in rows if row["case"] == case]
+    for case, chosen in by_case(rows).items():
         for method in METHODS:
             entry: dict = {"case": case, "method": method, "draws": len(chosen)}
             for form in ("fp32", "int8", "int8_minus_fp32", "abs_int8_minus_fp32", "int8_full"):
@@ -96,24 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    options = LearningCurveOptions()
-    prepared = pipeline.load_data(args.data, options, progress=False)
-    labels = np.asarray(prepared.dataset.labels)
-    names = list(prepared.dataset.class_names)
+    options, prepared, labels, names, pool, test_idx, features, augmented, get_backbone = load_inputs(args.data)
     n_classes = len(names)
     images = prepared.images
-    pool, test_idx = prepared.splits.train_indices, prepared.splits.test_indices
-    features, augmented, _ = learningcurve.multilayer_inputs(
-        prepared, pool, options, default_cache_dir(), progress=False
-    )
-    get_backbone = backbones.backbone_factory(
-        options.backbone,
-        weights=options.weights,
-        preprocessing=options.preprocessing,
-        seed=options.seed,
-        image_size=images.shape[1:3],
-        features="multilayer",
-    )
     extractor = get_backbone()
     y_test = labels[test_idx]
     trainers: dict = {}

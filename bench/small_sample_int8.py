@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -52,14 +54,56 @@ def scores(y_true: np.ndarray, probabilities: np.ndarray, rarest: int, n_classes
     }
 
 
+def by_case(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of each case, cases in the order they first appear."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["case"], []).append(row)
+    return groups
+
+
+class Inputs(NamedTuple):
+    """What both int8 benches start from: NEU's pool and test split under the learning curve's options,
+    the multi-layer features (cached) and a factory of the multi-layer backbone. (A NamedTuple, not a
+    dataclass: the tests load the benches as modules that sys.modules does not know.)"""
+
+    options: LearningCurveOptions
+    prepared: Any
+    labels: np.ndarray
+    names: list[str]
+    pool: np.ndarray
+    test_idx: np.ndarray
+    features: np.ndarray
+    augmented: Any
+    get_backbone: Callable[[], Any]
+
+
+def load_inputs(data: Path) -> Inputs:
+    options = LearningCurveOptions()
+    prepared = pipeline.load_data(data, options, progress=False)
+    pool, test_idx = prepared.splits.train_indices, prepared.splits.test_indices
+    features, augmented, _ = learningcurve.multilayer_inputs(
+        prepared, pool, options, default_cache_dir(), progress=False
+    )
+    get_backbone = backbones.backbone_factory(
+        options.backbone,
+        weights=options.weights,
+        preprocessing=options.preprocessing,
+        seed=options.seed,
+        image_size=prepared.images.shape[1:3],
+        features="multilayer",
+    )
+    labels, names = np.asarray(prepared.dataset.labels), list(prepared.dataset.class_names)
+    return Inputs(options, prepared, labels, names, pool, test_idx, features, augmented, get_backbone)
+
+
 FORMS = ("head_on_features", "fp32", "int8", "int8_minus_fp32", "tta_fp32", "tta_int8", "tta_int8_minus_fp32")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Per case: mean and standard deviation over its draws (population std, ddof=0) of every score."""
     summary = []
-    for case in dict.fromkeys(row["case"] for row in rows):
-        chosen = [row for row in rows if row["case"] == case]
+    for case, chosen in by_case(rows).items():
         entry: dict = {
             "case": case,
             "draws": len(chosen),
@@ -85,21 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    options = LearningCurveOptions()
-    prepared = pipeline.load_data(args.data, options, progress=False)
-    labels = np.asarray(prepared.dataset.labels)
-    names = list(prepared.dataset.class_names)
-    pool, test_idx = prepared.splits.train_indices, prepared.splits.test_indices
-    cache_dir = default_cache_dir()
-    features, augmented, _ = learningcurve.multilayer_inputs(prepared, pool, options, cache_dir, progress=False)
-    get_backbone = backbones.backbone_factory(
-        options.backbone,
-        weights=options.weights,
-        preprocessing=options.preprocessing,
-        seed=options.seed,
-        image_size=prepared.images.shape[1:3],
-        features="multilayer",
-    )
+    options, prepared, labels, names, pool, test_idx, features, augmented, get_backbone = load_inputs(args.data)
     cases = []
     if args.cases in ("all", "few"):
         cases += [(f"{n} per class", [n] * len(names), "none", None) for n in (5, 10, 20)]
