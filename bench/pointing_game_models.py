@@ -109,15 +109,23 @@ def main(argv: list[str] | None = None) -> int:
             continue
         model = keras.models.load_model(path)
         method = methods[name] = explain.default_method(model)
-        randomised = explain.randomize_head(model) if fold != FINAL else None
-        for sigma in values if method == explain.ATTENTION else [0.0]:
+        attention = method == explain.ATTENTION
+        # One pass through the model per split: every width is a density of the same upsampled weights
+        # (Grad-CAM maps are scored once, as they are: only width 0).
+        grid = explain.attention_grid(model) if attention else None
+        test_maps = explain.heatmaps(model, prepared.images[test_rows], smoothing=0)
+        if fold != FINAL:
+            val_rows, val_masks = filtered_rows(prepared.splits.folds[fold][1], dataset, annotations)
+            val_images = prepared.images[val_rows]
+            val_raw = explain.heatmaps(model, val_images, smoothing=0)
+            random_raw = explain.heatmaps(explain.randomize_head(model), val_images, method=method, smoothing=0)
+        for sigma in values if attention else [0.0]:
             e = entry(sigma)
-            maps = explain.heatmaps(model, prepared.images[test_rows], smoothing=sigma)
+            maps = explain.density(test_maps, sigma, grid)
             e["test"][name] = {t: scores(hits(maps, test_masks, tie=t), labels[test_rows], names) for t in TIES}
             if fold != FINAL:
-                val_rows, val_masks = filtered_rows(prepared.splits.folds[fold][1], dataset, annotations)
-                val_maps = explain.heatmaps(model, prepared.images[val_rows], smoothing=sigma)
-                random_maps = explain.heatmaps(randomised, prepared.images[val_rows], method=method, smoothing=sigma)
+                val_maps = explain.density(val_raw, sigma, grid)
+                random_maps = explain.density(random_raw, sigma, grid)
                 e["sanity_median_spearman"][name] = round(median_spearman(val_maps, random_maps), 3)
                 for tie in TIES:
                     e["pooled"][tie].append(hits(val_maps, val_masks, tie=tie))

@@ -92,16 +92,13 @@ def attention_maps(
     import keras
     import tensorflow as tf
 
+    rows, cols = attention_grid(model)  # refuses a model without an attention head
     head = attention_head(model)
-    if head is None:
-        raise ValueError(f"model {model.name} has no attention head (train --head attention)")
     # A joined model is the backbone's layers followed by the head, one nested model as the last layer.
     features = keras.Model(model.inputs, model.layers[-2].output)
     weights = keras.Model(head.inputs, head.get_layer(ATTENTION).output)
-    rows, cols = (int(v) for v in head.inputs[0].shape[1:3])
     images = np.asarray(images, dtype=np.float32)
     height, width = images.shape[1:3]
-    sigma = (smoothing * height / rows, smoothing * width / cols)
     out = []
     for start in range(0, len(images), batch_size):
         cells = np.asarray(weights(features(images[start : start + batch_size], training=False), training=False))
@@ -109,11 +106,30 @@ def attention_maps(
         upsampled = np.asarray(tf.image.resize(grid, (height, width), method="bilinear"))[..., 0]
         # Scaled to [0, 1] before the blur, as every map here: the weights' common floor (a softmax
         # never reaches 0) would otherwise blur into the same border-dark vignette for any model.
-        scaled = _normalise(upsampled)
-        out.append(smooth(scaled, sigma) if smoothing > 0 else scaled)
+        out.append(density(_normalise(upsampled), smoothing, (rows, cols)))
     if not out:
         return np.zeros((0, height, width), np.float32)
     return np.concatenate(out).astype(np.float32)
+
+
+def attention_grid(model: Any) -> tuple[int, int]:
+    """(rows, columns) of the feature-map cells an attention head weighs."""
+    head = attention_head(model)
+    if head is None:
+        raise ValueError(f"model {model.name} has no attention head (train --head attention)")
+    rows, cols = (int(v) for v in head.inputs[0].shape[1:3])
+    return rows, cols
+
+
+def density(maps: np.ndarray, smoothing: float, grid: tuple[int, int] | None) -> np.ndarray:
+    """Upsampled attention maps (N, H, W) in [0, 1] of a ``grid`` of cells as a density: :func:`smooth`
+    with sigma ``smoothing`` cells; ``smoothing`` 0 returns ``maps`` as they are. So
+    ``density(heatmaps(model, x, smoothing=0), s, attention_grid(model))`` equals
+    ``heatmaps(model, x, smoothing=s)`` without another pass through the model."""
+    if smoothing <= 0:
+        return maps
+    height, width = maps.shape[1:3]
+    return smooth(maps, (smoothing * height / grid[0], smoothing * width / grid[1]))
 
 
 def smooth(maps: np.ndarray, sigma: float | tuple[float, float]) -> np.ndarray:

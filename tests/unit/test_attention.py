@@ -99,8 +99,10 @@ def test_attention_heatmap_is_the_heads_own_cell_weights():
     assert raw.shape == (5, 4, 4)  # upsampled to the input size, here the 4x4 map itself
     np.testing.assert_array_equal(raw.reshape(5, 16).argmax(1), weights.argmax(1))
     # The default is the density of those same weights (one cell = one pixel here).
+    assert explain.attention_grid(model) == (4, 4)
     density = explain.smooth(raw, explain.ATTENTION_SMOOTHING)
     np.testing.assert_allclose(explain.heatmaps(model, features[:5]), density, atol=1e-6)
+    np.testing.assert_allclose(explain.density(raw, explain.ATTENTION_SMOOTHING, (4, 4)), density, atol=1e-6)
     assert explain.default_method(keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))) == (
         explain.DEFAULT_METHOD
     )
