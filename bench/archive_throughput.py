@@ -34,10 +34,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import benchio
-from steeldefect import batch
-from steeldefect.cpuinfo import cpu_flags, cpu_model, int8_features
-from steeldefect.predict import predict_paths
-from steeldefect.runfolder import deployable_model, source_revision
+from steeldefect.core.cpuinfo import cpu_flags, cpu_model, int8_features
+from steeldefect.core.runfolder import deployable_model, source_revision
+from steeldefect.deploy import batch
+from steeldefect.deploy.predict import predict_paths
 
 DEFAULT_RUN = Path("runs/neu-pooled")
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET" / "IMAGES"
@@ -134,8 +134,8 @@ class RssSampler:
 def measure_components(model: Path, jpegs: list[Path]) -> dict:
     """CPU milliseconds per image of the two parts of the work, each alone on one thread: what the
     engines can overlap (decoding) and what they cannot avoid (inference)."""
-    from steeldefect.data import read_image
-    from steeldefect.modelfile import Classifier
+    from steeldefect.data.decode import read_image
+    from steeldefect.runtime.modelfile import Classifier
 
     classifier = Classifier(model, 1)
     start = time.thread_time()

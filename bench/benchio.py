@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from steeldefect.cpuinfo import cpu_flags, cpu_model, int8_features
-from steeldefect.files import write_json
-from steeldefect.runfolder import environment
+from steeldefect.core.cpuinfo import cpu_flags, cpu_model, int8_features
+from steeldefect.core.files import write_json
+from steeldefect.core.runfolder import environment
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")

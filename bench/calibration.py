@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 
 import benchio
-from steeldefect import uncertainty
-from steeldefect.backbones import build_backbone, weights_id
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.features import cached_features
-from steeldefect.files import read_json
-from steeldefect.pipeline import load_run_data
-from steeldefect.runfolder import backbone_dir
-from steeldefect.training import GridCell, load_head, out_of_fold_probabilities, predict_proba
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.core.files import read_json
+from steeldefect.core.runfolder import backbone_dir
+from steeldefect.models.backbones import build_backbone, weights_id
+from steeldefect.models.features import cached_features
+from steeldefect.models.training import GridCell, load_head, out_of_fold_probabilities, predict_proba
+from steeldefect.runtime import uncertainty
+from steeldefect.study.pipeline import load_run_data
 
 BACKBONE = "efficientnet_lite0"
 

@@ -26,15 +26,17 @@ from pathlib import Path
 import numpy as np
 
 import benchio
-from steeldefect.cpuinfo import cpu_model
-from steeldefect.data import load_images, scan_dataset
+from steeldefect.core.cpuinfo import cpu_model
+from steeldefect.data.dataset import scan_dataset
+from steeldefect.data.loading import load_images
 
 DEFAULT_NEU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET"
 
 _CHILD = """
 import sys, time
 import numpy as np
-from steeldefect.data import load_images, scan_dataset
+from steeldefect.data.dataset import scan_dataset
+from steeldefect.data.loading import load_images
 root, size, cache_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 dataset = scan_dataset(root)
 started = time.perf_counter()

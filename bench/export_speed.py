@@ -46,8 +46,9 @@ from typing import Any
 import numpy as np
 
 import benchio
-from steeldefect import export, runfolder
-from steeldefect.conversion import QUANTIZED_VARIANTS, VARIANTS
+from steeldefect.core import runfolder
+from steeldefect.deploy import export
+from steeldefect.models.conversion import QUANTIZED_VARIANTS, VARIANTS
 
 # The README's pooled-head run, in the checkout this script belongs to.
 DEFAULT_RUN = Path(__file__).resolve().parents[1] / "runs" / "neu-pooled"
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if not source.is_file():
             parser.error(f"{source}: no such fold model (RUN must be a trained run folder)")
 
-    from steeldefect.pipeline import load_run_data
+    from steeldefect.study.pipeline import load_run_data
 
     prepared, train_options = load_run_data(args.run, progress=False)
     indices = export.calibration_indices(

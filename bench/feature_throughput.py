@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 import benchio
-from steeldefect import backbones
-from steeldefect.conversion import convert
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.data import load_images, scan_dataset
-from steeldefect.runtime import make_interpreter, predict_tflite
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.data.dataset import scan_dataset
+from steeldefect.data.loading import load_images
+from steeldefect.models import backbones
+from steeldefect.models.conversion import convert
+from steeldefect.runtime.litert import make_interpreter, predict_tflite
 
 DEFAULT_NEU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET"
 

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 
 import benchio
-from steeldefect import backbones, learningcurve, pipeline, training
-from steeldefect.augfeatures import augmented_features
-from steeldefect.features import cached_features
-from steeldefect.files import default_cache_dir
-from steeldefect.options import DIHEDRAL_VIEWS, LearningCurveOptions
+from steeldefect.core.files import default_cache_dir
+from steeldefect.core.options import DIHEDRAL_VIEWS, LearningCurveOptions
+from steeldefect.models import backbones, training
+from steeldefect.models.augfeatures import augmented_features
+from steeldefect.models.features import cached_features
+from steeldefect.study import learningcurve, pipeline
 
 SELECTION_SEED = 7  # not the learning curve's 42: other samples than its draws
 

@@ -27,9 +27,11 @@ import keras
 import numpy as np
 
 import benchio
-from steeldefect import augment, finetune, training
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.data import load_images, scan_dataset
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.data import augment
+from steeldefect.data.dataset import scan_dataset
+from steeldefect.data.loading import load_images
+from steeldefect.models import finetune, training
 
 DEFAULT_NEU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET"
 FOLD_TRAIN, ALL_TRAIN, N_FOLDS = 1224, 1530, 5

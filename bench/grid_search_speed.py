@@ -28,12 +28,13 @@ import keras
 import numpy as np
 
 import benchio
-from steeldefect import backbones, training
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.data import load_images, scan_dataset
-from steeldefect.features import extract_features
-from steeldefect.options import HEAD_CHOICES
-from steeldefect.splits import make_splits
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.core.options import HEAD_CHOICES
+from steeldefect.data.dataset import scan_dataset
+from steeldefect.data.loading import load_images
+from steeldefect.data.splits import make_splits
+from steeldefect.models import backbones, training
+from steeldefect.models.features import extract_features
 
 DEFAULT_NEU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET"
 

@@ -38,12 +38,14 @@ import numpy as np
 
 import benchio
 from small_sample_int8 import ORDERS, PROFILE, by_case, load_inputs, scores
-from steeldefect import augment, learningcurve, training
-from steeldefect.augfeatures import training_rows
-from steeldefect.conversion import convert
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.export import calibration_indices
-from steeldefect.runtime import make_interpreter, predict_tflite
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.data import augment
+from steeldefect.deploy.export import calibration_indices
+from steeldefect.models import training
+from steeldefect.models.augfeatures import training_rows
+from steeldefect.models.conversion import convert
+from steeldefect.runtime.litert import make_interpreter, predict_tflite
+from steeldefect.study import learningcurve
 
 METHODS = ("baseline", "int8_rows", "dropout_0.5", "dihedral_calibration")
 

@@ -24,13 +24,14 @@ import keras
 import numpy as np
 
 import benchio
-from steeldefect import backbones
-from steeldefect import export as quantize
-from steeldefect.cpuinfo import cpu_model, int8_features
-from steeldefect.data import load_images, scan_dataset
-from steeldefect.efficientnet_lite import LITE0_STAGES
-from steeldefect.evaluate import measure_latency
-from steeldefect.runtime import delegate_partitions, make_interpreter
+from steeldefect.core.cpuinfo import cpu_model, int8_features
+from steeldefect.data.dataset import scan_dataset
+from steeldefect.data.loading import load_images
+from steeldefect.deploy import export as quantize
+from steeldefect.models import backbones
+from steeldefect.models.efficientnet_lite import LITE0_STAGES
+from steeldefect.runtime.litert import delegate_partitions, make_interpreter
+from steeldefect.study.evaluate import measure_latency
 
 DEFAULT_NEU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "NEU-DET"
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 import benchio
-from steeldefect.cpuinfo import cpu_flags, cpu_model, int8_features
-from steeldefect.evaluate import measure_latency
-from steeldefect.runfolder import fold_model_path, load_summary
-from steeldefect.runtime import delegate_partitions, make_interpreter
+from steeldefect.core.cpuinfo import cpu_flags, cpu_model, int8_features
+from steeldefect.core.runfolder import fold_model_path, load_summary
+from steeldefect.runtime.litert import delegate_partitions, make_interpreter
+from steeldefect.study.evaluate import measure_latency
 
 BASELINE = "fp32"
 VARIANTS = ("fp32", "fp16", "int8", "int8-mixed")  # each but the baseline timed when the run has it

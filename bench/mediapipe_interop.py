@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from steeldefect.cpuinfo import cpu_description, int8_features
-from steeldefect.files import read_json, write_json
+from steeldefect.core.cpuinfo import cpu_description, int8_features
+from steeldefect.core.files import read_json, write_json
 
 VARIANTS = ("fp32", "fp16", "int8", "int8-mixed")
 
@@ -43,11 +43,11 @@ def export_fold(run: Path, fold: int, variants: Sequence[str], out_dir: Path, ba
     """
     import keras
 
-    from steeldefect import export as export_stage
-    from steeldefect.conversion import QUANTIZED_VARIANTS
-    from steeldefect.modelfile import sidecar_path
-    from steeldefect.pipeline import load_run_data, trained_backbones
-    from steeldefect.runfolder import fold_model_path
+    from steeldefect.core.runfolder import fold_model_path
+    from steeldefect.deploy import export as export_stage
+    from steeldefect.models.conversion import QUANTIZED_VARIANTS
+    from steeldefect.runtime.modelfile import sidecar_path
+    from steeldefect.study.pipeline import load_run_data, trained_backbones
 
     backbone = backbone or trained_backbones(run)[0]
     prepared, options = load_run_data(run, progress=False)
@@ -99,7 +99,7 @@ def mediapipe_top1(model_path: Path, image_paths: Sequence[Path]) -> list[str]:
 
 def compare(model_path: Path, image_paths: Sequence[Path], true_names: Sequence[str]) -> dict:
     """Top-1 agreement between `predict` and MediaPipe, and each one's accuracy, on ``image_paths``."""
-    from steeldefect.predict import predict_paths
+    from steeldefect.deploy.predict import predict_paths
 
     ours = [result.top[0][0] if result.top else None for result in predict_paths(model_path, image_paths, threads=1)]
     theirs = mediapipe_top1(model_path, image_paths)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=None, help="where to export (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default RUN/mediapipe_interop.json)")
     args = parser.parse_args(argv)
-    from steeldefect.runfolder import source_revision
+    from steeldefect.core.runfolder import source_revision
 
     print(f"cpu:      {cpu_description()}, int8 dot: {', '.join(int8_features()) or 'none'}")
     versions = {name: version(name) for name in ("mediapipe", "ai-edge-litert", "tensorflow-cpu", "numpy")}

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 import benchio
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.evaluate import measure_latency
-from steeldefect.runtime import make_interpreter
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.runtime.litert import make_interpreter
+from steeldefect.study.evaluate import measure_latency
 
 
 def labelled(text: str) -> tuple[str, Path]:

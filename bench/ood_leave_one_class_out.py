@@ -16,7 +16,7 @@ flagged, and the head's accuracy on all and on the accepted known test images.
 Scores: max softmax probability of the head (baseline), energy (-logsumexp of its logits), cosine 5-NN
 distance on the pooled final features, Mahalanobis on the pooled final features (PCA 64), the first
 shipped score, tied Mahalanobis on the texture statistics of four intermediate layers, and (added later,
-same heads) the per-class-covariance texture score that ships now (steeldefect.uncertainty), cosine 1-NN
+same heads) the per-class-covariance texture score that ships now (steeldefect.runtime.uncertainty), cosine 1-NN
 on the texture statistics, and max-rank combinations ("or") of these with each other and max softmax.
 Also: the far-OOD set (photographs, grey, white, noise, a blurred NEU image) against the six-class
 scorer as shipped. The held-out heads' outputs are cached (beside the feature cache) so that a re-run
@@ -35,15 +35,15 @@ from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
 import benchio
-from steeldefect import uncertainty
-from steeldefect.backbones import build_backbone, weights_id
-from steeldefect.conversion import convert
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.features import cached_features
-from steeldefect.files import atomic_write_bytes, read_json, save_npy
-from steeldefect.pipeline import load_run_data
-from steeldefect.runtime import make_interpreter, predict_tflite
-from steeldefect.training import HeadTrainer, fit_head
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.core.files import atomic_write_bytes, read_json, save_npy
+from steeldefect.models.backbones import build_backbone, weights_id
+from steeldefect.models.conversion import convert
+from steeldefect.models.features import cached_features
+from steeldefect.models.training import HeadTrainer, fit_head
+from steeldefect.runtime import uncertainty
+from steeldefect.runtime.litert import make_interpreter, predict_tflite
+from steeldefect.study.pipeline import load_run_data
 
 BACKBONE = "efficientnet_lite0"
 SCORES = (

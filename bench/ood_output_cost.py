@@ -21,14 +21,14 @@ import keras
 import numpy as np
 
 import benchio
-from steeldefect import uncertainty
-from steeldefect.conversion import convert
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.evaluate import measure_latency
-from steeldefect.export import calibration_indices
-from steeldefect.pipeline import load_run_data
-from steeldefect.runfolder import fold_model_path
-from steeldefect.runtime import from_output, make_interpreter, resolve_threads, to_input
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.core.runfolder import fold_model_path
+from steeldefect.deploy.export import calibration_indices
+from steeldefect.models.conversion import convert
+from steeldefect.runtime import uncertainty
+from steeldefect.runtime.litert import from_output, make_interpreter, resolve_threads, to_input
+from steeldefect.study.evaluate import measure_latency
+from steeldefect.study.pipeline import load_run_data
 
 BACKBONE = "efficientnet_lite0"
 

@@ -26,13 +26,13 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 import benchio
-from steeldefect import uncertainty
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.data import scan_dataset
-from steeldefect.files import read_json
-from steeldefect.pipeline import run_train_options
-from steeldefect.runfolder import dataset_path, splits_path
-from steeldefect.splits import read_splits_csv
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.core.files import read_json
+from steeldefect.core.runfolder import dataset_path, splits_path
+from steeldefect.data.dataset import scan_dataset
+from steeldefect.data.splits import read_splits_csv
+from steeldefect.runtime import uncertainty
+from steeldefect.study.pipeline import run_train_options
 
 BACKBONE = "efficientnet_lite0"
 CHANNELS = (40, 80, 112, 192)  # of uncertainty.TEXTURE_LAYERS in Lite0

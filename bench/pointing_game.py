@@ -9,12 +9,12 @@ the test split. For every TEST image whose NEU-DET boxes (ANNOTATIONS/<name>.xml
 coordinates) cover under half of the image, the heatmap of the predicted class, resized from the
 224x224 model input back to 200x200, counts a hit when its maximum lies inside a box grown by 15 px
 on each side. Random-point baseline: the expected hit rate of a uniformly random point (the area of
-the grown boxes' union). Compared side by side: every (layer, method) of steeldefect.explain and
+the grown boxes' union). Compared side by side: every (layer, method) of steeldefect.deploy.explain and
 fusions of layers; with ``--smoothgrad N`` each map (and gradient x input, pooled to 28x28) averaged
 over N noisy copies, alone and with flip-averaging; with ``--occlusion`` occlusion sensitivity on the
 LiteRT fp32 model beside MODEL; then the head-randomisation sanity check of the default: Spearman rank correlation
 between the trained model's maps and those of the same model with a random head. The default is the
-model's own (steeldefect.explain.default_method): Grad-CAM, or for an attention head (`train --head
+model's own (steeldefect.deploy.explain.default_method): Grad-CAM, or for an attention head (`train --head
 attention --boxes DIR`) its attention weights as a density (explain.ATTENTION_SMOOTHING; also
 scored as the upsampled weights alone). The boxes are ``--boxes`` DIR, else the folder that
 head trained on, else ANNOTATIONS/ in or beside the run's data folder. The default is also scored
@@ -50,10 +50,10 @@ import numpy as np
 from scipy.stats import spearmanr
 
 import benchio
-from steeldefect import explain
-from steeldefect.annotations import annotation_path, box_mask, read_voc
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.pipeline import load_run_data, run_train_options
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.data.annotations import annotation_path, box_mask, read_voc
+from steeldefect.deploy import explain
+from steeldefect.study.pipeline import load_run_data, run_train_options
 
 TOLERANCE = 15
 SIZE = 200
@@ -72,7 +72,7 @@ def hits(maps: np.ndarray, masks: np.ndarray, *, tie: str = "first") -> np.ndarr
 
     ``tie``: which pixel stands for a maximum that several pixels share. "first" (the protocol since the
     first measurement): the first in row-major order. "centre": the tied pixel nearest the centre of
-    all tied pixels (steeldefect.explain.peak: where the overlay PNGs draw their cross). They differ on
+    all tied pixels (steeldefect.deploy.explain.peak: where the overlay PNGs draw their cross). They differ on
     plateaus: bilinear upsampling of a 7x7 map holds an edge cell's value flat out to the image border,
     so when a border cell is the highest, "first" points at the image's top or left edge, up to half a
     cell (16 px) from where the cell is."""
@@ -287,7 +287,7 @@ def view_cells(model, weights, view: tuple, images: np.ndarray, paths, classes: 
         return cell_scores(feats, weights, classes)
     if view[0] == "scorecam":
         return score_cam_cells(probes[224], weights, images, classes, top_k=view[1])
-    from steeldefect.data import read_image
+    from steeldefect.data.decode import read_image
 
     size = view[1]
     if size not in probes:
@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         timings["smoothgrad_s"] = time.perf_counter() - tick
     if args.occlusion:
-        from steeldefect.modelfile import Classifier
+        from steeldefect.runtime.modelfile import Classifier
 
         fp32 = args.model.with_name(args.model.name.split(".")[0] + ".fp32.tflite")
         classifier = Classifier(fp32, threads=args.threads)

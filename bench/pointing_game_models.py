@@ -7,12 +7,12 @@ Usage (from the repository root)::
 
 Same protocol as bench/pointing_game.py (images whose boxes cover under half the image, the map's
 maximum resized to 200x200 inside a box grown by 15 px), each model's default heatmap
-(`steeldefect.explain.heatmaps`: Grad-CAM, or an attention head's own weights), a shared maximum
+(`steeldefect.deploy.explain.heatmaps`: Grad-CAM, or an attention head's own weights), a shared maximum
 scored both at its first pixel and at its centre. The out-of-fold line pools the five fold models'
 validation folds: five times the test split's images, so its per-class figures move less by one image.
 
 For an attention head, every ``--smoothing`` value (Gaussian sigma in feature-map cells of the
-attention density, `steeldefect.explain.attention_maps`) is scored, with the head-randomisation
+attention density, `steeldefect.deploy.explain.attention_maps`) is scored, with the head-randomisation
 sanity check (median Spearman rank correlation between the trained and the random-head maps) on
 each fold's validation images. The value chosen is the one with the best out-of-fold pointing among
 those whose sanity correlation stays under 0.5 on every fold (ties: the better weakest class); that
@@ -31,10 +31,10 @@ from scipy.stats import spearmanr
 
 import benchio
 from pointing_game import boxes_folder, filtered_rows, hits
-from steeldefect import explain
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.pipeline import load_run_data
-from steeldefect.runfolder import FINAL, fold_model_path
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.core.runfolder import FINAL, fold_model_path
+from steeldefect.deploy import explain
+from steeldefect.study.pipeline import load_run_data
 
 SANITY_LIMIT = 0.5  # issue #14: randomising the head must change the maps (rank correlation < 0.5)
 TIES = ("first", "centre")

@@ -45,12 +45,12 @@ from pathlib import Path
 import numpy as np
 
 import benchio
-from steeldefect.cpuinfo import cpu_flags, cpu_model, int8_features
-from steeldefect.data import decode_image
-from steeldefect.modelfile import Classifier, read_model_info
-from steeldefect.runfolder import source_revision
-from steeldefect.runtime import resolve_threads
-from steeldefect.serve import resolve_model
+from steeldefect.core.cpuinfo import cpu_flags, cpu_model, int8_features
+from steeldefect.core.runfolder import source_revision
+from steeldefect.data.decode import decode_image
+from steeldefect.runtime.litert import resolve_threads
+from steeldefect.runtime.modelfile import Classifier, read_model_info
+from steeldefect.serve.service import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 SIMD = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
@@ -265,7 +265,7 @@ def level(server: Server, bare: Bare, images: list[bytes], concurrency: int, n: 
 def audit_commit_cost(folder: Path, n: int = 200) -> dict:
     """Milliseconds per one-row commit of the audit log, without and with fsync (``--audit-fsync``):
     what one answer waits for when it is alone (concurrent answers share a commit)."""
-    from steeldefect.audit import AuditLog, AuditRow
+    from steeldefect.serve.audit import AuditLog, AuditRow
 
     row = AuditRow("bench", "0" * 64, 12345, [("crazing", 0.99), ("patches", 0.01)], None, None, "0" * 64, 3.2)
     figures = {}

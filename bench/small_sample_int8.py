@@ -28,14 +28,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import benchio
-from steeldefect import augment, backbones, learningcurve, pipeline, training
-from steeldefect.conversion import convert
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.export import calibration_indices
-from steeldefect.files import default_cache_dir
-from steeldefect.metrics import classification_metrics
-from steeldefect.options import LearningCurveOptions
-from steeldefect.runtime import make_interpreter, predict_tflite
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.core.files import default_cache_dir
+from steeldefect.core.metrics import classification_metrics
+from steeldefect.core.options import LearningCurveOptions
+from steeldefect.data import augment
+from steeldefect.deploy.export import calibration_indices
+from steeldefect.models import backbones, training
+from steeldefect.models.conversion import convert
+from steeldefect.runtime.litert import make_interpreter, predict_tflite
+from steeldefect.study import learningcurve, pipeline
 
 PROFILE = (255, 128, 64, 32, 16, 8)
 ORDERS = (

@@ -125,7 +125,7 @@ def neu_images(neu_dir) -> Path:
 def link_neu_subset(images: Path, folder: Path, per_class: int) -> Path:
     """The first ``per_class`` NEU images of each class as symlinks in ``folder`` (the images stay in
     ../shared: never copied into the project or the test's own folders)."""
-    from steeldefect.data import CLASS_NAMES_NEU
+    from steeldefect.data.dataset import CLASS_NAMES_NEU
 
     folder.mkdir(parents=True, exist_ok=True)
     for name in CLASS_NAMES_NEU:
@@ -150,7 +150,7 @@ def pooled_neu_run(neu_images, tmp_path_factory) -> Path:
         if not (Path(given) / "config.json").is_file():
             pytest.fail(f"STEELDEFECT_POOLED_RUN={given} is not a run folder")
         return Path(given)
-    from steeldefect import pipeline
+    from steeldefect.study import pipeline
 
     root = tmp_path_factory.mktemp("pooled-neu")
     subset = link_neu_subset(neu_images, root / "neu", POOLED_PER_CLASS)

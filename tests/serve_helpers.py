@@ -17,10 +17,10 @@ def export_small_classifier(
     import keras
     import numpy as np
 
-    from steeldefect import training
-    from steeldefect.export import export_model
-    from steeldefect.files import write_json
-    from steeldefect.modelfile import sidecar_path
+    from steeldefect.core.files import write_json
+    from steeldefect.deploy.export import export_model
+    from steeldefect.models import training
+    from steeldefect.runtime.modelfile import sidecar_path
 
     keras.utils.set_random_seed(3)
     inputs = keras.Input((size, size, 3))

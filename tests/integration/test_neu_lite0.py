@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steeldefect import evaluate, pipeline
-from steeldefect import export as quantize
-from steeldefect.data import CLASS_NAMES_NEU
-from steeldefect.files import read_json
+from steeldefect.core.files import read_json
+from steeldefect.data.dataset import CLASS_NAMES_NEU
+from steeldefect.deploy import export as quantize
+from steeldefect.study import evaluate, pipeline
 
 pytestmark = pytest.mark.integration
 

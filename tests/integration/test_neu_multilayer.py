@@ -12,8 +12,9 @@ import csv
 import numpy as np
 import pytest
 
-from steeldefect import backbones, cli
-from steeldefect.data import CLASS_NAMES_NEU
+from steeldefect import cli
+from steeldefect.data.dataset import CLASS_NAMES_NEU
+from steeldefect.models import backbones
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,7 @@ def neu_subset(neu_images, tmp_path_factory):
 def test_multilayer_backbone_with_real_weights_is_the_means_of_its_layers(neu_images):
     import keras
 
-    from steeldefect.data import read_image
+    from steeldefect.data.decode import read_image
 
     pixels = np.stack([read_image(neu_images / f"{name}_1.jpg", (224, 224)) for name in CLASS_NAMES_NEU])
     model = backbones.build_backbone("efficientnet_lite0", features="multilayer")

@@ -306,7 +306,7 @@ def test_inspector_page_flags_uncertain_answers_with_their_calibrated_confidence
     from selenium.webdriver.common.by import By
 
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (test extra) provides the photograph")
-    from steeldefect.runfolder import deployable_model
+    from steeldefect.core.runfolder import deployable_model
 
     photo = tmp_path / "astronaut.jpg"
     Image.fromarray(skimage_data.astronaut()).save(photo)

@@ -10,8 +10,12 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect import annotations, cli, explain, pipeline, training
-from steeldefect.options import TrainOptions
+from steeldefect import cli
+from steeldefect.core.options import TrainOptions
+from steeldefect.data import annotations
+from steeldefect.deploy import explain
+from steeldefect.models import training
+from steeldefect.study import pipeline
 from tiny import CLASSES, FAST_TRAIN, TINY
 
 
@@ -157,14 +161,14 @@ def test_train_attention_head_end_to_end(tiny_env, tmp_path, capsys, monkeypatch
     assert (peaks < maps.shape[2] // 2).mean() >= 0.8
     # Exported like any run: int8 answers as the .keras model does on most test images.
     pipeline.export(run, variants=["int8"], calibration_samples=12, quant_report=False, progress=False)
-    from steeldefect import runfolder
-    from steeldefect.modelfile import Classifier
+    from steeldefect.core import runfolder
+    from steeldefect.runtime.modelfile import Classifier
 
     expected = np.asarray(model.predict(images.astype(np.float32), verbose=0))
     got = Classifier(runfolder.deploy_model_path(run, "int8"), threads=1).probabilities(images)
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.8
-    from steeldefect.files import read_json
-    from steeldefect.report import write_report
+    from steeldefect.core.files import read_json
+    from steeldefect.study.report import write_report
 
     assert read_json(runfolder.gallery_record_path(run, TINY))["method"] == "attention"
     text = Path(write_report(run)).read_text()

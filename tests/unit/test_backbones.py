@@ -9,7 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect import backbones, cli
+from steeldefect import cli
+from steeldefect.models import backbones
 from tiny import write_hdf5
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steeldefect import backbones, cli
+from steeldefect import cli
+from steeldefect.models import backbones
 from tiny import TINY, make_dataset, register_tiny_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -390,7 +391,7 @@ def test_tiny_backbone_is_registered_for_the_table(tmp_path, monkeypatch):
 def test_written_files_follow_the_umask(tmp_path):
     """Atomic writes go through mkstemp (mode 0o600): without a chmod, a run folder or model written by
     one user could not be read by another, even with a permissive umask."""
-    from steeldefect.files import atomic_save, write_json
+    from steeldefect.core.files import atomic_save, write_json
 
     previous = os.umask(0o022)
     try:

@@ -1,4 +1,4 @@
-"""Scoring an image archive (steeldefect.batch): inputs, the local and Ray engines, the output file,
+"""Scoring an image archive (steeldefect.deploy.batch): inputs, the local and Ray engines, the output file,
 resume, on a tiny exported model and generated images."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steeldefect import batch, cli
-from steeldefect.predict import format_predictions, predict_paths
+from steeldefect import cli
+from steeldefect.deploy import batch
+from steeldefect.deploy.predict import format_predictions, predict_paths
 from tiny_tflite import export_tiny_classifier
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,8 +169,8 @@ def test_an_output_of_another_model_is_refused_and_left_untouched(tmp_path, mode
 
 
 def test_uncertain_column_follows_the_rule_inside_the_model(tmp_path, images, capsys):
-    from steeldefect.data import read_image
-    from steeldefect.modelfile import Classifier
+    from steeldefect.data.decode import read_image
+    from steeldefect.runtime.modelfile import Classifier
     from tiny_tflite import export_tiny_with_rule
 
     flagged = export_tiny_with_rule(tmp_path, accept=0.5)

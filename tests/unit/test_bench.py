@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steeldefect.cpuinfo import cpu_model
+from steeldefect.core.cpuinfo import cpu_model
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 SCRIPTS = sorted(path.stem for path in BENCH_DIR.glob("*.py") if path.stem != "benchio")

@@ -1,4 +1,4 @@
-"""Unit tests for steeldefect.data on small images generated in tmp_path."""
+"""Unit tests for steeldefect.data.dataset on small images generated in tmp_path."""
 
 from __future__ import annotations
 
@@ -10,21 +10,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from steeldefect import data
-from steeldefect.data import (
+from steeldefect.data import loading
+from steeldefect.data.dataset import (
     CLASS_NAMES_NEU,
     BadImageWarning,
     Dataset,
     DatasetError,
     dataset_fingerprint,
-    image_infos,
     is_ignored_file,
-    load_images,
-    read_image,
     scan_dataset,
 )
-from steeldefect.inspection import format_inspection, inspect_dataset
-from steeldefect.splits import make_splits
+from steeldefect.data.decode import read_image
+from steeldefect.data.inspection import format_inspection, inspect_dataset
+from steeldefect.data.loading import image_infos, load_images
+from steeldefect.data.splits import make_splits
 
 # --------------------------------------------------------------------------------------------------
 # Layouts and order
@@ -406,7 +405,7 @@ def test_second_load_reads_the_cache_without_decoding(tmp_path, make_neu_dataset
     def no_decoding(path):
         raise AssertionError(f"decoded {path} although the cache should have been used")
 
-    monkeypatch.setattr(data, "_decode", no_decoding)
+    monkeypatch.setattr(loading, "decode_file", no_decoding)
     second_dataset, second = load_images(dataset, image_size=(16, 16), cache_dir=cache, progress=False)
 
     np.testing.assert_array_equal(first, second)
@@ -468,7 +467,7 @@ def test_cached_bad_files_are_reported_again_and_skippable_without_decoding(bad_
     with pytest.raises(DatasetError):
         load_images(dataset, image_size=(8, 8), cache_dir=cache, progress=False)
 
-    monkeypatch.setattr(data, "_decode", lambda path: pytest.fail(f"decoded {path}"))
+    monkeypatch.setattr(loading, "decode_file", lambda path: pytest.fail(f"decoded {path}"))
     with pytest.raises(DatasetError) as caught:
         load_images(dataset, image_size=(8, 8), cache_dir=cache, progress=False)
     assert len(caught.value.problems) == 4

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steeldefect.efficientnet_lite import (
+from steeldefect.models.efficientnet_lite import (
     FEATURES_LAYER,
     LITE0_SHA256,
     UnsafePickleError,
@@ -186,7 +186,7 @@ def test_architecture_shapes_and_parameter_count():
 
 def _fake_state_dict(model) -> dict[str, np.ndarray]:
     """A torch-layout state dict whose values identify their destination."""
-    from steeldefect.efficientnet_lite import _pth_prefix
+    from steeldefect.models.efficientnet_lite import _pth_prefix
 
     rng = np.random.default_rng(1)
     state: dict[str, np.ndarray] = {}

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from scipy.stats import spearmanr
 
-from steeldefect import explain
+from steeldefect.deploy import explain
 
 SQUARE = (slice(3, 9), slice(21, 27))  # rows, columns: off the diagonal, so a transposed map fails
 
@@ -97,7 +97,7 @@ def test_overlay_is_a_png_with_the_heatmap_drawn(tmp_path):
 
 @pytest.mark.integration
 def test_randomising_the_head_of_a_real_neu_model_changes_its_maps(neu_dir, pooled_neu_run):
-    from steeldefect.data import read_image
+    from steeldefect.data.decode import read_image
 
     # The run's model to deploy (trained on all its training images), on NEU images it never saw.
     model = keras.models.load_model(pooled_neu_run / "deploy" / "model.keras")
@@ -111,7 +111,7 @@ def test_randomising_the_head_of_a_real_neu_model_changes_its_maps(neu_dir, pool
 
 
 def test_annotation_xml_files_are_not_images(tmp_path, make_neu_dataset):
-    from steeldefect.data import scan_dataset
+    from steeldefect.data.dataset import scan_dataset
 
     root = make_neu_dataset(tmp_path / "NEU-DET")
     images = root / "IMAGES" if (root / "IMAGES").is_dir() else root
@@ -248,7 +248,7 @@ def test_predict_explain_into_a_file_is_one_line(tmp_path, capsys):
 def _gallery_run(tmp_path):
     """A run folder with the bright-square model as the final model and 4 test images per class, of
     which two 'clean' ones carry the bright square (the model calls them defects: wrong)."""
-    from steeldefect import runfolder
+    from steeldefect.core import runfolder
 
     run = tmp_path / "run"
     _save_model(runfolder.fold_model_path(run, "tiny", runfolder.FINAL, "keras"))
@@ -269,7 +269,7 @@ def _read_csv(path):
 
 
 def test_gallery_has_two_correct_per_class_and_every_wrong_or_uncertain_image(tmp_path):
-    from steeldefect import runfolder
+    from steeldefect.core import runfolder
 
     run, images, labels, files = _gallery_run(tmp_path)
     path = explain.write_gallery(run, "tiny", images, labels, files, CLASSES, progress=False)
@@ -312,7 +312,7 @@ def test_report_shows_the_gallery_without_tensorflow(tmp_path):
     import sys
     from pathlib import Path
 
-    from steeldefect import runfolder
+    from steeldefect.core import runfolder
 
     spec = importlib.util.spec_from_file_location(
         "run_fixture", Path(__file__).resolve().parents[1] / "fixtures" / "run_fixture.py"
@@ -337,13 +337,13 @@ def test_report_shows_the_gallery_without_tensorflow(tmp_path):
     )
     # In a fresh interpreter, so that "no TensorFlow" is checked, not inherited from this process.
     script = (
-        "import sys; from steeldefect.report import write_report; write_report(sys.argv[1]); "
+        "import sys; from steeldefect.study.report import write_report; write_report(sys.argv[1]); "
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'report imported TensorFlow'"
     )
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(Path(explain.__file__).parents[1]), os.environ.get("PYTHONPATH")])
+            filter(None, [str(Path(explain.__file__).parents[2]), os.environ.get("PYTHONPATH")])
         ),
     }
     subprocess.run([sys.executable, "-c", script, str(run)], check=True, env=env)
@@ -357,9 +357,9 @@ def test_report_shows_the_gallery_without_tensorflow(tmp_path):
 
 @pytest.mark.integration
 def test_predict_explain_and_gallery_on_a_real_neu_run(neu_dir, pooled_neu_run, tmp_path, capsys):
-    from steeldefect import runfolder
     from steeldefect.cli import main
-    from steeldefect.pipeline import load_run_data
+    from steeldefect.core import runfolder
+    from steeldefect.study.pipeline import load_run_data
 
     # `predict RUN --explain`: the run's int8 model prints, its .keras draws; one PNG per image.
     paths = [neu_dir / "IMAGES" / f"{name}_296.jpg" for name in ("crazing", "inclusion", "scratches")]

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steeldefect import cli, files
+from steeldefect import cli
+from steeldefect.core import files
 from tiny import TINY, make_dataset, make_pattern_image, register_tiny_backbone
 
 TRAIN = [
@@ -202,7 +203,7 @@ def test_predict_names_a_bad_sidecar(exported, tmp_path, tiny_env, capsys, probl
     """A model exported before models described themselves has only its sidecar to go by."""
     import keras
 
-    from steeldefect.conversion import convert
+    from steeldefect.models.conversion import convert
 
     model = tmp_path / "model.tflite"
     model.write_bytes(convert(keras.models.load_model(exported.parent / "fold0.keras"), "fp32"))
@@ -232,8 +233,8 @@ def test_a_folder_made_before_an_option_existed_resumes_as_if_it_had_the_default
     default then; a different value is still refused."""
     import json
 
-    from steeldefect import runfolder
-    from steeldefect.options import TrainOptions
+    from steeldefect.core import runfolder
+    from steeldefect.core.options import TrainOptions
 
     run = tmp_path / "old-run"
     run.mkdir()

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect.cpuinfo import cpu_description
-from steeldefect.features import cached_features, extract_features, feature_cache_key
+from steeldefect.core.cpuinfo import cpu_description
+from steeldefect.models.features import cached_features, extract_features, feature_cache_key
 from tiny import build_tiny
 
 

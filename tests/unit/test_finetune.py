@@ -1,4 +1,4 @@
-"""Fine-tuning the backbone's top blocks (steeldefect.finetune, `train --fine-tune N`), on a tiny
+"""Fine-tuning the backbone's top blocks (steeldefect.models.finetune, `train --fine-tune N`), on a tiny
 backbone with BatchNormalization and on generated images: it learns beyond its frozen start, moves
 only the top blocks' weights and never the BatchNormalization statistics, resumes after a killed
 fold, and refuses more blocks than the backbone has."""
@@ -11,8 +11,11 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect import backbones, cli, finetune, pipeline, runfolder, training
-from steeldefect.files import read_json
+from steeldefect import cli
+from steeldefect.core import runfolder
+from steeldefect.core.files import read_json
+from steeldefect.models import backbones, finetune, training
+from steeldefect.study import pipeline
 from tiny import CLASSES, make_dataset, make_pattern_image
 
 TINY_BN = "tinybn"

@@ -9,8 +9,10 @@ import csv
 import numpy as np
 import pytest
 
-from steeldefect import augfeatures, cli, learningcurve, pipeline, training
-from steeldefect.files import read_json
+from steeldefect import cli
+from steeldefect.core.files import read_json
+from steeldefect.models import augfeatures, training
+from steeldefect.study import learningcurve, pipeline
 from tiny import AUGMENT_KEY, CLASSES, FAST_TRAIN, TINY, build_tiny, curve_args
 
 FAST = FAST_TRAIN
@@ -40,7 +42,7 @@ def test_training_rows_take_views_of_the_fold_training_images_only():
 
 
 def training_split(labels):
-    from steeldefect.splits import make_splits
+    from steeldefect.data.splits import make_splits
 
     return make_splits(labels, test_fraction=0.2, n_folds=2, seed=0)
 

@@ -11,11 +11,14 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect import cli, runtime, tflite_metadata, training
-from steeldefect import export as export_stage
-from steeldefect.modelfile import Classifier, read_model_info, sidecar_path
-from steeldefect.predict import predict_paths
-from steeldefect.runtime import ModelFileError
+from steeldefect import cli
+from steeldefect.deploy import export as export_stage
+from steeldefect.deploy.predict import predict_paths
+from steeldefect.models import training
+from steeldefect.runtime import litert as runtime
+from steeldefect.runtime import tflite_metadata
+from steeldefect.runtime.litert import ModelFileError
+from steeldefect.runtime.modelfile import Classifier, read_model_info, sidecar_path
 
 CLASSES = ["dots", "stripes", "flat", "speckle"]
 
@@ -226,7 +229,7 @@ def test_embed_refuses_a_description_that_does_not_fit_the_model(exported):
 
 
 def test_export_stage_embeds_what_the_sidecar_says(tmp_path, monkeypatch, capsys):
-    from steeldefect import pipeline
+    from steeldefect.study import pipeline
     from tiny import TINY, make_dataset, register_tiny_backbone
 
     register_tiny_backbone(monkeypatch, tmp_path / "keras")

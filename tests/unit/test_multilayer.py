@@ -11,8 +11,11 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect import augfeatures, augment, backbones, cli, pipeline, training
-from steeldefect.options import TrainOptions
+from steeldefect import cli
+from steeldefect.core.options import TrainOptions
+from steeldefect.data import augment
+from steeldefect.models import augfeatures, backbones, training
+from steeldefect.study import pipeline
 from tiny import AUGMENT_KEY, FAST_TRAIN, TINY, build_tiny, curve_args
 
 FAST = FAST_TRAIN
@@ -63,8 +66,8 @@ def test_dihedral_augmented_features_are_the_backbone_on_the_exact_views(tmp_pat
 
 
 def test_dihedral_average_model_answers_the_mean_over_the_eight_views_in_keras_and_litert():
-    from steeldefect.conversion import convert
-    from steeldefect.runtime import make_interpreter, predict_tflite
+    from steeldefect.models.conversion import convert
+    from steeldefect.runtime.litert import make_interpreter, predict_tflite
 
     backbone = build_tiny(None, True, (32, 32, 3))
     pooled = keras.layers.GlobalAveragePooling2D()(backbone.output)
@@ -128,8 +131,8 @@ def test_train_multilayer_with_dihedral_views_end_to_end(tiny_env, tmp_path, mon
     assert len(list(cache.glob("tiny+multilayer-*.npy"))) == 1
     assert len(list((cache / "augmented").glob("tiny+multilayer-*-view6.npy"))) == 1
     # Exported like any run: the deploy file answers for test images as the .keras model does.
-    from steeldefect import runfolder
-    from steeldefect.modelfile import Classifier
+    from steeldefect.core import runfolder
+    from steeldefect.runtime.modelfile import Classifier
 
     pipeline.export(run, variants=["fp32"], calibration_samples=12, quant_report=False, progress=False)
     deploy = runfolder.deploy_model_path(run, "fp32")
@@ -141,15 +144,15 @@ def test_train_multilayer_with_dihedral_views_end_to_end(tiny_env, tmp_path, mon
         expected = expected[0]
     got = Classifier(deploy, threads=1).probabilities(images)
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    from steeldefect.report import write_report
+    from steeldefect.study.report import write_report
 
     text = Path(write_report(run)).read_text()
     assert "- Training: head flatten, features multilayer, 7 dihedral augmented views per training image" in text
 
 
 def test_export_tta_writes_files_that_answer_the_mean_over_the_views(tiny_env, tmp_path):
-    from steeldefect import runfolder
-    from steeldefect.modelfile import Classifier, read_model_info
+    from steeldefect.core import runfolder
+    from steeldefect.runtime.modelfile import Classifier, read_model_info
 
     run = tmp_path / "run"
     pipeline.train(tiny_env, run, backbones=[TINY], **FAST)
@@ -167,7 +170,7 @@ def test_export_tta_writes_files_that_answer_the_mean_over_the_views(tiny_env, t
     np.testing.assert_allclose(got, np.mean(views, axis=0), atol=1e-4)
     # the file does not answer as the single-view .keras model does
     assert np.abs(got - views[0]).max() > 1e-3
-    from steeldefect.report import write_report
+    from steeldefect.study.report import write_report
 
     assert "exported files average the 8 flips/rotations of each image" in Path(write_report(run)).read_text()
     # Files with and without the average are never mixed in one run folder.

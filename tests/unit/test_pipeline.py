@@ -11,9 +11,11 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect import cli, pipeline, training
-from steeldefect import export as export_stage
-from steeldefect.files import read_json
+from steeldefect import cli
+from steeldefect.core.files import read_json
+from steeldefect.deploy import export as export_stage
+from steeldefect.models import training
+from steeldefect.study import pipeline
 from tiny import TINY, make_dataset, register_tiny_backbone
 
 FAST = dict(learning_rates=[0.01, 0.001], epochs=4, batch_size=8, n_folds=2, image_size=32, progress=False)
@@ -61,7 +63,7 @@ def test_reproduce_end_to_end_skips_missing_weights(tiny_env, tmp_path):
         assert deploy["test"][variant]["accuracy"] > 60
     assert summary["deploy"]["models"]["int8"] == "deploy/model.int8.tflite"
     assert read_json(run / "deploy" / "model.int8.tflite.json")["fold"] == "final"
-    from steeldefect.predict import predict_paths
+    from steeldefect.deploy.predict import predict_paths
 
     via_run = predict_paths(run, [tiny_env / "dots"], top_k=1)
     via_file = predict_paths(run / "deploy" / "model.int8.tflite", [tiny_env / "dots"], top_k=1)
@@ -87,7 +89,7 @@ def test_reproduce_end_to_end_skips_missing_weights(tiny_env, tmp_path):
         "int8-mixed"
     ]
     assert mixed["n_models"] == 2 and mixed["accuracy"]["mean"] > 60
-    from steeldefect.report import write_report
+    from steeldefect.study.report import write_report
 
     assert "| int8-mixed |" in write_report(run).read_text()
 

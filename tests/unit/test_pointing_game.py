@@ -1,5 +1,5 @@
 """The pointing-game bench's feature-map methods (bench/pointing_game.py --select-on): the closed-form
-Grad-CAM equals steeldefect.explain's, the local head is the pooled head applied to each cell, and
+Grad-CAM equals steeldefect.deploy.explain's, the local head is the pooled head applied to each cell, and
 shifted / turned views land back where they came from."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect import explain
+from steeldefect.deploy import explain
 
 
 def _pooled_model(seed: int = 0) -> keras.Model:

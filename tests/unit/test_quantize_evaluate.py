@@ -6,9 +6,11 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect import conversion, evaluate, runtime, training
-from steeldefect import export as quantize
-from steeldefect.splits import make_splits
+from steeldefect.data.splits import make_splits
+from steeldefect.deploy import export as quantize
+from steeldefect.models import conversion, training
+from steeldefect.runtime import litert as runtime
+from steeldefect.study import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from steeldefect.report import write_report
-from steeldefect.runfolder import NotARunError
+from steeldefect.core.runfolder import NotARunError
+from steeldefect.study.report import write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -169,7 +169,7 @@ def test_report_is_deterministic(run: Path) -> None:
 
 def test_report_does_not_import_tensorflow(run: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; from steeldefect.report import write_report; "
+        "import sys; from pathlib import Path; from steeldefect.study.report import write_report; "
         f"write_report(Path({str(run)!r})); "
         "heavy = sorted(m for m in ('tensorflow', 'keras', 'sklearn', 'ai_edge_litert') if m in sys.modules); "
         "assert not heavy, heavy"

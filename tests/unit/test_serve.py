@@ -18,11 +18,12 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 from fastapi.testclient import TestClient  # noqa: E402
 
 from serve_helpers import NEU_CLASSES, export_small_classifier  # noqa: E402
-from steeldefect import cli, serve  # noqa: E402
-from steeldefect.files import file_digest as file_sha256  # noqa: E402
-from steeldefect.modelfile import Classifier  # noqa: E402
-from steeldefect.predict import predict_paths  # noqa: E402
-from steeldefect.runtime import ModelFileError  # noqa: E402
+from steeldefect import cli  # noqa: E402
+from steeldefect.core.files import file_digest as file_sha256  # noqa: E402
+from steeldefect.deploy.predict import predict_paths  # noqa: E402
+from steeldefect.runtime.litert import ModelFileError  # noqa: E402
+from steeldefect.runtime.modelfile import Classifier  # noqa: E402
+from steeldefect.serve import service as serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -446,7 +447,7 @@ def test_missing_or_corrupt_model_stops_serve_with_one_line(tmp_path, capsys, mo
 
 
 def test_run_folder_serves_its_deployable_model(tmp_path, model):
-    from steeldefect.runfolder import deploy_model_path
+    from steeldefect.core.runfolder import deploy_model_path
 
     run = tmp_path / "run"
     deployed = deploy_model_path(run, "int8")

@@ -1,12 +1,12 @@
-"""Unit tests for steeldefect.splits."""
+"""Unit tests for steeldefect.data.splits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from steeldefect.data import scan_dataset
-from steeldefect.splits import Splits, make_splits, read_splits_csv, write_splits_csv
+from steeldefect.data.dataset import scan_dataset
+from steeldefect.data.splits import Splits, make_splits, read_splits_csv, write_splits_csv
 
 
 def _labels(per_class: int = 40, n_classes: int = 6) -> np.ndarray:

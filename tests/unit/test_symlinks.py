@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from steeldefect import cli
-from steeldefect.data import SymlinkWarning, scan_dataset
+from steeldefect.data.dataset import SymlinkWarning, scan_dataset
 
 CLASSES = ("crazing", "inclusion", "patches")
 

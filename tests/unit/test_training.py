@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from steeldefect import metrics, training
+from steeldefect.core import metrics
+from steeldefect.models import training
 
 
 def separable(n_per_class=40, classes=3, shape=(2, 2, 8), seed=0):

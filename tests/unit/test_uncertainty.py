@@ -7,8 +7,9 @@ import io
 import numpy as np
 import pytest
 
-from steeldefect import training, uncertainty
-from steeldefect.splits import make_splits
+from steeldefect.data.splits import make_splits
+from steeldefect.models import training
+from steeldefect.runtime import uncertainty
 
 
 def test_ece_matches_a_hand_computed_example():
@@ -102,10 +103,11 @@ def test_choose_threshold_is_the_accept_quantile_and_checks_its_argument():
 
 @pytest.mark.integration
 def test_far_ood_images_are_flagged_by_a_scorer_fitted_on_real_neu(neu_dir, tmp_path):
-    from steeldefect.backbones import build_backbone
-    from steeldefect.conversion import convert
-    from steeldefect.data import load_images, scan_dataset
-    from steeldefect.runtime import make_interpreter, predict_tflite
+    from steeldefect.data.dataset import scan_dataset
+    from steeldefect.data.loading import load_images
+    from steeldefect.models.backbones import build_backbone
+    from steeldefect.models.conversion import convert
+    from steeldefect.runtime.litert import make_interpreter, predict_tflite
 
     dataset = scan_dataset(neu_dir)
     rng = np.random.default_rng(0)
@@ -143,7 +145,7 @@ def test_percentile_combine_flags_when_either_score_is_unusual():
 
 
 def test_a_rule_survives_the_model_file_and_refuses_damaged_arrays():
-    from steeldefect.uncertainty import UncertaintyRule, fit_rule
+    from steeldefect.runtime.uncertainty import UncertaintyRule, fit_rule
 
     rng = np.random.default_rng(0)
     labels = np.arange(120) % 3
@@ -178,10 +180,10 @@ def test_the_deploy_model_flags_far_ood_inputs_and_accepts_the_test_split(pooled
     from PIL import Image
 
     from steeldefect import cli
-    from steeldefect.modelfile import Classifier
-    from steeldefect.pipeline import load_run_data
-    from steeldefect.runfolder import deployable_model
-    from steeldefect.uncertainty import far_ood_examples
+    from steeldefect.core.runfolder import deployable_model
+    from steeldefect.runtime.modelfile import Classifier
+    from steeldefect.runtime.uncertainty import far_ood_examples
+    from steeldefect.study.pipeline import load_run_data
 
     pytest.importorskip("skimage", reason="scikit-image (test extra) provides the far-OOD photographs")
     model = deployable_model(pooled_neu_run)

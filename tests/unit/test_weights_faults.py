@@ -20,8 +20,9 @@ import h5py
 import numpy as np
 import pytest
 
-from steeldefect import backbones, cli, efficientnet_lite
-from steeldefect.files import file_digest, keras_home
+from steeldefect import cli
+from steeldefect.core.files import file_digest, keras_home
+from steeldefect.models import backbones, efficientnet_lite
 from tiny import TINY, make_dataset, register_tiny_backbone, write_hdf5
 
 MOBILENET = "mobilenet_1_0_224_tf_no_top.h5"

@@ -1,0 +1,377 @@
+"""The export stage: each joined Keras model of a run -> LiteRT files (fp32, fp16, full-integer int8,
+int8-mixed) with their sidecars, the calibration images drawn from the training split, and the
+per-layer int8 error report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from steeldefect.core import runfolder
+from steeldefect.core.files import atomic_write_bytes, read_json, write_csv, write_json
+from steeldefect.data import augment
+from steeldefect.models.conversion import QUANTIZED_VARIANTS, batch1_converter, convert, representative_dataset
+from steeldefect.runtime import uncertainty
+from steeldefect.runtime.tflite_metadata import embed_metadata
+
+log = logging.getLogger(__name__)
+
+
+def provenance(run: Path, backbone: str, fold: int | str) -> dict[str, Any]:
+    """Where an exported model comes from, for its embedded metadata: run folder name, the source
+    revision that exported it, when, and the test accuracy of the Keras model it was converted from
+    (when the run recorded it; a variant's own accuracy is measured later by `evaluate`)."""
+    record: dict[str, Any] = {
+        "run": Path(run).resolve().name,
+        "source": runfolder.source_revision(),
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if fold == runfolder.FINAL:
+        entries = [runfolder.load_summary(run)["backbones"].get(backbone, {}).get("final", {}).get("keras", {})]
+    else:
+        metrics_path = runfolder.test_metrics_path(run, backbone, "keras")
+        entries = (
+            [e for e in read_json(metrics_path).get("per_model", []) if e.get("fold") == fold]
+            if metrics_path.is_file()
+            else []
+        )
+    for entry in entries:
+        if "accuracy" in entry:
+            n_images = int(np.sum(entry["confusion_matrix"])) if "confusion_matrix" in entry else None
+            record["test_accuracy"] = {"of": "keras", "accuracy": entry["accuracy"], "n_images": n_images}
+    return record
+
+
+def calibration_indices(
+    labels: np.ndarray, train_indices: np.ndarray, n_samples: int = 200, seed: int = 42
+) -> np.ndarray:
+    """``n_samples`` training images drawn evenly across classes (never the test split)."""
+    rng = np.random.default_rng(seed)
+    train_indices = np.asarray(train_indices)
+    classes = np.unique(labels[train_indices])
+    per_class = np.full(len(classes), n_samples // len(classes))
+    per_class[: n_samples % len(classes)] += 1
+    chosen = []
+    for cls, count in zip(classes, per_class):
+        pool = train_indices[labels[train_indices] == cls]
+        chosen.append(rng.choice(pool, size=min(count, len(pool)), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+@dataclass(frozen=True)
+class RuleData:
+    """What the deploy model's uncertainty rule is fitted on: the whole dataset's images and labels
+    (only the folds' rows are read), the folds, and the out-of-fold probabilities `train` recorded
+    (dataset-indexed, NaN outside the folds)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    folds: Sequence[tuple[np.ndarray, np.ndarray]]
+    oof_probabilities: np.ndarray
+    accept: float = uncertainty.DEFAULT_ACCEPT
+
+
+def with_texture_output(model) -> Any | None:
+    """``model`` with the texture statistics of its backbone as a second output (probabilities first),
+    or None when the backbone lacks the layers the statistics are defined on."""
+    import keras
+
+    try:
+        stats = uncertainty.texture_statistics_model(model)
+    except ValueError:  # Keras: no such layer
+        return None
+    return keras.Model(model.input, [model.output, stats.output], name=f"{model.name}_with_texture")
+
+
+def texture_channels(model) -> tuple[int, ...]:
+    return tuple(int(model.get_layer(name).output.shape[-1]) for name in uncertainty.TEXTURE_LAYERS)
+
+
+def fit_model_rule(flatbuffer: bytes, rule_data: RuleData, channels: Sequence[int]) -> uncertainty.UncertaintyRule:
+    """The rule for one converted model, fitted on that model's own outputs for the training images (a
+    quantized model's texture statistics differ a little from the float ones, so each variant gets
+    its own reference scores and threshold)."""
+    from steeldefect.runtime.litert import make_interpreter, predict_tflite_outputs
+
+    rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in rule_data.folds]))
+    outputs = predict_tflite_outputs(make_interpreter(flatbuffer), rule_data.images[rows])
+    texture = None
+    if len(outputs) == 2:
+        texture = np.full((len(rule_data.labels), outputs[1].shape[1]), np.nan, dtype=np.float32)
+        texture[rows] = outputs[1]
+    return uncertainty.fit_rule(
+        rule_data.labels,
+        rule_data.folds,
+        rule_data.oof_probabilities,
+        texture_raw=texture,
+        channels=channels if texture is not None else (),
+        accept=rule_data.accept,
+    )
+
+
+def export_model(
+    model,
+    variant: str,
+    path: Path,
+    calibration_images: np.ndarray | None = None,
+    *,
+    int8_flatbuffer: bytes | None = None,
+    metadata: dict[str, Any] | None = None,
+    rule_data: RuleData | None = None,
+    channels: Sequence[int] = (),
+) -> Path:
+    """Convert a Keras model (raw pixels in, probabilities out) and write it atomically.
+
+    ``metadata``: the model's description (the dict its sidecar holds: class names, input size,
+    variant, calibration, provenance), embedded as TFLite Model Metadata so the file describes itself.
+    ``rule_data``: fit the model's uncertainty rule on its own outputs and embed it too
+    (``metadata["uncertainty"]`` describes it, ``uncertainty.npz`` holds its arrays).
+    """
+    flatbuffer = convert(model, variant, calibration_images, int8_flatbuffer=int8_flatbuffer)
+    extra_files = None
+    if rule_data is not None:
+        rule = fit_model_rule(flatbuffer, rule_data, channels)
+        if metadata is not None:
+            metadata["uncertainty"] = rule.describe()
+        extra_files = {uncertainty.RULE_FILE: rule.to_npz_bytes()}
+    if metadata is not None:
+        flatbuffer = embed_metadata(flatbuffer, metadata, extra_files)
+    atomic_write_bytes(path, flatbuffer)
+    log.info("exported %s (%.2f MiB)", path, len(flatbuffer) / 2**20)
+    return Path(path)
+
+
+def export_backbone(
+    run: Path,
+    backbone: str,
+    variants: Sequence[str],
+    calibration_images: np.ndarray,
+    *,
+    n_folds: int,
+    workers: int = 1,
+    progress: bool = True,
+    rule_data: RuleData | None = None,
+    tta: bool = False,
+) -> list[Path]:
+    """Every (fold, variant) LiteRT file of one backbone of a run, and of its final model (refitted
+    on all training images), with its sidecar (resumable: a file whose sidecar exists is done).
+
+    Folds are independent, so they are converted ``workers`` at a time, each in its own process:
+    the converter and int8 calibration keep about one core busy. Within a fold the variants run in
+    order, so ``int8-mixed`` reuses the ``int8`` flatbuffer converted just before it.
+
+    The final model also outputs its texture statistics and carries its uncertainty rule, fitted on
+    ``rule_data`` (the training images): it is converted in this process, beside the fold workers, so
+    the images are not copied into a worker. ``tta`` (`export --tta`): every file answers with the mean
+    over the 8 flips/rotations of its input (:func:`steeldefect.data.augment.dihedral_average_model`).
+    """
+    from tqdm.auto import tqdm
+
+    models = [*range(n_folds)]
+    if runfolder.fold_model_path(run, backbone, runfolder.FINAL, "keras").is_file():
+        models.append(runfolder.FINAL)  # the model to deploy, exported like the folds
+    pending = {
+        fold: [
+            variant for variant in variants if not _is_exported(runfolder.fold_model_path(run, backbone, fold, variant))
+        ]
+        for fold in models
+    }
+    pending = {fold: todo for fold, todo in pending.items() if todo}
+    total = sum(len(todo) for todo in pending.values())
+    with tqdm(total=total, desc=f"{backbone} export", unit="model", disable=not progress) as bar:
+        final_todo = pending.pop(runfolder.FINAL, None)
+
+        def export_final() -> None:
+            if final_todo:
+                export_fold(
+                    run,
+                    backbone,
+                    runfolder.FINAL,
+                    final_todo,
+                    calibration_images,
+                    on_done=lambda _: bar.update(1),
+                    rule_data=rule_data,
+                    tta=tta,
+                )
+
+        if workers <= 1 or len(pending) <= 1:
+            for fold, todo in pending.items():
+                export_fold(run, backbone, fold, todo, calibration_images, on_done=lambda _: bar.update(1), tta=tta)
+            export_final()
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            # "spawn": a forked TensorFlow runtime is not safe to use in the child.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context) as pool:
+                futures = [
+                    pool.submit(export_fold, run, backbone, fold, todo, calibration_images, tta=tta)
+                    for fold, todo in pending.items()
+                ]
+                export_final()
+                for future in as_completed(futures):
+                    bar.update(len(future.result()))
+    return [runfolder.fold_model_path(run, backbone, fold, variant) for fold in models for variant in variants]
+
+
+def _is_exported(target: Path) -> bool:
+    return target.is_file() and runfolder.sidecar_path(target).is_file()
+
+
+def export_fold(
+    run: Path,
+    backbone: str,
+    fold: int | str,
+    variants: Sequence[str],
+    calibration_images: np.ndarray,
+    on_done=None,
+    rule_data: RuleData | None = None,
+    tta: bool = False,
+) -> list[Path]:
+    """Convert one fold's joined Keras model to ``variants`` (in order) and write each with its sidecar.
+    With ``rule_data`` the model gets the texture statistics output and an uncertainty rule; with
+    ``tta`` every output is averaged over the 8 flips/rotations of the input image."""
+    import keras
+
+    source = runfolder.fold_model_path(run, backbone, fold, "keras")
+    # Keras numbers auto-named layers per process; those names end up as tensor names in the
+    # flatbuffer. A fresh session per fold makes every file the same whichever process (or how
+    # many folds before it) converts it.
+    keras.backend.clear_session()
+    model = keras.models.load_model(source)
+    channels: tuple[int, ...] = ()
+    if rule_data is not None:
+        extended = with_texture_output(model)
+        if extended is not None:
+            model, channels = extended, texture_channels(model)
+    if tta:
+        # After the texture output is added, so the uncertainty rule is fitted on, and judges, the
+        # same averaged outputs the file gives.
+        model = augment.dihedral_average_model(model)
+    written = []
+    for variant in variants:
+        target = runfolder.fold_model_path(run, backbone, fold, variant)
+        full_integer = runfolder.fold_model_path(run, backbone, fold, "int8")
+        # The description is built first: it is embedded in the model file (which is the source of
+        # truth), and the sidecar repeats it with the tensor summary added.
+        meta = read_json(runfolder.sidecar_path(source)) | {"variant": variant, "verified": None}
+        meta["test_time_augmentation"] = "dihedral-8" if tta else "none"
+        if variant in QUANTIZED_VARIANTS:
+            meta["calibration"] = {
+                "samples": len(calibration_images),
+                "split": "train",
+                "file": runfolder.calibration_path(run).name,
+            }
+        meta["provenance"] = provenance(run, backbone, fold)
+        export_model(
+            model,
+            variant,
+            target,
+            calibration_images if variant in QUANTIZED_VARIANTS else None,
+            int8_flatbuffer=full_integer.read_bytes()
+            if variant == "int8-mixed" and _is_exported(full_integer)
+            else None,
+            metadata=meta,
+            rule_data=rule_data,
+            channels=channels,
+        )
+        meta["tflite"] = tensor_summary(target)
+        write_json(runfolder.sidecar_path(target), meta)
+        written.append(target)
+        if on_done is not None:
+            on_done(target)
+    return written
+
+
+def tensor_summary(model_path: Path) -> dict:
+    """Input/output dtypes and quantization of a .tflite file, and the dtypes used inside it."""
+    from steeldefect.runtime.litert import make_interpreter
+
+    interpreter = make_interpreter(Path(model_path), threads=1)
+    details = interpreter.get_tensor_details()
+
+    def describe(tensor: dict) -> dict:
+        scale, zero_point = tensor["quantization"]
+        return {
+            "name": tensor["name"],
+            "shape": [int(v) for v in tensor["shape"]],
+            "dtype": np.dtype(tensor["dtype"]).name,
+            "scale": float(scale),
+            "zero_point": int(zero_point),
+        }
+
+    dtypes: dict[str, int] = {}
+    for tensor in details:
+        name = np.dtype(tensor["dtype"]).name
+        dtypes[name] = dtypes.get(name, 0) + 1
+    return {
+        "inputs": [describe(t) for t in interpreter.get_input_details()],
+        "outputs": [describe(t) for t in interpreter.get_output_details()],
+        "tensor_dtypes": dtypes,
+    }
+
+
+def quantization_error_report(
+    model, calibration_images: np.ndarray, debug_images: np.ndarray, out_csv: Path, out_png: Path, top: int = 25
+) -> list[dict]:
+    """Per-layer int8 error against float (QuantizationDebugger), as CSV and a bar chart.
+
+    ``rmse/scale`` is the RMSE between the float and dequantized outputs of a layer divided by its
+    quantization step: ~0.29 is the floor of uniform rounding; much more means range trouble.
+    """
+    import csv
+
+    import tensorflow as tf
+
+    # A bare Figure (no pyplot) draws with Agg without switching matplotlib's global backend.
+    from matplotlib.figure import Figure
+
+    # The debugger instruments a float-I/O model, so this converter keeps float input and output.
+    converter = batch1_converter(model, model.input_shape[1:])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative_dataset(calibration_images)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=lambda: ([image.astype(np.float32)[None]] for image in debug_images)
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        debugger.run()
+    buffer = io.StringIO()
+    debugger.layer_statistics_dump(buffer)
+    rows = list(csv.DictReader(io.StringIO(buffer.getvalue())))
+    for row in rows:
+        scale = float(row["scale"]) if row.get("scale") else 0.0
+        mse = float(row["mean_squared_error"])
+        row["rmse/scale"] = f"{(np.sqrt(mse) / scale) if scale else float('nan'):.6f}"
+    fieldnames = list(rows[0].keys()) if rows else []
+    write_csv(out_csv, rows, fieldnames)
+    ranked = sorted(
+        (row for row in rows if row["rmse/scale"] != "nan"), key=lambda row: float(row["rmse/scale"]), reverse=True
+    )[:top]
+    figure = Figure(figsize=(9, max(3, 0.3 * len(ranked) + 1)))
+    axis = figure.subplots()
+    labels = [_short_tensor_name(row["tensor_name"]) for row in ranked][::-1]
+    axis.barh(labels, [float(row["rmse/scale"]) for row in ranked][::-1], color="tab:red")
+    axis.axvline(1 / np.sqrt(12), color="grey", linestyle="--", label="rounding floor (0.29)")
+    axis.set_xlabel("RMSE / quantization scale (int8 vs float, per layer output)")
+    axis.set_title(f"Worst {len(ranked)} layers by int8 quantization error")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    buffer_png = io.BytesIO()
+    figure.savefig(buffer_png, format="png", dpi=110)
+    atomic_write_bytes(out_png, buffer_png.getvalue())
+    return rows
+
+
+def _short_tensor_name(name: str, limit: int = 60) -> str:
+    name = name.split(";")[0]
+    return name if len(name) <= limit else "..." + name[-limit:]

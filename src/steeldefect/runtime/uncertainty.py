@@ -1,0 +1,602 @@
+"""Calibrated confidence and an out-of-distribution ("uncertain") score: a shared service under
+`predict`, the report and the HTTP service.
+
+Calibration: one temperature T fitted on the out-of-fold validation predictions of the CV grid (never
+on test images) by minimising the negative log-likelihood; probabilities become softmax(log p / T).
+
+Out-of-distribution score: a per-class Gaussian distance (QDA-like: each class's own covariance,
+shrunk halfway to the shared one; the smallest Mahalanobis distance plus log-determinant over the
+classes) of an image's *texture statistics* - the channel means and standard deviations of four
+intermediate backbone layers (28x28, 14x14 and 7x7 stages) - after a PCA to 64 components. Chosen by the
+leave-one-class-out measurement in ``bench/ood_leave_one_class_out.py``: on the pooled final
+features (what the head sees), every score tried, softmax ones included, stays at or below 0.90 mean
+AUROC, because the last layer keeps only what separates the known classes; the texture statistics
+of the earlier layers describe the surface itself (0.98; README, "Trust").
+The threshold is the 99th percentile of in-distribution scores that the scorer did not see in
+fitting (out-of-fold), so ~99% of in-distribution images are accepted.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Layers of the EfficientNet-Lite0 backbone whose channel mean + std form the texture statistics:
+# the last residual output of the 28x28 (40 ch), two 14x14 (80, 112 ch) and the 7x7 (192 ch) stages.
+TEXTURE_LAYERS = ("block4_add", "block7_add", "block10_add", "block14_add")
+DEFAULT_COMPONENTS = 64
+DEFAULT_ACCEPT = 0.99
+# Weight of each class's own covariance against the shared (tied) one: 0 = tied Mahalanobis (the
+# first shipped score), 0.5 = halfway, chosen by bench/ood_leave_one_class_out.py (README, "Trust").
+DEFAULT_CLASS_COVARIANCE = 0.5
+ECE_BINS = 15
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+
+def _log_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    # log p equals the logits up to a per-row constant, which softmax ignores.
+    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, None))
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): T > 1 softens over-confident probabilities; the ranking never changes."""
+    z = _log_probabilities(probabilities) / float(temperature)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    labels = np.asarray(labels, dtype=np.int64)
+    return float(-_log_probabilities(probabilities)[np.arange(len(labels)), labels].mean())
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE: over ``n_bins`` equal-width confidence bins (0, 1/n], ..., the sample-weighted mean of
+    |accuracy - mean confidence| of the top-1 prediction."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    # Right-closed bins, as in Guo et al. 2017: confidence 1.0 falls into the last bin.
+    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        members = bins == b
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(ece)
+
+
+def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising the NLL of ``labels`` (searched on log T in [1/100, 100])."""
+    from scipy.optimize import minimize_scalar
+
+    logp = _log_probabilities(probabilities)
+    labels = np.asarray(labels, dtype=np.int64)
+
+    def nll(log_t: float) -> float:
+        z = logp / np.exp(log_t)
+        z -= z.max(axis=1, keepdims=True)
+        return float(-(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(axis=1))).mean())
+
+    result = minimize_scalar(nll, bounds=(np.log(0.01), np.log(100.0)), method="bounded")
+    return float(np.exp(result.x))
+
+
+def fit_calibration(
+    val_probabilities: np.ndarray,
+    val_labels: np.ndarray,
+    *,
+    val_indices: Sequence[int] | None = None,
+    test_indices: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Temperature from validation predictions; returns {temperature, nll/ece before and after, n}.
+
+    Pass the dataset indices of the validation rows and of the test split to have it checked that no
+    test image is used (raises ValueError otherwise).
+    """
+    if val_indices is not None and test_indices is not None:
+        shared = np.intersect1d(np.asarray(val_indices), np.asarray(test_indices))
+        if len(shared):
+            raise ValueError(f"calibration must not see test images; {len(shared)} validation rows are test images")
+    temperature = fit_temperature(val_probabilities, val_labels)
+    calibrated = apply_temperature(val_probabilities, temperature)
+    return {
+        "temperature": temperature,
+        "n": len(val_labels),
+        "nll_before": negative_log_likelihood(val_probabilities, val_labels),
+        "nll_after": negative_log_likelihood(calibrated, val_labels),
+        "ece_before": expected_calibration_error(val_probabilities, val_labels),
+        "ece_after": expected_calibration_error(calibrated, val_labels),
+    }
+
+
+def reliability_diagram(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, n_bins: int = ECE_BINS, title: str = ""
+) -> Path:
+    """PNG: accuracy against confidence per bin for each named (probabilities, labels), with its ECE."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from steeldefect.core.files import atomic_write_bytes
+
+    fig = Figure(figsize=(5.2, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    edges = np.linspace(0, 1, n_bins + 1)
+    for name, (probabilities, labels) in curves.items():
+        confidence = probabilities.max(axis=1)
+        correct = probabilities.argmax(axis=1) == labels
+        bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+        xs, ys, ns = [], [], []
+        for b in range(n_bins):
+            if (bins == b).any():
+                xs.append(confidence[bins == b].mean())
+                ys.append(correct[bins == b].mean())
+                ns.append(int((bins == b).sum()))
+        ece = expected_calibration_error(probabilities, labels, n_bins)
+        (line,) = ax.plot(xs, ys, marker="o", label=f"{name} (ECE {100 * ece:.2f}%)")
+        # How many answers each point stands for: at high accuracy nearly all sit in the top bin, and
+        # a point made of two images should not read like one made of two thousand.
+        for x, y, n in zip(xs, ys, ns):
+            ax.annotate(
+                f"n={n}", (x, y), textcoords="offset points", xytext=(-4, -12), fontsize=7, color=line.get_color()
+            )
+    ax.set_xticks(edges[::3])
+    ax.set(
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
+        xlabel="confidence (top-1 probability)",
+        ylabel="accuracy",
+        title=title or f"Reliability diagram ({n_bins} bins)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------- out-of-distribution
+
+
+def texture_statistics_model(backbone: Any, layers: Sequence[str] = TEXTURE_LAYERS) -> Any:
+    """A Keras model: raw pixels -> concatenated per-channel mean and standard deviation of ``layers``.
+
+    Built on the run's backbone (or a joined model holding the backbone's layers); converted to LiteRT
+    it runs at backbone speed. The same tensors can be a second output of an exported classifier.
+    """
+    import keras
+
+    parts = []
+    for name in layers:
+        activation = backbone.get_layer(name).output
+        mean = keras.layers.GlobalAveragePooling2D(name=f"{name}_texture_mean")(activation)
+        mean_square = keras.layers.GlobalAveragePooling2D(name=f"{name}_texture_meansq")(
+            keras.layers.Multiply(name=f"{name}_texture_square")([activation, activation])
+        )
+        parts += [mean, mean_square]
+    return keras.Model(backbone.input, keras.layers.Concatenate(name="texture_statistics")(parts), name="texture_stats")
+
+
+def texture_features(raw: np.ndarray, channels: Sequence[int]) -> np.ndarray:
+    """Raw model output (per layer: mean, mean of squares) -> the scorer's input: per layer the
+    signed square root of mean and std (tames the heavy-tailed ReLU activations), each block L2-normalised
+    so that no layer dominates by its channel count."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if raw.shape[1] != 2 * sum(channels):
+        raise ValueError(f"texture statistics of width {raw.shape[1]}; expected {2 * sum(channels)} for {channels}")
+    blocks, offset = [], 0
+    for c in channels:
+        mean, mean_square = raw[:, offset : offset + c], raw[:, offset + c : offset + 2 * c]
+        offset += 2 * c
+        std = np.sqrt(np.maximum(mean_square - mean * mean, 0.0))
+        for part in (np.sign(mean) * np.sqrt(np.abs(mean)), np.sqrt(std)):
+            blocks.append(part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12))
+    return np.hstack(blocks)
+
+
+@dataclass
+class OODScorer:
+    """Distance to the nearest class after PCA; higher = less like the training images. Fit on training
+    images only; ``threshold`` is set by :func:`choose_threshold`.
+
+    ``class_covariance`` = 0: Mahalanobis distance with one covariance shared by all classes (tied).
+    ``class_covariance`` = w > 0: each class c has its own covariance w * S_c + (1 - w) * S_tied, and the
+    score is min over c of (Mahalanobis distance to c)^2 + log det of c's covariance (the class's negative
+    Gaussian log-likelihood up to a constant), so a tight class is not judged by a wide class's spread.
+    """
+
+    n_components: int = DEFAULT_COMPONENTS
+    shrinkage: float = 1e-2  # ridge on the covariance, relative to its mean eigenvalue
+    threshold: float | None = None
+    class_covariance: float = 0.0
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> OODScorer:
+        features = np.asarray(features, dtype=np.float64)
+        labels = np.asarray(labels)
+        classes = np.unique(labels)
+        n = min(self.n_components, features.shape[1], len(features) - len(classes))
+        if n < 1:
+            raise ValueError(f"{len(features)} training images for {len(classes)} classes: too few to fit")
+        self.center_ = features.mean(axis=0)
+        _, _, vt = np.linalg.svd(features - self.center_, full_matrices=False)
+        self.projection_ = vt[:n].T
+        z = (features - self.center_) @ self.projection_
+        self.class_means_ = np.stack([z[labels == c].mean(axis=0) for c in classes])
+        residual = z - self.class_means_[np.searchsorted(classes, labels)]
+        tied = residual.T @ residual / len(residual)
+        ridge = self.shrinkage * np.trace(tied) / n * np.eye(n)
+        eigenvalues, eigenvectors = np.linalg.eigh(tied + ridge)
+        self.whitening_ = eigenvectors / np.sqrt(eigenvalues)
+        self.class_whitening_ = self.log_determinants_ = None
+        if not 0 <= self.class_covariance <= 1:
+            raise ValueError(f"class_covariance must lie in [0, 1], got {self.class_covariance}")
+        if self.class_covariance > 0:
+            whitening, log_determinants = [], []
+            w = self.class_covariance
+            for c in classes:
+                own = np.cov(z[labels == c].T, bias=True).reshape(n, n)
+                values, vectors = np.linalg.eigh(w * own + (1 - w) * tied + ridge)
+                whitening.append(vectors / np.sqrt(values))
+                log_determinants.append(np.log(values).sum())
+            self.class_whitening_ = np.stack(whitening)
+            self.log_determinants_ = np.asarray(log_determinants)
+        return self
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features, dtype=np.float64) - self.center_) @ self.projection_
+        if self.class_whitening_ is None:
+            z, means = z @ self.whitening_, self.class_means_ @ self.whitening_
+            return (((z[:, None, :] - means[None]) ** 2).sum(axis=2)).min(axis=1)
+        distances = [
+            (((z - mean) @ whitening) ** 2).sum(axis=1) + log_det
+            for mean, whitening, log_det in zip(self.class_means_, self.class_whitening_, self.log_determinants_)
+        ]
+        return np.min(distances, axis=0)
+
+    def is_uncertain(self, features: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            raise ValueError("no threshold set: call choose_threshold on out-of-fold in-distribution scores")
+        return self.score(features) > self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything needed to score again (arrays as nested lists, for JSON or npz)."""
+        state = {
+            "n_components": self.n_components,
+            "shrinkage": self.shrinkage,
+            "threshold": self.threshold,
+            "class_covariance": self.class_covariance,
+            "center": self.center_.tolist(),
+            "projection": self.projection_.tolist(),
+            "whitening": self.whitening_.tolist(),
+            "class_means": self.class_means_.tolist(),
+        }
+        if self.class_whitening_ is not None:
+            state |= {
+                "class_whitening": self.class_whitening_.tolist(),
+                "log_determinants": self.log_determinants_.tolist(),
+            }
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> OODScorer:
+        """Inverse of :meth:`to_dict`; a state without per-class arrays (older files) is the tied score.
+        Raises ValueError when the arrays' shapes do not fit together."""
+        scorer = cls(
+            int(state["n_components"]),
+            float(state["shrinkage"]),
+            state.get("threshold"),
+            float(state.get("class_covariance", 0.0)),
+        )
+        scorer.center_ = np.asarray(state["center"], dtype=np.float64)
+        scorer.projection_ = np.asarray(state["projection"], dtype=np.float64)
+        scorer.whitening_ = np.asarray(state["whitening"], dtype=np.float64)
+        scorer.class_means_ = np.asarray(state["class_means"], dtype=np.float64)
+        scorer.class_whitening_ = scorer.log_determinants_ = None
+        if "class_whitening" in state:
+            scorer.class_whitening_ = np.asarray(state["class_whitening"], dtype=np.float64)
+            scorer.log_determinants_ = np.asarray(state["log_determinants"], dtype=np.float64)
+        scorer.check_shapes()
+        return scorer
+
+    def check_shapes(self, width: int | None = None) -> None:
+        """ValueError unless the fitted arrays fit together (and take ``width`` input features)."""
+        width = self.center_.shape[0] if width is None else width
+        n = self.projection_.shape[1] if self.projection_.ndim == 2 else -1
+        k = self.class_means_.shape[0] if self.class_means_.ndim == 2 else -1
+        ok = (
+            self.center_.shape == (width,)
+            and self.projection_.shape == (width, n)
+            and self.whitening_.shape == (n, n)
+            and self.class_means_.shape == (k, n)
+            and k >= 1
+        )
+        if self.class_whitening_ is not None:
+            ok = ok and self.class_whitening_.shape == (k, n, n) and self.log_determinants_.shape == (k,)
+            ok = ok and self.class_covariance > 0
+        if not ok:
+            raise ValueError("array shapes do not fit together")
+
+
+def choose_threshold(in_distribution_scores: np.ndarray, accept: float = DEFAULT_ACCEPT) -> float:
+    """The score below which a fraction ``accept`` of in-distribution images fall. The scores must be
+    ones the scorer did not fit on (validation / out-of-fold), else the threshold is too tight."""
+    if not 0 < accept <= 1:
+        raise ValueError(f"accept must lie in (0, 1], got {accept}")
+    return float(np.quantile(np.asarray(in_distribution_scores, dtype=np.float64), accept))
+
+
+def fit_ood(
+    features: np.ndarray,
+    labels: np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    accept: float = DEFAULT_ACCEPT,
+    n_components: int = DEFAULT_COMPONENTS,
+    class_covariance: float = DEFAULT_CLASS_COVARIANCE,
+) -> tuple[OODScorer, np.ndarray]:
+    """The scorer fit on all training rows of ``folds`` with its threshold from out-of-fold scores:
+    for each fold a scorer fit on the other folds scores the held-out one. Returns (scorer, the
+    out-of-fold scores). ``features``/``labels`` index the whole dataset; test rows are never read.
+    ``class_covariance`` 0 gives the tied Mahalanobis score (see :class:`OODScorer`)."""
+
+    def new() -> OODScorer:
+        return OODScorer(n_components, class_covariance=class_covariance)
+
+    oof = []
+    for train, val in folds:
+        oof.append(new().fit(features[train], labels[train]).score(features[val]))
+    everything = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in folds]))
+    scorer = new().fit(features[everything], labels[everything])
+    oof_scores = np.concatenate(oof)
+    scorer.threshold = choose_threshold(oof_scores, accept)
+    return scorer, oof_scores
+
+
+def far_ood_examples(neu_image: np.ndarray, size: tuple[int, int] = (224, 224), seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs no steel-surface model should be sure about, as uint8 RGB of ``size``: scikit-image's
+    sample photographs (needs scikit-image, bundled files only), a uniform grey, a saturated white
+    and a pure-noise frame, and ``neu_image`` heavily blurred (Gaussian, sigma 8 px)."""
+    import skimage.data
+    from PIL import Image, ImageFilter
+
+    def rgb(array: np.ndarray) -> np.ndarray:
+        image = Image.fromarray(np.asarray(array)).convert("RGB")
+        return np.asarray(image.resize((size[1], size[0]), Image.BILINEAR), dtype=np.uint8)
+
+    names = (
+        "astronaut",
+        "camera",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "coins",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "page",
+        "text",
+        "moon",
+        "horse",
+        "brick",
+        "grass",
+        "gravel",
+        "clock",
+        "colorwheel",
+        "checkerboard",
+    )
+    examples = {f"photo:{name}": rgb(np.asarray(getattr(skimage.data, name)())) for name in names}
+    examples["grey"] = np.full((*size, 3), 128, np.uint8)
+    examples["white"] = np.full((*size, 3), 255, np.uint8)
+    examples["noise"] = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    blurred = Image.fromarray(np.asarray(neu_image, dtype=np.uint8)).filter(ImageFilter.GaussianBlur(8))
+    examples["blurred NEU"] = rgb(np.asarray(blurred))
+    return examples
+
+
+def percentile_combine(reference: Sequence[np.ndarray], scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Several OOD scores as one: each score becomes the fraction of its in-distribution reference
+    scores (out-of-fold) that lie below it, and the largest fraction counts. With a threshold from
+    :func:`choose_threshold` on the combined reference, an image is flagged when any one score is
+    unusually high, at the chosen overall acceptance."""
+    if len(reference) != len(scores):
+        raise ValueError(f"{len(reference)} reference score sets for {len(scores)} scores")
+    combined = None
+    for ref, score in zip(reference, scores):
+        ordered = np.sort(np.asarray(ref, dtype=np.float64))
+        fraction = np.searchsorted(ordered, np.asarray(score, dtype=np.float64), side="left") / len(ordered)
+        combined = fraction if combined is None else np.maximum(combined, fraction)
+    return combined
+
+
+# ------------------------------------------------------------------ the rule a deployed model carries
+
+SOFTMAX_SCORE = "1 - max probability"
+RULE_FILE = "uncertainty.npz"
+RULE_METHOD = "texture Mahalanobis or max softmax"  # tied covariance (files written before per-class)
+RULE_METHOD_CLASS_COVARIANCE = "texture per-class Gaussian or max softmax"
+
+
+@dataclass
+class UncertaintyRule:
+    """What a deployed model uses to say "uncertain": each image's texture score (:class:`OODScorer`
+    on the model's texture statistics output) and its softmax score (1 - top probability) are ranked
+    against their out-of-fold in-distribution reference scores, the larger rank counts
+    (:func:`percentile_combine`), and an image whose rank exceeds ``threshold`` is uncertain.
+
+    ``combined_reference`` (the out-of-fold training images' combined ranks) lets a user choose another
+    acceptance: :meth:`with_accept`. Without texture statistics (a backbone without the texture layers)
+    only the softmax score is used.
+    """
+
+    softmax_reference: np.ndarray
+    combined_reference: np.ndarray
+    threshold: float
+    accept: float
+    scorer: OODScorer | None = None
+    channels: tuple[int, ...] = ()
+    texture_reference: np.ndarray | None = None
+
+    @property
+    def uses_texture(self) -> bool:
+        return self.scorer is not None
+
+    def scores(self, probabilities: np.ndarray, texture_raw: np.ndarray | None = None) -> np.ndarray:
+        """The combined rank in [0, 1] of each image (higher = less like the training images)."""
+        softmax = 1.0 - np.asarray(probabilities, dtype=np.float64).max(axis=1)
+        references, scores = [self.softmax_reference], [softmax]
+        if self.uses_texture:
+            if texture_raw is None:
+                raise ValueError("this rule needs the model's texture statistics output")
+            references.append(self.texture_reference)
+            scores.append(self.scorer.score(texture_features(texture_raw, self.channels)))
+        return percentile_combine(references, scores)
+
+    def uncertain(self, probabilities: np.ndarray, texture_raw: np.ndarray | None = None) -> np.ndarray:
+        return self.scores(probabilities, texture_raw) > self.threshold
+
+    def with_accept(self, accept: float) -> UncertaintyRule:
+        """The same rule with the threshold that accepts ``accept`` of the in-distribution images."""
+        return replace(self, threshold=choose_threshold(self.combined_reference, accept), accept=float(accept))
+
+    def describe(self) -> dict[str, Any]:
+        """The rule's small fields, for the model's JSON description (the arrays go in :data:`RULE_FILE`)."""
+        return {
+            "method": (
+                SOFTMAX_SCORE
+                if not self.uses_texture
+                else RULE_METHOD_CLASS_COVARIANCE
+                if self.scorer.class_covariance > 0
+                else RULE_METHOD
+            ),
+            "threshold": self.threshold,
+            "accept": self.accept,
+            "texture_layers": list(TEXTURE_LAYERS) if self.uses_texture else [],
+            "channels": list(self.channels),
+            "reference_images": len(self.combined_reference),
+            "file": RULE_FILE,
+        }
+
+    def to_npz_bytes(self) -> bytes:
+        arrays = {
+            "softmax_reference": self.softmax_reference,
+            "combined_reference": self.combined_reference,
+            "threshold": np.float64(self.threshold),
+            "accept": np.float64(self.accept),
+            "channels": np.asarray(self.channels, dtype=np.int64),
+        }
+        if self.uses_texture:
+            arrays |= {
+                "texture_reference": self.texture_reference,
+                "n_components": np.int64(self.scorer.n_components),
+                "shrinkage": np.float64(self.scorer.shrinkage),
+                "center": self.scorer.center_,
+                "projection": self.scorer.projection_,
+                "whitening": self.scorer.whitening_,
+                "class_means": self.scorer.class_means_,
+            }
+            if self.scorer.class_whitening_ is not None:  # absent = tied score, as in older files
+                arrays |= {
+                    "class_covariance": np.float64(self.scorer.class_covariance),
+                    "class_whitening": self.scorer.class_whitening_,
+                    "log_determinants": self.scorer.log_determinants_,
+                }
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+        return buffer.getvalue()
+
+    @classmethod
+    def from_npz_bytes(cls, data: bytes) -> UncertaintyRule:
+        """Read a rule back; model files are untrusted, so no pickled objects and every shape is checked
+        (ValueError on any problem)."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except Exception as error:  # a damaged archive raises many kinds of error; all mean the same here
+            raise ValueError(f"{RULE_FILE} is not a readable NumPy archive ({type(error).__name__})") from error
+        try:
+            channels = tuple(int(c) for c in arrays["channels"])
+            scorer = texture_reference = None
+            if "center" in arrays:
+                per_class = "class_whitening" in arrays
+                scorer = OODScorer(
+                    int(arrays["n_components"]),
+                    float(arrays["shrinkage"]),
+                    None,
+                    float(arrays["class_covariance"]) if per_class else 0.0,
+                )
+                scorer.center_ = arrays["center"].astype(np.float64)
+                scorer.projection_ = arrays["projection"].astype(np.float64)
+                scorer.whitening_ = arrays["whitening"].astype(np.float64)
+                scorer.class_means_ = arrays["class_means"].astype(np.float64)
+                scorer.class_whitening_ = arrays["class_whitening"].astype(np.float64) if per_class else None
+                scorer.log_determinants_ = arrays["log_determinants"].astype(np.float64) if per_class else None
+                texture_reference = np.sort(arrays["texture_reference"].astype(np.float64))
+                scorer.check_shapes(2 * sum(channels))
+            rule = cls(
+                softmax_reference=np.sort(arrays["softmax_reference"].astype(np.float64)),
+                combined_reference=np.sort(arrays["combined_reference"].astype(np.float64)),
+                threshold=float(arrays["threshold"]),
+                accept=float(arrays["accept"]),
+                scorer=scorer,
+                channels=channels,
+                texture_reference=texture_reference,
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise ValueError(f"{RULE_FILE} does not hold an uncertainty rule ({error})") from error
+        if not (0 < rule.accept <= 1 and len(rule.softmax_reference) and len(rule.combined_reference)):
+            raise ValueError(f"{RULE_FILE} holds an empty or invalid uncertainty rule")
+        return rule
+
+
+def fit_rule(
+    labels: np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    oof_probabilities: np.ndarray,
+    *,
+    texture_raw: np.ndarray | None = None,
+    channels: Sequence[int] = (),
+    accept: float = DEFAULT_ACCEPT,
+    n_components: int = DEFAULT_COMPONENTS,
+    class_covariance: float = DEFAULT_CLASS_COVARIANCE,
+) -> UncertaintyRule:
+    """Fit the rule on the training images only.
+
+    ``labels`` and ``texture_raw`` (the deployed model's own texture statistics output, so a quantized
+    model is judged on its own numbers) index the whole dataset; ``oof_probabilities`` too, holding for
+    each training image the probabilities of the fold head that did not train on it. Test rows are never
+    read. Every reference score is out-of-fold, so the threshold accepts ``accept`` of unseen
+    in-distribution images.
+    """
+    validation = np.concatenate([val for _, val in folds])
+    softmax_oof = 1.0 - np.asarray(oof_probabilities, dtype=np.float64)[validation].max(axis=1)
+    references, oof_scores = [np.sort(softmax_oof)], [softmax_oof]
+    scorer = texture_reference = None
+    if texture_raw is not None:
+        features = np.full((len(labels), texture_features(texture_raw[:1], channels).shape[1]), np.nan)
+        rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in folds]))
+        features[rows] = texture_features(texture_raw[rows], channels)
+        scorer, texture_oof = fit_ood(
+            features, labels, folds, accept=accept, n_components=n_components, class_covariance=class_covariance
+        )
+        texture_reference = np.sort(texture_oof)  # fit_ood's out-of-fold scores follow ``validation``'s order
+        references.append(texture_reference)
+        oof_scores.append(texture_oof)
+    combined = percentile_combine(references, oof_scores)
+    return UncertaintyRule(
+        softmax_reference=references[0],
+        combined_reference=np.sort(combined),
+        threshold=choose_threshold(combined, accept),
+        accept=accept,
+        scorer=scorer,
+        channels=tuple(int(c) for c in channels),
+        texture_reference=texture_reference,
+    )
