@@ -120,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(predict, PredictOptions)
 
+    review = commands.add_parser("review", help="inspectors' reviews from the service's audit database")
+    review_commands = review.add_subparsers(dest="review_command", required=True)
+    review_export = review_commands.add_parser(
+        "export", help="reviewed images into class folders (a `train --data` root) with manifest.csv; resumes"
+    )
+    review_export.add_argument("--db", type=Path, required=True, help="the service's audit SQLite (serve --audit)")
+    review_export.add_argument("--out", type=Path, required=True, help="folder of class folders (re-run to resume)")
+    review_export.add_argument(
+        "--images", type=Path, default=None, help="the review store (default: the folder the database names)"
+    )
+    review_export.add_argument(
+        "--min-images",
+        type=int,
+        default=None,
+        help="images a new kind needs before it becomes a class folder (default: what train needs per class, 7)",
+    )
+
     serve = commands.add_parser("serve", help="answer HTTP on the line: /v1/predict, the inspector page, audit log")
     serve.add_argument("model", type=Path, help="an exported .tflite model, or a run folder (its model to deploy)")
     add_arguments(serve, ServeOptions)
@@ -173,6 +190,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "serve":
         return _serve(args)
+    if args.command == "review":
+        return _review(args)
     # The pipeline (and with it TensorFlow) is imported by the commands that train, export or
     # evaluate: `data inspect`, `report`, `weights` and `predict` start in a fraction of the time.
     from steeldefect.core.options import (
@@ -354,6 +373,20 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    """`review export`: the summary and each waiting kind on stdout, each image left out on stderr
+    (exit 1 then: the rest is exported, a re-run after fixing it resumes)."""
+    from steeldefect.data.reviewexport import export_reviews
+
+    result = export_reviews(args.db, args.out, images=args.images, min_images=args.min_images)
+    for line in result.lines():
+        print(line)
+    print(f"manifest: {args.out / 'manifest.csv'}")
+    for problem in result.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if result.problems else 0
 
 
 def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions, progress: bool) -> int:
