@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 def build_parser() -> argparse.ArgumentParser:
     from steeldefect.core.options import (
+        CompareOptions,
         DataOptions,
         EvaluateOptions,
         ExportOptions,
@@ -59,7 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     train = commands.add_parser("train", help="features -> LR grid x CV folds -> test metrics -> .keras models")
-    train.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
+    train.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        action="extend",
+        required=True,
+        help="dataset folder (class sub-folders or flat NEU names); several (--data A B, or --data A --data B) "
+        "are merged, classes matched by name",
+    )
     add_arguments(train, TrainOptions)
     train.add_argument(
         "--download-weights",
@@ -119,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files, folders, or manifests (.txt one path per line, .csv with a path column)",
     )
     add_arguments(predict, PredictOptions)
+
+    compare = commands.add_parser(
+        "compare", help="champion/challenger: two models on the same gate images, then 'promote' or 'keep'"
+    )
+    compare.add_argument("old", type=Path, help="the model serving now (.tflite)")
+    compare.add_argument("new", type=Path, help="the candidate (.tflite)")
+    compare.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        action="extend",
+        required=True,
+        help="gate images: class folders or a NEU layout; several are merged (classes matched by name)",
+    )
+    add_arguments(compare, CompareOptions)
 
     review = commands.add_parser("review", help="inspectors' reviews from the service's audit database")
     review_commands = review.add_subparsers(dest="review_command", required=True)
@@ -192,6 +216,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         return _serve(args)
     if args.command == "review":
         return _review(args)
+    if args.command == "compare":
+        return _compare(args)
     # The pipeline (and with it TensorFlow) is imported by the commands that train, export or
     # evaluate: `data inspect`, `report`, `weights` and `predict` start in a fraction of the time.
     from steeldefect.core.options import (
@@ -218,7 +244,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         from steeldefect.study import pipeline
     if args.command == "train":
         out = args.out or default_run_dir(args.command)
-        pipeline.train(args.data, out, from_namespace(TrainOptions, args), progress=progress)
+        data = args.data[0] if len(args.data) == 1 else args.data  # one root: recorded exactly as before
+        pipeline.train(data, out, from_namespace(TrainOptions, args), progress=progress)
         print(f"run folder: {out}")
         _print_deploy(out)
         return 0
@@ -372,6 +399,35 @@ def _serve(args: argparse.Namespace) -> int:
     except (ServeError, AuditError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """`compare`: the figures and the verdict line on stdout. Exit 0 either way: the verdict is an
+    answer, not a failure (scripts read the last line, or compare.json's "verdict")."""
+    from steeldefect.core.options import CompareOptions, from_namespace
+    from steeldefect.runtime.litert import ModelFileError
+    from steeldefect.study.compare import compare_models, format_comparison
+
+    options = from_namespace(CompareOptions, args)
+    try:
+        result = compare_models(
+            args.old,
+            args.new,
+            args.data,
+            out=options.out,
+            alpha=options.alpha,
+            max_recall_drop=options.max_recall_drop,
+            threads=options.threads or None,
+            accept=options.accept,
+            progress=not args.quiet,
+        )
+    except ModelFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_comparison(result))
+    if options.out is not None:
+        print(f"written: {options.out / 'compare.json'}, {options.out / 'compare.csv'}")
     return 0
 
 
