@@ -331,7 +331,8 @@ def _serve(args: argparse.Namespace) -> int:
     # Dispatched before anything imports TensorFlow: the service needs only LiteRT (memory, start time).
     from steeldefect.core.options import ServeOptions, from_namespace
     from steeldefect.serve.audit import AuditError
-    from steeldefect.serve.service import ServeError, mebibytes, serve
+    from steeldefect.serve.errors import ServeError
+    from steeldefect.serve.runner import mebibytes, serve
 
     options = from_namespace(ServeOptions, args)
     try:

@@ -22,11 +22,7 @@ traceback, and one log line.
 # at definition time, and those names are imported inside create_app so the module imports without the extra.
 import asyncio
 import hashlib
-import hmac
 import logging
-import math
-import os
-import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -34,14 +30,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from steeldefect.core.options import ServeOptions
 from steeldefect.data.dataset import DatasetError
 from steeldefect.data.decode import decode_image
-from steeldefect.runtime.litert import ModelFileError
-from steeldefect.runtime.modelfile import Classifier, Judgement, ModelInfo, read_model_info, top_k
+from steeldefect.runtime.modelfile import read_model_info, top_k
 from steeldefect.serve.audit import AuditError, AuditLog, AuditRow
+from steeldefect.serve.errors import EXTRA_HINT, Reject, ServeError, require_extra
+from steeldefect.serve.gate import OPEN_PATHS, BodyTooLarge, Gate, Metrics, too_large_message
+from steeldefect.serve.pool import Admission, ClassifierPool, default_workers, resolve_model, warm_up_decoders
+
+# Re-exported: the service's API was this one module before it was split (see the package docstring).
+__all__ = [
+    "EXTRA_HINT",
+    "OPEN_PATHS",
+    "ClassifierPool",
+    "ServeError",
+    "create_app",
+    "default_workers",
+    "resolve_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,96 +65,11 @@ MAX_BATCH_FILES = 64
 MAX_CLIENT_ID_CHARS = 128
 TOKEN_ENV = "STEELDEFECT_TOKEN"
 RAW_CONTENT_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/x-ms-bmp", "image/tiff", "application/octet-stream")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/inspector.js", "/inspector.css"})
 _STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/inspector.js": ("inspector.js", "text/javascript; charset=utf-8"),
     "/inspector.css": ("inspector.css", "text/css; charset=utf-8"),
 }
-EXTRA_HINT = 'steeldefect serve needs the serve extra: pip install "steeldefect[serve]"'
-
-
-class ServeError(RuntimeError):
-    """The service cannot start (missing extra, bad model or audit path): one line for the user."""
-
-
-class _Reject(Exception):
-    """A request answered with a 4xx/5xx JSON error naming the problem."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-
-
-def resolve_model(model: Path) -> Path:
-    """A .tflite file as given, or a run folder's deployable int8 model (the one the line should run)."""
-    from steeldefect.core.runfolder import deployable_model
-
-    model = Path(model)
-    if model.is_dir():
-        try:
-            chosen = deployable_model(model)
-        except (FileNotFoundError, ValueError, KeyError) as error:
-            raise ModelFileError(f"{model}: no deployable model in this run folder ({error})") from error
-        log.info("run folder %s: serving its deployable model %s", model, chosen)
-        return chosen
-    if model.suffix != ".tflite":
-        raise ModelFileError(f"{model}: serve runs an exported .tflite model or a run folder (export first)")
-    return model
-
-
-class ClassifierPool:
-    """``size`` classifiers of one model, each warmed up by one inference; one caller per instance."""
-
-    def __init__(
-        self, model_path: Path, info: ModelInfo, size: int, threads: int | None, accept: float | None = None
-    ) -> None:
-        if size < 1:
-            raise ValueError(f"workers must be >= 1, got {size}")
-        self._idle: queue.SimpleQueue[Classifier] = queue.SimpleQueue()
-        blank = np.zeros((1, *info.input_size, 3), np.uint8)
-        for _ in range(size):
-            classifier = Classifier(model_path, threads, info, accept=accept)
-            classifier.probabilities(blank)  # first invoke pays XNNPACK's packing: not a client's latency
-            self._idle.put(classifier)
-        self.size = size
-
-    def judge(self, image: np.ndarray) -> Judgement:
-        """Probabilities, uncertain flag and calibrated confidence of one image (a batch of one)."""
-        classifier = self._idle.get()  # never waits: executor threads == classifiers
-        try:
-            return classifier.judge(image[None])
-        finally:
-            self._idle.put(classifier)
-
-
-def _warm_up_decoders(size: tuple[int, int]) -> None:
-    """Decode one small image of each format: Pillow loads its plugins on first use, which would
-    otherwise slow down the first client's answer."""
-    import io
-
-    from PIL import Image
-
-    for fmt in ("JPEG", "PNG", "BMP", "TIFF"):
-        buffer = io.BytesIO()
-        Image.new("RGB", (8, 8)).save(buffer, format=fmt)
-        decode_image(buffer.getvalue(), size, "warm-up")
-
-
-def default_workers() -> int:
-    """One single-threaded interpreter per core: the most images/s once several clients send at once
-    (decoding runs beside inference). A lone client gets lower latency from ``workers=1, threads=0``."""
-    return os.cpu_count() or 1
-
-
-def _require_extra():
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import python_multipart  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as error:
-        raise ServeError(f"{EXTRA_HINT} ({error.name} is not installed)") from None
 
 
 def _static_files() -> dict[str, bytes]:
@@ -178,7 +100,7 @@ def create_app(
     (see :mod:`steeldefect.serve.audit`). ``queue_size`` requests may wait for a free interpreter beyond the
     ``workers`` being answered; more are answered 503.
     """
-    _require_extra()
+    require_extra()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -192,20 +114,20 @@ def create_app(
     model_path = resolve_model(model)
     info = read_model_info(model_path)
     pool = ClassifierPool(model_path, info, workers, threads, accept)
-    _warm_up_decoders(info.input_size)
+    warm_up_decoders(info.input_size)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
     audit = AuditLog(Path(audit_path), keep=audit_keep, fsync=audit_fsync) if audit_path is not None else None
-    metrics = _Metrics(info)
+    metrics = Metrics(info)
     static = _static_files()
     # Uploads up to the body limit stay in memory instead of spilling to a temporary file (Starlette
     # spools parts over 1 MiB to disk): the service writes nowhere but its audit log.
     from starlette.formparsers import MultiPartParser
 
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_upload_bytes)
-    admitted_max = workers + queue_size
+    admission = Admission(workers + queue_size, metrics.in_flight)
     top_k_default = max(1, min(top_k_default, len(info.class_names)))
     model_fields = {"name": info.name, "variant": info.variant, "sha256": info.sha256}
-    state = {"in_flight": 0, "ready": True}
+    state = {"ready": True}
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -250,13 +172,13 @@ def create_app(
         log.warning("%d %s: %s", status, where_text, message)
         return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
-    @app.exception_handler(_Reject)
-    async def on_reject(request: Request, error: _Reject):
+    @app.exception_handler(Reject)
+    async def on_reject(request: Request, error: Reject):
         return error_response(error.status, error.message, request, error.headers)
 
-    @app.exception_handler(_BodyTooLarge)
-    async def on_too_large(request: Request, error: _BodyTooLarge):  # a body without Content-Length grew too big
-        return error_response(413, _too_large_message(max_upload_bytes), request)
+    @app.exception_handler(BodyTooLarge)
+    async def on_too_large(request: Request, error: BodyTooLarge):  # a body without Content-Length grew too big
+        return error_response(413, too_large_message(max_upload_bytes), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, error: StarletteHTTPException):
@@ -279,20 +201,6 @@ def create_app(
         log.error("500 %s %s: %s: %s", request.method, request.url.path, type(error).__name__, error)
         return JSONResponse({"error": "internal error (logged on the server)", "status": 500}, status_code=500)
 
-    async def admitted(start_job):
-        """Await ``start_job()`` if fewer than the bound are in flight, else 503 before any work starts."""
-        if state["in_flight"] >= admitted_max:
-            raise _Reject(
-                503, f"busy: {admitted_max} requests already in progress; retry shortly", {"Retry-After": "1"}
-            )
-        state["in_flight"] += 1
-        metrics.in_flight.inc()
-        try:
-            return await start_job()
-        finally:
-            state["in_flight"] -= 1
-            metrics.in_flight.dec()
-
     def classify(data: bytes, name: str) -> dict[str, Any]:
         """Decode and classify one image (runs in an executor thread)."""
         start = time.perf_counter()
@@ -314,12 +222,12 @@ def create_app(
 
     async def run_one(data: bytes, name: str) -> dict[str, Any]:
         if not data:
-            raise _Reject(422, f"{name}: empty image (0 bytes)")
+            raise Reject(422, f"{name}: empty image (0 bytes)")
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(executor, classify, data, name)
         except DatasetError as error:
-            raise _Reject(422, str(error)) from None
+            raise Reject(422, str(error)) from None
 
     def answer(result: dict[str, Any], k: int, client_id: str | None) -> dict[str, Any]:
         top = result["top"][:k]
@@ -356,7 +264,7 @@ def create_app(
         try:
             ids = await asyncio.wrap_future(audit.submit(rows))
         except AuditError as error:
-            raise _Reject(503, f"{error}; the prediction was not answered because it could not be recorded") from None
+            raise Reject(503, f"{error}; the prediction was not answered because it could not be recorded") from None
         for entry, row_id in zip(answers, ids):
             entry["audit_id"] = row_id
 
@@ -364,23 +272,23 @@ def create_app(
         if k is None:
             return top_k_default
         if not 1 <= k <= len(info.class_names):
-            raise _Reject(422, f"top_k must be between 1 and {len(info.class_names)}, got {k}")
+            raise Reject(422, f"top_k must be between 1 and {len(info.class_names)}, got {k}")
         return k
 
     def check_client_id(value: str | None) -> str | None:
         if value is None or value == "":
             return None
         if len(value) > MAX_CLIENT_ID_CHARS or not value.isprintable():
-            raise _Reject(422, f"client id must be at most {MAX_CLIENT_ID_CHARS} printable characters")
+            raise Reject(422, f"client id must be at most {MAX_CLIENT_ID_CHARS} printable characters")
         return value
 
     async def read_form(request: Request, max_files: int):
         try:
             return await request.form(max_files=max_files, max_fields=16)
         except StarletteHTTPException as error:
-            raise _Reject(error.status_code, f"multipart body: {error.detail}") from None
+            raise Reject(error.status_code, f"multipart body: {error.detail}") from None
         except (ValueError, AssertionError) as error:  # python-multipart on a malformed body
-            raise _Reject(400, f"malformed multipart body ({error})") from None
+            raise Reject(400, f"malformed multipart body ({error})") from None
 
     def media_type(request: Request) -> str:
         return request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -393,7 +301,7 @@ def create_app(
         form = await read_form(request, 1)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
-            raise _Reject(422, "multipart body has no file part named 'file'")
+            raise Reject(422, "multipart body has no file part named 'file'")
         form_client = form.get("client_id")
         client_id = form_client if isinstance(form_client, str) and form_client else client_id
         return await upload.read(), upload.filename or "file", client_id
@@ -405,7 +313,7 @@ def create_app(
         k = check_top_k(top_k)
         kind = media_type(request)
         if kind != "multipart/form-data" and kind not in RAW_CONTENT_TYPES and kind != "":
-            raise _Reject(
+            raise Reject(
                 415,
                 f"unsupported content type {kind!r}: send multipart/form-data with a 'file' part, "
                 f"or the image bytes as image/jpeg, image/png, image/bmp, image/tiff or "
@@ -416,7 +324,7 @@ def create_app(
             data, name, client_id = await read_one(request, kind)
             return await run_one(data, name), check_client_id(client_id)
 
-        result, client_id = await admitted(job)
+        result, client_id = await admission.run(job)
         body = answer(result, k, client_id)
         await record([body])
         body["server_ms"] = round(1000 * (time.perf_counter() - started), 3)
@@ -427,12 +335,12 @@ def create_app(
         started = time.perf_counter()
         k = check_top_k(top_k)
         if media_type(request) != "multipart/form-data":
-            raise _Reject(415, "batch needs multipart/form-data with one 'file' part per image")
+            raise Reject(415, "batch needs multipart/form-data with one 'file' part per image")
 
         async def one(data: bytes, name: str) -> dict[str, Any]:
             try:
                 return await run_one(data, name)
-            except _Reject as error:
+            except Reject as error:
                 log.warning("%d POST /v1/predict/batch: %s", error.status, error.message)
                 return {"error": error.message}
 
@@ -442,7 +350,7 @@ def create_app(
                 part for key, part in form.multi_items() if key in ("file", "files") and not isinstance(part, str)
             ]
             if not uploads:
-                raise _Reject(422, "multipart body has no file parts named 'file'")
+                raise Reject(422, "multipart body has no file parts named 'file'")
             form_client = form.get("client_id")
             client_id = check_client_id(
                 form_client if isinstance(form_client, str) and form_client else request.headers.get("x-client-id")
@@ -450,7 +358,7 @@ def create_app(
             contents = [(await part.read(), part.filename or f"file {i + 1}") for i, part in enumerate(uploads)]
             return contents, client_id, await asyncio.gather(*(one(data, name) for data, name in contents))
 
-        contents, client_id, results = await admitted(job)
+        contents, client_id, results = await admission.run(job)
         entries = [
             {"index": i, "filename": name, **(result if "error" in result else answer(result, k, client_id))}
             for i, ((_, name), result) in enumerate(zip(contents, results))
@@ -482,15 +390,15 @@ def create_app(
     @app.get("/v1/history", summary="Audit log entries, oldest first (page with after=<last id>)")
     async def history(since: str | None = None, after: int = 0, limit: int = 100):
         if audit is None:
-            raise _Reject(404, "the audit log is off (server started with --no-audit)")
+            raise Reject(404, "the audit log is off (server started with --no-audit)")
         if not 1 <= limit <= 1000:
-            raise _Reject(422, f"limit must be between 1 and 1000, got {limit}")
+            raise Reject(422, f"limit must be between 1 and 1000, got {limit}")
         if not 0 <= after < 2**63:  # SQLite's integer range
-            raise _Reject(422, f"after must be an audit id (0 or more), got {after}")
+            raise Reject(422, f"after must be an audit id (0 or more), got {after}")
         try:
             entries = await asyncio.to_thread(audit.history, since=since, after=after, limit=limit)
         except ValueError as error:
-            raise _Reject(422, str(error)) from None
+            raise Reject(422, str(error)) from None
         return {"entries": entries, "next_after": entries[-1]["id"] if len(entries) == limit else None}
 
     @app.get("/healthz", summary="Liveness")
@@ -522,7 +430,7 @@ def create_app(
         app.add_api_route(route_path, page, methods=["GET"], include_in_schema=False)
 
     known_paths = {route.path for route in app.routes}
-    return _Gate(
+    return Gate(
         app,
         token=token,
         max_body=max_upload_bytes,
@@ -532,188 +440,7 @@ def create_app(
     )
 
 
-class _Metrics:
-    """Prometheus series for one app (own registry, so several apps in one process stay apart)."""
-
-    def __init__(self, info: ModelInfo) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "steeldefect_requests",
-            "HTTP requests by endpoint and status",
-            ["endpoint", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "steeldefect_request_seconds",
-            "Request latency in the server",
-            ["endpoint"],
-            buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
-            registry=self.registry,
-        )
-        self.predictions = Counter(
-            "steeldefect_predictions", "Answered predictions by top-1 class", ["class"], registry=self.registry
-        )
-        self.in_flight = Gauge(
-            "steeldefect_in_flight", "Prediction requests admitted and not yet answered", registry=self.registry
-        )
-        model = Gauge(
-            "steeldefect_model", "The served model (value 1)", ["name", "variant", "sha256"], registry=self.registry
-        )
-        model.labels(info.name, info.variant, info.sha256).set(1)
-        for name in info.class_names:  # every class present from the start: a rate of 0 is a signal too
-            self.predictions.labels(name)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-def _too_large_message(limit: int) -> str:
-    return f"upload too large: the limit is {limit} bytes ({limit / 2**20:.1f} MiB, --max-upload-mb)"
-
-
-class _Gate:
-    """ASGI wrapper in front of the app: metrics for every request, the bearer token, the body limit.
-
-    The limit is checked on the declared Content-Length and again while the body streams in (a
-    chunked upload has none), so an oversize upload is refused before it is held in memory.
-    """
-
-    def __init__(
-        self, app, *, token: str | None, max_body: int, metrics: _Metrics, known_paths: set[str], error
-    ) -> None:
-        self.app, self.token, self.max_body, self.metrics = app, token, max_body, metrics
-        self.known_paths, self.error = known_paths, error
-        self.state = app.state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        endpoint = path if path in self.known_paths else "other"
-        started = time.perf_counter()
-        status = {"code": 500}
-        sent = {"start": False}
-
-        async def send_tracking(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                sent["start"] = True
-            await send(message)
-
-        try:
-            rejection = self._check(scope)
-            if rejection is not None:
-                await rejection(scope, receive, send_tracking)
-                return
-            await self.app(scope, self._limited(receive), send_tracking)
-        except _BodyTooLarge:
-            if not sent["start"]:
-                await self._too_large(scope)(scope, receive, send_tracking)
-        finally:
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-
-    def _too_large(self, scope):
-        return self.error(413, _too_large_message(self.max_body), scope)
-
-    def _check(self, scope):
-        headers = dict(scope["headers"])
-        if self.token and scope["path"] not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
-                response = self.error(
-                    401, f"{'wrong' if given else 'missing'} bearer token: send 'Authorization: Bearer <token>'", scope
-                )
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                return self.error(400, "Content-Length is not a number", scope)
-            if declared > self.max_body:
-                return self._too_large(scope)
-        return None
-
-    def _limited(self, receive):
-        received = 0
-
-        async def wrapped():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _BodyTooLarge
-            return message
-
-        return wrapped
-
-
 def _version() -> str:
     from steeldefect import __version__
 
     return __version__
-
-
-def serve(
-    model: Path,
-    *,
-    host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-    workers: int | None = None,
-    threads: int | None = 1,
-    token: str | None = None,
-    **app_options: Any,
-) -> None:
-    """Load the model, then answer HTTP on ``host:port`` until interrupted (SIGINT/SIGTERM).
-
-    ``token=None`` reads :data:`TOKEN_ENV`; an empty token means none.
-    """
-    _require_extra()
-    import uvicorn
-
-    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-    workers = default_workers() if workers is None else workers
-    app = create_app(model, workers=workers, threads=threads, token=token, **app_options)
-    info: ModelInfo = app.state.model_info
-    audit_path = app_options.get("audit_path", DEFAULT_AUDIT_PATH)
-    audit_keep = app_options.get("audit_keep", DEFAULT_KEEP)
-    audit_fsync = app_options.get("audit_fsync", False)
-    queue_size = app_options.get("queue_size", DEFAULT_QUEUE)
-    max_upload_bytes = app_options.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES)
-    shown_host = f"[{host}]" if ":" in host else host
-    log.info(
-        "steeldefect serve: %s (%s, sha256 %s, %d classes, %dx%d) on http://%s:%d, %d worker(s) x %s thread(s), "
-        "queue %d, audit %s, token %s, upload limit %.1f MiB",
-        info.path,
-        info.variant,
-        info.sha256[:12],
-        len(info.class_names),
-        *info.input_size,
-        shown_host,
-        port,
-        workers,
-        threads if threads else "all",
-        queue_size,
-        f"{audit_path} (keep {audit_keep} rows{', fsync' if audit_fsync else ''})" if audit_path else "off",
-        "required" if token else "off",
-        max_upload_bytes / 2**20,
-    )
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        log.warning("listening on %s without a token: anyone on the network can use the service", host)
-    config = uvicorn.Config(
-        app, host=host, port=port, access_log=False, log_level="warning", timeout_graceful_shutdown=10
-    )
-    uvicorn.Server(config).run()
-
-
-def mebibytes(value: float) -> int:
-    """``--max-upload-mb`` in bytes."""
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"--max-upload-mb must be a positive number, got {value}")
-    return int(value * 2**20)
