@@ -42,7 +42,9 @@ def test_a_stream_of_unseen_images_starts_the_alarm_within_the_window_and_it_cle
         back = feed(monitor, rng, 1500, np.full(6, 1 / 6), 0.02)
     assert [change for _, change in back] == ["clear"]
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and lines[0].startswith("drift alarm: started") and lines[1].startswith("drift alarm: cleared")
+    assert (
+        len(lines) == 2 and lines[0].startswith("drift alarm: started") and lines[1].startswith("drift alarm: cleared")
+    )
 
 
 def test_only_the_uncertain_share_rising_is_drift_too():

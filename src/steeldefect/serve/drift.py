@@ -228,3 +228,61 @@ def _p(value: float | None) -> str:
 
 def _share(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def monitor_for(info: Any, accept: float | None = None, *, window: int = DEFAULT_WINDOW) -> DriftMonitor:
+    """The drift monitor of one served model (a :class:`~steeldefect.runtime.modelfile.ModelInfo`).
+
+    The expected uncertain rate is the model's ``expected_uncertain_rate``; when the service overrides
+    the rule's acceptance (``serve --accept``), or the model predates the field, it is the share of the
+    rule's out-of-fold reference scores above the threshold actually in use.
+    """
+    reference = DriftReference.from_metadata(info.metadata, info.class_names)
+    rule = info.rule
+    if rule is not None and (accept is not None or reference.expected_uncertain_rate is None):
+        effective = rule.with_accept(accept) if accept is not None else rule
+        rate = float(np.mean(effective.combined_reference > effective.threshold))
+        reference = DriftReference(reference.class_mix, rate)
+    elif rule is None:  # no uncertain flag on this model's answers: nothing to compare the share with
+        reference = DriftReference(reference.class_mix, None)
+    return DriftMonitor(info.class_names, reference, window=window, min_images=min(DEFAULT_MIN_IMAGES, window))
+
+
+class DriftGauges:
+    """The monitor's state as Prometheus gauges (set from :meth:`DriftMonitor.status` at each scrape)."""
+
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Gauge
+
+        def gauge(name: str, text: str, labels: tuple[str, ...] = ()) -> Any:
+            return Gauge(f"steeldefect_drift_{name}", text, labels, registry=registry)
+
+        self.alarm = gauge("alarm", "1 while the drift alarm is on")
+        self.images = gauge("window_images", "answers in the drift window")
+        self.class_share = gauge("class_share", "share of the window's answers per top-1 class", ("class",))
+        self.training_share = gauge(
+            "training_class_share", "share of the model's training images per class", ("class",)
+        )
+        self.uncertain = gauge("uncertain_share", "share of the window's answers flagged uncertain")
+        self.expected = gauge("expected_uncertain_share", "the model's expected uncertain share at its acceptance")
+        self.mix_p = gauge("class_mix_p_value", "chi-square test p-value of the window's class mix (NaN: not tested)")
+        self.mix_psi = gauge("class_mix_psi", "population-stability index of the window's class mix")
+        self.uncertain_p = gauge("uncertain_p_value", "binomial test p-value of the uncertain share (NaN: not tested)")
+        self.alarms = gauge("alarms_started", "drift alarms started since the model began serving")
+
+    def update(self, status: Mapping[str, Any]) -> None:
+        def value(v: float | None) -> float:
+            return math.nan if v is None else float(v)
+
+        self.alarm.set(1 if status["alarm"] else 0)
+        self.images.set(status["images"])
+        for name, share in status["class_share"].items():
+            self.class_share.labels(name).set(share)
+        for name, share in (status["training_class_mix"] or {}).items():
+            self.training_share.labels(name).set(share)
+        self.uncertain.set(value(status["uncertain"]["share"]))
+        self.expected.set(value(status["uncertain"]["expected"]))
+        self.mix_p.set(value(status["class_mix"]["p_value"]))
+        self.mix_psi.set(value(status["class_mix"]["psi"]))
+        self.uncertain_p.set(value(status["uncertain"]["p_value"]))
+        self.alarms.set(status["alarms_started"])

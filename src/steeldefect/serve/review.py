@@ -156,7 +156,8 @@ class ReviewStore:
                 atomic_write_bytes(self.folder / name, data)
                 if row is None:
                     self._db.execute(
-                        "INSERT INTO review_queue(image_sha256, file, bytes, reason, first_seen) VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO review_queue(image_sha256, file, bytes, reason, first_seen) "
+                        "VALUES (?, ?, ?, ?, ?)",
                         (sha256, name, len(data), reason, utc_now()),
                     )
                 else:  # evicted earlier (or its file vanished) and seen again: stored anew
@@ -166,7 +167,9 @@ class ReviewStore:
                     )
                 self.stored_bytes += len(data)
             except (OSError, sqlite3.Error) as error:
-                log.warning("review store %s: cannot keep image %s (%s); answered as usual", self.folder, sha256[:12], error)
+                log.warning(
+                    "review store %s: cannot keep image %s (%s); answered as usual", self.folder, sha256[:12], error
+                )
                 return None
         return Kept(name, True, reason)
 
@@ -179,7 +182,9 @@ class ReviewStore:
                     (int(prediction_id), sha256),
                 )
             except sqlite3.Error as error:
-                log.warning("review store: cannot link image %s to audit row %d (%s)", sha256[:12], prediction_id, error)
+                log.warning(
+                    "review store: cannot link image %s to audit row %d (%s)", sha256[:12], prediction_id, error
+                )
 
     def _make_room(self, size: int) -> bool:
         """Evict the oldest unreviewed images until ``size`` more bytes fit under the cap."""
@@ -294,7 +299,9 @@ class ReviewStore:
     def decide(self, sha256: str, body: Any, class_names: Sequence[str]) -> dict[str, Any]:
         """Record one reviewer's decision on a stored image; the same ``idempotency_key`` twice is one row."""
         if not isinstance(body, dict):
-            raise ReviewError(422, "a review is a JSON object: reviewer, decided_class, new_kind, note, idempotency_key")
+            raise ReviewError(
+                422, "a review is a JSON object: reviewer, decided_class, new_kind, note, idempotency_key"
+            )
         unknown = set(body) - {"reviewer", "decided_class", "new_kind", "note", "idempotency_key"}
         if unknown:
             raise ReviewError(422, f"unknown review field(s): {', '.join(sorted(unknown))}")
@@ -340,8 +347,17 @@ class ReviewStore:
                 cursor = self._db.execute(
                     "INSERT INTO review_decisions(image_sha256, time, reviewer, decided_class, new_kind, note, "
                     "model_class, model_probability, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (sha256, utc_now(), reviewer.strip(), decided, int(new_kind), note, model_class,
-                     model_probability, key),
+                    (
+                        sha256,
+                        utc_now(),
+                        reviewer.strip(),
+                        decided,
+                        int(new_kind),
+                        note,
+                        model_class,
+                        model_probability,
+                        key,
+                    ),
                 )
             except sqlite3.IntegrityError:  # the same key from a concurrent retry got in first
                 cursor = None
@@ -355,7 +371,9 @@ class ReviewStore:
             self._db.row_factory = sqlite3.Row
             try:
                 if key is not None and row_id is None:
-                    row = self._db.execute("SELECT * FROM review_decisions WHERE idempotency_key = ?", (key,)).fetchone()
+                    row = self._db.execute(
+                        "SELECT * FROM review_decisions WHERE idempotency_key = ?", (key,)
+                    ).fetchone()
                 else:
                     row = self._db.execute("SELECT * FROM review_decisions WHERE id = ?", (row_id,)).fetchone()
             finally:

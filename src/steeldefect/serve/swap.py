@@ -73,8 +73,9 @@ class ModelSlot:
         if self.folder is None:
             raise SwapError(404, "model upload is off (server started without a models folder)")
         if len(data) < 8 or data[4:8] != TFLITE_IDENTIFIER:
-            raise SwapError(422, f"{source}: not a TFLite model file (no TFL3 identifier); still serving "
-                            f"{self.current.info.name}")
+            raise SwapError(
+                422, f"{source}: not a TFLite model file (no TFL3 identifier); still serving {self.current.info.name}"
+            )
         if not self._swap_lock.acquire(blocking=False):
             raise SwapError(409, "another model upload is being checked; retry when it is done")
         try:
@@ -91,8 +92,9 @@ class ModelSlot:
             except OSError as error:
                 reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else str(error)
                 raise SwapError(
-                    507, f"cannot store the uploaded model in {self.folder} ({reason}); still serving "
-                    f"{self.current.info.name}"
+                    507,
+                    f"cannot store the uploaded model in {self.folder} ({reason}); still serving "
+                    f"{self.current.info.name}",
                 ) from None
             try:
                 info = read_model_info(path)
