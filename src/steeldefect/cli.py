@@ -377,7 +377,8 @@ def _serve(args: argparse.Namespace) -> int:
     # Dispatched before anything imports TensorFlow: the service needs only LiteRT (memory, start time).
     from steeldefect.core.options import ServeOptions, from_namespace
     from steeldefect.serve.audit import AuditError
-    from steeldefect.serve.service import ServeError, mebibytes, serve
+    from steeldefect.serve.errors import ServeError
+    from steeldefect.serve.runner import mebibytes, serve
 
     options = from_namespace(ServeOptions, args)
     try:
@@ -395,6 +396,12 @@ def _serve(args: argparse.Namespace) -> int:
             top_k_default=options.top_k,
             queue_size=options.queue,
             accept=options.accept,
+            review_dir=options.review,
+            review_sample=options.review_sample,
+            review_max_bytes=None if options.review_max_mb is None else mebibytes(options.review_max_mb),
+            models_dir=options.models_dir,
+            max_model_bytes=mebibytes(options.max_model_mb),
+            drift_window=options.drift_window,
         )
     except (ServeError, AuditError) as error:
         print(f"error: {error}", file=sys.stderr)
