@@ -60,9 +60,10 @@ def steeldefect(*args: str) -> None:
 
 
 def link_folder(folder: Path, files: list[tuple[Path, str]]) -> Path:
-    """``folder/<class>/<name>`` symlinks to the NEU files (the images stay where they are)."""
+    """``folder/<class>/neu-<name>`` symlinks to the NEU files (the images stay where they are). The
+    prefix keeps the names from looking like a flat NEU-DET folder, which always has all six classes."""
     for path, name in files:
-        target = folder / name / path.name
+        target = folder / name / f"neu-{path.name}"
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.is_symlink():
             target.symlink_to(path)

@@ -207,3 +207,40 @@ def test_a_bad_start_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and expected in err, err
     assert not out.exists()
+
+
+def test_exports_what_the_services_review_store_wrote(tmp_path, make_image):
+    """The contract from the other side: the service's own ReviewStore keeps the images and records
+    the decisions (with an audit database as `serve --audit` makes it), then the export reads them."""
+    import hashlib
+
+    from steeldefect.serve.audit import AuditLog
+    from steeldefect.serve.review import ReviewStore
+
+    db_path = tmp_path / "audit.sqlite"
+    AuditLog(db_path).close()  # the predictions table, as the service creates it
+    store = ReviewStore(tmp_path / "store", db_path, sample=0.0)
+    classes = ("crazing", "patches")
+    shas = []
+    for i in range(9):
+        data = make_image(tmp_path / "line" / f"strip{i}.png", seed=i).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        assert store.keep(data, sha, "uncertain") is not None
+        shas.append(sha)
+    for i, sha in enumerate(shas):
+        if i < 2:
+            body = {"reviewer": "ana", "decided_class": "crazing"}
+        else:
+            body = {"reviewer": "ana", "decided_class": "oil_spot", "new_kind": True, "note": f"strip {i}"}
+        store.decide(sha, {**body, "idempotency_key": f"k{i}"}, classes)
+        store.decide(sha, {**body, "idempotency_key": f"k{i}"}, classes)  # a retry: still one decision
+    store.decide(shas[1], {"reviewer": "bo", "decided_class": "patches"}, classes)  # later, another inspector
+    store.close()
+    out = tmp_path / "reviewed"
+    result = export_reviews(db_path, out)  # the store folder comes from review_meta
+    assert result.problems == [] and result.classes == {"crazing": 1, "patches": 1, "oil_spot": 7}
+    rows = {row["sha256"]: row for row in manifest(out)}
+    assert rows[shas[1]]["reviewer"] == "bo" and rows[shas[1]]["decided_class"] == "patches"
+    assert rows[shas[5]]["new_kind"] == "1" and rows[shas[5]]["note"] == "strip 5"
+    assert rows[shas[5]]["model_class"] == "unknown"  # no audit row was written for these images
+    assert scan_dataset(out).counts() == {"crazing": 1, "oil_spot": 7, "patches": 1}
