@@ -1,6 +1,7 @@
 """The service's audit log: one SQLite row per answered prediction, so a quality system can show
 what was decided about each strip (time, image sha256 and size, client id, top-k, uncertain flag,
-model sha256, latency).
+model sha256, latency, and the image's name in the review store when it was kept there:
+serve/review.py adds its tables to the same database).
 
 SQLite in WAL mode, written by one dedicated thread that commits every waiting row in one
 transaction (group commit) and only then releases the requests waiting on them: a request is
