@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from steeldefect.core.options import PredictOptions
@@ -275,6 +275,7 @@ def _explain_target(model: Path, options: PredictOptions) -> tuple[Path, Path] |
     from steeldefect.deploy.explain_files import keras_model_for, prepare_out_dir
     from steeldefect.runtime.litert import ModelFileError
 
+    assert options.explain is not None  # called for --explain DIR only
     if options.out is not None:
         raise ValueError("--explain writes heatmaps of the images printed; it does not go with --out")
     try:
@@ -369,7 +370,7 @@ def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions
         from steeldefect.core.runfolder import deployable_model
 
         model = deployable_model(model)
-    settings = dict(top_k=options.top_k, threads=options.threads, accept=options.accept)
+    settings: dict[str, Any] = dict(top_k=options.top_k, threads=options.threads, accept=options.accept)
     if options.batch_size is not None:
         settings["batch_size"] = options.batch_size
     if options.out is None:  # today's output, from the fast path
@@ -378,7 +379,7 @@ def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions
         from steeldefect.deploy.predict import Prediction, format_predictions
 
         inputs = batch_io.collect_inputs(paths)
-        results = []
+        results: list[Prediction] = []
         with tqdm(total=len(inputs), desc="predict", unit="img", disable=not progress) as bar:
             for rows in batch.iter_predictions(model, inputs, workers=options.workers, **settings):
                 results.extend(Prediction(Path(row.path), row.top, row.error, row.uncertain) for row in rows)

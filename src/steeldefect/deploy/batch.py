@@ -152,7 +152,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _start_worker(
-    model_path: Path, threads: int, info: ModelInfo, top_k: int, accept: float | None, parent: int
+    model_path: Path, threads: int | None, info: ModelInfo, top_k: int, accept: float | None, parent: int
 ) -> None:
     import threading
 
@@ -192,7 +192,7 @@ def _iter_in_processes(
     info: ModelInfo,
     batches: list[list],
     workers: int,
-    threads: int,
+    threads: int | None,
     top_k: int,
     accept: float | None,
 ) -> Iterator[list[Row]]:

@@ -327,8 +327,8 @@ def finalize_output(out: Path, limit: collections.Counter | None = None) -> Path
                     table = pq.read_table(source).select(list(PARQUET_COLUMNS)).cast(schema)
                     mask = pa.array([keep(p) for p in table.column("path").to_pylist()], pa.bool_())
                     writer.write_table(table.filter(mask))
-            with tmp.open("rb") as handle:
-                os.fsync(handle.fileno())
+            with tmp.open("rb") as written:
+                os.fsync(written.fileno())
         else:
             with tmp.open("w", encoding="utf-8", newline="") as handle:
                 if fmt == ".csv":

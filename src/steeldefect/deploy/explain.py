@@ -93,6 +93,7 @@ def attention_maps(
 
     rows, cols = attention_grid(model)  # refuses a model without an attention head
     head = attention_head(model)
+    assert head is not None  # attention_grid found it
     # A joined model is the backbone's layers followed by the head, one nested model as the last layer.
     features = keras.Model(model.inputs, model.layers[-2].output)
     weights = keras.Model(head.inputs, head.get_layer(ATTENTION).output)
@@ -127,6 +128,8 @@ def density(maps: np.ndarray, smoothing: float, grid: tuple[int, int] | None) ->
     ``heatmaps(model, x, smoothing=s)`` without another pass through the model."""
     if smoothing <= 0:
         return maps
+    if grid is None:
+        raise ValueError("attention density needs the grid of cells (attention_grid)")
     height, width = maps.shape[1:3]
     return smooth(maps, (smoothing * height / grid[0], smoothing * width / grid[1]))
 

@@ -174,19 +174,19 @@ def explain_paths(
         keras_label = str(keras_path)
     else:
         keras_label = model.name
-        size = tuple(int(v) for v in model.inputs[0].shape[1:3])
+        size = (int(model.inputs[0].shape[1]), int(model.inputs[0].shape[2]))
         class_names = tuple(class_names or (str(i) for i in range(int(model.outputs[0].shape[-1]))))
     class_names = list(class_names)
     directory = None if out_dir is None else prepare_out_dir(out_dir)
-    paths = [Path(p) for p in paths]
-    names = png_names(paths)
-    results = [Explanation(path) for path in paths]
-    with tqdm(total=len(paths), desc="explain", unit="img", disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
+    files = [Path(p) for p in paths]
+    names = png_names(files)
+    results = [Explanation(path) for path in files]
+    with tqdm(total=len(files), desc="explain", unit="img", disable=not progress) as bar:
+        for start in range(0, len(files), batch_size):
             batch, rows = [], []
-            for i in range(start, min(start + batch_size, len(paths))):
+            for i in range(start, min(start + batch_size, len(files))):
                 try:
-                    batch.append(read_image(paths[i], size))
+                    batch.append(read_image(files[i], size))
                     rows.append(i)
                 except Exception as error:  # an unreadable file is that file's problem, not the batch's
                     results[i].error = str(error)
@@ -194,7 +194,9 @@ def explain_paths(
                 images = np.stack(batch)
                 probabilities = np.asarray(model.predict_on_batch(images.astype(np.float32)))
                 tops = [
-                    list(answers[i]) if answers is not None and answers[i] else top_k_classes(p, class_names, top_k)
+                    list(answer)
+                    if answers is not None and (answer := answers[i])
+                    else top_k_classes(p, class_names, top_k)
                     for i, p in zip(rows, probabilities)
                 ]
                 unknown = {top[0][0] for top in tops} - set(class_names)
@@ -210,7 +212,7 @@ def explain_paths(
                     if directory is not None:
                         text = title(*results[i].top[0]) + (" (uncertain)" if uncertain and uncertain[i] else "")
                         results[i].png = save_overlay(image, heatmap, text, directory / names[i])
-            bar.update(min(batch_size, len(paths) - start))
+            bar.update(min(batch_size, len(files) - start))
     return results
 
 

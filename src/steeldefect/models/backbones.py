@@ -228,7 +228,7 @@ def backbone_factory(
             weights=weights,
             preprocessing=preprocessing,
             seed=seed,
-            image_size=tuple(image_size),
+            image_size=(image_size[0], image_size[1]),
             features=features,
         )
     )
@@ -338,6 +338,7 @@ def install_weights(folder: Path) -> list[tuple[str, str]]:
     outcomes = []
     for spec in keras_hosted():
         wanted = spec.weights
+        assert isinstance(wanted, WeightFile)  # keras_hosted() keeps only these
         target = wanted.path()
         candidates = sorted(folder.rglob(wanted.filename))
         if not candidates:

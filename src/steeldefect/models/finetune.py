@@ -148,7 +148,11 @@ def build_split(
     seed: int = 0,
 ) -> SplitBackbone:
     backbone = backbone_registry.build_backbone(
-        backbone_name, weights=weights, preprocessing=preprocessing, seed=seed, image_size=tuple(image_size)
+        backbone_name,
+        weights=weights,
+        preprocessing=preprocessing,
+        seed=seed,
+        image_size=(image_size[0], image_size[1]),
     )
     return split_backbone(backbone, n_blocks)
 

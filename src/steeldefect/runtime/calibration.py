@@ -68,8 +68,8 @@ def fit_calibration(
     val_probabilities: np.ndarray,
     val_labels: np.ndarray,
     *,
-    val_indices: Sequence[int] | None = None,
-    test_indices: Sequence[int] | None = None,
+    val_indices: Sequence[int] | np.ndarray | None = None,
+    test_indices: Sequence[int] | np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Temperature from validation predictions; returns {temperature, nll/ece before and after, n}.
 

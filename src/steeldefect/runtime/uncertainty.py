@@ -125,12 +125,13 @@ class OODScorer:
 
     def score(self, features: np.ndarray) -> np.ndarray:
         z = (np.asarray(features, dtype=np.float64) - self.center_) @ self.projection_
-        if self.class_whitening_ is None:
+        class_whitening, log_determinants = self.class_whitening_, self.log_determinants_
+        if class_whitening is None or log_determinants is None:  # set together by fit and from_dict
             z, means = z @ self.whitening_, self.class_means_ @ self.whitening_
             return (((z[:, None, :] - means[None]) ** 2).sum(axis=2)).min(axis=1)
         distances = [
             (((z - mean) @ whitening) ** 2).sum(axis=1) + log_det
-            for mean, whitening, log_det in zip(self.class_means_, self.class_whitening_, self.log_determinants_)
+            for mean, whitening, log_det in zip(self.class_means_, class_whitening, log_determinants)
         ]
         return np.min(distances, axis=0)
 
@@ -151,7 +152,7 @@ class OODScorer:
             "whitening": self.whitening_.tolist(),
             "class_means": self.class_means_.tolist(),
         }
-        if self.class_whitening_ is not None:
+        if self.class_whitening_ is not None and self.log_determinants_ is not None:
             state |= {
                 "class_whitening": self.class_whitening_.tolist(),
                 "log_determinants": self.log_determinants_.tolist(),
@@ -192,7 +193,12 @@ class OODScorer:
             and k >= 1
         )
         if self.class_whitening_ is not None:
-            ok = ok and self.class_whitening_.shape == (k, n, n) and self.log_determinants_.shape == (k,)
+            ok = (
+                ok
+                and self.log_determinants_ is not None
+                and self.class_whitening_.shape == (k, n, n)
+                and self.log_determinants_.shape == (k,)
+            )
             ok = ok and self.class_covariance > 0
         if not ok:
             raise ValueError("array shapes do not fit together")
@@ -242,7 +248,7 @@ def far_ood_examples(neu_image: np.ndarray, size: tuple[int, int] = (224, 224), 
 
     def rgb(array: np.ndarray) -> np.ndarray:
         image = Image.fromarray(np.asarray(array)).convert("RGB")
-        return np.asarray(image.resize((size[1], size[0]), Image.BILINEAR), dtype=np.uint8)
+        return np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.uint8)
 
     names = (
         "astronaut",
@@ -280,11 +286,13 @@ def percentile_combine(reference: Sequence[np.ndarray], scores: Sequence[np.ndar
     unusually high, at the chosen overall acceptance."""
     if len(reference) != len(scores):
         raise ValueError(f"{len(reference)} reference score sets for {len(scores)} scores")
-    combined = None
+    combined: np.ndarray | None = None
     for ref, score in zip(reference, scores):
         ordered = np.sort(np.asarray(ref, dtype=np.float64))
         fraction = np.searchsorted(ordered, np.asarray(score, dtype=np.float64), side="left") / len(ordered)
         combined = fraction if combined is None else np.maximum(combined, fraction)
+    if combined is None:
+        raise ValueError("no scores to combine")
     return combined
 
 
@@ -324,9 +332,11 @@ class UncertaintyRule:
         """The combined rank in [0, 1] of each image (higher = less like the training images)."""
         softmax = 1.0 - np.asarray(probabilities, dtype=np.float64).max(axis=1)
         references, scores = [self.softmax_reference], [softmax]
-        if self.uses_texture:
+        if self.scorer is not None:  # uses_texture
             if texture_raw is None:
                 raise ValueError("this rule needs the model's texture statistics output")
+            if self.texture_reference is None:
+                raise ValueError("this rule has a texture scorer but no texture reference scores")
             references.append(self.texture_reference)
             scores.append(self.scorer.score(texture_features(texture_raw, self.channels)))
         return percentile_combine(references, scores)
@@ -343,7 +353,7 @@ class UncertaintyRule:
         return {
             "method": (
                 SOFTMAX_SCORE
-                if not self.uses_texture
+                if self.scorer is None  # not uses_texture
                 else RULE_METHOD_CLASS_COVARIANCE
                 if self.scorer.class_covariance > 0
                 else RULE_METHOD
@@ -357,14 +367,14 @@ class UncertaintyRule:
         }
 
     def to_npz_bytes(self) -> bytes:
-        arrays = {
+        arrays: dict[str, Any] = {
             "softmax_reference": self.softmax_reference,
             "combined_reference": self.combined_reference,
             "threshold": np.float64(self.threshold),
             "accept": np.float64(self.accept),
             "channels": np.asarray(self.channels, dtype=np.int64),
         }
-        if self.uses_texture:
+        if self.scorer is not None:  # uses_texture
             arrays |= {
                 "texture_reference": self.texture_reference,
                 "n_components": np.int64(self.scorer.n_components),
@@ -381,7 +391,8 @@ class UncertaintyRule:
                     "log_determinants": self.scorer.log_determinants_,
                 }
         buffer = io.BytesIO()
-        np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+        # numpy's stub types **kwds as if a key could be its allow_pickle flag
+        np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
         return buffer.getvalue()
 
     @classmethod

@@ -132,7 +132,7 @@ def learning_curve(
 
     from steeldefect.models.features import cached_features
 
-    cache_key = dict(
+    cache_key: dict[str, Any] = dict(
         dataset_fingerprint=prepared.fingerprint,
         backbone=name,
         weights_id=weights_key,

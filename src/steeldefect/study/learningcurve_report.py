@@ -34,7 +34,7 @@ def summarise(rows: Sequence[dict[str, Any]], points: Sequence[Point], class_nam
     order = {(p.label, p.order_label): i for i, p in enumerate(points)}
     summary = []
     for (point, class_order, method, weight, augment), members in sorted(
-        groups.items(), key=lambda item: (order.get(item[0][:2], len(order)), item[0][2:])
+        groups.items(), key=lambda item: (order.get((item[0][0], item[0][1]), len(order)), item[0][2:])
     ):
         entry: dict[str, Any] = {
             "point": point,
@@ -52,8 +52,8 @@ def summarise(rows: Sequence[dict[str, Any]], points: Sequence[Point], class_nam
         rarest = sorted({m["rarest_class"] for m in members})
         entry["rarest_class"] = " ".join(rarest)
         for name in class_names:
-            values = [float(m[f"recall_{name}"]) for m in members if f"recall_{name}" in m]
-            entry[f"recall_{name}_mean"] = round(float(np.mean(values)), 3) if values else ""
+            recalls = [float(m[f"recall_{name}"]) for m in members if f"recall_{name}" in m]
+            entry[f"recall_{name}_mean"] = round(float(np.mean(recalls)), 3) if recalls else ""
         summary.append(entry)
     return summary
 

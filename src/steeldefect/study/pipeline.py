@@ -160,10 +160,12 @@ def _judge_test_split(run: Path, backbone: str, prepared: PreparedData, final: d
         if classifier.rule is None:
             continue
         judgement = classifier.judge(images)
+        uncertain, score = judgement.uncertain, judgement.score
+        assert uncertain is not None and score is not None  # a classifier with a rule flags and scores every image
         predicted = judgement.probabilities.argmax(axis=1)
-        accepted = ~judgement.uncertain
+        accepted = ~uncertain
         final[variant]["uncertain"] = {
-            "flagged_test_share": float(judgement.uncertain.mean()),
+            "flagged_test_share": float(uncertain.mean()),
             "accepted_accuracy": float((predicted[accepted] == labels[accepted]).mean()) if accepted.any() else None,
             "threshold": classifier.rule.threshold,
             "accept": classifier.rule.accept,
@@ -174,8 +176,8 @@ def _judge_test_split(run: Path, backbone: str, prepared: PreparedData, final: d
                 "label": names[labels[row]],
                 "predicted": names[predicted[row]],
                 "probability": f"{judgement.probabilities[row, predicted[row]]:.6f}",
-                "uncertain": bool(judgement.uncertain[row]),
-                "score": f"{judgement.score[row]:.6f}",
+                "uncertain": bool(uncertain[row]),
+                "score": f"{score[row]:.6f}",
                 "variant": variant,
             }
             for row, i in enumerate(test_idx)

@@ -235,7 +235,7 @@ def _header(
         lines.append(f"- Training: {setup}")
     for name in names:
         entry = backbones.get(name)
-        if _status(entry) == "done" and entry.get("best_learning_rate") is not None:
+        if entry is not None and _status(entry) == "done" and entry.get("best_learning_rate") is not None:
             lines.append(f"- {_display(name, entry)}: best learning rate {entry['best_learning_rate']:g}")
     if summary.get("reproduce_wall_time_s") is not None:
         seconds = float(summary["reproduce_wall_time_s"])
@@ -434,7 +434,7 @@ def _cv_section(run: Path, names: list[str], backbones: dict[str, Any]) -> list[
     rows, csv_rows = [], []
     for name in names:
         entry = backbones.get(name)
-        if _status(entry) != "done":
+        if entry is None or _status(entry) != "done":
             continue
         best = entry.get("best_learning_rate")
         for rate, stat in _cv_stats(entry, _read_cv_rows(runfolder.cv_grid_path(run, name))).items():

@@ -48,7 +48,7 @@ def _plots_section(run: Path, names: list[str], backbones: dict[str, Any], summa
     fallback_classes = (summary.get("dataset") or {}).get("class_names") or []
     for name in names:
         entry = backbones.get(name)
-        if _status(entry) != "done":
+        if entry is None or _status(entry) != "done":
             continue
         display = _display(name, entry)
         lines += [f"### {display}", ""]
@@ -85,9 +85,9 @@ def _plots_section(run: Path, names: list[str], backbones: dict[str, Any], summa
     for name in names:
         for variant in ("fp32", "fp16", "int8"):
             values = _variant(backbones.get(name), variant) or {}
-            numbers = [_mean(values.get(key)) for key in ("size_mib", "accuracy", "latency_ms_median")]
-            if None not in numbers:
-                points.append((_display(name, backbones[name]), variant, *numbers))
+            size, accuracy, latency = (_mean(values.get(key)) for key in ("size_mib", "accuracy", "latency_ms_median"))
+            if size is not None and accuracy is not None and latency is not None:
+                points.append((_display(name, backbones[name]), variant, size, accuracy, latency))
     if points:
         _plot_accuracy_size_latency(points, plots / "accuracy_size_latency.png")
         lines += [
@@ -121,7 +121,8 @@ def _plot_cv_grid(rows: list[dict[str, float]], stats: dict[float, dict[str, Any
     ax = fig.add_subplot()
     for fold in sorted({int(r["fold"]) for r in rows}):
         points = sorted((r["learning_rate"], r["val_accuracy"]) for r in rows if int(r["fold"]) == fold)
-        ax.scatter(*zip(*points), s=18, alpha=0.7, label=f"fold {fold}")
+        fold_rates, accuracies = zip(*points)
+        ax.scatter(fold_rates, accuracies, s=18, alpha=0.7, label=f"fold {fold}")
     rates = sorted(stats)
     ax.plot(rates, [stats[r]["mean"] for r in rates], color="black", marker="o", label="mean")
     ax.set_xscale("log")
@@ -272,7 +273,7 @@ def _compose(pngs: Sequence[Path], path: Path) -> Path:
     cell blank rather than failing the report)."""
     from PIL import Image
 
-    tiles = []
+    tiles: list[Image.Image | None] = []
     for png in pngs:
         try:
             with Image.open(png) as image:

@@ -130,7 +130,8 @@ def run_train_options(run: Path) -> tuple[Path, TrainOptions]:
     if isinstance(recorded.get("image_size"), list):  # run folders made before options were dataclasses
         recorded["image_size"] = int(recorded["image_size"][0])
     known = {spec.name for spec in fields(TrainOptions)}
-    return data, TrainOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known})
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known}
+    return data, TrainOptions(**values)
 
 
 def load_run_data(run: Path, *, progress: bool = True) -> tuple[PreparedData, TrainOptions]:

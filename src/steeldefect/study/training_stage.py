@@ -174,7 +174,8 @@ def train_backbone(
             )
 
     with training.timed(stage_times, "join"):
-        for fold, fold_head in [*enumerate(heads), (runfolder.FINAL, final_head)]:
+        models: list[tuple[int | str, Any]] = [*enumerate(heads), (runfolder.FINAL, final_head)]
+        for fold, fold_head in models:
             path = fold_model_path(out, name, fold, "keras")
             meta_path = sidecar_path(path)
             if path.is_file() and meta_path.is_file() and read_json(meta_path).get("verified"):
@@ -191,7 +192,7 @@ def train_backbone(
     with training.timed(stage_times, "gallery"):
         _write_gallery(out, name, prepared, progress)
 
-    summary_entry = {
+    summary_entry: dict[str, Any] = {
         "status": "done",
         "display_name": spec.display_name,
         "weights": weights_id,
@@ -217,9 +218,11 @@ def _box_masks(dataset: Any, splits: Any, options: TrainOptions, grid: tuple[int
     rows are kept: a test image's boxes are for measuring heatmaps, never for training."""
     from steeldefect.data.annotations import cell_masks
 
+    if options.boxes is None:
+        raise ValueError("--head attention needs --boxes DIR (the defect boxes that teach it where to look)")
     masks = np.zeros((len(dataset.paths), grid[0] * grid[1]), np.float32)
     train = splits.train_indices
-    masks[train] = cell_masks(options.boxes, [dataset.paths[i] for i in train], tuple(grid))
+    masks[train] = cell_masks(options.boxes, [dataset.paths[i] for i in train], (grid[0], grid[1]))
     n_boxed = int((masks[train].sum(axis=1) > 0).sum())
     if n_boxed == 0:
         raise ValueError(f"--boxes {options.boxes}: no training image has a box there (<image name>.xml)")
