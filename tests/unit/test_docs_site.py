@@ -8,6 +8,7 @@ temporary folder), so a person can look at them."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -37,6 +38,22 @@ HTML_LOADS = re.compile(
 CSS_LOADS = re.compile(r"""(?:@import\s+(?:url\(\s*)?|url\(\s*)["']?\s*""" + EXTERNAL, re.IGNORECASE)
 JS_LOADS = re.compile(r"""\b(?:src|href)\s*=\s*["']""" + EXTERNAL, re.IGNORECASE)
 EXTERNAL_LINK = re.compile(r"""<a\b[^>]*\bhref\s*=\s*["']?\s*""" + EXTERNAL, re.IGNORECASE)
+
+
+def test_every_bench_script_backs_a_docs_page_that_names_it():
+    """Each bench/*.py produces a figure a page quotes: the page names the script, and the script's
+    docstring names the page ("Figures: docs/<page>.md, ..."). Each experiment is on the design notes."""
+    for script in sorted((ROOT / "bench").glob("*.py")):
+        if script.stem == "benchio":  # the shared helper that saves every bench's figures
+            continue
+        docstring = ast.get_docstring(ast.parse(script.read_text(encoding="utf-8"))) or ""
+        pages = re.findall(r"docs/[\w-]+\.md", docstring.partition("Figures:")[2])
+        assert pages, f"{script.name}: its docstring names no docs page (Figures: docs/<page>.md, ...)"
+        for page in pages:
+            assert f"bench/{script.name}" in (ROOT / page).read_text(encoding="utf-8"), f"{page} does not name {script}"
+    notes = (ROOT / "docs" / "design-notes.md").read_text(encoding="utf-8")
+    for script in sorted((ROOT / "experiments").glob("*.py")):
+        assert f"experiments/{script.name}" in notes, f"docs/design-notes.md does not name {script.name}"
 
 
 @pytest.fixture(scope="module")
