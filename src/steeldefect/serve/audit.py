@@ -1,6 +1,7 @@
 """The service's audit log: one SQLite row per answered prediction, so a quality system can show
 what was decided about each strip (time, image sha256 and size, client id, top-k, uncertain flag,
-model sha256, latency).
+model sha256, latency, and the image's name in the review store when it was kept there:
+serve/review.py adds its tables to the same database).
 
 SQLite in WAL mode, written by one dedicated thread that commits every waiting row in one
 transaction (group commit) and only then releases the requests waiting on them: a request is
@@ -199,6 +200,7 @@ class AuditLog:
         cursor = self._db.execute(
             f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", values
         )
+        assert cursor.lastrowid is not None  # set by every INSERT
         return int(cursor.lastrowid)
 
     def history(self, *, since: str | None = None, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:

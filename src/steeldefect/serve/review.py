@@ -298,6 +298,8 @@ class ReviewStore:
 
     def decide(self, sha256: str, body: Any, class_names: Sequence[str]) -> dict[str, Any]:
         """Record one reviewer's decision on a stored image; the same ``idempotency_key`` twice is one row."""
+        if not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
+            raise ReviewError(422, "image id must be a sha256: 64 lowercase hex characters")
         if not isinstance(body, dict):
             raise ReviewError(
                 422, "a review is a JSON object: reviewer, decided_class, new_kind, note, idempotency_key"
