@@ -197,6 +197,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.15, help="share of the stream the inspector reviews at most")
     parser.add_argument("--seed", type=int, default=0, help="which first images, and the stream order")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument(
+        "--retrain-args",
+        default=None,
+        help=f"train options of the second model (default: the first model's, {' '.join(TRAIN_ARGS)})",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/line_loop.json)")
     args = parser.parse_args()
     work = args.work.resolve()
@@ -235,9 +240,11 @@ def main() -> None:
 
     mark = time.perf_counter()
     run1, run2 = work / "run1", work / "run2"
-    steeldefect("train", "--data", str(first_dir), *TRAIN_ARGS, "--out", str(run1))
-    steeldefect("export", str(run1), *EXPORT_ARGS)
+    retrain_args = args.retrain_args.split() if args.retrain_args is not None else TRAIN_ARGS
     old_model = deploy_model_path(run1, "int8")
+    if not old_model.is_file():  # done by an earlier, interrupted bench: nothing to resume
+        steeldefect("train", "--data", str(first_dir), *TRAIN_ARGS, "--out", str(run1))
+        steeldefect("export", str(run1), *EXPORT_ARGS)
     mark = lap("first_model_s", mark)
 
     # 3-4: the stream through the live service, then the inspector.
@@ -262,9 +269,10 @@ def main() -> None:
         # 5: export the reviews, retrain on both roots, compare on the test split, swap.
         reviewed_dir = work / "reviewed"
         steeldefect("review", "export", "--db", str(work / "audit.sqlite"), "--out", str(reviewed_dir))
-        steeldefect("train", "--data", str(first_dir), str(reviewed_dir), *TRAIN_ARGS, "--out", str(run2))
-        steeldefect("export", str(run2), *EXPORT_ARGS)
         new_model = deploy_model_path(run2, "int8")
+        if not new_model.is_file():
+            steeldefect("train", "--data", str(first_dir), str(reviewed_dir), *retrain_args, "--out", str(run2))
+            steeldefect("export", str(run2), *EXPORT_ARGS)
         mark = lap("retrain_s", mark)
         steeldefect("compare", str(old_model), str(new_model), "--data", str(gate_dir), "--out", str(work / "compare"))
         comparison = json.loads((work / "compare" / "compare.json").read_text())
@@ -289,6 +297,7 @@ def main() -> None:
         "left_out": args.left_out,
         "first_model": {"per_class": args.per_class, "classes": sorted(known), "images": len(first)},
         "train_options": TRAIN_ARGS,
+        "retrain_options": retrain_args,
         "stream": {"images": len(items), "new_kind_images": len(new_kind_before), "seed": args.seed},
         "reviewed": {
             "images": len(reviewed),
