@@ -221,7 +221,7 @@ class TrainOptions(DataOptions):
         choices=VIEWS_CHOICES,
     )
 
-    # Fine-tuning (steeldefect.models.finetune; README: Fine-tuning).
+    # Fine-tuning (steeldefect.models.finetune; docs/training.md).
     fine_tune: int = option(
         0,
         "after the frozen grid, fine-tune the backbone's top N blocks with each fold's and the final head "
@@ -350,7 +350,7 @@ class PredictOptions(_Options):
         "(default: the model's own, 0.99)",
         check=ACCEPT,
     )
-    # Scoring an image archive (steeldefect.deploy.batch; README: Scoring an image archive).
+    # Scoring an image archive (steeldefect.deploy.batch; docs/predict.md).
     out: Path | None = option(None, "write results to FILE (.parquet, .csv or .jsonl) as they come; re-run to resume")
     engine: str = option(
         "local",
@@ -370,7 +370,7 @@ class PredictOptions(_Options):
         "images per committed part (default 64 local, 256 ray); an interruption loses at most the batches in flight",
         check=AT_LEAST_1,
     )
-    # Heatmaps (steeldefect.deploy.explain; README: Trust): computed on the model's .keras.
+    # Heatmaps (steeldefect.deploy.explain; docs/trust.md): computed on the model's .keras.
     explain: Path | None = option(
         None,
         "also write a heatmap PNG per image into this folder (a run folder, a .keras, or a .tflite with its .keras)",

@@ -188,7 +188,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
-        description="Steel surface defect classification with a LiteRT model (see the README).",
+        description="Steel surface defect classification with a LiteRT model (see docs/service.md).",
     )
     app.state.model_info = info
     app.state.audit = audit
