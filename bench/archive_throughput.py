@@ -1,5 +1,7 @@
 """Scoring an image archive: today's `predict` loop vs the local engine vs the Ray engine, side by side.
 
+Figures: docs/results.md, "Archive throughput".
+
 Usage (from the repository root)::
 
     python bench/archive_throughput.py [--run runs/neu-pooled] [--count 20000] [--local 2x1 1x2] [--ray 1 2]

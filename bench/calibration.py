@@ -1,5 +1,7 @@
 """Temperature scaling of a run's fold models: fitted on out-of-fold validation predictions, judged on test.
 
+Figures: docs/results.md, "Calibration".
+
 Usage (from the repository root)::
 
     python bench/calibration.py RUN [--out FILE.json] [--plot FILE.png]

@@ -1,6 +1,8 @@
 """How long `export` takes per fold, three ways side by side in one run: before the int8 reuse, with
 it, and with it plus two folds converted at once in two processes.
 
+Figures: docs/results.md, "Export speed".
+
 Usage (from the repository root)::
 
     PYTHONPATH=src python bench/export_speed.py [RUN] [--folds 0 1] [--workers 2] [--out FILE.json]

@@ -1,5 +1,7 @@
 """Do other runtimes read our model files the same way? MediaPipe Tasks' ImageClassifier vs `predict`.
 
+Figures: docs/results.md, "MediaPipe interoperability".
+
 Usage (from the repository root)::
 
     python bench/mediapipe_interop.py RUN [--fold 0] [--variants fp32 fp16 int8 int8-mixed]

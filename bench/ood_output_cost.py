@@ -1,5 +1,7 @@
 """What the OOD score costs at predict time: the classifier with the texture statistics as a second output.
 
+Figures: docs/results.md, "Cost of the second output".
+
 Usage (from the repository root)::
 
     python bench/ood_output_cost.py RUN [--fold 0] [--rounds 3] [--runs 30] [--out FILE.json]

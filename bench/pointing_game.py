@@ -1,5 +1,8 @@
 """Pointing game: does the heatmap's maximum fall on the annotated defect?
 
+Figures: docs/results.md, "Heatmaps (pointing game)"; the variants not adopted: docs/design-notes.md,
+"Heatmaps of the frozen pooled model".
+
 Usage (from the repository root)::
 
     python bench/pointing_game.py MODEL.keras [--run RUN] [--smoothgrad N] [--occlusion] [--out FILE.json]

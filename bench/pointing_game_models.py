@@ -1,6 +1,8 @@
 """Pointing game of every model of a run: the five fold models and the deploy model on the test images,
 and each fold model on its own validation fold (images it never trained on).
 
+Figures: docs/results.md, "The density's width, and every model of the run".
+
 Usage (from the repository root)::
 
     python bench/pointing_game_models.py RUN [--boxes DIR] [--smoothing 0,0.25,0.5,0.75,1] [--out FILE.json]

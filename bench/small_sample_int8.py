@@ -1,5 +1,7 @@
 """Int8 of heads trained on few or imbalanced images: does full-integer quantization keep their accuracy?
 
+Figures: docs/results.md, "Int8 of few-image and imbalanced heads".
+
 Usage (from the repository root)::
 
     python bench/small_sample_int8.py --data ../shared/data/NEU-DET/IMAGES [--draws 1] [--cases all|few|imbalance]

@@ -107,8 +107,8 @@ def test_parquet_schema_is_the_documented_one(tmp_path, models, images):
     schema = pq.read_schema(out)
     assert schema.names == list(batch.PARQUET_COLUMNS)
     assert schema.remove_metadata().equals(batch.parquet_schema())
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Scoring an image archive", 1)[1].split("\n## ", 1)[0]
+    manual = (REPO / "docs" / "predict.md").read_text()  # the manual's page on predicting and archives
+    section = manual.split("## Scoring an image archive", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([a-z_0-9]+)` \| `([^`]+)` \|", section, re.MULTILINE)
     assert [name for name, _ in documented] == list(batch.PARQUET_COLUMNS)
     assert [kind for _, kind in documented] == [str(schema.field(name).type) for name in batch.PARQUET_COLUMNS]

@@ -1,8 +1,10 @@
 """Can the imbalance heads' int8 - fp32 gap be closed? Heads trained to be robust to the int8 backbone.
 
+Figures: docs/design-notes.md, "Quantization" (an experiment whose methods were not adopted: moved from bench/).
+
 Usage (from the repository root)::
 
-    python bench/int8_robust_head.py --data ../shared/data/NEU-DET/IMAGES [--draws 5] [--orders 1 2 3]
+    python experiments/int8_robust_head.py --data ../shared/data/NEU-DET/IMAGES [--draws 5] [--orders 1 2 3]
         [--threads 2] [--out FILE.json]
 
 For each of the README's three class orders of the imbalance profile 255/128/64/32/16/8 (balanced class
@@ -31,10 +33,14 @@ scoring only. Printed and saved per row, and per order the mean ± std over draw
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+# benchio (and the benches this one shares code with) stay in bench/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import benchio
 from small_sample_int8 import ORDERS, PROFILE, by_case, load_inputs, scores

@@ -1,8 +1,10 @@
 """Few-image features, compared on images that are not the test split: is `multilayer + dihedral` chosen fairly?
 
+Figures: docs/design-notes.md, "Few-image features" (an experiment: moved from bench/).
+
 Usage (from the repository root)::
 
-    python bench/few_image_selection.py --data ../shared/data/NEU-DET/IMAGES [--per-class 5 10 20] [--draws 5]
+    python experiments/few_image_selection.py --data ../shared/data/NEU-DET/IMAGES [--per-class 5 10 20] [--draws 5]
 
 The learning curve's figures are on the fixed 270-image test split, and the multi-layer features were
 picked after trying variants on it. This bench repeats the comparison without the test split: each
@@ -15,10 +17,14 @@ the 7 exact flips/rotations of the sampled images as extra rows. Prints and save
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+# benchio (and the benches this one shares code with) stay in bench/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import benchio
 from steeldefect.core.files import default_cache_dir
