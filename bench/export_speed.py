@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if not source.is_file():
             parser.error(f"{source}: no such fold model (RUN must be a trained run folder)")
 
-    from steeldefect.study.pipeline import load_run_data
+    from steeldefect.study.rundata import load_run_data
 
     prepared, train_options = load_run_data(args.run, progress=False)
     indices = export.calibration_indices(

@@ -45,7 +45,7 @@ from steeldefect.models.features import cached_features
 from steeldefect.models.training import HeadTrainer, fit_head
 from steeldefect.runtime import uncertainty
 from steeldefect.runtime.litert import make_interpreter, predict_tflite
-from steeldefect.study.pipeline import load_run_data
+from steeldefect.study.rundata import load_run_data
 
 BACKBONE = "efficientnet_lite0"
 SCORES = (

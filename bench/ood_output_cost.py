@@ -30,7 +30,7 @@ from steeldefect.models.conversion import convert
 from steeldefect.runtime import uncertainty
 from steeldefect.runtime.litert import from_output, make_interpreter, resolve_threads, to_input
 from steeldefect.study.evaluate import measure_latency
-from steeldefect.study.pipeline import load_run_data
+from steeldefect.study.rundata import load_run_data
 
 BACKBONE = "efficientnet_lite0"
 

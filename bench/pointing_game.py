@@ -56,7 +56,7 @@ import benchio
 from steeldefect.core.cpuinfo import cpu_description
 from steeldefect.data.annotations import annotation_path, box_mask, read_voc
 from steeldefect.deploy import explain
-from steeldefect.study.pipeline import load_run_data, run_train_options
+from steeldefect.study.rundata import load_run_data, run_train_options
 
 TOLERANCE = 15
 SIZE = 200

@@ -36,7 +36,7 @@ from pointing_game import boxes_folder, filtered_rows, hits
 from steeldefect.core.cpuinfo import cpu_description
 from steeldefect.core.runfolder import FINAL, fold_model_path
 from steeldefect.deploy import explain
-from steeldefect.study.pipeline import load_run_data
+from steeldefect.study.rundata import load_run_data
 
 SANITY_LIMIT = 0.5  # issue #14: randomising the head must change the maps (rank correlation < 0.5)
 TIES = ("first", "centre")

@@ -32,7 +32,7 @@ from steeldefect.core.options import DIHEDRAL_VIEWS, LearningCurveOptions
 from steeldefect.models import backbones, training
 from steeldefect.models.augfeatures import augmented_features
 from steeldefect.models.features import cached_features
-from steeldefect.study import learningcurve, pipeline
+from steeldefect.study import learningcurve, learningcurve_points, rundata
 
 SELECTION_SEED = 7  # not the learning curve's 42: other samples than its draws
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     options = LearningCurveOptions()
     cache_dir = default_cache_dir()
-    prepared = pipeline.load_data(args.data, options, progress=False)
+    prepared = rundata.load_data(args.data, options, progress=False)
     labels = np.asarray(prepared.dataset.labels)
     pool = prepared.splits.train_indices
     name = options.backbone
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.per_class:
             accuracies = []
             for draw in range(args.draws):
-                sample = learningcurve.draw_sample(labels, pool, [n] * 6, seed=SELECTION_SEED, draw=draw)
+                sample = learningcurve_points.draw_sample(labels, pool, [n] * 6, seed=SELECTION_SEED, draw=draw)
                 rest = np.setdiff1d(pool, sample)
                 head, _ = learningcurve.fit_head(
                     sample,

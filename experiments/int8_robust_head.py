@@ -51,7 +51,7 @@ from steeldefect.models import training
 from steeldefect.models.augfeatures import training_rows
 from steeldefect.models.conversion import convert
 from steeldefect.runtime.litert import make_interpreter, predict_tflite
-from steeldefect.study import learningcurve
+from steeldefect.study import learningcurve_points
 
 METHODS = ("baseline", "int8_rows", "dropout_0.5", "dihedral_calibration")
 
@@ -68,7 +68,7 @@ def int8_features(extractor, calibration: np.ndarray, images: np.ndarray, thread
 
 
 def train(trainers: dict, x: np.ndarray, y: np.ndarray, weights, *, options, n_classes, seed, dropout=0.2):
-    batch, epochs = learningcurve.steps_to_epochs(len(x), options.batch_size, options.steps)
+    batch, epochs = learningcurve_points.steps_to_epochs(len(x), options.batch_size, options.steps)
     key = (batch, int(x.shape[1]), dropout)
     if key not in trainers:
         trainers[key] = training.HeadTrainer(x.shape[1:], n_classes, kind="flatten", batch_size=batch, dropout=dropout)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         label = f"255..8 order {number}"
         for draw in range(args.draws):
             started = time.perf_counter()
-            sample = learningcurve.draw_sample(labels, pool, counts, seed=options.seed, draw=draw)
+            sample = learningcurve_points.draw_sample(labels, pool, counts, seed=options.seed, draw=draw)
             weights = training.class_weights(labels[sample], n_classes, "balanced")
             seed = training.derived_seed(options.seed, "learning-curve-head", draw, len(sample))
             x_float, y_float = training_rows(features, labels, sample, augmented)

@@ -38,7 +38,7 @@ from steeldefect.core.runfolder import dataset_path, splits_path
 from steeldefect.data.dataset import scan_dataset
 from steeldefect.data.splits import read_splits_csv
 from steeldefect.runtime import uncertainty
-from steeldefect.study.pipeline import run_train_options
+from steeldefect.study.rundata import run_train_options
 
 BACKBONE = "efficientnet_lite0"
 CHANNELS = (40, 80, 112, 192)  # of uncertainty.TEXTURE_LAYERS in Lite0

@@ -203,6 +203,7 @@ class AuditLog:
         cursor = self._db.execute(
             f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", values
         )
+        assert cursor.lastrowid is not None  # set by every INSERT
         return int(cursor.lastrowid)
 
     def _read_connection(self) -> sqlite3.Connection:

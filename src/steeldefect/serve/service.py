@@ -468,7 +468,7 @@ def create_app(
 
         app.add_api_route(route_path, page, methods=["GET"], include_in_schema=False)
 
-    known_paths = {route.path for route in app.routes}
+    known_paths = {route.path for route in app.routes}  # type: ignore[attr-defined]  # each is a Route, with .path
     return Gate(
         app,
         token=token,
