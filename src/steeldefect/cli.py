@@ -333,9 +333,15 @@ def _serve(args: argparse.Namespace) -> int:
     # Dispatched before anything imports TensorFlow: the service needs only LiteRT (memory, start time).
     from steeldefect.core.options import ServeOptions, from_namespace
     from steeldefect.serve.audit import AuditError
-    from steeldefect.serve.service import ServeError, mebibytes, serve
+    from steeldefect.serve.errors import ServeError
+    from steeldefect.serve.runner import mebibytes, serve
 
     options = from_namespace(ServeOptions, args)
+    if options.token:
+        logging.getLogger("steeldefect.serve.service").warning(
+            "--token on the command line is visible to every user of this machine in the process list: "
+            "use --token-file or $STEELDEFECT_TOKEN"
+        )
     try:
         serve(
             args.model,
@@ -344,6 +350,10 @@ def _serve(args: argparse.Namespace) -> int:
             workers=options.workers or None,
             threads=options.threads,
             token=options.token,
+            token_file=options.token_file,
+            tls_cert=options.tls_cert,
+            tls_key=options.tls_key,
+            insecure=options.insecure,
             audit_path=None if options.no_audit else options.audit,
             audit_keep=options.audit_keep,
             audit_fsync=options.audit_fsync,
@@ -351,6 +361,7 @@ def _serve(args: argparse.Namespace) -> int:
             top_k_default=options.top_k,
             queue_size=options.queue,
             accept=options.accept,
+            max_pixels=options.max_pixels,
         )
     except (ServeError, AuditError) as error:
         print(f"error: {error}", file=sys.stderr)

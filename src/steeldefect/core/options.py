@@ -390,15 +390,26 @@ class ServeOptions(_Options):
     threads: int = option(1, "threads per interpreter (0 = all cores)", check=AT_LEAST_0)
     token: str | None = option(
         None,
-        "bearer token required by every endpoint except health; when not given, "
-        "$STEELDEFECT_TOKEN, and no token when that is unset too",
+        "bearer token required by every endpoint except health (visible to every user in the process list: "
+        "prefer --token-file or $STEELDEFECT_TOKEN); when not given, --token-file, then $STEELDEFECT_TOKEN, "
+        "and no token when neither is set",
     )
+    token_file: Path | None = option(None, "read the bearer token from this file (one line; keep it mode 600)")
+    tls_cert: Path | None = option(None, "serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    tls_key: Path | None = option(None, "the PEM private key of --tls-cert")
+    insecure: bool = option(False, "allow a --host beyond this machine without a token (anyone there can use it)")
     audit: Path = option(Path("steeldefect-audit.sqlite"), "SQLite audit log of every answered prediction")
     no_audit: bool = option(False, "do not record predictions")
     audit_keep: int = option(1_000_000, "newest audit rows kept", check=AT_LEAST_1)
     audit_fsync: bool = option(False, "each audit commit waits for the disk: answered rows survive a power cut too")
     queue: int = option(32, "requests that may wait for an interpreter (then 503)", check=AT_LEAST_1)
     max_upload_mb: float = option(8.0, "largest request body accepted, in MiB", check=POSITIVE)
+    # steeldefect.data.decode.DEFAULT_MAX_PIXELS (why 50 MP is said there); tests check they agree.
+    max_pixels: int = option(
+        50_000_000,
+        "largest image accepted, in pixels (width x height, read from the header before decoding)",
+        check=AT_LEAST_1,
+    )
     top_k: int = option(3, "classes per answer unless the request says top_k", check=AT_LEAST_1)
     accept: float | None = option(
         None, "share of in-distribution images the uncertainty rule accepts (default: the model's, 0.99)", check=ACCEPT

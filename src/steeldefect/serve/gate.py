@@ -1,6 +1,5 @@
-"""What stands in front of the service's endpoints (:mod:`steeldefect.serve.service`): an ASGI wrapper
-that checks the bearer token, refuses an upload above the limit before it is held in memory, and
-counts every request in the app's own Prometheus series (:class:`_Metrics`)."""
+"""The ASGI gate in front of the service's app: Prometheus metrics for every request, the bearer
+token, and the request body limit (declared and streamed)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from steeldefect.runtime.modelfile import ModelInfo
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/inspector.js", "/inspector.css"})
 
 
-class _Metrics:
+class Metrics:
     """Prometheus series for one app (own registry, so several apps in one process stay apart)."""
 
     def __init__(self, info: ModelInfo) -> None:
@@ -46,15 +45,15 @@ class _Metrics:
             self.predictions.labels(name)
 
 
-class _BodyTooLarge(Exception):
+class BodyTooLarge(Exception):
     pass
 
 
-def _too_large_message(limit: int) -> str:
+def too_large_message(limit: int) -> str:
     return f"upload too large: the limit is {limit} bytes ({limit / 2**20:.1f} MiB, --max-upload-mb)"
 
 
-class _Gate:
+class Gate:
     """ASGI wrapper in front of the app: metrics for every request, the bearer token, the body limit.
 
     The limit is checked on the declared Content-Length and again while the body streams in (a
@@ -62,7 +61,7 @@ class _Gate:
     """
 
     def __init__(
-        self, app, *, token: str | None, max_body: int, metrics: _Metrics, known_paths: set[str], error
+        self, app, *, token: str | None, max_body: int, metrics: Metrics, known_paths: set[str], error
     ) -> None:
         self.app, self.token, self.max_body, self.metrics = app, token, max_body, metrics
         self.known_paths, self.error = known_paths, error
@@ -89,7 +88,7 @@ class _Gate:
                 await rejection(scope, receive, send_tracking)
                 return
             await self.app(scope, self._limited(receive), send_tracking)
-        except _BodyTooLarge:
+        except BodyTooLarge:
             if not sent["start"]:
                 await self._too_large(scope)(scope, receive, send_tracking)
         finally:
@@ -97,7 +96,7 @@ class _Gate:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
     def _too_large(self, scope):
-        return self.error(413, _too_large_message(self.max_body), scope)
+        return self.error(413, too_large_message(self.max_body), scope)
 
     def _check(self, scope):
         headers = dict(scope["headers"])
@@ -128,7 +127,7 @@ class _Gate:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    raise _BodyTooLarge
+                    raise BodyTooLarge
             return message
 
         return wrapped
