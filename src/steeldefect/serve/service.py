@@ -149,8 +149,8 @@ def create_app(
     warm_up_decoders(info.input_size)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
     audit = AuditLog(Path(audit_path), keep=audit_keep, fsync=audit_fsync) if audit_path is not None else None
-    store = None
-    if review_dir is not None:
+    store: ReviewStore | None = None
+    if review_dir is not None and audit_path is not None:
         try:
             store = ReviewStore(
                 review_dir, Path(audit_path), sample=review_sample, max_bytes=review_max_bytes, seed=review_seed
@@ -269,7 +269,7 @@ def create_app(
             "image": {"sha256": sha256, "bytes": len(data)},
             "decode_ms": 1000 * (decoded - start),
             "inference_ms": 1000 * (done - decoded),
-            "kept": store.keep(data, sha256, reason) if reason is not None else None,  # never raises
+            "kept": store.keep(data, sha256, reason) if store is not None and reason is not None else None,
         }
 
     async def run_one(data: bytes, name: str, served: Served) -> dict[str, Any]:
@@ -324,8 +324,8 @@ def create_app(
         for entry, row_id in zip(answers, ids):
             entry["audit_id"] = row_id
         firsts = [(a["image"]["sha256"], a["audit_id"]) for a in answers if a["review"] and a["review"]["new"]]
-        if firsts:  # the queue names the audit row of the image's first answer
-            await asyncio.to_thread(lambda: [store.link(sha, row_id) for sha, row_id in firsts])
+        if firsts and store is not None:  # the queue names the audit row of the image's first answer
+            await asyncio.to_thread(store.link_all, firsts)
 
     def check_top_k(k: int | None, served: Served) -> int:
         n_classes = len(served.info.class_names)
