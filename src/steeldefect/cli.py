@@ -362,6 +362,12 @@ def _serve(args: argparse.Namespace) -> int:
             queue_size=options.queue,
             accept=options.accept,
             max_pixels=options.max_pixels,
+            review_dir=options.review,
+            review_sample=options.review_sample,
+            review_max_bytes=None if options.review_max_mb is None else mebibytes(options.review_max_mb),
+            models_dir=options.models_dir,
+            max_model_bytes=mebibytes(options.max_model_mb),
+            drift_window=options.drift_window,
         )
     except (ServeError, AuditError) as error:
         print(f"error: {error}", file=sys.stderr)

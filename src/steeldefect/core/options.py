@@ -50,6 +50,7 @@ AT_LEAST_1 = Check(lambda v: v >= 1, "an integer >= 1")
 AT_LEAST_0 = Check(lambda v: v >= 0, "an integer >= 0")
 POSITIVE = Check(lambda v: v > 0, "a number > 0")
 FRACTION = Check(lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
+SHARE = Check(lambda v: 0 <= v <= 1, "a share in [0, 1]")
 ACCEPT = Check(lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 AT_LEAST_2 = Check(lambda v: v >= 2, "an integer >= 2")
 
@@ -414,6 +415,18 @@ class ServeOptions(_Options):
     accept: float | None = option(
         None, "share of in-distribution images the uncertainty rule accepts (default: the model's, 0.99)", check=ACCEPT
     )
+    review: Path | None = option(
+        None, "keep the images of uncertain answers (and a sample of the rest) in this folder for review"
+    )
+    review_sample: float = option(0.01, "share of confident answers kept for review too (seeded)", check=SHARE)
+    review_max_mb: float | None = option(
+        None, "size cap of the review store in MiB: oldest unreviewed images go first", check=POSITIVE
+    )
+    models_dir: Path = option(
+        Path("steeldefect-models"), "private folder where POST /v1/model stores uploaded models (needs --token)"
+    )
+    max_model_mb: float = option(256.0, "largest model upload accepted by POST /v1/model, in MiB", check=POSITIVE)
+    drift_window: int = option(500, "answers in the drift monitor's rolling window", check=AT_LEAST_1)
 
 
 def resume_free_options(*classes: type) -> set[str]:

@@ -3,4 +3,6 @@ inspector's web page. Imports `core`, `runtime`, `data` and `deploy`, never `stu
 
 Modules, bottom up: ``errors`` (start-up and per-request errors), ``pool`` (which model, the
 interpreter pool, admission), ``gate`` (ASGI wrapper: metrics, token, body limit), ``audit`` (SQLite
-audit log), ``service`` (the app and its routes: ``create_app``), ``runner`` (``serve``: uvicorn)."""
+audit log), ``review`` (the review store and decisions), ``swap`` (hot model swap), ``drift`` (drift monitor and
+gauges), ``loop_routes`` (their endpoints), ``service`` (the app and its routes: ``create_app``),
+``runner`` (``serve``: uvicorn)."""

@@ -1,6 +1,7 @@
 """The service's audit log: one SQLite row per answered prediction, so a quality system can show
 what was decided about each strip (time, image sha256 and size, client id, top-k, uncertain flag,
-model sha256, latency).
+model sha256, latency, and the image's name in the review store when it was kept there:
+serve/review.py adds its tables to the same database).
 
 SQLite in WAL mode, written by one dedicated thread that commits every waiting row in one
 transaction (group commit) and only then releases the requests waiting on them: a request is
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     uncertain INTEGER,
     confidence REAL,
     model_sha256 TEXT NOT NULL,
-    latency_ms REAL NOT NULL
+    latency_ms REAL NOT NULL,
+    review_file TEXT
 );
 CREATE INDEX IF NOT EXISTS predictions_time ON predictions(time);
 """
@@ -66,6 +68,7 @@ _COLUMNS = (
     "confidence",
     "model_sha256",
     "latency_ms",
+    "review_file",
 )
 
 
@@ -83,6 +86,7 @@ class AuditRow:
     confidence: float | None
     model_sha256: str
     latency_ms: float
+    review_file: str | None = None  # the image's name in the review store (serve/review.py), when kept
 
 
 def utc_now() -> str:
@@ -119,6 +123,9 @@ class AuditLog:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(predictions)")}
+            if "review_file" not in columns:  # a log written before the review store existed
+                self._db.execute("ALTER TABLE predictions ADD COLUMN review_file TEXT")
         except (sqlite3.Error, OSError) as error:
             raise AuditError(f"{self.path}: cannot open the audit log ({error})") from error
         self._queue: queue.SimpleQueue[tuple[list[AuditRow], Future] | None] = queue.SimpleQueue()
@@ -199,6 +206,7 @@ class AuditLog:
             row.confidence,
             row.model_sha256,
             round(float(row.latency_ms), 3),
+            row.review_file,
         )
         cursor = self._db.execute(
             f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", values

@@ -37,10 +37,13 @@ class Metrics:
         self.in_flight = Gauge(
             "steeldefect_in_flight", "Prediction requests admitted and not yet answered", registry=self.registry
         )
-        model = Gauge(
-            "steeldefect_model", "The served model (value 1)", ["name", "variant", "sha256"], registry=self.registry
+        self.model = Gauge(
+            "steeldefect_model",
+            "The served model (value 1; 0 for a model swapped out)",
+            ["name", "variant", "sha256"],
+            registry=self.registry,
         )
-        model.labels(info.name, info.variant, info.sha256).set(1)
+        self.model.labels(info.name, info.variant, info.sha256).set(1)
         for name in info.class_names:  # every class present from the start: a rate of 0 is a signal too
             self.predictions.labels(name)
 
@@ -49,8 +52,8 @@ class BodyTooLarge(Exception):
     pass
 
 
-def too_large_message(limit: int) -> str:
-    return f"upload too large: the limit is {limit} bytes ({limit / 2**20:.1f} MiB, --max-upload-mb)"
+def too_large_message(limit: int, flag: str = "--max-upload-mb") -> str:
+    return f"upload too large: the limit is {limit} bytes ({limit / 2**20:.1f} MiB, {flag})"
 
 
 class Gate:
@@ -61,9 +64,18 @@ class Gate:
     """
 
     def __init__(
-        self, app, *, token: str | None, max_body: int, metrics: Metrics, known_paths: set[str], error
+        self,
+        app,
+        *,
+        token: str | None,
+        max_body: int,
+        metrics: Metrics,
+        known_paths: set[str],
+        error,
+        path_limits: dict[str, int] | None = None,
     ) -> None:
-        self.app, self.token, self.max_body, self.metrics = app, token, max_body, metrics
+        self.app, self.token, self.default_max_body, self.metrics = app, token, max_body, metrics
+        self.path_limits = path_limits or {}  # e.g. a model upload may be larger than an image
         self.known_paths, self.error = known_paths, error
         self.state = app.state
 
@@ -82,23 +94,25 @@ class Gate:
                 sent["start"] = True
             await send(message)
 
+        limit = self.path_limits.get(path, self.default_max_body)
         try:
-            rejection = self._check(scope)
+            rejection = self._check(scope, limit)
             if rejection is not None:
                 await rejection(scope, receive, send_tracking)
                 return
-            await self.app(scope, self._limited(receive), send_tracking)
+            await self.app(scope, self._limited(receive, limit), send_tracking)
         except BodyTooLarge:
             if not sent["start"]:
-                await self._too_large(scope)(scope, receive, send_tracking)
+                await self._too_large(scope, limit)(scope, receive, send_tracking)
         finally:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
-    def _too_large(self, scope):
-        return self.error(413, too_large_message(self.max_body), scope)
+    def _too_large(self, scope, limit: int):
+        flag = "--max-model-mb" if scope["path"] in self.path_limits else "--max-upload-mb"
+        return self.error(413, too_large_message(limit, flag), scope)
 
-    def _check(self, scope):
+    def _check(self, scope, limit: int):
         headers = dict(scope["headers"])
         if self.token and scope["path"] not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
@@ -114,11 +128,11 @@ class Gate:
                 declared = int(length)
             except ValueError:
                 return self.error(400, "Content-Length is not a number", scope)
-            if declared > self.max_body:
-                return self._too_large(scope)
+            if declared > limit:
+                return self._too_large(scope, limit)
         return None
 
-    def _limited(self, receive):
+    def _limited(self, receive, limit: int):
         received = 0
 
         async def wrapped():
@@ -126,7 +140,7 @@ class Gate:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                if received > limit:
                     raise BodyTooLarge
             return message
 

@@ -36,9 +36,14 @@ from steeldefect.data.dataset import DatasetError
 from steeldefect.data.decode import DEFAULT_MAX_PIXELS, PixelLimitError, decode_image
 from steeldefect.runtime.modelfile import read_model_info, top_k
 from steeldefect.serve.audit import AuditError, AuditLog, AuditRow
+from steeldefect.serve.drift import DEFAULT_WINDOW, DriftGauges, monitor_for
 from steeldefect.serve.errors import EXTRA_HINT, Reject, ServeError, require_extra
 from steeldefect.serve.gate import OPEN_PATHS, BodyTooLarge, Gate, Metrics, too_large_message
+from steeldefect.serve.loop_routes import add_loop_routes
 from steeldefect.serve.pool import Admission, ClassifierPool, default_workers, resolve_model, warm_up_decoders
+from steeldefect.serve.review import DEFAULT_SAMPLE as DEFAULT_REVIEW_SAMPLE
+from steeldefect.serve.review import ReviewStore
+from steeldefect.serve.swap import DEFAULT_MAX_MODEL_BYTES, ModelSlot, Served
 
 # Re-exported: the service's API was this one module before it was split (see the package docstring).
 __all__ = [
@@ -97,6 +102,13 @@ def create_app(
     queue_size: int = DEFAULT_QUEUE,
     accept: float | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    review_dir: Path | None = None,
+    review_sample: float = DEFAULT_REVIEW_SAMPLE,
+    review_max_bytes: int | None = None,
+    review_seed: int = 0,
+    models_dir: Path | None = None,
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+    drift_window: int = DEFAULT_WINDOW,
 ):
     """The FastAPI application serving ``model`` (a .tflite or a run folder).
 
@@ -107,6 +119,11 @@ def create_app(
     (see :mod:`steeldefect.serve.audit`). ``queue_size`` requests may wait for a free interpreter beyond the
     ``workers`` being answered; more are answered 503. An image whose header declares more than
     ``max_pixels`` pixels is refused (413) before it is decoded.
+
+    ``review_dir`` keeps answers' images for review (serve/review.py; needs the audit log, whose
+    database holds the review tables); ``models_dir`` is where ``POST /v1/model`` stores uploads
+    (serve/swap.py; the endpoint needs a token); ``drift_window`` answers feed the drift monitor
+    (serve/drift.py).
     """
     require_extra()
     from fastapi import FastAPI, Request
@@ -121,22 +138,51 @@ def create_app(
         raise ValueError(f"queue size must be >= 0, got {queue_size}")
     if max_pixels < 1:
         raise ValueError(f"max pixels must be positive, got {max_pixels}")
+    if review_dir is not None and audit_path is None:
+        raise ServeError("--review needs the audit log (its database holds the review queue): drop --no-audit")
     workers = default_workers() if workers is None else workers
     model_path = resolve_model(model)
     info = read_model_info(model_path)
-    pool = ClassifierPool(model_path, info, workers, threads, accept)
+
+    def build(path: Path, model_info) -> Served:
+        """A model ready to serve: its warmed-up interpreters and its drift monitor."""
+        served = Served(model_info, ClassifierPool(path, model_info, workers, threads, accept))
+        served.extra["drift"] = monitor_for(model_info, accept, window=drift_window)
+        return served
+
+    slot = ModelSlot(
+        build(model_path, info),
+        build,
+        None if models_dir is None or not token else Path(models_dir),
+        on_switch=lambda old, new: switched(old, new),
+    )
     warm_up_decoders(info.input_size)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
     audit = None
     if audit_path is not None:
         audit = AuditLog(Path(audit_path), keep=audit_keep, fsync=audit_fsync, readers=HISTORY_READERS)
+    store: ReviewStore | None = None
+    if review_dir is not None and audit_path is not None:
+        try:
+            store = ReviewStore(
+                review_dir, Path(audit_path), sample=review_sample, max_bytes=review_max_bytes, seed=review_seed
+            )
+        except (OSError, sqlite3.Error) as error:
+            raise ServeError(f"{review_dir}: cannot open the review store ({error})") from None
     metrics = Metrics(info)
+    drift_gauges = DriftGauges(metrics.registry)
     static = _static_files()
     admission = Admission(workers + queue_size, metrics.in_flight)
     history_admission = Admission(HISTORY_READERS + HISTORY_QUEUE)
-    top_k_default = max(1, min(top_k_default, len(info.class_names)))
-    model_fields = {"name": info.name, "variant": info.variant, "sha256": info.sha256}
+    top_k_default = max(1, top_k_default)  # at most the served model's classes: clamped per request
     state = {"ready": True}
+
+    def switched(old: Served, new: Served) -> None:
+        metrics.model.labels(old.info.name, old.info.variant, old.info.sha256).set(0)
+        metrics.model.labels(new.info.name, new.info.variant, new.info.sha256).set(1)
+        for name in new.info.class_names:
+            metrics.predictions.labels(name)
+        app.state.model_info = new.info
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -156,6 +202,8 @@ def create_app(
         executor.shutdown(wait=True)
         if audit is not None:  # also stops its reader threads
             audit.close()
+        if store is not None:
+            store.close()
 
     app = FastAPI(
         title="steeldefect",
@@ -217,39 +265,44 @@ def create_app(
         log.error("500 %s %s: %s: %s", request.method, request.url.path, type(error).__name__, error)
         return JSONResponse({"error": "internal error (logged on the server)", "status": 500}, status_code=500)
 
-    def classify(data: bytes, name: str) -> dict[str, Any]:
-        """Decode and classify one image (runs in an executor thread)."""
+    def classify(data: bytes, name: str, served: Served) -> dict[str, Any]:
+        """Decode and classify one image, and keep it for review when it should be (an executor thread)."""
         start = time.perf_counter()
-        image = decode_image(data, info.input_size, name, max_pixels)
+        image = decode_image(data, served.info.input_size, name, max_pixels)
         decoded = time.perf_counter()
-        judgement = pool.judge(image)
+        judgement = served.pool.judge(image)
         done = time.perf_counter()
         probabilities = judgement.probabilities[0]
         uncertain = None if judgement.uncertain is None else bool(judgement.uncertain[0])
         confidence = None if judgement.confidence is None else float(judgement.confidence[0])
+        sha256 = hashlib.sha256(data).hexdigest()
+        reason = store.reason(uncertain) if store is not None else None
         return {
-            "top": top_k(probabilities, info.class_names, len(info.class_names)),
+            "top": top_k(probabilities, served.info.class_names, len(served.info.class_names)),
             "uncertain": uncertain,
             "confidence": confidence,
-            "image": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
+            "image": {"sha256": sha256, "bytes": len(data)},
             "decode_ms": 1000 * (decoded - start),
             "inference_ms": 1000 * (done - decoded),
+            "kept": store.keep(data, sha256, reason) if store is not None and reason is not None else None,
         }
 
-    async def run_one(data: bytes, name: str) -> dict[str, Any]:
+    async def run_one(data: bytes, name: str, served: Served) -> dict[str, Any]:
         if not data:
             raise Reject(422, f"{name}: empty image (0 bytes)")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(executor, classify, data, name)
+            return await loop.run_in_executor(executor, classify, data, name, served)
         except PixelLimitError as error:  # before DatasetError, its base: too big is not broken
             raise Reject(413, f"{error} (--max-pixels)") from None
         except DatasetError as error:
             raise Reject(422, str(error)) from None
 
-    def answer(result: dict[str, Any], k: int, client_id: str | None) -> dict[str, Any]:
+    def answer(result: dict[str, Any], k: int, client_id: str | None, served: Served) -> dict[str, Any]:
         top = result["top"][:k]
         metrics.predictions.labels(top[0][0]).inc()
+        served.extra["drift"].observe(result["top"][0][0], result["uncertain"])
+        kept = result["kept"]
         return {
             "class": top[0][0],
             "probability": round(top[0][1], 6),
@@ -258,11 +311,12 @@ def create_app(
             "confidence": None if result["confidence"] is None else round(result["confidence"], 6),
             "image": result["image"],
             "client_id": client_id,
-            "model": model_fields,
+            "model": served.fields,
             "timing_ms": {"decode": round(result["decode_ms"], 3), "inference": round(result["inference_ms"], 3)},
+            "review": None if kept is None else {"file": kept.file, "reason": kept.reason, "new": kept.new},
         }
 
-    async def record(answers: list[dict[str, Any]]) -> None:
+    async def record(answers: list[dict[str, Any]], served: Served) -> None:
         """Commit the answers' audit rows before they are sent (sets each ``audit_id``)."""
         if audit is None or not answers:
             return
@@ -274,8 +328,9 @@ def create_app(
                 [(t["class"], t["probability"]) for t in a["top_k"]],
                 a["uncertain"],
                 a["confidence"],
-                info.sha256,
+                served.info.sha256,
                 a["timing_ms"]["decode"] + a["timing_ms"]["inference"],
+                None if a["review"] is None else a["review"]["file"],
             )
             for a in answers
         ]
@@ -289,12 +344,16 @@ def create_app(
             ) from None
         for entry, row_id in zip(answers, ids):
             entry["audit_id"] = row_id
+        firsts = [(a["image"]["sha256"], a["audit_id"]) for a in answers if a["review"] and a["review"]["new"]]
+        if firsts and store is not None:  # the queue names the audit row of the image's first answer
+            await asyncio.to_thread(store.link_all, firsts)
 
-    def check_top_k(k: int | None) -> int:
+    def check_top_k(k: int | None, served: Served) -> int:
+        n_classes = len(served.info.class_names)
         if k is None:
-            return top_k_default
-        if not 1 <= k <= len(info.class_names):
-            raise Reject(422, f"top_k must be between 1 and {len(info.class_names)}, got {k}")
+            return min(top_k_default, n_classes)
+        if not 1 <= k <= n_classes:
+            raise Reject(422, f"top_k must be between 1 and {n_classes}, got {k}")
         return k
 
     def check_client_id(value: str | None) -> str | None:
@@ -342,7 +401,8 @@ def create_app(
     @app.post("/v1/predict", summary="Classify one image (multipart field 'file' or the raw body)")
     async def predict(request: Request, top_k: int | None = None):
         started = time.perf_counter()
-        k = check_top_k(top_k)
+        served = slot.current  # read once: a swap mid-request does not change the model answering it
+        k = check_top_k(top_k, served)
         kind = media_type(request)
         if kind != "multipart/form-data" and kind not in RAW_CONTENT_TYPES and kind != "":
             raise Reject(
@@ -354,24 +414,25 @@ def create_app(
 
         async def job():
             data, name, client_id = await read_one(request, kind)
-            return await run_one(data, name), check_client_id(client_id)
+            return await run_one(data, name, served), check_client_id(client_id)
 
         result, client_id = await admission.run(job)
-        body = answer(result, k, client_id)
-        await record([body])
+        body = answer(result, k, client_id, served)
+        await record([body], served)
         body["server_ms"] = round(1000 * (time.perf_counter() - started), 3)
         return body
 
     @app.post("/v1/predict/batch", summary=f"Classify up to {MAX_BATCH_FILES} images (multipart parts 'file')")
     async def predict_batch(request: Request, top_k: int | None = None):
         started = time.perf_counter()
-        k = check_top_k(top_k)
+        served = slot.current
+        k = check_top_k(top_k, served)
         if media_type(request) != "multipart/form-data":
             raise Reject(415, "batch needs multipart/form-data with one 'file' part per image")
 
         async def one(data: bytes, name: str) -> dict[str, Any]:
             try:
-                return await run_one(data, name)
+                return await run_one(data, name, served)
             except Reject as error:
                 log.warning("%d POST /v1/predict/batch: %s", error.status, error.message)
                 return {"error": error.message}
@@ -392,32 +453,36 @@ def create_app(
 
         contents, client_id, results = await admission.run(job)
         entries = [
-            {"index": i, "filename": name, **(result if "error" in result else answer(result, k, client_id))}
+            {"index": i, "filename": name, **(result if "error" in result else answer(result, k, client_id, served))}
             for i, ((_, name), result) in enumerate(zip(contents, results))
         ]
-        await record([entry for entry in entries if "error" not in entry])
+        await record([entry for entry in entries if "error" not in entry], served)
         return {
             "results": entries,
             "answered": sum("error" not in e for e in entries),
             "failed": sum("error" in e for e in entries),
-            "model": model_fields,
+            "model": served.fields,
             "server_ms": round(1000 * (time.perf_counter() - started), 3),
         }
 
     @app.get("/v1/model", summary="The served model: class names, input size, variant, provenance")
     async def model_description():
+        info = slot.current.info
         return {
-            **model_fields,
+            **slot.current.fields,
             "class_names": list(info.class_names),
             "input_size": {"height": info.input_size[0], "width": info.input_size[1]},
             "uncertainty": info.rule is not None,
             "calibrated": info.temperature is not None,
             "provenance": {key: value for key, value in info.metadata.items() if key not in ("class_names", "input")},
-            "top_k_default": top_k_default,
+            "top_k_default": min(top_k_default, len(info.class_names)),
             "max_upload_bytes": max_upload_bytes,
             "max_pixels": max_pixels,
             "max_batch_files": MAX_BATCH_FILES,
             "audit": audit is not None,
+            "review": store is not None,
+            "model_upload": slot.folder is not None,
+            "previous": None if slot.previous is None else slot.previous.fields,
         }
 
     @app.get("/v1/history", summary="Audit log entries, oldest first (page with after=<last id>)")
@@ -453,13 +518,16 @@ def create_app(
             problems.append("audit log not writable")
         if problems:
             return JSONResponse({"ready": False, "problems": problems}, status_code=503)
-        return {"ready": True, "model": model_fields, "workers": pool.size}
+        return {"ready": True, "model": slot.current.fields, "workers": slot.current.pool.size}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus_metrics():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        drift_gauges.update(slot.current.extra["drift"].status())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    add_loop_routes(app, slot=slot, store=store, max_model_bytes=max_model_bytes)
 
     for route_path, (_, content_type) in _STATIC.items():
 
@@ -476,6 +544,7 @@ def create_app(
         metrics=metrics,
         known_paths=known_paths,
         error=lambda status, message, scope: error_response(status, message, None, where=scope),
+        path_limits={"/v1/model": max_model_bytes},
     )
 
 
