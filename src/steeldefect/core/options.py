@@ -378,6 +378,23 @@ class PredictOptions(_Options):
     )
 
 
+@dataclass(frozen=True)
+class CompareOptions(_Options):
+    """`compare`: two model files on the same gate images, and the verdict (steeldefect.study.compare)."""
+
+    alpha: float = option(0.05, "keep when NEW is less accurate and McNemar's exact p is below this", check=FRACTION)
+    max_recall_drop: float = option(
+        2.0,
+        "keep when a class OLD knows loses more than this many percentage points of recall",
+        check=Check(lambda v: 0 <= v <= 100, "a number of percentage points from 0 to 100"),
+    )
+    threads: int = option(0, "interpreter threads (0 = all cores)", check=AT_LEAST_0)
+    accept: float | None = option(
+        None, "share of in-distribution images the uncertainty rule accepts (default: each model's own)", check=ACCEPT
+    )
+    out: Path | None = option(None, "also write compare.json and compare.csv into this folder")
+
+
 PORT = Check(lambda v: 0 <= v <= 65535, "a TCP port from 0 to 65535")
 
 
