@@ -1,5 +1,7 @@
 """Do other runtimes read our model files the same way? MediaPipe Tasks' ImageClassifier vs `predict`.
 
+Figures: docs/results.md, "MediaPipe interoperability"; docs/model-outputs.md (heads of every model).
+
 Usage (from the repository root)::
 
     python bench/mediapipe_interop.py RUN [--models-of 0 1 2 final | all] [--variants fp32 fp16 int8 int8-mixed]
@@ -60,7 +62,7 @@ def export_fold(
     from steeldefect.deploy import export as export_stage
     from steeldefect.models.conversion import QUANTIZED_VARIANTS
     from steeldefect.runtime.modelfile import sidecar_path
-    from steeldefect.study.pipeline import load_run_data, trained_backbones
+    from steeldefect.study.rundata import load_run_data, trained_backbones
     from steeldefect.study.trust import read_oof_probabilities
 
     backbone = backbone or trained_backbones(run)[0]
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     versions = {name: version(name) for name in ("mediapipe", "ai-edge-litert", "tensorflow-cpu", "numpy")}
     print("versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()))
     from steeldefect.core.runfolder import FINAL
-    from steeldefect.study.pipeline import load_run_data
+    from steeldefect.study.rundata import load_run_data
 
     loaded = load_run_data(args.run, progress=False)
     prepared = loaded[0]

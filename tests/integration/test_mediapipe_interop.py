@@ -36,7 +36,7 @@ def run_folder(pooled_neu_run):
 
 @pytest.fixture(scope="module")
 def loaded(run_folder):
-    from steeldefect.study.pipeline import load_run_data
+    from steeldefect.study.rundata import load_run_data
 
     return load_run_data(run_folder, progress=False)
 

@@ -36,6 +36,7 @@ def make_interpreter(model: Path | bytes, threads: int | None = None):
     """
     from ai_edge_litert.interpreter import Interpreter
 
+    source: dict[str, bytes | str]
     if isinstance(model, bytes):
         source, name = {"model_content": model}, "model bytes"
     else:

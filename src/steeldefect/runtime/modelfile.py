@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from steeldefect.core.files import file_digest, sidecar_path
+from steeldefect.runtime.calibration import apply_temperature
 from steeldefect.runtime.litert import ModelFileError, input_size, make_interpreter, predict_tflite_outputs
 from steeldefect.runtime.tflite_metadata import (
     OUR_FILE,
@@ -28,7 +29,7 @@ from steeldefect.runtime.tflite_metadata import (
     read_embedded_file,
     read_embedded_metadata,
 )
-from steeldefect.runtime.uncertainty import RULE_FILE, UncertaintyRule, apply_temperature
+from steeldefect.runtime.uncertainty import RULE_FILE, UncertaintyRule
 
 MAX_RULE_BYTES = 16 << 20  # the rule's arrays take ~0.5 MiB; anything far larger is not ours
 

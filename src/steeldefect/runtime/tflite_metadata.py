@@ -116,7 +116,7 @@ def _metadata_writer_modules():
             except ImportError:
                 module = types.ModuleType(name)
                 if end == len(parts):
-                    module.GetMinimumMetadataParserVersion = min_parser_version
+                    setattr(module, "GetMinimumMetadataParserVersion", min_parser_version)  # noqa: B010
                 sys.modules[name] = module
                 setattr(sys.modules[".".join(parts[: end - 1])], parts[end - 1], module)
     from mediapipe.tasks.metadata import metadata_schema_py_generated as schema
