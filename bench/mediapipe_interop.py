@@ -5,7 +5,7 @@ Figures: docs/results.md, "MediaPipe interoperability"; docs/model-outputs.md (h
 Usage (from the repository root)::
 
     python bench/mediapipe_interop.py RUN [--models-of 0 1 2 final | all] [--variants fp32 fp16 int8 int8-mixed]
-                                          [--models DIR] [--out FILE.json]
+                                          [--models DIR] [--exported] [--out FILE.json]
 
 Exports the chosen models of RUN's first trained backbone again (fold numbers, or ``final``: the
 model `export` puts in RUN/deploy/, with its texture-statistics output and uncertainty rule), as the
@@ -17,6 +17,9 @@ with MediaPipe's ``ImageClassifier`` the way MediaPipe's own examples read it,
 Metadata and decodes and resizes the original image itself. Prints and saves (``--out``, default
 ``RUN/mediapipe_interop.json``) per model and variant the agreement, each side's accuracy and the
 heads MediaPipe reports, with the CPU, library versions and git commit.
+
+``--exported``: read the files `export` wrote into RUN (each copied alone, without its sidecar, into
+the temporary folder) instead of exporting again.
 """
 
 from __future__ import annotations
@@ -103,6 +106,23 @@ def export_fold(
     return {variant: paths[variant] for variant in variants}, prepared
 
 
+def copy_exported(run: Path, fold: int | str, variants: Sequence[str], out_dir: Path) -> dict[str, Path]:
+    """RUN's own exported files of ``fold``, each copied alone (no sidecar) into ``out_dir``."""
+    import shutil
+
+    from steeldefect.core.runfolder import fold_model_path
+    from steeldefect.study.rundata import trained_backbones
+
+    backbone = trained_backbones(run)[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for variant in variants:
+        source = fold_model_path(run, backbone, fold, variant)
+        if source.is_file():
+            paths[variant] = Path(shutil.copyfile(source, out_dir / source.name))
+    return paths
+
+
 def mediapipe_top1(model_path: Path, image_paths: Sequence[Path]) -> tuple[list[str | None], list[list]]:
     """MediaPipe ImageClassifier's answer for each image (decoded to RGB, original size), read as its
     examples read it: the top category of ``classifications[0]``. Also each image's heads, as
@@ -157,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--models", type=Path, default=None, help="where to export (default: a temporary folder)")
+    parser.add_argument(
+        "--exported", action="store_true", help="read the files `export` wrote into RUN instead of exporting again"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default RUN/mediapipe_interop.json)")
     args = parser.parse_args(argv)
     from steeldefect.core.runfolder import source_revision
@@ -183,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         print(header + f" {'acc mediapipe':>13}  heads (name: categories)")
         for fold in folds:
             started = time.perf_counter()
-            paths, _ = export_fold(args.run, fold, args.variants, models_dir, loaded=loaded)
-            print(f"exported {fold} ({', '.join(args.variants)}) in {time.perf_counter() - started:.0f} s")
+            if args.exported:
+                paths = copy_exported(args.run, fold, args.variants, models_dir)
+            else:
+                paths, _ = export_fold(args.run, fold, args.variants, models_dir, loaded=loaded)
+                print(f"exported {fold} ({', '.join(args.variants)}) in {time.perf_counter() - started:.0f} s")
             for variant, path in paths.items():
                 result = compare(path, images, truth)
                 results[f"{fold}/{variant}"] = result
@@ -200,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "run": str(args.run),
         "models_of": [str(fold) for fold in folds],
+        "exported_again": not args.exported,
         "cpu": cpu_description(),
         "int8_features": int8_features(),
         "threads": 1,

@@ -20,6 +20,7 @@ from steeldefect.runtime.modelfile import sidecar_path
 pytestmark = pytest.mark.integration
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "mediapipe_interop.py"
+CALIBRATION = 60  # int8 calibration images, as the pooled_neu_run fixture's own export (16 files here)
 
 
 def load_bench():
@@ -64,7 +65,9 @@ def test_mediapipe_first_head_is_the_probabilities_of_every_fold_model(run_folde
     bench = load_bench()
     prepared = loaded[0]
     for fold in range(len(prepared.splits.folds)):
-        paths, _ = bench.export_fold(run_folder, fold, bench.VARIANTS, tmp_path / f"fold{fold}", loaded=loaded)
+        paths, _ = bench.export_fold(
+            run_folder, fold, bench.VARIANTS, tmp_path / f"fold{fold}", loaded=loaded, calibration_samples=CALIBRATION
+        )
         check_models(bench, paths, prepared, texture=False)
 
 
@@ -75,7 +78,9 @@ def test_mediapipe_first_head_is_the_probabilities_of_the_deploy_model(run_folde
     from steeldefect.runtime.litert import make_interpreter
 
     bench = load_bench()
-    paths, _ = bench.export_fold(run_folder, "final", bench.VARIANTS, tmp_path / "final", loaded=loaded)
+    paths, _ = bench.export_fold(
+        run_folder, "final", bench.VARIANTS, tmp_path / "final", loaded=loaded, calibration_samples=CALIBRATION
+    )
     for path in paths.values():
         assert len(make_interpreter(path).get_output_details()) == 2, path.name
     check_models(bench, paths, loaded[0], texture=True)
