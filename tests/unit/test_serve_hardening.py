@@ -501,11 +501,11 @@ def test_loopback_and_insecure_and_token_file_permissions(model, tmp_path, caplo
 
 
 def test_history_reads_are_paced_to_their_share_of_a_core(tmp_path, monkeypatch):
-    """After a read that took t s of CPU the next starts t * (1/share - 1) later: with a 5% share,
-    19 t. Time is the module's clock, replaced here, so the test measures the rule, not the machine."""
+    """After a read that took t s the next starts t * (1/share - 1) later: with a 5% share, 19 t.
+    Time is the module's clock, replaced here, so the test measures the rule, not the machine."""
     from steeldefect.serve import audit as audit_module
 
-    clock = {"now": 100.0, "cpu": 0.0}
+    clock = {"now": 100.0}
     slept: list[float] = []
 
     def sleep(seconds: float) -> None:
@@ -513,20 +513,18 @@ def test_history_reads_are_paced_to_their_share_of_a_core(tmp_path, monkeypatch)
         clock["now"] += seconds
 
     monkeypatch.setattr(audit_module.time, "monotonic", lambda: clock["now"])
-    monkeypatch.setattr(audit_module.time, "thread_time", lambda: clock["cpu"])
     monkeypatch.setattr(audit_module.time, "sleep", sleep)
     log = AuditLog(tmp_path / "audit.sqlite", read_share=0.05)
     original = AuditLog.page
 
     def page_taking_2ms(self, **query):
-        clock["cpu"] += 0.002
         clock["now"] += 0.002
         return original(self, **query)
 
     monkeypatch.setattr(AuditLog, "page", page_taking_2ms)
     try:
         bodies = [log.read_page(limit=10).result(timeout=30) for _ in range(3)]
-        assert slept == [0.038, 0.038]  # 2 ms of CPU -> 38 ms before the next read; none before the first
+        assert slept == [0.038, 0.038]  # a 2 ms read -> 38 ms before the next read; none before the first
         assert all(body.startswith(b'{"entries":[]') for body in bodies)
         clock["now"] += 1.0  # readers idle for a while: no debt carried over
         log.read_page(limit=10).result(timeout=30)

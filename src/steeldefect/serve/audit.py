@@ -14,9 +14,11 @@ Reads (``/v1/history``) run in a pool of their own, ``readers`` threads each wit
 connection it keeps (WAL lets them read while the writer commits): the service bounds how many
 wait for them, so history readers can neither grow threads nor take the inference threads' place.
 The page is turned into JSON bytes in that thread too, not on the server's event loop. ``read_share``
-paces them: after a read that took ``t`` seconds of CPU the next one starts no sooner than
-``t * (1 / read_share - 1)`` later, so reads use at most that share of one core however many
-clients ask (a bounded queue alone would still let back-to-back reads take a whole core).
+paces them: after a read that took ``t`` seconds the next one starts no sooner than
+``t * (1 / read_share - 1)`` later, so reads hold the interpreter's GIL and a core for at most that
+share of the time however many clients ask (a bounded queue alone would still let back-to-back
+reads take a whole core). Wall time, not the thread's CPU time: on a loaded machine a reader can be
+descheduled while it holds the GIL, and the inference threads and the event loop wait that long too.
 """
 
 from __future__ import annotations
@@ -269,11 +271,11 @@ class AuditLog:
             wait = self._next_read - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        started = time.thread_time()  # this thread's CPU: what the read took from the inference threads
+        started = time.monotonic()
         try:
             return self.page(**query)
         finally:
-            rest = (time.thread_time() - started) * (1 / self.read_share - 1)
+            rest = (time.monotonic() - started) * (1 / self.read_share - 1)
             with self._pace_lock:
                 self._next_read = max(self._next_read, time.monotonic()) + rest
 

@@ -68,7 +68,7 @@ MAX_FORM_FIELDS = 16  # file parts and fields other than files (client_id): a fo
 # for it; more are answered 503 at once, so readers can neither pile up threads nor starve predictions.
 HISTORY_READERS = 1
 HISTORY_QUEUE = 8
-HISTORY_CPU_SHARE = 0.05  # of one core at most (reads paced, see serve.audit): predictions keep the rest
+HISTORY_TIME_SHARE = 0.05  # reads paced to 5% of the time (serve.audit): predictions keep the GIL and cores
 MAX_CLIENT_ID_CHARS = 128
 TOKEN_ENV = "STEELDEFECT_TOKEN"
 RAW_CONTENT_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/x-ms-bmp", "image/tiff", "application/octet-stream")
@@ -135,7 +135,7 @@ def create_app(
             keep=audit_keep,
             fsync=audit_fsync,
             readers=HISTORY_READERS,
-            read_share=HISTORY_CPU_SHARE,
+            read_share=HISTORY_TIME_SHARE,
         )
     metrics = Metrics(info)
     static = _static_files()
