@@ -150,6 +150,7 @@ class AuditLog:
         self.read_share = read_share
         self._pace_lock = threading.Lock()
         self._next_read = 0.0  # time.monotonic() before which no read starts
+        self.read_interval = 0.0  # seconds between the starts of the last two paced reads
 
     @property
     def healthy(self) -> bool:
@@ -275,8 +276,10 @@ class AuditLog:
         try:
             return self.page(**query)
         finally:
-            rest = (time.monotonic() - started) * (1 / self.read_share - 1)
+            took = time.monotonic() - started
+            rest = took * (1 / self.read_share - 1)
             with self._pace_lock:
+                self.read_interval = took + rest
                 self._next_read = max(self._next_read, time.monotonic()) + rest
 
     def close(self) -> None:

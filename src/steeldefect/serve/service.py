@@ -23,6 +23,7 @@ traceback, and one log line.
 import asyncio
 import hashlib
 import logging
+import math
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -140,7 +141,15 @@ def create_app(
     metrics = Metrics(info)
     static = _static_files()
     admission = Admission(workers + queue_size, metrics.in_flight)
-    history_admission = Admission(HISTORY_READERS + HISTORY_QUEUE)
+    # A refused reader is told when the queue ahead of it will have drained, not a fixed second:
+    # on a loaded machine paced reads are slow, and clients retrying each second would cost more
+    # than the reads themselves.
+    history_admission = Admission(
+        HISTORY_READERS + HISTORY_QUEUE,
+        retry_after=lambda: (
+            math.ceil(history_admission.in_flight * audit.read_interval / HISTORY_READERS) if audit is not None else 1
+        ),
+    )
     top_k_default = max(1, min(top_k_default, len(info.class_names)))
     model_fields = {"name": info.name, "variant": info.variant, "sha256": info.sha256}
     state = {"ready": True}
