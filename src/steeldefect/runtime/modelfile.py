@@ -2,8 +2,10 @@
 provenance. `predict`, the batch engines and the HTTP service all load models through here, so a
 model means the same thing to each of them.
 
-An exported .tflite carries its description inside (TFLite Model Metadata plus ``steeldefect.json``,
-see :mod:`steeldefect.runtime.tflite_metadata`): the model file is the source of truth. The JSON sidecar
+An exported model carries its description inside (a .tflite in TFLite Model Metadata plus
+``steeldefect.json``, see :mod:`steeldefect.runtime.tflite_metadata`; an .onnx in ``metadata_props``;
+an OpenVINO .xml in ``rt_info``, see :mod:`steeldefect.runtime.backends`): the model file is the
+source of truth. The JSON sidecar
 ``<model>.json`` (written by `train` and `export`) describes .keras models and older exports
 without metadata. Model files from elsewhere are untrusted input: every field read here is checked,
 and a problem is reported as one line naming the file.
@@ -20,17 +22,10 @@ from typing import Any
 import numpy as np
 
 from steeldefect.core.files import file_digest, sidecar_path
-from steeldefect.runtime.litert import (
-    ModelFileError,
-    input_size,
-    make_interpreter,
-    output_details,
-    predict_tflite_outputs,
-)
-from steeldefect.runtime.tflite_metadata import OUR_FILE, read_embedded_file, read_embedded_metadata
+from steeldefect.runtime.backends import MODEL_SUFFIXES, PROBABILITIES, TEXTURE, open_backend, read_embedded
+from steeldefect.runtime.litert import ModelFileError
+from steeldefect.runtime.tflite_metadata import OUR_FILE
 from steeldefect.runtime.uncertainty import RULE_FILE, UncertaintyRule, apply_temperature
-
-MAX_RULE_BYTES = 16 << 20  # the rule's arrays take ~0.5 MiB; anything far larger is not ours
 
 
 @dataclass(frozen=True)
@@ -65,7 +60,7 @@ def read_model_info(model_path: Path) -> ModelInfo:
     if not model_path.is_file():
         raise ModelFileError(f"{model_path}: model file not found")
     meta_path = sidecar_path(model_path)
-    embedded = read_embedded_metadata(model_path) if model_path.suffix != ".keras" else None
+    embedded, rule_bytes = read_embedded(model_path) if model_path.suffix.lower() in MODEL_SUFFIXES else (None, None)
     if embedded is None:
         if not meta_path.is_file():
             raise ModelFileError(
@@ -87,19 +82,18 @@ def read_model_info(model_path: Path) -> ModelInfo:
     if min(size) < 1:
         raise ModelFileError(f"{where}: input size {size} is not positive")
     variant = str(meta.get("variant") or ("keras" if model_path.suffix == ".keras" else "tflite"))
-    rule = _read_rule(model_path, meta, where) if embedded is not None else None
+    rule = _read_rule(model_path, meta, where, rule_bytes) if embedded is not None else None
     temperature = _read_temperature(meta, where)
     return ModelInfo(
         model_path, tuple(names), size, variant, file_digest(model_path), meta, described_by, rule, temperature
     )
 
 
-def _read_rule(model_path: Path, meta: dict[str, Any], where: str) -> UncertaintyRule | None:
+def _read_rule(model_path: Path, meta: dict[str, Any], where: str, data: bytes | None) -> UncertaintyRule | None:
     """The uncertainty rule packed in the model file, when its description names one."""
     spec = meta.get("uncertainty")
     if not isinstance(spec, dict) or spec.get("file") != RULE_FILE:
         return None
-    data = read_embedded_file(model_path, RULE_FILE, MAX_RULE_BYTES)
     if data is None:
         raise ModelFileError(f"{where}: names an uncertainty rule but the model file holds no {RULE_FILE}")
     try:
@@ -157,9 +151,10 @@ class Judgement:
 
 
 class Classifier:
-    """One loaded .tflite classifier answering queries for uint8 RGB images.
+    """One loaded classifier (.tflite, .onnx or OpenVINO .xml, run by the backend its file asks
+    for, see :mod:`steeldefect.runtime.backends`) answering queries for uint8 RGB images.
 
-    Not thread-safe (one LiteRT interpreter inside): one instance per thread or worker. ``accept``
+    Not thread-safe (one interpreter/session inside): one instance per thread or worker. ``accept``
     overrides the share of in-distribution images the model's uncertainty rule accepts.
     """
 
@@ -172,40 +167,39 @@ class Classifier:
         accept: float | None = None,
     ) -> None:
         self.info = info or read_model_info(model_path)
-        self.interpreter = make_interpreter(Path(model_path), threads)
-        actual = input_size(self.interpreter)
+        self.backend = open_backend(Path(model_path), threads)
+        self.runtime = self.backend.runtime
+        actual = self.backend.input_size
         described_by = self.info.described_by or self.info.path
         if actual != self.info.input_size:
             raise ModelFileError(
                 f"{described_by}: input size {self.info.input_size[0]}x{self.info.input_size[1]} "
                 f"does not match the model's {actual[0]}x{actual[1]}"
             )
-        details = output_details(self.interpreter)
-        n_outputs = int(details[0]["shape"][-1])
+        widths = self.backend.output_widths
+        n_outputs = widths.get(PROBABILITIES, 0)
         if n_outputs != len(self.info.class_names):
             raise ModelFileError(
                 f"{described_by}: {len(self.info.class_names)} class names for a model with {n_outputs} outputs"
             )
         self.rule = self.info.rule
         if self.rule is not None:
-            if self.rule.uses_texture and (
-                len(details) != 2 or int(details[1]["shape"][-1]) != 2 * sum(self.rule.channels)
-            ):
+            if self.rule.uses_texture and widths.get(TEXTURE) != 2 * sum(self.rule.channels):
                 raise ModelFileError(f"{described_by}: the uncertainty rule does not fit the model's outputs")
             if accept is not None:
                 self.rule = self.rule.with_accept(accept)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, n_classes) probabilities for uint8 images (N, H, W, 3) of the model's input size."""
-        return predict_tflite_outputs(self.interpreter, images)[0]
+        return self.backend.run(images)[PROBABILITIES]
 
     def judge(self, images: np.ndarray) -> Judgement:
         """Probabilities, uncertainty and calibrated confidence for uint8 images (N, H, W, 3)."""
-        outputs = predict_tflite_outputs(self.interpreter, images)
-        probabilities = outputs[0]
+        outputs = self.backend.run(images)
+        probabilities = outputs[PROBABILITIES]
         uncertain = score = confidence = None
         if self.rule is not None:
-            score = self.rule.scores(probabilities, outputs[1] if self.rule.uses_texture else None)
+            score = self.rule.scores(probabilities, outputs[TEXTURE] if self.rule.uses_texture else None)
             uncertain = score > self.rule.threshold
         if self.info.temperature is not None:
             confidence = apply_temperature(probabilities, self.info.temperature).max(axis=1)
