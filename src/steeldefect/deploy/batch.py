@@ -39,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from steeldefect.core.files import atomic_write_bytes, write_json
+from steeldefect.runtime.backends import EXPORTED, is_model_file
 from steeldefect.runtime.litert import ModelFileError
 from steeldefect.runtime.modelfile import Classifier, Judgement, ModelInfo, read_model_info
 from steeldefect.runtime.modelfile import top_k as top_k_classes
@@ -236,8 +237,8 @@ def iter_predictions(
     from steeldefect.data.decode import read_image
 
     model_path = Path(model_path)
-    if model_path.suffix != ".tflite":
-        raise ModelFileError(f"{model_path}: batch scoring runs .tflite models (export the run first)")
+    if not is_model_file(model_path):
+        raise ModelFileError(f"{model_path}: batch scoring runs exported models, {EXPORTED} (export the run first)")
     check_options(workers, threads, batch_size)
     info = info or read_model_info(model_path)
     # Default one worker (no process start-up for a few images); its interpreter uses every core, as
@@ -634,8 +635,8 @@ def check_options(workers: int | None, threads: int | None, batch_size: int) -> 
 
 def _prepare(model_path: Path, out: Path) -> tuple[ModelInfo, str]:
     model_path = Path(model_path)
-    if model_path.suffix != ".tflite":
-        raise ModelFileError(f"{model_path}: batch scoring runs .tflite models (export the run first)")
+    if not is_model_file(model_path):
+        raise ModelFileError(f"{model_path}: batch scoring runs exported models, {EXPORTED} (export the run first)")
     info = read_model_info(model_path)
     fmt = output_format(out)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,13 @@ FORMATS: dict[str, tuple[str, str, str | None, str]] = {
     ".xml": ("openvino", "OpenVINO", "openvino", "openvino"),
 }
 MODEL_SUFFIXES = tuple(FORMATS)
+EXPORTED = ".tflite, .onnx or OpenVINO .xml"
 MAX_DESCRIPTION_BYTES = 24 << 20  # the rule's arrays take ~0.7 MiB in base64; anything far larger is not ours
+
+
+def is_model_file(path: Path) -> bool:
+    """Whether the suffix is one of an exported model (.tflite, .onnx, .xml); content is checked on open."""
+    return Path(path).suffix.lower() in FORMATS
 
 
 def format_of(path: Path) -> str:
@@ -315,6 +321,7 @@ def read_embedded(path: Path) -> tuple[dict[str, Any] | None, bytes | None]:
     Damaged descriptions raise one-line :class:`ModelFileError`."""
     path = Path(path)
     fmt = format_of(path)
+    check_content(path)
     if fmt == "tflite":
         from steeldefect.runtime.tflite_metadata import read_embedded_file, read_embedded_metadata
         from steeldefect.runtime.uncertainty import RULE_FILE
@@ -322,7 +329,6 @@ def read_embedded(path: Path) -> tuple[dict[str, Any] | None, bytes | None]:
         meta = read_embedded_metadata(path)
         has_rule = meta is not None and isinstance(meta.get("uncertainty"), dict)
         return meta, (read_embedded_file(path, RULE_FILE, MAX_DESCRIPTION_BYTES) if has_rule else None)
-    check_content(path)
     require_runtime(path)
     props = _onnx_props(path) if fmt == "onnx" else _openvino_props(path)
     text = props.get(DESCRIPTION_KEY)

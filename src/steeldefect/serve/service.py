@@ -80,7 +80,7 @@ class _Reject(Exception):
 
 
 def resolve_model(model: Path) -> Path:
-    """A .tflite file as given, or a run folder's deployable int8 model (the one the line should run)."""
+    """A model file (.tflite, .onnx, .xml) as given, or a run folder's deployable int8 model (the one the line should run)."""
     from steeldefect.core.runfolder import deployable_model
 
     model = Path(model)
@@ -91,8 +91,10 @@ def resolve_model(model: Path) -> Path:
             raise ModelFileError(f"{model}: no deployable model in this run folder ({error})") from error
         log.info("run folder %s: serving its deployable model %s", model, chosen)
         return chosen
-    if model.suffix != ".tflite":
-        raise ModelFileError(f"{model}: serve runs an exported .tflite model or a run folder (export first)")
+    from steeldefect.runtime.backends import EXPORTED, is_model_file
+
+    if not is_model_file(model):
+        raise ModelFileError(f"{model}: serve runs an exported model ({EXPORTED}) or a run folder (export first)")
     return model
 
 
@@ -686,12 +688,15 @@ def serve(
     audit_fsync = app_options.get("audit_fsync", False)
     queue_size = app_options.get("queue_size", DEFAULT_QUEUE)
     max_upload_bytes = app_options.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES)
+    from steeldefect.runtime.backends import runtime_name
+
     shown_host = f"[{host}]" if ":" in host else host
     log.info(
-        "steeldefect serve: %s (%s, sha256 %s, %d classes, %dx%d) on http://%s:%d, %d worker(s) x %s thread(s), "
-        "queue %d, audit %s, token %s, upload limit %.1f MiB",
+        "steeldefect serve: %s (%s on %s, sha256 %s, %d classes, %dx%d) on http://%s:%d, %d worker(s) x %s "
+        "thread(s), queue %d, audit %s, token %s, upload limit %.1f MiB",
         info.path,
         info.variant,
+        runtime_name(info.path),
         info.sha256[:12],
         len(info.class_names),
         *info.input_size,
