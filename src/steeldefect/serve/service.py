@@ -80,7 +80,8 @@ class _Reject(Exception):
 
 
 def resolve_model(model: Path) -> Path:
-    """A model file (.tflite, .onnx, .xml) as given, or a run folder's deployable int8 model (the one the line should run)."""
+    """A model file (.tflite, .onnx, .xml) as given, or a run folder's deployable int8 model (the one
+    the line should run)."""
     from steeldefect.core.runfolder import deployable_model
 
     model = Path(model)
