@@ -304,6 +304,19 @@ def size_on_disk(path: Path) -> int:
     return sum(p.stat().st_size for p in model_files(path) if p.is_file())
 
 
+def model_digest(path: Path) -> str:
+    """sha256 of a model: of its file, or for an OpenVINO IR of the .xml's and the .bin's digests
+    together (the weights are in the .bin, so a swapped .bin must change the digest too)."""
+    import hashlib
+
+    from steeldefect.core.files import file_digest
+
+    files = model_files(path)
+    if len(files) == 1:
+        return file_digest(files[0])
+    return hashlib.sha256("".join(file_digest(p) for p in files if p.is_file()).encode()).hexdigest()
+
+
 def runtime_name(path: Path) -> str:
     return FORMATS[Path(path).suffix.lower()][1]
 

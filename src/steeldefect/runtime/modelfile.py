@@ -21,8 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from steeldefect.core.files import file_digest, sidecar_path
-from steeldefect.runtime.backends import MODEL_SUFFIXES, PROBABILITIES, TEXTURE, open_backend, read_embedded
+from steeldefect.core.files import sidecar_path
+from steeldefect.runtime.backends import (
+    MODEL_SUFFIXES,
+    PROBABILITIES,
+    TEXTURE,
+    model_digest,
+    open_backend,
+    read_embedded,
+)
 from steeldefect.runtime.litert import ModelFileError
 from steeldefect.runtime.tflite_metadata import OUR_FILE
 from steeldefect.runtime.uncertainty import RULE_FILE, UncertaintyRule, apply_temperature
@@ -85,7 +92,7 @@ def read_model_info(model_path: Path) -> ModelInfo:
     rule = _read_rule(model_path, meta, where, rule_bytes) if embedded is not None else None
     temperature = _read_temperature(meta, where)
     return ModelInfo(
-        model_path, tuple(names), size, variant, file_digest(model_path), meta, described_by, rule, temperature
+        model_path, tuple(names), size, variant, model_digest(model_path), meta, described_by, rule, temperature
     )
 
 
