@@ -115,13 +115,52 @@ class Backend(ABC):
     def invoke(self, prepared: Any) -> None:
         """Run the model on a prepared input."""
 
-    @abstractmethod
-    def outputs(self) -> dict[str, np.ndarray]:
-        """Every output of the last invoke, by name, each (width,) float32."""
-
     def details(self) -> dict[str, Any]:
         """Runtime-specific facts recorded beside a measurement (e.g. XNNPACK partitions)."""
         return {}
+
+    # Set by each backend: its outputs in the runtime's order, as (our name, shape).
+    _order: list[tuple[str, list[int]]]
+
+    def _set_order(self, names: list[str], shapes: list[list[int]]) -> None:
+        ours = _name_outputs(names, [int(np.prod(shape[1:])) for shape in shapes])
+        self._order = list(zip(ours, shapes))
+        self.output_widths = {name: int(np.prod(shape[1:])) for name, shape in self._order}
+
+    def name_outputs(self, described: Any, where: Path | str) -> None:
+        """Name the outputs as the model's description does (``outputs``: name, index, shape; written
+        into .tflite files since issue #27), instead of by the names or widths the runtime reports.
+        Anything that does not fit the model is one line naming ``where``."""
+        if not isinstance(described, list) or not all(isinstance(entry, dict) for entry in described):
+            raise ModelFileError(f"{where}: outputs in the model metadata must be a list of objects")
+        names = [f"output_{i}" for i in range(len(self._order))]
+        for entry in described:
+            name, index = entry.get("name"), entry.get("index")
+            if name not in (PROBABILITIES, TEXTURE) or name in names:
+                raise ModelFileError(f"{where}: unknown or repeated output name {name!r} in the model metadata")
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self._order):
+                raise ModelFileError(
+                    f"{where}: output {name!r} has index {index!r}; the model has {len(names)} outputs"
+                )
+            shape = [int(v) for v in self._order[index][1]]
+            if entry.get("shape") != shape:
+                raise ModelFileError(
+                    f"{where}: output {name!r} is described with shape {entry.get('shape')}, "
+                    f"the model's output {index} has {shape}"
+                )
+            names[index] = name
+        if PROBABILITIES not in names:
+            raise ModelFileError(f"{where}: the model metadata names no {PROBABILITIES!r} output")
+        self._order = [(name, shape) for name, (_, shape) in zip(names, self._order)]
+        self.output_widths = {name: int(np.prod(shape[1:])) for name, shape in self._order}
+
+    @abstractmethod
+    def _raw_outputs(self) -> list[np.ndarray]:
+        """The last invoke's outputs in the runtime's order, each (width,) float32."""
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        """Every output of the last invoke, by name, each (width,) float32."""
+        return {name: value for (name, _), value in zip(self._order, self._raw_outputs())}
 
     def run_one(self, image: np.ndarray) -> dict[str, np.ndarray]:
         self.invoke(self.prepare(np.ascontiguousarray(image, dtype=np.uint8)))
@@ -164,11 +203,8 @@ class LiteRTBackend(Backend):
         self._input = self.interpreter.get_input_details()[0]
         shape = self._input["shape"]
         self.input_size = (int(shape[1]), int(shape[2]))
-        details = self.interpreter.get_output_details()
-        widths = [int(np.prod(d["shape"][1:])) for d in details]
-        names = _name_outputs([d["name"] for d in details], widths)
-        self._outputs = dict(zip(names, details))
-        self.output_widths = dict(zip(names, widths))
+        self._details = self.interpreter.get_output_details()
+        self._set_order([d["name"] for d in self._details], [[int(v) for v in d["shape"]] for d in self._details])
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         return self._to_input(image, self._input)
@@ -177,11 +213,8 @@ class LiteRTBackend(Backend):
         self.interpreter.set_tensor(self._input["index"], prepared)
         self.interpreter.invoke()
 
-    def outputs(self) -> dict[str, np.ndarray]:
-        return {
-            name: self._from_output(self.interpreter.get_tensor(d["index"])[0], d).reshape(-1)
-            for name, d in self._outputs.items()
-        }
+    def _raw_outputs(self) -> list[np.ndarray]:
+        return [self._from_output(self.interpreter.get_tensor(d["index"])[0], d).reshape(-1) for d in self._details]
 
     def details(self) -> dict[str, Any]:
         from steeldefect.runtime.litert import delegate_partitions
@@ -219,11 +252,8 @@ class OnnxBackend(Backend):
         except (TypeError, ValueError) as error:
             raise ModelFileError(f"{path}: the image input has no fixed height/width ({shape})") from error
         outputs = self.session.get_outputs()
-        widths = [int(np.prod([d if isinstance(d, int) else 1 for d in o.shape[1:]])) for o in outputs]
         self._names = [o.name for o in outputs]
-        ours = _name_outputs(self._names, widths)
-        self._ours = ours
-        self.output_widths = dict(zip(ours, widths))
+        self._set_order(self._names, [[d if isinstance(d, int) else 1 for d in o.shape] for o in outputs])
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         return image[None].astype(np.float32) if self._float_input else image[None]
@@ -231,8 +261,8 @@ class OnnxBackend(Backend):
     def invoke(self, prepared: np.ndarray) -> None:
         self._last = self.session.run(self._names, {self._input: prepared})
 
-    def outputs(self) -> dict[str, np.ndarray]:
-        return {name: np.asarray(v, np.float32).reshape(-1) for name, v in zip(self._ours, self._last)}
+    def _raw_outputs(self) -> list[np.ndarray]:
+        return [np.asarray(v, np.float32).reshape(-1) for v in self._last]
 
 
 class OpenVinoBackend(Backend):
@@ -261,12 +291,9 @@ class OpenVinoBackend(Backend):
         self.input_size = (int(shape[1]), int(shape[2]))
         self._float_input = inputs[0].get_element_type() != ov.Type.u8
         self.request = self.compiled.create_infer_request()
-        outputs = self.compiled.outputs
-        widths = [int(np.prod(list(o.get_shape())[1:])) for o in outputs]
-        names = [o.get_any_name() if o.get_names() else f"output_{i}" for i, o in enumerate(outputs)]
-        ours = _name_outputs(names, widths)
-        self._outputs = list(zip(ours, outputs))
-        self.output_widths = dict(zip(ours, widths))
+        self._ports = self.compiled.outputs
+        names = [o.get_any_name() if o.get_names() else f"output_{i}" for i, o in enumerate(self._ports)]
+        self._set_order(names, [[int(v) for v in o.get_shape()] for o in self._ports])
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         return image[None].astype(np.float32) if self._float_input else image[None]
@@ -274,10 +301,8 @@ class OpenVinoBackend(Backend):
     def invoke(self, prepared: np.ndarray) -> None:
         self.request.infer({0: prepared})
 
-    def outputs(self) -> dict[str, np.ndarray]:
-        return {
-            name: np.array(self.request.get_tensor(port).data, np.float32).reshape(-1) for name, port in self._outputs
-        }
+    def _raw_outputs(self) -> list[np.ndarray]:
+        return [np.array(self.request.get_tensor(port).data, np.float32).reshape(-1) for port in self._ports]
 
 
 def open_backend(path: Path, threads: int | None = None) -> Backend:

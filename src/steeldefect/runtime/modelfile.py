@@ -30,9 +30,10 @@ from steeldefect.runtime.backends import (
     open_backend,
     read_embedded,
 )
+from steeldefect.runtime.calibration import apply_temperature
 from steeldefect.runtime.litert import ModelFileError
 from steeldefect.runtime.tflite_metadata import OUR_FILE
-from steeldefect.runtime.uncertainty import RULE_FILE, UncertaintyRule, apply_temperature
+from steeldefect.runtime.uncertainty import RULE_FILE, UncertaintyRule
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,8 @@ class Classifier:
                 f"{described_by}: input size {self.info.input_size[0]}x{self.info.input_size[1]} "
                 f"does not match the model's {actual[0]}x{actual[1]}"
             )
+        if "outputs" in self.info.metadata:  # named by the description (exports since issue #27)
+            self.backend.name_outputs(self.info.metadata["outputs"], described_by)
         widths = self.backend.output_widths
         n_outputs = widths.get(PROBABILITIES, 0)
         if n_outputs != len(self.info.class_names):
