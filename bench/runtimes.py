@@ -19,6 +19,8 @@ Then each runtime's own profiler names the kernels that bound its int8 model: ON
 ``enable_profiling`` trace and OpenVINO's ``PERF_COUNT`` per-node counters (LiteRT's Python
 interpreter has no op profiler; its int8 split is in bench/int8_stages.py). Prints a table and
 saves JSON with the CPU model, int8 dot-product flags (VNNI or not) and thread counts.
+
+Figures: docs/formats.md.
 """
 
 from __future__ import annotations

@@ -89,9 +89,15 @@ def test_the_deploy_models_judge_uncertainty_in_every_format(pooled_formats_run,
     assert max(shares.values()) - min(shares.values()) <= 0.1, shares
 
 
-def test_evaluate_reports_every_format_and_variant_in_one_table(pooled_formats_run):
-    pipeline.evaluate(pooled_formats_run, warmup=1, runs=3, progress=False)
-    table = read_json(runfolder.tflite_metrics_path(pooled_formats_run, "json"))
+def test_evaluate_reports_every_format_and_variant_in_one_table(pooled_formats_run, tmp_path):
+    import shutil
+
+    from steeldefect.study import report
+
+    run = tmp_path / "run"  # evaluate writes into the run: a copy, so the shared one stays read only
+    shutil.copytree(pooled_formats_run, run, symlinks=True)
+    pipeline.evaluate(run, warmup=1, runs=3, progress=False)
+    table = read_json(runfolder.tflite_metrics_path(run, "json"))
     rows = {row["variant"]: row for row in table if row["backbone"] == BACKBONE}
     assert {"fp32", "int8", "onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"} <= set(rows)
     for label, row in rows.items():
@@ -102,3 +108,6 @@ def test_evaluate_reports_every_format_and_variant_in_one_table(pooled_formats_r
     # Sizes: an int8 file is about a quarter of its fp32 one in each format.
     for fmt in ("", "onnx-", "openvino-"):
         assert rows[f"{fmt}int8"]["size_mib_mean"] < 0.5 * rows[f"{fmt}fp32"]["size_mib_mean"]
+    report.write_report(run)
+    text = runfolder.report_path(run).read_text()
+    assert "Model file formats" in text and "| ONNX Runtime | int8 |" in text and "| OpenVINO | fp32 |" in text
