@@ -28,7 +28,8 @@ T = TypeVar("T")
 
 
 def resolve_model(model: Path) -> Path:
-    """A .tflite file as given, or a run folder's deployable int8 model (the one the line should run)."""
+    """A model file (.tflite, .onnx, .xml) as given, or a run folder's deployable int8 model (the one
+    the line should run)."""
     from steeldefect.core.runfolder import deployable_model
 
     model = Path(model)
@@ -39,8 +40,10 @@ def resolve_model(model: Path) -> Path:
             raise ModelFileError(f"{model}: no deployable model in this run folder ({error})") from error
         log.info("run folder %s: serving its deployable model %s", model, chosen)
         return chosen
-    if model.suffix != ".tflite":
-        raise ModelFileError(f"{model}: serve runs an exported .tflite model or a run folder (export first)")
+    from steeldefect.runtime.backends import EXPORTED, is_model_file
+
+    if not is_model_file(model):
+        raise ModelFileError(f"{model}: serve runs an exported model ({EXPORTED}) or a run folder (export first)")
     return model
 
 
