@@ -296,12 +296,13 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "predict":
         from steeldefect.deploy.batch_io import collect_inputs
         from steeldefect.deploy.predict import format_predictions, predict_paths
+        from steeldefect.runtime.backends import is_model_file
 
         options = from_namespace(PredictOptions, args)
         heatmaps = _explain_target(args.model, options) if options.explain is not None else None
         if isinstance(heatmaps, int):  # refused before any work
             return heatmaps
-        if options.out is not None or args.model.suffix == ".tflite" or args.model.is_dir():
+        if options.out is not None or is_model_file(args.model) or args.model.is_dir():
             status = _predict_archive(args.model, args.paths, options, progress)
         else:
             results = predict_paths(
@@ -383,6 +384,11 @@ def _serve(args: argparse.Namespace) -> int:
     from steeldefect.serve.runner import mebibytes, serve
 
     options = from_namespace(ServeOptions, args)
+    if options.token:
+        logging.getLogger("steeldefect.serve.service").warning(
+            "--token on the command line is visible to every user of this machine in the process list: "
+            "use --token-file or $STEELDEFECT_TOKEN"
+        )
     try:
         serve(
             args.model,
@@ -391,6 +397,10 @@ def _serve(args: argparse.Namespace) -> int:
             workers=options.workers or None,
             threads=options.threads,
             token=options.token,
+            token_file=options.token_file,
+            tls_cert=options.tls_cert,
+            tls_key=options.tls_key,
+            insecure=options.insecure,
             audit_path=None if options.no_audit else options.audit,
             audit_keep=options.audit_keep,
             audit_fsync=options.audit_fsync,
@@ -398,6 +408,7 @@ def _serve(args: argparse.Namespace) -> int:
             top_k_default=options.top_k,
             queue_size=options.queue,
             accept=options.accept,
+            max_pixels=options.max_pixels,
             review_dir=options.review,
             review_sample=options.review_sample,
             review_max_bytes=None if options.review_max_mb is None else mebibytes(options.review_max_mb),

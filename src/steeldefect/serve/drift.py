@@ -176,7 +176,7 @@ class DriftMonitor:
     def _score(self) -> dict[str, Any]:
         n = int(self._counts.sum())
         shares = self._counts / n if n else np.zeros(len(self.class_names))
-        mix = {"p_value": None, "chi_square": None, "psi": None}
+        mix: dict[str, float | None] = {"p_value": None, "chi_square": None, "psi": None}
         if self.reference.class_mix is not None and n >= self.min_images:
             expected = np.array([self.reference.class_mix[name] for name in self.class_names])
             known = expected > 0  # a class the model never trained on cannot be tested by chi-square

@@ -99,7 +99,7 @@ def add_loop_routes(app: Any, *, slot: ModelSlot, store: ReviewStore | None, max
             raise rejected(error) from None
         return {
             "serving": served.fields,
-            "previous": slot.previous.fields,
+            "previous": slot.previous.fields if slot.previous is not None else None,
             "class_names": list(served.info.class_names),
         }
 
@@ -109,7 +109,7 @@ def add_loop_routes(app: Any, *, slot: ModelSlot, store: ReviewStore | None, max
             served = await asyncio.to_thread(slot.rollback)
         except SwapError as error:
             raise rejected(error) from None
-        return {"serving": served.fields, "previous": slot.previous.fields}
+        return {"serving": served.fields, "previous": slot.previous.fields if slot.previous is not None else None}
 
     @app.get("/v1/drift", summary="Drift monitor: rolling class mix and uncertain share, tests, alarm")
     async def drift():

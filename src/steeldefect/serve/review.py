@@ -186,6 +186,11 @@ class ReviewStore:
                     "review store: cannot link image %s to audit row %d (%s)", sha256[:12], prediction_id, error
                 )
 
+    def link_all(self, pairs: Sequence[tuple[str, int]]) -> None:
+        """:meth:`link` for each (sha256, audit id)."""
+        for sha256, prediction_id in pairs:
+            self.link(sha256, prediction_id)
+
     def _make_room(self, size: int) -> bool:
         """Evict the oldest unreviewed images until ``size`` more bytes fit under the cap."""
         if self.max_bytes is None:
@@ -366,6 +371,8 @@ class ReviewStore:
             except sqlite3.Error as error:
                 raise ReviewError(503, f"cannot record the review ({error})") from None
         decision = self._decision(key=key) if cursor is None else self._decision(row_id=cursor.lastrowid)
+        if decision is None:  # only if the database lost the row it just wrote
+            raise ReviewError(503, "the review was not recorded; send it again")
         return {**decision, "repeated": cursor is None}
 
     def _decision(self, *, key: str | None = None, row_id: int | None = None) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ traceback, and one log line.
 import asyncio
 import hashlib
 import logging
+import math
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from typing import Any
 
 from steeldefect.core.options import ServeOptions
 from steeldefect.data.dataset import DatasetError
-from steeldefect.data.decode import decode_image
+from steeldefect.data.decode import DEFAULT_MAX_PIXELS, PixelLimitError, decode_image
 from steeldefect.runtime.modelfile import read_model_info, top_k
 from steeldefect.serve.audit import AuditError, AuditLog, AuditRow
 from steeldefect.serve.drift import DEFAULT_WINDOW, DriftGauges, monitor_for
@@ -68,6 +69,12 @@ DEFAULT_TOP_K = _OPTIONS.top_k
 DEFAULT_QUEUE = _OPTIONS.queue  # requests waiting for an interpreter; beyond it a client is told 503 at once
 DEFAULT_KEEP = _OPTIONS.audit_keep
 MAX_BATCH_FILES = 64
+MAX_FORM_FIELDS = 16  # file parts and fields other than files (client_id): a form is never bigger
+# /v1/history: one reader thread (its own SQLite connection, reused) and this many requests waiting
+# for it; more are answered 503 at once, so readers can neither pile up threads nor starve predictions.
+HISTORY_READERS = 1
+HISTORY_QUEUE = 8
+HISTORY_TIME_SHARE = 0.05  # reads paced to 5% of the time (serve.audit): predictions keep the GIL and cores
 MAX_CLIENT_ID_CHARS = 128
 TOKEN_ENV = "STEELDEFECT_TOKEN"
 RAW_CONTENT_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/x-ms-bmp", "image/tiff", "application/octet-stream")
@@ -96,6 +103,7 @@ def create_app(
     top_k_default: int = DEFAULT_TOP_K,
     queue_size: int = DEFAULT_QUEUE,
     accept: float | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     review_dir: Path | None = None,
     review_sample: float = DEFAULT_REVIEW_SAMPLE,
     review_max_bytes: int | None = None,
@@ -111,7 +119,8 @@ def create_app(
     missing or corrupt model raises :class:`ModelFileError` here, not at the first request.
     ``audit_path=None`` switches the audit log off; ``audit_fsync`` makes each commit wait for the disk
     (see :mod:`steeldefect.serve.audit`). ``queue_size`` requests may wait for a free interpreter beyond the
-    ``workers`` being answered; more are answered 503.
+    ``workers`` being answered; more are answered 503. An image whose header declares more than
+    ``max_pixels`` pixels is refused (413) before it is decoded.
 
     ``review_dir`` keeps answers' images for review (serve/review.py; needs the audit log, whose
     database holds the review tables); ``models_dir`` is where ``POST /v1/model`` stores uploads
@@ -123,11 +132,14 @@ def create_app(
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.formparsers import MultiPartException, MultiPartParser
 
     if max_upload_bytes < 1:
         raise ValueError(f"max upload size must be positive, got {max_upload_bytes} bytes")
     if queue_size < 0:
         raise ValueError(f"queue size must be >= 0, got {queue_size}")
+    if max_pixels < 1:
+        raise ValueError(f"max pixels must be positive, got {max_pixels}")
     if review_dir is not None and audit_path is None:
         raise ServeError("--review needs the audit log (its database holds the review queue): drop --no-audit")
     workers = default_workers() if workers is None else workers
@@ -148,9 +160,17 @@ def create_app(
     )
     warm_up_decoders(info.input_size)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
-    audit = AuditLog(Path(audit_path), keep=audit_keep, fsync=audit_fsync) if audit_path is not None else None
-    store = None
-    if review_dir is not None:
+    audit = None
+    if audit_path is not None:
+        audit = AuditLog(
+            Path(audit_path),
+            keep=audit_keep,
+            fsync=audit_fsync,
+            readers=HISTORY_READERS,
+            read_share=HISTORY_TIME_SHARE,
+        )
+    store: ReviewStore | None = None
+    if review_dir is not None and audit_path is not None:
         try:
             store = ReviewStore(
                 review_dir, Path(audit_path), sample=review_sample, max_bytes=review_max_bytes, seed=review_seed
@@ -160,12 +180,16 @@ def create_app(
     metrics = Metrics(info)
     drift_gauges = DriftGauges(metrics.registry)
     static = _static_files()
-    # Uploads up to the body limit stay in memory instead of spilling to a temporary file (Starlette
-    # spools parts over 1 MiB to disk): the service writes nowhere but its audit log.
-    from starlette.formparsers import MultiPartParser
-
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_upload_bytes, max_model_bytes)
     admission = Admission(workers + queue_size, metrics.in_flight)
+    # A refused reader is told when the queue ahead of it will have drained, not a fixed second:
+    # on a loaded machine paced reads are slow, and clients retrying each second would cost more
+    # than the reads themselves.
+    history_admission = Admission(
+        HISTORY_READERS + HISTORY_QUEUE,
+        retry_after=lambda: (
+            math.ceil(history_admission.in_flight * audit.read_interval / HISTORY_READERS) if audit is not None else 1
+        ),
+    )
     top_k_default = max(1, top_k_default)  # at most the served model's classes: clamped per request
     state = {"ready": True}
 
@@ -192,7 +216,7 @@ def create_app(
             ),
         )
         executor.shutdown(wait=True)
-        if audit is not None:
+        if audit is not None:  # also stops its reader threads
             audit.close()
         if store is not None:
             store.close()
@@ -203,27 +227,34 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
-        description="Steel surface defect classification with a LiteRT model (see the README).",
+        description="Steel surface defect classification with a LiteRT model (see docs/service.md).",
     )
     app.state.model_info = info
     app.state.audit = audit
 
     def error_response(
-        status: int, message: str, request: Request | None = None, headers=None, where: dict | None = None
+        status: int,
+        message: str,
+        request: Request | None = None,
+        headers=None,
+        where: dict | None = None,
+        detail: str | None = None,
     ) -> JSONResponse:
-        """The JSON error a client gets, and its one log line (method, path, client, problem)."""
+        """The JSON error a client gets, and its one log line (method, path, client, problem, and a
+        ``detail`` for the log only)."""
         if request is not None:
             where = {"method": request.method, "path": request.url.path, "client": request.client}
         client = (where or {}).get("client")
         where_text = (
             f"{where.get('method', '?')} {where.get('path', '?')} from {client[0] if client else '?'}" if where else "?"
         )
-        log.warning("%d %s: %s", status, where_text, message)
+        # Client-sent text (path, filename) in this line is made one printable line by errors.OneLineLogs.
+        log.warning("%d %s: %s%s", status, where_text, message, f" ({detail})" if detail else "")
         return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
     @app.exception_handler(Reject)
     async def on_reject(request: Request, error: Reject):
-        return error_response(error.status, error.message, request, error.headers)
+        return error_response(error.status, error.message, request, error.headers, detail=error.detail)
 
     @app.exception_handler(BodyTooLarge)
     async def on_too_large(request: Request, error: BodyTooLarge):  # a body without Content-Length grew too big
@@ -253,7 +284,7 @@ def create_app(
     def classify(data: bytes, name: str, served: Served) -> dict[str, Any]:
         """Decode and classify one image, and keep it for review when it should be (an executor thread)."""
         start = time.perf_counter()
-        image = decode_image(data, served.info.input_size, name)
+        image = decode_image(data, served.info.input_size, name, max_pixels)
         decoded = time.perf_counter()
         judgement = served.pool.judge(image)
         done = time.perf_counter()
@@ -269,7 +300,7 @@ def create_app(
             "image": {"sha256": sha256, "bytes": len(data)},
             "decode_ms": 1000 * (decoded - start),
             "inference_ms": 1000 * (done - decoded),
-            "kept": store.keep(data, sha256, reason) if reason is not None else None,  # never raises
+            "kept": store.keep(data, sha256, reason) if store is not None and reason is not None else None,
         }
 
     async def run_one(data: bytes, name: str, served: Served) -> dict[str, Any]:
@@ -278,6 +309,8 @@ def create_app(
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(executor, classify, data, name, served)
+        except PixelLimitError as error:  # before DatasetError, its base: too big is not broken
+            raise Reject(413, f"{error} (--max-pixels)") from None
         except DatasetError as error:
             raise Reject(422, str(error)) from None
 
@@ -319,13 +352,17 @@ def create_app(
         ]
         try:
             ids = await asyncio.wrap_future(audit.submit(rows))
-        except AuditError as error:
-            raise Reject(503, f"{error}; the prediction was not answered because it could not be recorded") from None
+        except AuditError as error:  # the message names the server's audit path: for the log only
+            raise Reject(
+                503,
+                "audit log write failed; the prediction was not answered because it could not be recorded",
+                detail=str(error),
+            ) from None
         for entry, row_id in zip(answers, ids):
             entry["audit_id"] = row_id
         firsts = [(a["image"]["sha256"], a["audit_id"]) for a in answers if a["review"] and a["review"]["new"]]
-        if firsts:  # the queue names the audit row of the image's first answer
-            await asyncio.to_thread(lambda: [store.link(sha, row_id) for sha, row_id in firsts])
+        if firsts and store is not None:  # the queue names the audit row of the image's first answer
+            await asyncio.to_thread(store.link_all, firsts)
 
     def check_top_k(k: int | None, served: Served) -> int:
         n_classes = len(served.info.class_names)
@@ -343,10 +380,20 @@ def create_app(
         return value
 
     async def read_form(request: Request, max_files: int):
+        """The multipart form, its files held in memory up to the body limit.
+
+        Parsed here rather than by ``request.form()``: Starlette spools file parts over
+        ``MultiPartParser.spool_max_size`` (1 MiB) to a temporary file and has no per-request setting
+        for it, and setting it on the class would change every app in the process. An instance
+        attribute on this request's parser keeps the limit to this app (the service writes nowhere
+        but its audit log).
+        """
+        parser = MultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=MAX_FORM_FIELDS)
+        parser.spool_max_size = max_upload_bytes  # the body limit already bounds what is held
         try:
-            return await request.form(max_files=max_files, max_fields=16)
-        except StarletteHTTPException as error:
-            raise Reject(error.status_code, f"multipart body: {error.detail}") from None
+            return await parser.parse()
+        except MultiPartException as error:  # too many files/fields, a part header too big
+            raise Reject(400, f"multipart body: {error.message}") from None
         except (ValueError, AssertionError) as error:  # python-multipart on a malformed body
             raise Reject(400, f"malformed multipart body ({error})") from None
 
@@ -446,6 +493,7 @@ def create_app(
             "provenance": {key: value for key, value in info.metadata.items() if key not in ("class_names", "input")},
             "top_k_default": min(top_k_default, len(info.class_names)),
             "max_upload_bytes": max_upload_bytes,
+            "max_pixels": max_pixels,
             "max_batch_files": MAX_BATCH_FILES,
             "audit": audit is not None,
             "review": store is not None,
@@ -461,11 +509,17 @@ def create_app(
             raise Reject(422, f"limit must be between 1 and 1000, got {limit}")
         if not 0 <= after < 2**63:  # SQLite's integer range
             raise Reject(422, f"after must be an audit id (0 or more), got {after}")
+
+        async def job() -> bytes:
+            return await asyncio.wrap_future(audit.read_page(since=since, after=after, limit=limit))
+
         try:
-            entries = await asyncio.to_thread(audit.history, since=since, after=after, limit=limit)
+            body = await history_admission.run(job)  # 503 at once when the readers' queue is full
         except ValueError as error:
             raise Reject(422, str(error)) from None
-        return {"entries": entries, "next_after": entries[-1]["id"] if len(entries) == limit else None}
+        except sqlite3.Error as error:  # the message may name the server's file: for the log only
+            raise Reject(503, "audit log cannot be read; retry shortly", {"Retry-After": "1"}, str(error)) from None
+        return Response(body, media_type="application/json")
 
     @app.get("/healthz", summary="Liveness")
     async def healthz():

@@ -64,7 +64,8 @@ class ModelSlot:
         folder: Path | None,
         on_switch: Callable[[Served, Served], None] | None = None,
     ) -> None:
-        self.current, self.previous = first, None
+        self.current: Served = first
+        self.previous: Served | None = None
         self._build, self.folder, self._on_switch = build, folder, on_switch
         self._swap_lock = threading.Lock()  # one upload is loaded and checked at a time
 
