@@ -7,7 +7,7 @@ Layout (``RUN`` is the ``--out`` folder)::
     RUN/dataset.json                 dataset root, layout, fingerprint, classes, counts
     RUN/splits.csv                   file, class, role (test | fold<k>)
     RUN/calibration.csv              the training images that calibrated int8
-    RUN/summary.json                 the stable summary (schema in the README)
+    RUN/summary.json                 the stable summary (schema in docs/training.md)
     RUN/<backbone>/cv_grid.csv       validation metrics per (learning rate, fold)
     RUN/<backbone>/grid/lr<rate>/fold<k>/{head.npz,history.json,metrics.json}
     RUN/<backbone>/test_metrics_<variant>.{json,csv}

@@ -66,7 +66,7 @@ def default_workers() -> int:
     """Workers of an archive run: one single-thread worker process per core. Decoding is a quarter of
     the CPU work per image and only independent workers keep every core busy through it: 1.36x
     today's loop on the 2-core box, against 1.09x for one interpreter with a decode pool
-    (bench/archive_throughput.py, README)."""
+    (bench/archive_throughput.py, docs/results.md "Archive throughput")."""
     return max(1, os.cpu_count() or 1)
 
 

@@ -120,6 +120,22 @@ def fit_model_rule(flatbuffer: bytes, rule_data: RuleData, channels: Sequence[in
     )
 
 
+def drift_reference(
+    rule_data: RuleData, rule: uncertainty.UncertaintyRule, class_names: Sequence[str] | None
+) -> dict[str, Any]:
+    """What the service's drift monitor compares the line against (serve/drift.py): the share of
+    training images per class (``training_class_mix``) and the share of out-of-fold training images
+    the rule flags uncertain at its acceptance (``expected_uncertain_rate``)."""
+    rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in rule_data.folds]))
+    labels = np.asarray(rule_data.labels)[rows]
+    names = list(class_names) if class_names else [str(i) for i in range(int(labels.max()) + 1)]
+    counts = np.bincount(labels, minlength=len(names))
+    return {
+        "training_class_mix": {name: round(float(c) / len(labels), 6) for name, c in zip(names, counts)},
+        "expected_uncertain_rate": round(float(np.mean(rule.combined_reference > rule.threshold)), 6),
+    }
+
+
 def export_model(
     model,
     variant: str,
@@ -144,6 +160,7 @@ def export_model(
         rule = fit_model_rule(flatbuffer, rule_data, channels)
         if metadata is not None:
             metadata["uncertainty"] = rule.describe()
+            metadata.update(drift_reference(rule_data, rule, metadata.get("class_names")))
         extra_files = {uncertainty.RULE_FILE: rule.to_npz_bytes()}
     if metadata is not None:
         flatbuffer = embed_metadata(flatbuffer, metadata, extra_files)

@@ -199,7 +199,11 @@ class LiteRTBackend(Backend):
         from steeldefect.runtime.litert import from_output, make_interpreter, to_input
 
         self._to_input, self._from_output = to_input, from_output
-        self.interpreter = interpreter if interpreter is not None else make_interpreter(Path(path), threads)
+        if interpreter is None:
+            if path is None:
+                raise ValueError("LiteRTBackend needs a model path or an interpreter")
+            interpreter = make_interpreter(Path(path), threads)
+        self.interpreter = interpreter
         self._input = self.interpreter.get_input_details()[0]
         shape = self._input["shape"]
         self.input_size = (int(shape[1]), int(shape[2]))

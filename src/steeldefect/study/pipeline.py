@@ -31,11 +31,13 @@ from steeldefect.models import backbones as backbone_registry
 from steeldefect.models import finetune, training
 from steeldefect.study import trust
 from steeldefect.study.rundata import (
+    Data,
     PreparedData,
     check_same_data,
     load_data,
     load_run_data,
     record_data,
+    recorded_data,
     trained_backbones,
 )
 from steeldefect.study.training_stage import _prepare_out, _with, _write_gallery, train_backbone
@@ -46,7 +48,7 @@ NOT_RUN_WEIGHTS_MISSING = "not run: weights missing"
 
 
 def train(
-    data: Path, out: Path, options: TrainOptions | None = None, *, progress: bool = True, **overrides: Any
+    data: Data, out: Path, options: TrainOptions | None = None, *, progress: bool = True, **overrides: Any
 ) -> dict[str, Any]:
     """Features -> LR grid x K folds -> test metrics -> joined .keras models, per backbone.
 
@@ -75,7 +77,7 @@ def train(
     prepared = load_data(data, options, progress=progress)
     _prepare_out(out)
     check_same_data(prepared, data, out)
-    record_config(out, "train", {"data": str(Path(data).resolve()), **options.record()})
+    record_config(out, "train", {"data": recorded_data(data), **options.record()})
     record_data(prepared, data, out)
     set_summary_field(out, "dataset", read_json(runfolder.dataset_path(out)))
     for name in names:

@@ -379,7 +379,7 @@ def _extra_variants_section(run: Path, names: list[str], backbones: dict[str, An
     return [
         "## Beyond the reference — other exported variants",
         "",
-        "`int8-mixed`: int8 except the high-resolution start, kept in float (see the README).",
+        "`int8-mixed`: int8 except the high-resolution start, kept in float (see docs/export.md).",
         "",
         _md_table(header, rows),
         "",
