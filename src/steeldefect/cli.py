@@ -296,12 +296,13 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "predict":
         from steeldefect.deploy.batch_io import collect_inputs
         from steeldefect.deploy.predict import format_predictions, predict_paths
+        from steeldefect.runtime.backends import is_model_file
 
         options = from_namespace(PredictOptions, args)
         heatmaps = _explain_target(args.model, options) if options.explain is not None else None
         if isinstance(heatmaps, int):  # refused before any work
             return heatmaps
-        if options.out is not None or args.model.suffix == ".tflite" or args.model.is_dir():
+        if options.out is not None or is_model_file(args.model) or args.model.is_dir():
             status = _predict_archive(args.model, args.paths, options, progress)
         else:
             results = predict_paths(

@@ -346,13 +346,15 @@ def test_history_readers_beyond_their_bound_get_503_and_predictions_go_on(model,
         for thread in readers:
             thread.start()
         assert reading.acquire(timeout=10)  # the reader pool is busy, the rest are waiting for it
+        client.app.state.audit.read_interval = 0.5  # as if each paced read took half a second
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             refused = client.get("/v1/history")
             if refused.status_code == 503:
                 break
             results.append(refused)  # not all admitted yet: this one was admitted instead
-        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        # told to come back when the 9 admitted reads will have drained: ceil(9 x 0.5 s)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == str(-(-bound // 2))
         assert refused.json() == {"error": f"busy: {bound} requests already in progress; retry shortly", "status": 503}
         started = time.perf_counter()
         prediction = client.post("/v1/predict", content=jpeg_bytes(), headers={"Content-Type": "image/jpeg"})
@@ -498,3 +500,38 @@ def test_loopback_and_insecure_and_token_file_permissions(model, tmp_path, caplo
     monkeypatch.setenv("STEELDEFECT_TOKEN", "from-env")
     assert runner.resolve_token(None, None) == "from-env"
     assert runner.resolve_token("given", None) == "given"
+
+
+def test_history_reads_are_paced_to_their_share_of_a_core(tmp_path, monkeypatch):
+    """After a read that took t s the next starts t * (1/share - 1) later: with a 5% share, 19 t.
+    Time is the module's clock, replaced here, so the test measures the rule, not the machine."""
+    from steeldefect.serve import audit as audit_module
+
+    clock = {"now": 100.0}
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 6))
+        clock["now"] += seconds
+
+    monkeypatch.setattr(audit_module.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(audit_module.time, "sleep", sleep)
+    log = AuditLog(tmp_path / "audit.sqlite", read_share=0.05)
+    original = AuditLog.page
+
+    def page_taking_2ms(self, **query):
+        clock["now"] += 0.002
+        return original(self, **query)
+
+    monkeypatch.setattr(AuditLog, "page", page_taking_2ms)
+    try:
+        bodies = [log.read_page(limit=10).result(timeout=30) for _ in range(3)]
+        assert slept == [0.038, 0.038]  # a 2 ms read -> 38 ms before the next read; none before the first
+        assert all(body.startswith(b'{"entries":[]') for body in bodies)
+        clock["now"] += 1.0  # readers idle for a while: no debt carried over
+        log.read_page(limit=10).result(timeout=30)
+        assert slept == [0.038, 0.038]
+    finally:
+        log.close()
+    with pytest.raises(ValueError, match="read share"):
+        AuditLog(tmp_path / "other.sqlite", read_share=0)

@@ -304,6 +304,10 @@ class LearningCurveOptions(DataOptions):
     fine_tune_epochs: int = option(5, "fine-tuned: epochs", check=AT_LEAST_1)
 
 
+MODEL_FORMATS = ("tflite", "onnx", "openvino")
+FORMAT_VARIANTS = ("fp32", "int8")  # what the formats beyond tflite are exported in
+
+
 @dataclass(frozen=True)
 class ExportOptions(_Options):
     """`export`: LiteRT variants of every fold model of a run."""
@@ -313,6 +317,13 @@ class ExportOptions(_Options):
         "int8-mixed: int8 except the high-resolution start, "
         "kept float (for CPUs without int8 dot-product instructions)",
         choices=VARIANTS,
+        additive=True,
+    )
+    formats: tuple[str, ...] = option(
+        ("tflite",),
+        "model file formats: tflite (LiteRT, the --variants), onnx (ONNX Runtime, fp32 + int8; "
+        "pip install steeldefect[onnx]), openvino (OpenVINO IR, fp32 + int8; steeldefect[openvino])",
+        choices=MODEL_FORMATS,
         additive=True,
     )
     calibration_samples: int = option(200, "training images used to calibrate int8", check=AT_LEAST_1)

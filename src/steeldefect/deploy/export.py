@@ -184,6 +184,7 @@ def export_backbone(
     progress: bool = True,
     rule_data: RuleData | None = None,
     tta: bool = False,
+    formats: Sequence[str] = ("tflite",),
 ) -> list[Path]:
     """Every (fold, variant) LiteRT file of one backbone of a run, and of its final model (refitted
     on all training images), with its sidecar (resumable: a file whose sidecar exists is done).
@@ -196,15 +197,23 @@ def export_backbone(
     ``rule_data`` (the training images): it is converted in this process, beside the fold workers, so
     the images are not copied into a worker. ``tta`` (`export --tta`): every file answers with the mean
     over the 8 flips/rotations of its input (:func:`steeldefect.data.augment.dihedral_average_model`).
+    ``formats`` beyond ``tflite`` (`export --formats`): each fold also gets its ONNX and OpenVINO fp32
+    and int8 files (:mod:`steeldefect.deploy.formats`), from the same model and calibration images.
     """
     from tqdm.auto import tqdm
+
+    from steeldefect.deploy.formats import FORMAT_VARIANTS
 
     models = [*range(n_folds)]
     if runfolder.fold_model_path(run, backbone, runfolder.FINAL, "keras").is_file():
         models.append(runfolder.FINAL)  # the model to deploy, exported like the folds
+    jobs = [("tflite", v) for v in variants if "tflite" in formats]
+    jobs += [(fmt, v) for fmt in formats if fmt != "tflite" for v in FORMAT_VARIANTS]
     pending = {
         fold: [
-            variant for variant in variants if not _is_exported(runfolder.fold_model_path(run, backbone, fold, variant))
+            (fmt, variant)
+            for fmt, variant in jobs
+            if not _is_exported(runfolder.fold_model_path(run, backbone, fold, variant, fmt))
         ]
         for fold in models
     }
@@ -244,7 +253,7 @@ def export_backbone(
                 export_final()
                 for future in as_completed(futures):
                     bar.update(len(future.result()))
-    return [runfolder.fold_model_path(run, backbone, fold, variant) for fold in models for variant in variants]
+    return [runfolder.fold_model_path(run, backbone, fold, variant, fmt) for fold in models for fmt, variant in jobs]
 
 
 def _is_exported(target: Path) -> bool:
@@ -255,13 +264,14 @@ def export_fold(
     run: Path,
     backbone: str,
     fold: int | str,
-    variants: Sequence[str],
+    variants: Sequence[str | tuple[str, str]],
     calibration_images: np.ndarray,
     on_done=None,
     rule_data: RuleData | None = None,
     tta: bool = False,
 ) -> list[Path]:
-    """Convert one fold's joined Keras model to ``variants`` (in order) and write each with its sidecar.
+    """Convert one fold's joined Keras model to ``variants`` (in order; a LiteRT variant name, or a
+    (format, variant) pair) and write each with its sidecar.
     With ``rule_data`` the model gets the texture statistics output and an uncertainty rule; with
     ``tta`` every output is averaged over the 8 flips/rotations of the input image."""
     import keras
@@ -282,8 +292,9 @@ def export_fold(
         # same averaged outputs the file gives.
         model = augment.dihedral_average_model(model)
     written = []
-    for variant in variants:
-        target = runfolder.fold_model_path(run, backbone, fold, variant)
+    for job in variants:
+        fmt, variant = job if isinstance(job, tuple) else ("tflite", job)
+        target = runfolder.fold_model_path(run, backbone, fold, variant, fmt)
         full_integer = runfolder.fold_model_path(run, backbone, fold, "int8")
         # The description is built first: it is embedded in the model file (which is the source of
         # truth), and the sidecar repeats it with the tensor summary added.
@@ -296,19 +307,33 @@ def export_fold(
                 "file": runfolder.calibration_path(run).name,
             }
         meta["provenance"] = provenance(run, backbone, fold)
-        export_model(
-            model,
-            variant,
-            target,
-            calibration_images if variant in QUANTIZED_VARIANTS else None,
-            int8_flatbuffer=full_integer.read_bytes()
-            if variant == "int8-mixed" and _is_exported(full_integer)
-            else None,
-            metadata=meta,
-            rule_data=rule_data,
-            channels=channels,
-        )
-        meta["tflite"] = tensor_summary(target)
+        if fmt != "tflite":
+            from steeldefect.deploy.formats import EXPORTERS
+
+            meta["format"] = fmt
+            EXPORTERS[fmt](
+                model,
+                variant,
+                target,
+                calibration_images if variant in QUANTIZED_VARIANTS else None,
+                metadata=meta,
+                rule_data=rule_data,
+                channels=channels,
+            )
+        else:
+            export_model(
+                model,
+                variant,
+                target,
+                calibration_images if variant in QUANTIZED_VARIANTS else None,
+                int8_flatbuffer=full_integer.read_bytes()
+                if variant == "int8-mixed" and _is_exported(full_integer)
+                else None,
+                metadata=meta,
+                rule_data=rule_data,
+                channels=channels,
+            )
+            meta["tflite"] = tensor_summary(target)
         write_json(runfolder.sidecar_path(target), meta)
         written.append(target)
         if on_done is not None:

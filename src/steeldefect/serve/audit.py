@@ -14,7 +14,12 @@ of one fsync per group commit (bench/serve_throughput.py measures both).
 Reads (``/v1/history``) run in a pool of their own, ``readers`` threads each with one read-only
 connection it keeps (WAL lets them read while the writer commits): the service bounds how many
 wait for them, so history readers can neither grow threads nor take the inference threads' place.
-The page is turned into JSON bytes in that thread too, not on the server's event loop.
+The page is turned into JSON bytes in that thread too, not on the server's event loop. ``read_share``
+paces them: after a read that took ``t`` seconds the next one starts no sooner than
+``t * (1 / read_share - 1)`` later, so reads hold the interpreter's GIL and a core for at most that
+share of the time however many clients ask (a bounded queue alone would still let back-to-back
+reads take a whole core). Wall time, not the thread's CPU time: on a loaded machine a reader can be
+descheduled while it holds the GIL, and the inference threads and the event loop wait that long too.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -109,11 +115,21 @@ class AuditLog:
     """Append rows from any thread (:meth:`submit` returns a future done once the row is committed)
     and page through them (:meth:`history`); ``keep`` bounds the table to the newest rows."""
 
-    def __init__(self, path: Path, *, keep: int = DEFAULT_KEEP, fsync: bool = False, readers: int = 1) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        keep: int = DEFAULT_KEEP,
+        fsync: bool = False,
+        readers: int = 1,
+        read_share: float = 1.0,
+    ) -> None:
         if keep < 1:
             raise ValueError(f"audit keep must be >= 1 row, got {keep}")
         if readers < 1:
             raise ValueError(f"audit readers must be >= 1, got {readers}")
+        if not 0 < read_share <= 1:
+            raise ValueError(f"audit read share must be in (0, 1], got {read_share}")
         self.path = Path(path)
         self.keep = keep
         self.fsync = fsync
@@ -138,6 +154,10 @@ class AuditLog:
         self._read_lock = threading.Lock()
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="audit-read")
         self.readers = readers
+        self.read_share = read_share
+        self._pace_lock = threading.Lock()
+        self._next_read = 0.0  # time.monotonic() before which no read starts
+        self.read_interval = 0.0  # seconds between the starts of the last two paced reads
 
     @property
     def healthy(self) -> bool:
@@ -253,7 +273,22 @@ class AuditLog:
 
     def read_page(self, *, since: str | None = None, after: int = 0, limit: int = 100) -> Future:
         """:meth:`page` in the reader pool; the future's result is the JSON bytes."""
-        return self._readers.submit(self.page, since=since, after=after, limit=limit)
+        return self._readers.submit(self._paced_page, since=since, after=after, limit=limit)
+
+    def _paced_page(self, **query: Any) -> bytes:
+        with self._pace_lock:
+            wait = self._next_read - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        started = time.monotonic()
+        try:
+            return self.page(**query)
+        finally:
+            took = time.monotonic() - started
+            rest = took * (1 / self.read_share - 1)
+            with self._pace_lock:
+                self.read_interval = took + rest
+                self._next_read = max(self._next_read, time.monotonic()) + rest
 
     def close(self) -> None:
         """Commit everything queued, then stop the writer and the readers."""

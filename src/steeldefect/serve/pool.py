@@ -28,7 +28,8 @@ T = TypeVar("T")
 
 
 def resolve_model(model: Path) -> Path:
-    """A .tflite file as given, or a run folder's deployable int8 model (the one the line should run)."""
+    """A model file (.tflite, .onnx, .xml) as given, or a run folder's deployable int8 model (the one
+    the line should run)."""
     from steeldefect.core.runfolder import deployable_model
 
     model = Path(model)
@@ -39,8 +40,10 @@ def resolve_model(model: Path) -> Path:
             raise ModelFileError(f"{model}: no deployable model in this run folder ({error})") from error
         log.info("run folder %s: serving its deployable model %s", model, chosen)
         return chosen
-    if model.suffix != ".tflite":
-        raise ModelFileError(f"{model}: serve runs an exported .tflite model or a run folder (export first)")
+    from steeldefect.runtime.backends import EXPORTED, is_model_file
+
+    if not is_model_file(model):
+        raise ModelFileError(f"{model}: serve runs an exported model ({EXPORTED}) or a run folder (export first)")
     return model
 
 
@@ -89,16 +92,22 @@ def default_workers() -> int:
 
 
 class Admission:
-    """At most ``limit`` jobs in flight; one more is refused with 503 before any of its work starts."""
+    """At most ``limit`` jobs in flight; one more is refused with 503 before any of its work starts.
 
-    def __init__(self, limit: int, gauge: Any = None) -> None:
-        self.limit, self.gauge = limit, gauge
+    ``retry_after()`` (default: 1) is the ``Retry-After`` seconds a refused client is told.
+    """
+
+    def __init__(self, limit: int, gauge: Any = None, retry_after: Callable[[], int] | None = None) -> None:
+        self.limit, self.gauge, self.retry_after = limit, gauge, retry_after
         self.in_flight = 0
 
     async def run(self, start_job: Callable[[], Awaitable[T]]) -> T:
         """Await ``start_job()`` if fewer than the bound are in flight, else 503 before any work starts."""
         if self.in_flight >= self.limit:
-            raise Reject(503, f"busy: {self.limit} requests already in progress; retry shortly", {"Retry-After": "1"})
+            retry = max(1, self.retry_after()) if self.retry_after else 1
+            raise Reject(
+                503, f"busy: {self.limit} requests already in progress; retry shortly", {"Retry-After": str(retry)}
+            )
         self.in_flight += 1
         if self.gauge is not None:
             self.gauge.inc()

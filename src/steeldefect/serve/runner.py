@@ -158,12 +158,15 @@ def build_server(
     audit_fsync = app_options.get("audit_fsync", False)
     queue_size = app_options.get("queue_size", DEFAULT_QUEUE)
     max_upload_bytes = app_options.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES)
+    from steeldefect.runtime.backends import runtime_name
+
     shown_host = f"[{host}]" if ":" in host else host
     log.info(
-        "steeldefect serve: %s (%s, sha256 %s, %d classes, %dx%d) on %s://%s:%d, %d worker(s) x %s thread(s), "
-        "queue %d, audit %s, token %s, upload limit %.1f MiB, pixel limit %d",
+        "steeldefect serve: %s (%s on %s, sha256 %s, %d classes, %dx%d) on %s://%s:%d, %d worker(s) x %s "
+        "thread(s), queue %d, audit %s, token %s, upload limit %.1f MiB, pixel limit %d",
         info.path,
         info.variant,
+        runtime_name(info.path),
         info.sha256[:12],
         len(info.class_names),
         *info.input_size,

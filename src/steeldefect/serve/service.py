@@ -23,6 +23,7 @@ traceback, and one log line.
 import asyncio
 import hashlib
 import logging
+import math
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,7 @@ MAX_FORM_FIELDS = 16  # file parts and fields other than files (client_id): a fo
 # for it; more are answered 503 at once, so readers can neither pile up threads nor starve predictions.
 HISTORY_READERS = 1
 HISTORY_QUEUE = 8
+HISTORY_TIME_SHARE = 0.05  # reads paced to 5% of the time (serve.audit): predictions keep the GIL and cores
 MAX_CLIENT_ID_CHARS = 128
 TOKEN_ENV = "STEELDEFECT_TOKEN"
 RAW_CONTENT_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/x-ms-bmp", "image/tiff", "application/octet-stream")
@@ -160,7 +162,13 @@ def create_app(
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
     audit = None
     if audit_path is not None:
-        audit = AuditLog(Path(audit_path), keep=audit_keep, fsync=audit_fsync, readers=HISTORY_READERS)
+        audit = AuditLog(
+            Path(audit_path),
+            keep=audit_keep,
+            fsync=audit_fsync,
+            readers=HISTORY_READERS,
+            read_share=HISTORY_TIME_SHARE,
+        )
     store: ReviewStore | None = None
     if review_dir is not None and audit_path is not None:
         try:
@@ -173,7 +181,15 @@ def create_app(
     drift_gauges = DriftGauges(metrics.registry)
     static = _static_files()
     admission = Admission(workers + queue_size, metrics.in_flight)
-    history_admission = Admission(HISTORY_READERS + HISTORY_QUEUE)
+    # A refused reader is told when the queue ahead of it will have drained, not a fixed second:
+    # on a loaded machine paced reads are slow, and clients retrying each second would cost more
+    # than the reads themselves.
+    history_admission = Admission(
+        HISTORY_READERS + HISTORY_QUEUE,
+        retry_after=lambda: (
+            math.ceil(history_admission.in_flight * audit.read_interval / HISTORY_READERS) if audit is not None else 1
+        ),
+    )
     top_k_default = max(1, top_k_default)  # at most the served model's classes: clamped per request
     state = {"ready": True}
 
