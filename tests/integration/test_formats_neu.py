@@ -1,8 +1,8 @@
 """ONNX and OpenVINO models of a real Lite0 run on real NEU images agree with the LiteRT ones
 (issue #25): on the test split each format's fp32 gives LiteRT fp32's top-1 for >= 99.9% of the
 images (pooled over the fold models and the final model); each int8 stays above a regression floor
-(the issue's int8 targets are not met, see INT8_AGREEMENT_FLOOR); every file describes itself; `evaluate` puts every format and variant in one
-table."""
+(the issue's int8 targets are not met, see INT8_AGREEMENT_FLOOR); every file describes itself;
+`evaluate` puts every format and variant in one table."""
 
 from __future__ import annotations
 
