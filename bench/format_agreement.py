@@ -38,7 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     prepared, _ = pipeline.load_run_data(args.run, progress=False)
     test = prepared.splits.test_indices
     images, labels = prepared.images[test], prepared.dataset.labels[test]
-    models = [*range(len(prepared.splits.folds)), runfolder.FINAL]
+    # Every model exported in all six forms so far (an export still running may not have them all).
+    models = [
+        fold
+        for fold in [*range(len(prepared.splits.folds)), runfolder.FINAL]
+        if all(
+            runfolder.fold_model_path(args.run, args.backbone, fold, variant, fmt).is_file()
+            for fmt in FORMATS
+            for variant in ("fp32", "int8")
+        )
+    ]
     top1 = {}
     for fold in models:
         for fmt in FORMATS:
@@ -46,19 +55,19 @@ def main(argv: list[str] | None = None) -> int:
                 path = runfolder.fold_model_path(args.run, args.backbone, fold, variant, fmt)
                 top1[fold, fmt, variant] = Classifier(path, threads=2).probabilities(images).argmax(axis=1)
     rows = {}
-    print(f"{len(images)} test images, {len(models) - 1} fold models + final\n")
+    print(f"{len(images)} test images; models: {', '.join(map(str, models))}\n")
     print(f"{'format':<10} {'variant':<7} {'agree w/ LiteRT':>16} {'disagreeing':>12} {'accuracy (folds)':>17}")
     for fmt in FORMATS:
         for variant in ("fp32", "int8"):
             same = np.concatenate([top1[f, fmt, variant] == top1[f, "tflite", variant] for f in models])
-            accuracy = [100 * float(np.mean(top1[f, fmt, variant] == labels)) for f in models[:-1]]
+            accuracy = [100 * float(np.mean(top1[f, fmt, variant] == labels)) for f in models if f != runfolder.FINAL]
             rows[f"{fmt}-{variant}"] = {
                 "agreement_with_litert": round(float(same.mean()), 5),
                 "disagreeing_images": int((~same).sum()),
                 "compared_images": int(same.size),
                 "accuracy_per_fold": [round(a, 2) for a in accuracy],
                 "accuracy_mean": round(float(np.mean(accuracy)), 2),
-                "final_accuracy": round(100 * float(np.mean(top1[runfolder.FINAL, fmt, variant] == labels)), 2),
+                "models": [str(f) for f in models],
             }
             row = rows[f"{fmt}-{variant}"]
             print(

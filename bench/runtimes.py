@@ -50,14 +50,14 @@ FORMATS = (("tflite", "LiteRT"), ("onnx", "ONNX Runtime"), ("openvino", "OpenVIN
 VARIANTS = ("fp32", "int8")
 
 
-def model_paths(run: Path) -> dict[str, Path]:
+def model_paths(run: Path, fold: int | str = runfolder.FINAL) -> dict[str, Path]:
     backbone = runfolder.load_summary(run).get("deploy", {}).get("backbone") or next(
         iter(runfolder.load_summary(run)["backbones"])
     )
     paths = {}
     for fmt, runtime in FORMATS:
         for variant in VARIANTS:
-            path = runfolder.fold_model_path(run, backbone, runfolder.FINAL, variant, fmt)
+            path = runfolder.fold_model_path(run, backbone, fold, variant, fmt)
             if not path.is_file():
                 raise SystemExit(f"{path}: missing (export the run with --variants fp32 int8 --formats ...)")
             paths[f"{runtime} {variant}"] = path
@@ -126,6 +126,8 @@ def openvino_profile(path: Path, image: np.ndarray, runs: int = 50) -> list[dict
     backend = OpenVinoBackend(path, 1, profile=True)
     prepared = backend.prepare(image)
     totals: dict[tuple[str, str], float] = collections.Counter()
+    for _ in range(5):  # warm-up: the first invokes compile and pack kernels
+        backend.invoke(prepared)
     for _ in range(runs):
         backend.invoke(prepared)
         for info in backend.request.profiling_info:
@@ -192,10 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=2000, help="archive images per arm")
     parser.add_argument("--runs", type=int, default=200, help="timed invokes per latency measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (latency and archive)")
+    parser.add_argument(
+        "--fold", default="final", help="which model: final (the deploy model, with its texture output) or a fold"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/runtimes.json)")
     args = parser.parse_args(argv)
 
-    paths = model_paths(args.run)
+    paths = model_paths(args.run, runfolder.FINAL if args.fold == "final" else int(args.fold))
     jpegs = sorted(args.images.glob("*.jpg"))
     if not jpegs:
         print(f"{args.images}: no JPEGs", file=sys.stderr)
@@ -252,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "runtimes",
         {
             "run": str(args.run),
+            "models": {name: str(path) for name, path in paths.items()},
             "latency_batch1": latency,
             "profiles_1_thread": profiles,
             "archive_local_2x1": throughput,
