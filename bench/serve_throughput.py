@@ -1,6 +1,6 @@
 """`steeldefect serve` over loopback HTTP against the bare interpreter loop, side by side in one run.
 
-Figures: docs/results.md, "Service throughput"; docs/security.md, "History readers do not slow predictions".
+Figures: docs/results.md, "Service throughput"; docs/security.md, "History readers and predictions".
 
 Usage (from the repository root; the serve extra installed)::
 
