@@ -21,7 +21,8 @@ conversion that passes (:data:`REMEDIES`):
    the file stays full-integer.
 2. ``float-layers``: keep the few layers with the worst per-layer int8 error (the
    QuantizationDebugger statistic the `quant-debug` report plots, RMSE / quantization step) in
-   float, by the converter's selective quantization (``denylisted_nodes``): 3 layers, then 10.
+   float, by the converter's selective quantization (``denylisted_nodes``): 3 layers, then 10 (never
+   more than a quarter of the quantized layers).
 3. ``int8-mixed``: int8 from 1/8 of the input resolution on, float before
    (:func:`steeldefect.models.conversion.convert`), for the ``int8`` variant.
 
@@ -170,8 +171,9 @@ def tflite_probabilities(flatbuffer: bytes, images: np.ndarray) -> np.ndarray:
 
 
 def worst_layers(model, calibration_images: np.ndarray, count: int, *, exclude: Sequence[str] = ()) -> list[str]:
-    """The ``count`` output tensors with the largest int8 error per quantization step (RMSE / scale,
-    measured by the QuantizationDebugger on a few calibration images), worst first."""
+    """The ``count`` output tensors (at most a quarter of them) with the largest int8 error per
+    quantization step (RMSE / scale, measured by the QuantizationDebugger on a few calibration
+    images), worst first."""
     import csv
 
     import tensorflow as tf
@@ -195,6 +197,8 @@ def worst_layers(model, calibration_images: np.ndarray, count: int, *, exclude: 
         scale = float(row["scale"]) if row.get("scale") else 0.0
         if scale > 0 and row["tensor_name"] not in exclude:
             ranked.append((np.sqrt(float(row["mean_squared_error"])) / scale, row["tensor_name"]))
+    # "A few": never more than a quarter of the quantized layers, else the file is a float model.
+    count = min(count, max(1, len(ranked) // 4))
     return [name for _, name in sorted(ranked, reverse=True)[:count]]
 
 
@@ -349,3 +353,45 @@ def summary_entry(record: dict[str, Any]) -> dict[str, Any]:
         "guard_seconds": record.get("guard_seconds"),
         "mode": record["mode"],
     }
+
+
+def report_section(backbones: dict[str, dict[str, Any]]) -> list[str]:
+    """The report's "int8 guard" section: one row per checked model and int8 variant (from summary.json),
+    saying plainly when a file that failed the check was shipped anyway."""
+    rows = []
+    for name, entry in backbones.items():
+        for fold, variants in (entry.get("int8_check") or {}).items():
+            for variant, record in variants.items():
+                before, after = record["before"], record["after"]
+                if record["passes"]:
+                    verdict = "passes" if record["shipped"] == "as converted" else f"passes after {record['shipped']}"
+                elif record["mode"] == "fix":
+                    verdict = "**FAILS: no remedy passed, shipped as converted**"
+                else:
+                    verdict = f"**FAILS (--int8-guard {record['mode']}), shipped as converted**"
+                rows.append(
+                    f"| {name} | {fold} | {variant} | {before['images']} | {_figures(before)} | "
+                    f"{_figures(after)} | {verdict} | {record.get('guard_seconds') or 0:.0f} |"
+                )
+    if not rows:
+        return []
+    return [
+        "## int8 guard: each int8 file against its own float model",
+        "",
+        "| Backbone | Model | Variant | Images | Before: accuracy drop / worst class recall drop / top-1 changed "
+        "| After (the file shipped), same figures | Verdict | Guard s |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Drops in points, top-1 changed in % of the images; measured on out-of-fold validation images (fold "
+        "models) and the training images (deploy model), never the test split. Threshold: 0.5 point of "
+        "accuracy or 2 points of any class's recall (docs/int8-guard.md).",
+        "",
+    ]
+
+
+def _figures(figures: dict[str, Any]) -> str:
+    return (
+        f"{figures['accuracy_drop']:.2f} / {figures['worst_class_recall_drop']:.2f} ({figures['worst_class']}) / "
+        f"{figures['top1_changed']:.2f}"
+    )

@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from steeldefect.core import runfolder
 from steeldefect.core.files import atomic_write_bytes, atomic_write_text, read_json, write_csv
 from steeldefect.core.runfolder import require_run
+from steeldefect.deploy import int8guard
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ def write_report(run: Path) -> Path:
         "",
     ]
     lines += _extra_variants_section(run, names, backbones)
+    lines += int8guard.report_section({name: backbones[name] for name in names if name in backbones})
     lines += _per_class_section(run, names, backbones, summary)
     lines += _trust_section(run, names, backbones)
     lines += _cv_section(run, names, backbones)
