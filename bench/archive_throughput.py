@@ -1,5 +1,7 @@
 """Scoring an image archive: today's `predict` loop vs the local engine vs the Ray engine, side by side.
 
+Figures: docs/results.md, "Archive throughput".
+
 Usage (from the repository root)::
 
     python bench/archive_throughput.py [--run runs/neu-pooled] [--count 20000] [--local 2x1 1x2] [--ray 1 2]
@@ -36,7 +38,7 @@ from pathlib import Path
 import benchio
 from steeldefect.core.cpuinfo import cpu_flags, cpu_model, int8_features
 from steeldefect.core.runfolder import deployable_model, source_revision
-from steeldefect.deploy import batch
+from steeldefect.deploy import batch, batch_ray
 from steeldefect.deploy.predict import predict_paths
 
 DEFAULT_RUN = Path("runs/neu-pooled")
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help=f"images per batch (default: each engine's own, {batch.DEFAULT_BATCH_SIZE} local, "
-        f"{batch.DEFAULT_RAY_BATCH_SIZE} ray)",
+        f"{batch_ray.DEFAULT_RAY_BATCH_SIZE} ray)",
     )
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds over the arms")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/archive_throughput.json"))
@@ -265,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     seconds, results = result.seconds, read_results(out)
                 else:
-                    result = batch.score_archive_ray(model, [manifest], out, actors=spec["actors"], threads=1, **sizes)
+                    result = batch_ray.score_archive_ray(
+                        model, [manifest], out, actors=spec["actors"], threads=1, **sizes
+                    )
                     seconds, results = result.seconds, read_results(out)
             out.unlink(missing_ok=True)
             total = totals[name]
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest.write_text("\n".join(entries[: spec["actors"]]) + "\n")
         out = work / "tiny.parquet"
         with RssSampler(tree=True) as rss:
-            result = batch.score_archive_ray(model, [manifest], out, actors=spec["actors"], threads=1, **sizes)
+            result = batch_ray.score_archive_ray(model, [manifest], out, actors=spec["actors"], threads=1, **sizes)
         out.unlink(missing_ok=True)
         ray_fixed[name] = {"seconds": round(result.seconds, 2), "cpu_seconds": round(rss.cpu_seconds(), 2)}
         print(f"  {name}: one run on {spec['actors']} image(s): {result.seconds:.1f} s, {rss.cpu_seconds():.2f} CPU s")
@@ -360,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model),
         "count": args.count,
         "distinct_images": len(jpegs),
-        "batch_size": args.batch_size or {"local": batch.DEFAULT_BATCH_SIZE, "ray": batch.DEFAULT_RAY_BATCH_SIZE},
+        "batch_size": args.batch_size or {"local": batch.DEFAULT_BATCH_SIZE, "ray": batch_ray.DEFAULT_RAY_BATCH_SIZE},
         "rounds": args.rounds,
         "components": components,
         "ray_init_seconds": None if ray_start is None else round(ray_start, 2),

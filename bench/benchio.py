@@ -1,6 +1,6 @@
 """Where a bench's figures go: printed for the reader and saved as JSON beside the machine they were
 measured on (CPU model, int8 dot-product flags, SIMD flags, cores, threads, library versions, git
-commit), so a figure in the README can be traced to the file and command that produced it.
+commit), so a figure on a docs page (docs/results.md) can be traced to the file and command that produced it.
 
 Default file: ``bench/results/<name>.json`` (``--out`` in each bench overrides it).
 """

@@ -1,5 +1,7 @@
 """Temperature scaling of a run's fold models: fitted on out-of-fold validation predictions, judged on test.
 
+Figures: docs/results.md, "Calibration".
+
 Usage (from the repository root)::
 
     python bench/calibration.py RUN [--out FILE.json] [--plot FILE.png]
@@ -25,8 +27,8 @@ from steeldefect.core.runfolder import backbone_dir
 from steeldefect.models.backbones import build_backbone, weights_id
 from steeldefect.models.features import cached_features
 from steeldefect.models.training import GridCell, load_head, out_of_fold_probabilities, predict_proba
-from steeldefect.runtime import uncertainty
-from steeldefect.study.pipeline import load_run_data
+from steeldefect.runtime import calibration
+from steeldefect.study.rundata import load_run_data
 
 BACKBONE = "efficientnet_lite0"
 
@@ -59,27 +61,27 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(len(splits.folds))
     ]
     indices, oof = out_of_fold_probabilities(heads, features, splits.folds)
-    fitted = uncertainty.fit_calibration(oof, labels[indices], val_indices=indices, test_indices=splits.test_indices)
+    fitted = calibration.fit_calibration(oof, labels[indices], val_indices=indices, test_indices=splits.test_indices)
     test, y = splits.test_indices, labels[splits.test_indices]
     per_model = []
     before_all, after_all = [], []
     for k, head in enumerate(heads):
         p = predict_proba(head, features[test])
-        q = uncertainty.apply_temperature(p, fitted["temperature"])
+        q = calibration.apply_temperature(p, fitted["temperature"])
         before_all.append(p)
         after_all.append(q)
         per_model.append(
             {
                 "fold": k,
                 "accuracy": float((p.argmax(1) == y).mean()),
-                "ece_before": uncertainty.expected_calibration_error(p, y),
-                "ece_after": uncertainty.expected_calibration_error(q, y),
-                "nll_before": uncertainty.negative_log_likelihood(p, y),
-                "nll_after": uncertainty.negative_log_likelihood(q, y),
+                "ece_before": calibration.expected_calibration_error(p, y),
+                "ece_after": calibration.expected_calibration_error(q, y),
+                "nll_before": calibration.negative_log_likelihood(p, y),
+                "nll_after": calibration.negative_log_likelihood(q, y),
             }
         )
     mean = {key: float(np.mean([m[key] for m in per_model])) for key in per_model[0] if key != "fold"}
-    uncertainty.reliability_diagram(
+    calibration.reliability_diagram(
         {
             "uncalibrated": (np.concatenate(before_all), np.tile(y, len(heads))),
             f"temperature {fitted['temperature']:.2f}": (np.concatenate(after_all), np.tile(y, len(heads))),

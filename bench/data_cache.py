@@ -1,5 +1,7 @@
 """How much the decoded-image cache saves: load the real NEU images twice into a fresh cache.
 
+Figures: docs/results.md, "Data cache" (and docs/data.md, "The image cache").
+
 Usage (from the repository root)::
 
     PYTHONPATH=src python bench/data_cache.py [NEU-DET folder] [--size 224] [--out bench/results/data_cache.json]

@@ -1,6 +1,8 @@
 """How long `export` takes per fold, three ways side by side in one run: before the int8 reuse, with
 it, and with it plus two folds converted at once in two processes.
 
+Figures: docs/results.md, "Export speed".
+
 Usage (from the repository root)::
 
     PYTHONPATH=src python bench/export_speed.py [RUN] [--folds 0 1] [--workers 2] [--out FILE.json]
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if not source.is_file():
             parser.error(f"{source}: no such fold model (RUN must be a trained run folder)")
 
-    from steeldefect.study.pipeline import load_run_data
+    from steeldefect.study.rundata import load_run_data
 
     prepared, train_options = load_run_data(args.run, progress=False)
     indices = export.calibration_indices(

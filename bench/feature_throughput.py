@@ -1,5 +1,7 @@
 """Feature-extraction throughput, side by side: backbones x engines (Keras, LiteRT float32).
 
+Figures: docs/results.md, "Feature extraction".
+
 Usage (from the repository root)::
 
     python bench/feature_throughput.py [NEU-DET folder] [--images 256] [--rounds 3] [--out FILE.json]

@@ -1,5 +1,7 @@
 """Fine-tuning speed, side by side: augmentation in the graph vs cached frozen-bottom activations.
 
+Figures: docs/results.md, "Fine-tuning speed".
+
 Usage (from the repository root)::
 
     python bench/finetune_speed.py [NEU-DET folder] [--blocks 2] [--images 128] [--steps 4] [--out FILE.json]

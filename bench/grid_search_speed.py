@@ -1,5 +1,7 @@
 """Cached features vs the reference's training loop, timed side by side in one run.
 
+Figures: docs/results.md, "Grid search".
+
 Usage (from the repository root)::
 
     python bench/grid_search_speed.py [NEU-DET folder] [--backbone mobilenet] [--reference-epochs 3] [--out FILE.json]

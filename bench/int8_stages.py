@@ -1,5 +1,7 @@
 """Where int8 gains or loses against fp32: EfficientNet-Lite0 timed stage by stage, side by side.
 
+Figures: docs/results.md, "Where int8 loses without dot-product instructions".
+
 Usage (from the repository root)::
 
     python bench/int8_stages.py [NEU-DET folder] [--threads 1 2] [--rounds 5] [--runs 20] [--out FILE.json]

@@ -1,5 +1,7 @@
 """fp32 vs fp16 vs int8 LiteRT latency, measured side by side in one run, as ratios.
 
+Figures: docs/results.md, "Latency".
+
 Usage (from the repository root, after `steeldefect export RUN`)::
 
     python bench/latency.py RUN [--threads 1 2] [--rounds 5] [--runs 30] [--out FILE.json]

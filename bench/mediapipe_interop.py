@@ -1,5 +1,7 @@
 """Do other runtimes read our model files the same way? MediaPipe Tasks' ImageClassifier vs `predict`.
 
+Figures: docs/results.md, "MediaPipe interoperability".
+
 Usage (from the repository root)::
 
     python bench/mediapipe_interop.py RUN [--fold 0] [--variants fp32 fp16 int8 int8-mixed]
@@ -47,7 +49,7 @@ def export_fold(run: Path, fold: int, variants: Sequence[str], out_dir: Path, ba
     from steeldefect.deploy import export as export_stage
     from steeldefect.models.conversion import QUANTIZED_VARIANTS
     from steeldefect.runtime.modelfile import sidecar_path
-    from steeldefect.study.pipeline import load_run_data, trained_backbones
+    from steeldefect.study.rundata import load_run_data, trained_backbones
 
     backbone = backbone or trained_backbones(run)[0]
     prepared, options = load_run_data(run, progress=False)

@@ -1,5 +1,7 @@
 """Latency of several model files side by side: what a feature choice or `export --tta` costs per image.
 
+Figures: docs/results.md, "Model latency: features and the 8-view average".
+
 Usage (from the repository root)::
 
     python bench/model_latency.py LABEL=MODEL.tflite ... [--threads 1 2] [--rounds 5] [--runs 30] [--out FILE.json]

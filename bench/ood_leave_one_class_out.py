@@ -1,5 +1,7 @@
 """Leave-one-class-out: how well each out-of-distribution score flags a defect class never trained on.
 
+Figures: docs/results.md, "Out-of-distribution detection".
+
 Usage (from the repository root)::
 
     python bench/ood_leave_one_class_out.py RUN [--out FILE.json]
@@ -20,7 +22,7 @@ same heads) the per-class-covariance texture score that ships now (steeldefect.r
 on the texture statistics, and max-rank combinations ("or") of these with each other and max softmax.
 Also: the far-OOD set (photographs, grey, white, noise, a blurred NEU image) against the six-class
 scorer as shipped. The held-out heads' outputs are cached (beside the feature cache) so that a re-run
-and bench/ood_texture_variants.py compare scores on the same heads.
+and experiments/ood_texture_variants.py compare scores on the same heads.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from steeldefect.models.features import cached_features
 from steeldefect.models.training import HeadTrainer, fit_head
 from steeldefect.runtime import uncertainty
 from steeldefect.runtime.litert import make_interpreter, predict_tflite
-from steeldefect.study.pipeline import load_run_data
+from steeldefect.study.rundata import load_run_data
 
 BACKBONE = "efficientnet_lite0"
 SCORES = (

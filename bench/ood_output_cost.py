@@ -1,5 +1,7 @@
 """What the OOD score costs at predict time: the classifier with the texture statistics as a second output.
 
+Figures: docs/results.md, "Cost of the second output".
+
 Usage (from the repository root)::
 
     python bench/ood_output_cost.py RUN [--fold 0] [--rounds 3] [--runs 30] [--out FILE.json]
@@ -28,7 +30,7 @@ from steeldefect.models.conversion import convert
 from steeldefect.runtime import uncertainty
 from steeldefect.runtime.litert import from_output, make_interpreter, resolve_threads, to_input
 from steeldefect.study.evaluate import measure_latency
-from steeldefect.study.pipeline import load_run_data
+from steeldefect.study.rundata import load_run_data
 
 BACKBONE = "efficientnet_lite0"
 

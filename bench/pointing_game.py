@@ -1,5 +1,8 @@
 """Pointing game: does the heatmap's maximum fall on the annotated defect?
 
+Figures: docs/results.md, "Heatmaps (pointing game)"; the variants not adopted: docs/design-notes.md,
+"Heatmaps of the frozen pooled model".
+
 Usage (from the repository root)::
 
     python bench/pointing_game.py MODEL.keras [--run RUN] [--smoothgrad N] [--occlusion] [--out FILE.json]
@@ -53,7 +56,7 @@ import benchio
 from steeldefect.core.cpuinfo import cpu_description
 from steeldefect.data.annotations import annotation_path, box_mask, read_voc
 from steeldefect.deploy import explain
-from steeldefect.study.pipeline import load_run_data, run_train_options
+from steeldefect.study.rundata import load_run_data, run_train_options
 
 TOLERANCE = 15
 SIZE = 200

@@ -1,6 +1,8 @@
 """Pointing game of every model of a run: the five fold models and the deploy model on the test images,
 and each fold model on its own validation fold (images it never trained on).
 
+Figures: docs/results.md, "The density's width, and every model of the run".
+
 Usage (from the repository root)::
 
     python bench/pointing_game_models.py RUN [--boxes DIR] [--smoothing 0,0.25,0.5,0.75,1] [--out FILE.json]
@@ -34,7 +36,7 @@ from pointing_game import boxes_folder, filtered_rows, hits
 from steeldefect.core.cpuinfo import cpu_description
 from steeldefect.core.runfolder import FINAL, fold_model_path
 from steeldefect.deploy import explain
-from steeldefect.study.pipeline import load_run_data
+from steeldefect.study.rundata import load_run_data
 
 SANITY_LIMIT = 0.5  # issue #14: randomising the head must change the maps (rank correlation < 0.5)
 TIES = ("first", "centre")

@@ -1,5 +1,7 @@
 """`steeldefect serve` over loopback HTTP against the bare interpreter loop, side by side in one run.
 
+Figures: docs/results.md, "Service throughput".
+
 Usage (from the repository root; the serve extra installed)::
 
     python bench/serve_throughput.py [--model runs/neu-pooled] [--images ../shared/data/NEU-DET/IMAGES]

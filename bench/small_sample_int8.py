@@ -1,5 +1,7 @@
 """Int8 of heads trained on few or imbalanced images: does full-integer quantization keep their accuracy?
 
+Figures: docs/results.md, "Int8 of few-image and imbalanced heads".
+
 Usage (from the repository root)::
 
     python bench/small_sample_int8.py --data ../shared/data/NEU-DET/IMAGES [--draws 1] [--cases all|few|imbalance]
@@ -37,7 +39,7 @@ from steeldefect.deploy.export import calibration_indices
 from steeldefect.models import backbones, training
 from steeldefect.models.conversion import convert
 from steeldefect.runtime.litert import make_interpreter, predict_tflite
-from steeldefect.study import learningcurve, pipeline
+from steeldefect.study import learningcurve, learningcurve_points, rundata
 
 PROFILE = (255, 128, 64, 32, 16, 8)
 ORDERS = (
@@ -82,7 +84,7 @@ class Inputs(NamedTuple):
 
 def load_inputs(data: Path) -> Inputs:
     options = LearningCurveOptions()
-    prepared = pipeline.load_data(data, options, progress=False)
+    prepared = rundata.load_data(data, options, progress=False)
     pool, test_idx = prepared.splits.train_indices, prepared.splits.test_indices
     features, augmented, _ = learningcurve.multilayer_inputs(
         prepared, pool, options, default_cache_dir(), progress=False
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, counts, weight_mode, rarest in cases:
         for draw in range(args.draws):
             started = time.perf_counter()
-            sample = learningcurve.draw_sample(labels, pool, counts, seed=options.seed, draw=draw)
+            sample = learningcurve_points.draw_sample(labels, pool, counts, seed=options.seed, draw=draw)
             head, _ = learningcurve.fit_head(
                 sample,
                 labels,

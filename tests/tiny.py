@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from steeldefect.models import backbones
+from steeldefect.models import weights as weight_files
 
 TINY = "tiny"
 # The cache identity the augmented-feature tests give `augfeatures.augmented_features` (plus cache_dir).
@@ -53,7 +54,7 @@ def register_tiny_backbone(monkeypatch, keras_home: Path, *, in_all: bool = True
         name=TINY,
         display_name="Tiny",
         feature_shape=(8, 8, 16),
-        weights=backbones.WeightFile(
+        weights=weight_files.WeightFile(
             path.name, "tiny/" + path.name, path.stat().st_size, hashlib.md5(path.read_bytes()).hexdigest()
         ),
         _build=build_tiny,

@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from steeldefect.core.options import PredictOptions
@@ -248,7 +248,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         print(f"report: {path}")
         return 0
     if args.command == "predict":
-        from steeldefect.deploy.batch import collect_inputs
+        from steeldefect.deploy.batch_io import collect_inputs
         from steeldefect.deploy.predict import format_predictions, predict_paths
 
         options = from_namespace(PredictOptions, args)
@@ -272,9 +272,10 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
 def _explain_target(model: Path, options: PredictOptions) -> tuple[Path, Path] | int:
     """(the .keras model, the heatmap folder) for `predict --explain DIR`, checked before any work:
     a .tflite with no .keras beside it is refused in one line (exit 1), a bad DIR too (exit 2)."""
-    from steeldefect.deploy.explain import keras_model_for, prepare_out_dir
+    from steeldefect.deploy.explain_files import keras_model_for, prepare_out_dir
     from steeldefect.runtime.litert import ModelFileError
 
+    assert options.explain is not None  # called for --explain DIR only
     if options.out is not None:
         raise ValueError("--explain writes heatmaps of the images printed; it does not go with --out")
     try:
@@ -296,8 +297,9 @@ def _write_heatmaps(
     """The heatmap PNGs of `predict --explain`, each of the class printed for its image (MODEL's
     answer, asked again: a LiteRT pass costs little next to the gradients); the summary goes to
     stderr so stdout stays the chosen --format."""
-    from steeldefect.deploy.batch import collect_inputs
-    from steeldefect.deploy.explain import explain_paths, method_for_file
+    from steeldefect.deploy.batch_io import collect_inputs
+    from steeldefect.deploy.explain import method_for_file
+    from steeldefect.deploy.explain_files import explain_paths
     from steeldefect.deploy.predict import predict_paths
 
     inputs = collect_inputs(paths)
@@ -358,7 +360,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions, progress: bool) -> int:
     """`predict` on the fast batch path (steeldefect.deploy.batch): to stdout as always, or into --out."""
-    from steeldefect.deploy import batch
+    from steeldefect.deploy import batch, batch_io, batch_ray
 
     if options.engine == "ray" and options.out is None:
         raise ValueError("--engine ray writes its results to a file: give --out FILE.parquet")
@@ -368,7 +370,7 @@ def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions
         from steeldefect.core.runfolder import deployable_model
 
         model = deployable_model(model)
-    settings = dict(top_k=options.top_k, threads=options.threads, accept=options.accept)
+    settings: dict[str, Any] = dict(top_k=options.top_k, threads=options.threads, accept=options.accept)
     if options.batch_size is not None:
         settings["batch_size"] = options.batch_size
     if options.out is None:  # today's output, from the fast path
@@ -376,8 +378,8 @@ def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions
 
         from steeldefect.deploy.predict import Prediction, format_predictions
 
-        inputs = batch.collect_inputs(paths)
-        results = []
+        inputs = batch_io.collect_inputs(paths)
+        results: list[Prediction] = []
         with tqdm(total=len(inputs), desc="predict", unit="img", disable=not progress) as bar:
             for rows in batch.iter_predictions(model, inputs, workers=options.workers, **settings):
                 results.extend(Prediction(Path(row.path), row.top, row.error, row.uncertain) for row in rows)
@@ -386,7 +388,7 @@ def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions
         return 1 if any(result.error for result in results) else 0
     try:
         if options.engine == "ray":
-            result = batch.score_archive_ray(
+            result = batch_ray.score_archive_ray(
                 model,
                 paths,
                 options.out,
@@ -399,7 +401,7 @@ def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions
             result = batch.score_archive(
                 model, paths, options.out, workers=options.workers, progress=progress, **settings
             )
-    except batch.RayMissingError as error:
+    except batch_ray.RayMissingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(

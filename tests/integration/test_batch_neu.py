@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from steeldefect.deploy import batch
+from steeldefect.deploy import batch, batch_io, batch_ray
 from steeldefect.deploy.predict import predict_paths
 from tiny_tflite import export_tiny_classifier
 
@@ -52,7 +52,7 @@ def model(request, tmp_path_factory):
 
 
 def _check_against_today(rows: list[dict], model: Path, manifest: Path) -> None:
-    listing = batch.collect_inputs([manifest])
+    listing = batch_io.collect_inputs([manifest])
     today = {str(p.path): p for p in predict_paths(model, listing, top_k=3)}
     assert sorted(row["path"] for row in rows) == sorted(map(str, listing))
     errors = {row["path"]: row["error"] for row in rows if row["error"]}
@@ -80,6 +80,6 @@ def test_ray_engine_matches_todays_predict(model, manifest, tmp_path):
     import pyarrow.parquet as pq
 
     out = tmp_path / "r.parquet"
-    result = batch.score_archive_ray(model, [manifest], out, top_k=3, actors=2, batch_size=8, num_cpus=2)
+    result = batch_ray.score_archive_ray(model, [manifest], out, top_k=3, actors=2, batch_size=8, num_cpus=2)
     assert (result.listed, result.failed, result.details["cluster_cpus"]) == (38, 2, 2)
     _check_against_today(pq.read_table(out).to_pylist(), model, manifest)

@@ -58,7 +58,7 @@ def test_mediapipe_reads_the_deploy_model_with_its_second_output(run_folder, tmp
 
     from steeldefect.core.runfolder import deployable_model
     from steeldefect.runtime.litert import make_interpreter
-    from steeldefect.study.pipeline import load_run_data
+    from steeldefect.study.rundata import load_run_data
 
     bench = load_bench()
     model = tmp_path / "model.int8.tflite"

@@ -13,7 +13,7 @@ import pytest
 
 from steeldefect import cli
 from steeldefect.deploy import explain
-from steeldefect.study import pipeline
+from steeldefect.study import rundata
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def test_attention_head_points_at_real_defect_boxes(neu_dir, neu_images, tmp_pat
     args = ["--quiet", "train", "--data", str(data), "--out", str(run), "--head", "attention", "--boxes", str(boxes)]
     assert cli.main([*args, "--folds", "2", "--learning-rates", "0.01"]) == 0
 
-    prepared, _ = pipeline.load_run_data(run, progress=False)
+    prepared, _ = rundata.load_run_data(run, progress=False)
     test = prepared.splits.test_indices
     # The bench's protocol: boxes under half the image, 15 px tolerance, scored at 200x200.
     rows, masks = pg.filtered_rows(test, prepared.dataset, boxes)

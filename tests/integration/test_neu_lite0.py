@@ -12,7 +12,7 @@ import pytest
 from steeldefect.core.files import read_json
 from steeldefect.data.dataset import CLASS_NAMES_NEU
 from steeldefect.deploy import export as quantize
-from steeldefect.study import evaluate, pipeline
+from steeldefect.study import evaluate, pipeline, rundata
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def test_lite0_int8_keeps_accuracy_on_real_images(lite0_run, tmp_path, monkeypat
 
     run, summary = lite0_run
     monkeypatch.setenv("STEELDEFECT_CACHE", str(run.parent / "cache"))
-    prepared, options = pipeline.load_run_data(run, progress=False)
+    prepared, options = rundata.load_run_data(run, progress=False)
     calibration = quantize.calibration_indices(prepared.dataset.labels, prepared.splits.train_indices, 60, seed=42)
     assert not set(calibration) & set(prepared.splits.test_indices.tolist())
     model = keras.models.load_model(run / "efficientnet_lite0" / "models" / "fold0.keras")

@@ -15,7 +15,7 @@ from steeldefect.core.options import TrainOptions
 from steeldefect.data import annotations
 from steeldefect.deploy import explain
 from steeldefect.models import training
-from steeldefect.study import pipeline
+from steeldefect.study import pipeline, rundata
 from tiny import CLASSES, FAST_TRAIN, TINY
 
 
@@ -148,7 +148,7 @@ def test_train_attention_head_end_to_end(tiny_env, tmp_path, capsys, monkeypatch
     summary = pipeline.train(tiny_env, run, backbones=[TINY], head="attention", boxes=boxes, **options)
     assert summary["backbones"][TINY]["head"] == "attention"
     # Only training images' boxes were read: the test images' boxes are for measuring heatmaps.
-    prepared, _ = pipeline.load_run_data(run, progress=False)
+    prepared, _ = rundata.load_run_data(run, progress=False)
     test_files = {prepared.dataset.paths[i].name for i in prepared.splits.test_indices}
     assert read and len(read) == len(prepared.splits.train_indices) and not test_files & set(read)
     model = keras.models.load_model(run / "deploy" / "model.keras")

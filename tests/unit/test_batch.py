@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from steeldefect import cli
-from steeldefect.deploy import batch
+from steeldefect.deploy import batch, batch_io, batch_ray
 from steeldefect.deploy.predict import format_predictions, predict_paths
 from tiny_tflite import export_tiny_classifier
 
@@ -65,7 +65,7 @@ def test_manifests_resolve_relative_entries_against_their_folder(tmp_path, image
         writer.writerow(["line", "path"])
         writer.writerow(["3", os.path.relpath(good[2], sub)])
         writer.writerow(["4", str(good[3])])
-    found = batch.collect_inputs([sub / "a.txt", good[4], sub / "b.csv"])
+    found = batch_io.collect_inputs([sub / "a.txt", good[4], sub / "b.csv"])
     assert [p.resolve() for p in found] == [good[0], good[1], good[4], good[2], good[3]]
 
 
@@ -96,7 +96,7 @@ def test_local_engine_gives_todays_predictions_and_error_rows(tmp_path, models, 
             assert (row["class"], row["probability"]) == ref.top[0]
     assert "missing.jpg" in rows[7]["error"] and "corrupt" in rows[15]["error"]
     assert len({row["model_sha256"] for row in rows}) == 1
-    assert not batch.parts_dir(out).exists()
+    assert not batch_io.parts_dir(out).exists()
 
 
 def test_parquet_schema_is_the_documented_one(tmp_path, models, images):
@@ -105,13 +105,13 @@ def test_parquet_schema_is_the_documented_one(tmp_path, models, images):
     out = tmp_path / "r.parquet"
     batch.score_archive(models["fp32"], images["good"][:3], out, workers=1)
     schema = pq.read_schema(out)
-    assert schema.names == list(batch.PARQUET_COLUMNS)
-    assert schema.remove_metadata().equals(batch.parquet_schema())
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Scoring an image archive", 1)[1].split("\n## ", 1)[0]
+    assert schema.names == list(batch_io.PARQUET_COLUMNS)
+    assert schema.remove_metadata().equals(batch_io.parquet_schema())
+    manual = (REPO / "docs" / "predict.md").read_text()  # the manual's page on predicting and archives
+    section = manual.split("## Scoring an image archive", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([a-z_0-9]+)` \| `([^`]+)` \|", section, re.MULTILINE)
-    assert [name for name, _ in documented] == list(batch.PARQUET_COLUMNS)
-    assert [kind for _, kind in documented] == [str(schema.field(name).type) for name in batch.PARQUET_COLUMNS]
+    assert [name for name, _ in documented] == list(batch_io.PARQUET_COLUMNS)
+    assert [kind for _, kind in documented] == [str(schema.field(name).type) for name in batch_io.PARQUET_COLUMNS]
 
 
 def test_csv_and_jsonl_outputs_are_todays_formats_plus_new_fields(tmp_path, models, images):
@@ -163,9 +163,9 @@ def test_an_output_of_another_model_is_refused_and_left_untouched(tmp_path, mode
     out = tmp_path / "r.parquet"
     batch.score_archive(models["fp32"], images["good"][:4], out, workers=1)
     before = out.read_bytes()
-    with pytest.raises(batch.OutputError, match=r"r\.parquet: holds results of another model"):
+    with pytest.raises(batch_io.OutputError, match=r"r\.parquet: holds results of another model"):
         batch.score_archive(models["int8"], images["good"], out, workers=1)
-    assert out.read_bytes() == before and not batch.parts_dir(out).exists()
+    assert out.read_bytes() == before and not batch_io.parts_dir(out).exists()
 
 
 def test_uncertain_column_follows_the_rule_inside_the_model(tmp_path, images, capsys):
@@ -269,7 +269,7 @@ def test_resume_after_sigkill_has_no_duplicates_and_no_gaps(tmp_path, models, im
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while len(list(batch.parts_dir(out).glob("part-*.parquet"))) < 5 and time.monotonic() < deadline:
+    while len(list(batch_io.parts_dir(out).glob("part-*.parquet"))) < 5 and time.monotonic() < deadline:
         time.sleep(0.002)
     workers = _children(process.pid)
     process.send_signal(signal.SIGKILL)
@@ -278,7 +278,7 @@ def test_resume_after_sigkill_has_no_duplicates_and_no_gaps(tmp_path, models, im
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert workers and not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived its parent"
-    committed = batch.read_output_state(out, batch.read_model_info(models["fp32"]).sha256).done
+    committed = batch_io.read_output_state(out, batch.read_model_info(models["fp32"]).sha256).done
     assert 5 * 16 <= sum(committed.values()) < len(listing), "killed before the end with parts committed"
     assert not out.exists()  # never a half-written output
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -293,7 +293,7 @@ def test_ray_engine_runs_locally_on_two_cpus_without_dashboard_and_matches(tmp_p
     listing = _listing(images)
     reference = {str(p.path): p for p in predict_paths(models["int8"], listing, top_k=2)}
     out = tmp_path / "r.parquet"
-    result = batch.score_archive_ray(models["int8"], listing, out, top_k=2, actors=2, batch_size=4, num_cpus=2)
+    result = batch_ray.score_archive_ray(models["int8"], listing, out, top_k=2, actors=2, batch_size=4, num_cpus=2)
     assert result.details["cluster_cpus"] == 2 and result.details["dashboard_url"] is None
     assert result.details["address"] == "local"
     rows = _table(out)
@@ -303,12 +303,12 @@ def test_ray_engine_runs_locally_on_two_cpus_without_dashboard_and_matches(tmp_p
         assert row["error"] == expected.error
         if not expected.error:
             assert list(zip(row["top_classes"], row["top_probabilities"])) == expected.top
-    assert result.failed == 2 and not batch.parts_dir(out).exists()
+    assert result.failed == 2 and not batch_io.parts_dir(out).exists()
 
 
 def test_ray_engine_needs_a_parquet_out(tmp_path, models, images):
     with pytest.raises(ValueError, match="--engine ray writes Parquet"):
-        batch.score_archive_ray(models["fp32"], images["good"], tmp_path / "r.csv")
+        batch_ray.score_archive_ray(models["fp32"], images["good"], tmp_path / "r.csv")
 
 
 def _descendants_named(prefix: str) -> list[int]:
@@ -351,7 +351,7 @@ def test_ray_actor_killed_mid_job_is_replaced_and_every_image_is_scored_once(tmp
         outcome: dict = {}
         job = threading.Thread(
             target=lambda: outcome.update(
-                result=batch.score_archive_ray(models["fp32"], [manifest], out, actors=2, batch_size=8)
+                result=batch_ray.score_archive_ray(models["fp32"], [manifest], out, actors=2, batch_size=8)
             )
         )
         job.start()
@@ -359,7 +359,7 @@ def test_ray_actor_killed_mid_job_is_replaced_and_every_image_is_scored_once(tmp
         deadline = time.monotonic() + 120
         while killed is None and job.is_alive() and time.monotonic() < deadline:
             actors = _descendants_named("ray::MapWorker")
-            if len(actors) == 2 and any(batch.parts_dir(out).glob("part-*.parquet")):
+            if len(actors) == 2 and any(batch_io.parts_dir(out).glob("part-*.parquet")):
                 killed = actors[0]
                 os.kill(killed, signal.SIGKILL)
             time.sleep(0.05)
@@ -376,7 +376,7 @@ def test_an_interrupted_ray_run_keeps_its_committed_batches_and_resumes(tmp_path
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
     listing = _listing(images)
     out = tmp_path / "r.parquet"
-    real_tqdm = batch.tqdm
+    real_tqdm = batch_ray.tqdm
 
     class Interrupted(Exception):
         """The run stops here, as on a crash of the driver. (Not KeyboardInterrupt: raised inside Ray
@@ -391,7 +391,7 @@ def test_an_interrupted_ray_run_keeps_its_committed_batches_and_resumes(tmp_path
             if self.committed >= 8:  # two batches of 4 committed
                 raise Interrupted
 
-    monkeypatch.setattr(batch, "tqdm", InterruptedAfterTwoBatches)
+    monkeypatch.setattr(batch_ray, "tqdm", InterruptedAfterTwoBatches)
     context = ray.data.DataContext.get_current()
     poll_interval = context.memory_usage_poll_interval_s
     # One local Ray for both runs (as on a cluster): shutting Ray down under a dataset that is being
@@ -400,11 +400,11 @@ def test_an_interrupted_ray_run_keeps_its_committed_batches_and_resumes(tmp_path
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with pytest.raises(Interrupted):
-            batch.score_archive_ray(models["int8"], listing, out, top_k=2, actors=2, batch_size=4)
+            batch_ray.score_archive_ray(models["int8"], listing, out, top_k=2, actors=2, batch_size=4)
         monkeypatch.undo()
         assert context.memory_usage_poll_interval_s == poll_interval  # the caller's Ray Data settings are back
-        assert not out.exists() and len(list(batch.parts_dir(out).glob("part-*.parquet"))) == 2
-        result = batch.score_archive_ray(models["int8"], listing, out, top_k=2, actors=2, batch_size=4)
+        assert not out.exists() and len(list(batch_io.parts_dir(out).glob("part-*.parquet"))) == 2
+        result = batch_ray.score_archive_ray(models["int8"], listing, out, top_k=2, actors=2, batch_size=4)
     finally:
         ray.shutdown()
     assert (result.skipped, result.scored, result.failed) == (8, len(listing) - 8, 2)
@@ -413,13 +413,13 @@ def test_an_interrupted_ray_run_keeps_its_committed_batches_and_resumes(tmp_path
     reference = {str(p.path): p for p in predict_paths(models["int8"], listing, top_k=2)}
     for row in rows:
         assert list(zip(row["top_classes"] or [], row["top_probabilities"] or [])) == reference[row["path"]].top
-    assert not batch.parts_dir(out).exists()
+    assert not batch_io.parts_dir(out).exists()
 
 
 def test_a_damaged_part_is_dropped_and_its_images_scored_again(tmp_path, models, images):
     out = tmp_path / "r.parquet"
-    batch.parts_dir(out).mkdir()
-    (batch.parts_dir(out) / "part-000000.parquet").write_bytes(b"PAR1 cut short")  # no footer
+    batch_io.parts_dir(out).mkdir()
+    (batch_io.parts_dir(out) / "part-000000.parquet").write_bytes(b"PAR1 cut short")  # no footer
     result = batch.score_archive(models["fp32"], images["good"][:5], out, workers=1)
     assert (result.skipped, result.scored) == (0, 5)
     assert [row["path"] for row in _table(out)] == [str(p) for p in images["good"][:5]]
@@ -431,19 +431,19 @@ def test_a_kill_during_the_final_merge_is_finished_by_the_next_run(tmp_path, mod
 
     # Stop the next run right after its merge is marked complete, before it replaces FILE.
     def killed_after_commit_mark(out):
-        if (batch.parts_dir(out) / "COMMIT").is_file():
+        if (batch_io.parts_dir(out) / "COMMIT").is_file():
             raise KeyboardInterrupt
         return False
 
-    monkeypatch.setattr(batch, "recover_commit", killed_after_commit_mark)
+    monkeypatch.setattr(batch_io, "recover_commit", killed_after_commit_mark)
     with pytest.raises(KeyboardInterrupt):
         batch.score_archive(models["fp32"], images["good"][:9], out, workers=1)
     monkeypatch.undo()
-    assert len(_table(out)) == 5 and (batch.parts_dir(out) / "COMMIT").is_file()
+    assert len(_table(out)) == 5 and (batch_io.parts_dir(out) / "COMMIT").is_file()
     result = batch.score_archive(models["fp32"], images["good"][:9], out, workers=1)
     assert (result.skipped, result.scored) == (9, 0)
     assert [row["path"] for row in _table(out)] == [str(p) for p in images["good"][:9]]
-    assert not batch.parts_dir(out).exists()
+    assert not batch_io.parts_dir(out).exists()
 
 
 def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, models, images, capsys):
@@ -454,7 +454,7 @@ def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, models, im
         )
     assert exit_info.value.code == 2
     assert "argument --batch-size: must be an integer >= 1, got 0" in capsys.readouterr().err
-    assert not out.exists() and not batch.parts_dir(out).exists()
+    assert not out.exists() and not batch_io.parts_dir(out).exists()
 
 
 def test_engine_ray_without_ray_installed_says_how_to_install_it(tmp_path, models, images, monkeypatch, capsys):

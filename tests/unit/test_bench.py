@@ -1,5 +1,6 @@
-"""The bench scripts still import and build their options after refactors, and each saves its figures
-to the file --out names, with the machine and commit they were measured on (no timing is asserted)."""
+"""The bench scripts (and the experiments moved out of bench/) still import and build their options after
+refactors, and each saves its figures to the file --out names, with the machine and commit they were
+measured on (no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ import pytest
 from steeldefect.core.cpuinfo import cpu_model
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
-SCRIPTS = sorted(path.stem for path in BENCH_DIR.glob("*.py") if path.stem != "benchio")
+EXPERIMENTS_DIR = BENCH_DIR.parent / "experiments"  # scripts whose variant was not adopted
+SCRIPTS = sorted(
+    path.stem for folder in (BENCH_DIR, EXPERIMENTS_DIR) for path in folder.glob("*.py") if path.stem != "benchio"
+)
 
 
 def _load(name: str):
     if str(BENCH_DIR) not in sys.path:
         sys.path.insert(0, str(BENCH_DIR))  # as when a script runs as `python bench/<name>.py`
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    path = next(folder / f"{name}.py" for folder in (BENCH_DIR, EXPERIMENTS_DIR) if (folder / f"{name}.py").is_file())
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

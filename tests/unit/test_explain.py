@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from scipy.stats import spearmanr
 
-from steeldefect.deploy import explain
+from steeldefect.deploy import explain, explain_files
 
 SQUARE = (slice(3, 9), slice(21, 27))  # rows, columns: off the diagonal, so a transposed map fails
 
@@ -88,7 +88,7 @@ def test_overlay_is_a_png_with_the_heatmap_drawn(tmp_path):
     image = _images(1)[0]
     heatmap = np.zeros((8, 8), np.float32)
     heatmap[1, 6] = 1.0
-    path = explain.save_overlay(image, heatmap, "defect 0.97", tmp_path / "overlay.png")
+    path = explain_files.save_overlay(image, heatmap, "defect 0.97", tmp_path / "overlay.png")
     with Image.open(path) as png:
         assert png.format == "PNG" and png.width > 200
         pixels = np.asarray(png.convert("RGB"))
@@ -166,7 +166,7 @@ def test_explain_paths_writes_titled_overlays_with_the_maximum_on_the_square(tmp
     )
     bad = tmp_path / "a" / "broken.jpg"
     bad.write_bytes(b"not an image")
-    results = explain.explain_paths(model, [*paths, bad], tmp_path / "heat", progress=False)
+    results = explain_files.explain_paths(model, [*paths, bad], tmp_path / "heat", progress=False)
     good, broken = results[:3], results[3]
     assert broken.error and "broken.jpg" in broken.error and broken.png is None
     # Two inputs named x.png from different folders: neither heatmap overwrites the other.
@@ -178,14 +178,16 @@ def test_explain_paths_writes_titled_overlays_with_the_maximum_on_the_square(tmp
     assert sorted(p.name for p in (tmp_path / "heat").iterdir()) == ["x.png", "x_2.png", "y.png"]
 
     # Another model's answer (what `predict` printed from the .tflite) is what the PNG explains and shows.
-    (other,) = explain.explain_paths(model, paths[:1], tmp_path / "other", answers=[[("clean", 0.6)]], progress=False)
+    (other,) = explain_files.explain_paths(
+        model, paths[:1], tmp_path / "other", answers=[[("clean", 0.6)]], progress=False
+    )
     assert other.class_name == "clean" and _png_title(other.png) == "clean 0.600"
     clean_map = explain.grad_cam(_bright_square_model(), images[:1], class_index=0)[0]
     assert np.allclose(other.heatmap, clean_map, atol=1e-5) and not np.allclose(other.heatmap, good[0].heatmap)
     with pytest.raises(ValueError, match="has no class rust"):
-        explain.explain_paths(model, paths[:1], None, answers=[[("rust", 0.9)]], progress=False)
+        explain_files.explain_paths(model, paths[:1], None, answers=[[("rust", 0.9)]], progress=False)
     # An image the deployed model flagged says so in its title, as `predict` says so in its line.
-    flagged = explain.explain_paths(
+    flagged = explain_files.explain_paths(
         model, paths[:2], tmp_path / "flagged", answers=[[("clean", 0.6)]] * 2, uncertain=[True, False], progress=False
     )
     assert [_png_title(r.png) for r in flagged] == ["clean 0.600 (uncertain)", "clean 0.600"]
@@ -223,12 +225,12 @@ def test_a_tflite_finds_the_keras_model_beside_it(tmp_path):
     keras_path = _save_model(tmp_path / "models" / "fold3.keras")
     tflite = tmp_path / "models" / "fold3.int8.tflite"
     tflite.write_bytes(b"TFL3")
-    assert explain.keras_model_for(tflite) == keras_path
+    assert explain_files.keras_model_for(tflite) == keras_path
     deploy = _save_model(tmp_path / "run" / "deploy" / "model.keras")
     (tmp_path / "run" / "config.json").write_text("{}")
     (tmp_path / "run" / "deploy" / "model.int8.tflite").write_bytes(b"TFL3")
-    assert explain.keras_model_for(tmp_path / "run" / "deploy" / "model.int8.tflite") == deploy
-    assert explain.keras_model_for(tmp_path / "run") == deploy
+    assert explain_files.keras_model_for(tmp_path / "run" / "deploy" / "model.int8.tflite") == deploy
+    assert explain_files.keras_model_for(tmp_path / "run") == deploy
 
 
 def test_predict_explain_into_a_file_is_one_line(tmp_path, capsys):
@@ -272,7 +274,7 @@ def test_gallery_has_two_correct_per_class_and_every_wrong_or_uncertain_image(tm
     from steeldefect.core import runfolder
 
     run, images, labels, files = _gallery_run(tmp_path)
-    path = explain.write_gallery(run, "tiny", images, labels, files, CLASSES, progress=False)
+    path = explain_files.write_gallery(run, "tiny", images, labels, files, CLASSES, progress=False)
     rows = _read_csv(path)
     assert [(r["file"], r["label"], r["predicted"], r["uncertain"]) for r in rows] == [
         ("IMAGES/clean_2.jpg", "clean", "clean", "false"),
@@ -291,7 +293,7 @@ def test_gallery_has_two_correct_per_class_and_every_wrong_or_uncertain_image(tm
     trust = runfolder.test_predictions_path(run, "tiny")
     trust.parent.mkdir(parents=True)
     trust.write_text("file,label,predicted,probability,uncertain\nIMAGES/defect_1.jpg,defect,defect,0.6,true\n")
-    rows = _read_csv(explain.write_gallery(run, "tiny", images, labels, files, CLASSES, progress=False))
+    rows = _read_csv(explain_files.write_gallery(run, "tiny", images, labels, files, CLASSES, progress=False))
     assert [(r["file"], r["uncertain"]) for r in rows][2:4] == [
         ("IMAGES/defect_0.jpg", "false"),
         ("IMAGES/defect_2.jpg", "false"),
@@ -301,7 +303,7 @@ def test_gallery_has_two_correct_per_class_and_every_wrong_or_uncertain_image(tm
 
     # Unchanged model, flags and method: the gallery is kept, not recomputed.
     before = path.stat().st_mtime_ns
-    explain.write_gallery(run, "tiny", images, labels, files, CLASSES, progress=False)
+    explain_files.write_gallery(run, "tiny", images, labels, files, CLASSES, progress=False)
     assert path.stat().st_mtime_ns == before
 
 
@@ -330,7 +332,7 @@ def test_report_shows_the_gallery_without_tensorflow(tmp_path):
     ):
         heatmap = np.zeros((8, 8), np.float32)
         heatmap[i, i] = 1
-        explain.save_overlay(_images(1)[0], heatmap, f"{predicted} 0.900", folder / f"img{i}.png")
+        explain_files.save_overlay(_images(1)[0], heatmap, f"{predicted} 0.900", folder / f"img{i}.png")
         rows.append(f"IMAGES/{label}_{i}.jpg,{label},{predicted},0.900000,false,img{i}.png")
     runfolder.gallery_csv_path(run, backbone).write_text(
         "file,label,predicted,probability,uncertain,png\n" + "\n".join(rows) + "\n"
@@ -359,7 +361,7 @@ def test_report_shows_the_gallery_without_tensorflow(tmp_path):
 def test_predict_explain_and_gallery_on_a_real_neu_run(neu_dir, pooled_neu_run, tmp_path, capsys):
     from steeldefect.cli import main
     from steeldefect.core import runfolder
-    from steeldefect.study.pipeline import load_run_data
+    from steeldefect.study.rundata import load_run_data
 
     # `predict RUN --explain`: the run's int8 model prints, its .keras draws; one PNG per image.
     paths = [neu_dir / "IMAGES" / f"{name}_296.jpg" for name in ("crazing", "inclusion", "scratches")]
@@ -378,7 +380,7 @@ def test_predict_explain_and_gallery_on_a_real_neu_run(neu_dir, pooled_neu_run, 
     dataset, test = prepared.dataset, prepared.splits.test_indices
     files = [dataset.relative_names[i] for i in test]
     model_path = runfolder.deploy_model_path(pooled_neu_run, "keras")
-    csv_path = explain.write_gallery(
+    csv_path = explain_files.write_gallery(
         tmp_path / "run",
         "efficientnet_lite0",
         prepared.images[test],

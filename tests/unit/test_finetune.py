@@ -15,6 +15,7 @@ from steeldefect import cli
 from steeldefect.core import runfolder
 from steeldefect.core.files import read_json
 from steeldefect.models import backbones, finetune, training
+from steeldefect.models import weights as weight_files
 from steeldefect.study import pipeline
 from tiny import CLASSES, make_dataset, make_pattern_image
 
@@ -71,7 +72,7 @@ def tiny_bn(tmp_path, monkeypatch):
         name=TINY_BN,
         display_name="Tiny with BatchNormalization",
         feature_shape=(8, 8, 16),
-        weights=backbones.WeightFile(
+        weights=weight_files.WeightFile(
             path.name, "tiny/" + path.name, path.stat().st_size, hashlib.md5(path.read_bytes()).hexdigest()
         ),
         _build=build_tiny_bn,

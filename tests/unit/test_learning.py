@@ -12,7 +12,7 @@ import pytest
 from steeldefect import cli
 from steeldefect.core.files import read_json
 from steeldefect.models import augfeatures, training
-from steeldefect.study import learningcurve, pipeline
+from steeldefect.study import learningcurve, learningcurve_points, pipeline, rundata
 from tiny import AUGMENT_KEY, CLASSES, FAST_TRAIN, TINY, build_tiny, curve_args
 
 FAST = FAST_TRAIN
@@ -66,7 +66,7 @@ def test_train_augment_extracts_views_of_training_images_only_and_trains_on_them
     summary = pipeline.train(tiny_env, run, backbones=[TINY], head="pooled", augment=2, **FAST)
     assert summary["backbones"][TINY]["status"] == "done"
 
-    prepared, _ = pipeline.load_run_data(run, progress=False)
+    prepared, _ = rundata.load_run_data(run, progress=False)
     splits = prepared.splits
     (sources,) = seen_sources
     np.testing.assert_array_equal(sources, splits.train_indices)
@@ -122,33 +122,33 @@ def test_draws_are_stratified_reproducible_nested_and_from_the_pool():
     labels = np.repeat(np.arange(4), 30)
     pool = np.sort(np.random.default_rng(1).choice(len(labels), 100, replace=False))
     counts = [5, 5, 5, 5]
-    sample = learningcurve.draw_sample(labels, pool, counts, seed=7, draw=0)
+    sample = learningcurve_points.draw_sample(labels, pool, counts, seed=7, draw=0)
     assert np.bincount(labels[sample], minlength=4).tolist() == counts
     assert set(sample.tolist()) <= set(pool.tolist())
-    np.testing.assert_array_equal(sample, learningcurve.draw_sample(labels, pool, counts, seed=7, draw=0))
-    assert not np.array_equal(sample, learningcurve.draw_sample(labels, pool, counts, seed=7, draw=1))
-    assert not np.array_equal(sample, learningcurve.draw_sample(labels, pool, counts, seed=8, draw=0))
-    bigger = learningcurve.draw_sample(labels, pool, [10, 10, 10, 10], seed=7, draw=0)
+    np.testing.assert_array_equal(sample, learningcurve_points.draw_sample(labels, pool, counts, seed=7, draw=0))
+    assert not np.array_equal(sample, learningcurve_points.draw_sample(labels, pool, counts, seed=7, draw=1))
+    assert not np.array_equal(sample, learningcurve_points.draw_sample(labels, pool, counts, seed=8, draw=0))
+    bigger = learningcurve_points.draw_sample(labels, pool, [10, 10, 10, 10], seed=7, draw=0)
     assert set(sample.tolist()) <= set(bigger.tolist())
-    profile = learningcurve.draw_sample(labels, pool, [20, 10, 4, 2], seed=7, draw=0)
+    profile = learningcurve_points.draw_sample(labels, pool, [20, 10, 4, 2], seed=7, draw=0)
     assert np.bincount(labels[profile], minlength=4).tolist() == [20, 10, 4, 2]
 
 
 def test_imbalance_profile_assigns_counts_in_the_class_order():
     names = ["a", "b", "c"]
-    (point,) = learningcurve.make_points([30, 10, 2], names, [("c", "a", "b")])
+    (point,) = learningcurve_points.make_points([30, 10, 2], names, [("c", "a", "b")])
     assert point.counts == (10, 2, 30) and point.label == "30/10/2"
     with pytest.raises(ValueError, match=r"--class-order c a d: unknown class\(es\) d; missing b"):
-        learningcurve.make_points([30, 10, 2], names, [("c", "a", "d")])
+        learningcurve_points.make_points([30, 10, 2], names, [("c", "a", "d")])
     with pytest.raises(ValueError, match="needs one count per class, 3"):
-        learningcurve.make_points([30, 10], names, [("c", "a", "b")])
+        learningcurve_points.make_points([30, 10], names, [("c", "a", "b")])
 
 
 def test_class_with_fewer_images_than_asked_is_refused_naming_it():
     labels = np.array([0] * 10 + [1] * 3)
-    point = learningcurve.Point((5, 5), ())
+    point = learningcurve_points.Point((5, 5), ())
     with pytest.raises(ValueError, match=r"class 'rare' has 3 training images, fewer than the 5 asked") as error:
-        learningcurve.check_pool(point, labels, ["common", "rare"])
+        learningcurve_points.check_pool(point, labels, ["common", "rare"])
     assert "common" not in str(error.value)
 
 

@@ -78,7 +78,10 @@ def test_export_model_embeds_the_description(small_model, images, tmp_path):
     path = export_stage.export_model(
         small_model, "int8", tmp_path / "m.int8.tflite", images[:16], metadata=description("int8")
     )
-    assert tflite_metadata.read_embedded_metadata(path) == description("int8")
+    embedded = tflite_metadata.read_embedded_metadata(path)
+    # The description as given, plus the names and order of the model's outputs (issue #27).
+    assert {key: value for key, value in embedded.items() if key != "outputs"} == description("int8")
+    assert embedded["outputs"] == [{"name": "probabilities", "index": 0, "shape": [1, len(CLASSES)], "dtype": "uint8"}]
     assert not sidecar_path(path).exists()
 
 

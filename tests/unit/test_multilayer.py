@@ -15,7 +15,7 @@ from steeldefect import cli
 from steeldefect.core.options import TrainOptions
 from steeldefect.data import augment
 from steeldefect.models import augfeatures, backbones, training
-from steeldefect.study import pipeline
+from steeldefect.study import pipeline, rundata
 from tiny import AUGMENT_KEY, FAST_TRAIN, TINY, build_tiny, curve_args
 
 FAST = FAST_TRAIN
@@ -136,7 +136,7 @@ def test_train_multilayer_with_dihedral_views_end_to_end(tiny_env, tmp_path, mon
 
     pipeline.export(run, variants=["fp32"], calibration_samples=12, quant_report=False, progress=False)
     deploy = runfolder.deploy_model_path(run, "fp32")
-    prepared, _ = pipeline.load_run_data(run, progress=False)
+    prepared, _ = rundata.load_run_data(run, progress=False)
     images = prepared.images[prepared.splits.test_indices[:4]]
     keras_model = keras.models.load_model(run / "deploy" / "model.keras", compile=False)
     expected = np.asarray(keras_model.predict(images.astype(np.float32), verbose=0))
@@ -159,7 +159,7 @@ def test_export_tta_writes_files_that_answer_the_mean_over_the_views(tiny_env, t
     pipeline.export(run, variants=["fp32"], tta=True, calibration_samples=12, quant_report=False, progress=False)
     deploy = runfolder.deploy_model_path(run, "fp32")
     assert read_model_info(deploy).metadata["test_time_augmentation"] == "dihedral-8"
-    prepared, _ = pipeline.load_run_data(run, progress=False)
+    prepared, _ = rundata.load_run_data(run, progress=False)
     images = prepared.images[prepared.splits.test_indices[:4]]
     keras_model = keras.models.load_model(run / "deploy" / "model.keras", compile=False)
     views = [

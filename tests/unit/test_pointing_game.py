@@ -147,7 +147,7 @@ def test_a_model_without_a_pooled_dense_head_is_refused(pg):
 def test_a_border_plateau_counts_where_the_overlay_marks_it(pg):
     # A 7x7 map whose highest cell is the bottom-left corner; the box starts 20 px in from the left
     # edge (grown by 15 px: from x 5 on), so the edge pixel argmax picks misses it and the plateau's
-    # centre, where explain.save_overlay draws the cross, hits it.
+    # centre, where explain_files.save_overlay draws the cross, hits it.
     cells = np.zeros((1, 7, 7), np.float32)
     cells[0, 6, 0] = 1.0
     maps = pg.to_input_map(cells)

@@ -24,6 +24,7 @@ from steeldefect.deploy.predict import predict_paths  # noqa: E402
 from steeldefect.runtime.litert import ModelFileError  # noqa: E402
 from steeldefect.runtime.modelfile import Classifier  # noqa: E402
 from steeldefect.serve import service as serve
+from steeldefect.serve import workers
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -339,7 +340,7 @@ def test_model_health_readiness_and_page(client, model):
     assert description["provenance"]["backbone"] == "small-test"
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready["ready"] is True and ready["workers"] == serve.default_workers()
+    assert ready["ready"] is True and ready["workers"] == workers.default_workers()
     page = client.get("/")
     assert page.headers["content-type"].startswith("text/html") and 'src="inspector.js"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing loaded from elsewhere

@@ -9,18 +9,18 @@ import pytest
 
 from steeldefect.data.splits import make_splits
 from steeldefect.models import training
-from steeldefect.runtime import uncertainty
+from steeldefect.runtime import calibration, uncertainty
 
 
 def test_ece_matches_a_hand_computed_example():
     # Own bins: |1-0.9|, |0-0.6| (predicts class 0, label 1), |1-0.8|, |1-0.7| -> mean 0.3.
     probabilities = np.array([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.3, 0.7]])
-    assert uncertainty.expected_calibration_error(probabilities, np.array([0, 1, 0, 1])) == pytest.approx(0.3)
+    assert calibration.expected_calibration_error(probabilities, np.array([0, 1, 0, 1])) == pytest.approx(0.3)
     # 0.95 and 0.97 share the last of 15 bins; one right, one wrong: |0.5 - 0.96| = 0.46.
     shared = np.array([[0.95, 0.05], [0.97, 0.03]])
-    assert uncertainty.expected_calibration_error(shared, np.array([0, 1])) == pytest.approx(0.46)
+    assert calibration.expected_calibration_error(shared, np.array([0, 1])) == pytest.approx(0.46)
     # Confidence exactly 1.0 belongs to the last bin, not past it.
-    assert uncertainty.expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == pytest.approx(0.0)
+    assert calibration.expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == pytest.approx(0.0)
 
 
 def _overconfident(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -36,14 +36,14 @@ def _overconfident(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 
 def test_temperature_lowers_nll_and_ece_of_a_miscalibrated_set():
     probabilities, labels = _overconfident()
-    fitted = uncertainty.fit_calibration(probabilities[:1000], labels[:1000])
+    fitted = calibration.fit_calibration(probabilities[:1000], labels[:1000])
     assert fitted["temperature"] == pytest.approx(4.0, rel=0.25)
     assert fitted["nll_after"] < fitted["nll_before"] - 0.3
     # And on rows it was not fitted on.
     held_p, held_y = probabilities[1000:], labels[1000:]
-    calibrated = uncertainty.apply_temperature(held_p, fitted["temperature"])
-    assert uncertainty.negative_log_likelihood(calibrated, held_y) < uncertainty.negative_log_likelihood(held_p, held_y)
-    assert uncertainty.expected_calibration_error(calibrated, held_y) < 0.5 * uncertainty.expected_calibration_error(
+    calibrated = calibration.apply_temperature(held_p, fitted["temperature"])
+    assert calibration.negative_log_likelihood(calibrated, held_y) < calibration.negative_log_likelihood(held_p, held_y)
+    assert calibration.expected_calibration_error(calibrated, held_y) < 0.5 * calibration.expected_calibration_error(
         held_p, held_y
     )
     assert (calibrated.argmax(1) == held_p.argmax(1)).all()  # temperature never changes the answer
@@ -52,7 +52,7 @@ def test_temperature_lowers_nll_and_ece_of_a_miscalibrated_set():
 def test_calibration_refuses_test_rows():
     probabilities, labels = _overconfident(50)
     with pytest.raises(ValueError, match="test images"):
-        uncertainty.fit_calibration(probabilities, labels, val_indices=np.arange(50), test_indices=np.array([49, 60]))
+        calibration.fit_calibration(probabilities, labels, val_indices=np.arange(50), test_indices=np.array([49, 60]))
 
 
 class _TableHead:
@@ -183,7 +183,7 @@ def test_the_deploy_model_flags_far_ood_inputs_and_accepts_the_test_split(pooled
     from steeldefect.core.runfolder import deployable_model
     from steeldefect.runtime.modelfile import Classifier
     from steeldefect.runtime.uncertainty import far_ood_examples
-    from steeldefect.study.pipeline import load_run_data
+    from steeldefect.study.rundata import load_run_data
 
     pytest.importorskip("skimage", reason="scikit-image (test extra) provides the far-OOD photographs")
     model = deployable_model(pooled_neu_run)

@@ -23,6 +23,7 @@ import pytest
 from steeldefect import cli
 from steeldefect.core.files import file_digest, keras_home
 from steeldefect.models import backbones, efficientnet_lite
+from steeldefect.models import weights as weight_files
 from tiny import TINY, make_dataset, register_tiny_backbone, write_hdf5
 
 MOBILENET = "mobilenet_1_0_224_tf_no_top.h5"
@@ -35,7 +36,7 @@ def hdf5_signature_then_garbage(path: Path, size: int) -> Path:
     return path
 
 
-def patch_weights(monkeypatch, name: str, **changes) -> backbones.WeightFile:
+def patch_weights(monkeypatch, name: str, **changes) -> weight_files.WeightFile:
     spec = backbones.get_backbone(name)
     patched = dataclasses.replace(spec.weights, **changes)
     monkeypatch.setitem(backbones.REGISTRY, name, dataclasses.replace(spec, weights=patched))
@@ -66,7 +67,9 @@ def test_keras_home_follows_keras_rule(monkeypatch, tmp_path):
     # Set but empty: Keras cannot write to "" and falls back to /tmp/.keras; both lookups agree.
     monkeypatch.setenv("KERAS_HOME", "")
     assert keras_home() == Path("/tmp/.keras")
-    assert backbones.keras_models_dir() == efficientnet_lite.lite0_weights_path().parent == Path("/tmp/.keras/models")
+    assert (
+        weight_files.keras_models_dir() == efficientnet_lite.lite0_weights_path().parent == Path("/tmp/.keras/models")
+    )
     monkeypatch.delenv("KERAS_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert keras_home() == tmp_path / ".keras"
@@ -111,8 +114,8 @@ def test_hdf5_without_any_array_is_refused(tmp_path):
     path = tmp_path / "empty.h5"
     with h5py.File(path, "w") as h5:
         h5.create_group("layers")
-    assert backbones.hdf5_weights_problem(path) == "corrupt: HDF5 file holds no weights"
-    assert backbones.hdf5_weights_problem(write_hdf5(tmp_path / "ok.h5")) is None
+    assert weight_files.hdf5_weights_problem(path) == "corrupt: HDF5 file holds no weights"
+    assert weight_files.hdf5_weights_problem(write_hdf5(tmp_path / "ok.h5")) is None
 
 
 @pytest.fixture()
@@ -210,7 +213,7 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/"
 
 
-def serve(root: Path, weights: backbones.WeightFile, source: Path) -> None:
+def serve(root: Path, weights: weight_files.WeightFile, source: Path) -> None:
     target = root / weights.remote_path
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)

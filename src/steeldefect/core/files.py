@@ -139,7 +139,7 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
 def save_npz(path: str | os.PathLike, *arrays: np.ndarray, **named: np.ndarray) -> Path:
     """``np.savez`` written atomically (positional arrays are stored as arr_0, arr_1, ...)."""
     buffer = io.BytesIO()
-    np.savez(buffer, *arrays, **named)
+    np.savez(buffer, *arrays, **named)  # type: ignore[arg-type]  # numpy's stub: a key could be allow_pickle
     return atomic_write_bytes(path, buffer.getvalue())
 
 

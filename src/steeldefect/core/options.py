@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 VARIANTS = ("fp32", "fp16", "int8", "int8-mixed")
 # The reference's three, plus int8-mixed: on CPUs without int8 dot products (AVX2-only x86) full int8
@@ -87,6 +87,9 @@ def option(
 
 class _Options:
     """Checks every field on construction, so an API caller is refused like a CLI user."""
+
+    # Declared for type checkers: every subclass is a dataclass (mypy's DataclassInstance protocol).
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
@@ -439,6 +442,14 @@ def additive_options(*classes: type) -> set[str]:
     return {spec.name for cls in classes for spec in dataclasses.fields(cls) if spec.metadata.get("additive")}
 
 
+def _default_of(spec: dataclasses.Field[Any]) -> Any:
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    raise TypeError(f"{spec.name}: an options field needs a default")
+
+
 def add_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -456,9 +467,7 @@ def add_arguments(
     for spec in dataclasses.fields(cls):
         if only is not None and spec.name not in only:
             continue
-        default = defaults.get(
-            spec.name, spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-        )
+        default = defaults.get(spec.name, _default_of(spec))
         flag = flag_of(spec)
         help_text = spec.metadata["help"]
         if spec.type in ("bool", bool):

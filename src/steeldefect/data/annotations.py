@@ -36,6 +36,13 @@ class Boxes:
     boxes: tuple[tuple[float, float, float, float], ...]
 
 
+def _number(element: ET.Element, key: str) -> float:
+    text = element.findtext(key)
+    if text is None:  # a missing element: refused like a non-numeric one
+        raise TypeError(f"no {key}")
+    return float(text)
+
+
 def read_voc(path: str | Path) -> Boxes:
     """The boxes of one Pascal VOC file (every ``object/bndbox``; its ``size`` gives the image size)."""
     path = Path(path)
@@ -44,10 +51,11 @@ def read_voc(path: str | Path) -> Boxes:
     except (ET.ParseError, OSError) as error:
         raise AnnotationError(f"{path}: not a readable Pascal VOC file ({error})") from None
     try:
-        width = int(float(root.findtext("size/width")))
-        height = int(float(root.findtext("size/height")))
+        width = int(_number(root, "size/width"))
+        height = int(_number(root, "size/height"))
         boxes = tuple(
-            tuple(float(box.findtext(key)) for key in ("xmin", "ymin", "xmax", "ymax")) for box in root.iter("bndbox")
+            (_number(box, "xmin"), _number(box, "ymin"), _number(box, "xmax"), _number(box, "ymax"))
+            for box in root.iter("bndbox")
         )
     except (TypeError, ValueError):
         raise AnnotationError(f"{path}: a Pascal VOC file needs size/width, size/height and numeric boxes") from None

@@ -80,7 +80,7 @@ def augmented_views(images: np.ndarray, k: int, seed: int, *, batch_size: int = 
         raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    model = augmentation_model(seed, tuple(int(v) for v in images.shape[1:3]))
+    model = augmentation_model(seed, (int(images.shape[1]), int(images.shape[2])))
     out = np.empty((len(images) * k, *images.shape[1:]), dtype=np.uint8)
     for view in range(k):
         for start in range(0, len(images), batch_size):

@@ -87,7 +87,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def to_array(image: Image.Image, image_size: tuple[int, int]) -> np.ndarray:
     height, width = image_size
-    return np.asarray(_to_rgb(image).resize((width, height), Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(_to_rgb(image).resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def read_image(path: str | os.PathLike, image_size: tuple[int, int] = (224, 224)) -> np.ndarray:

@@ -21,7 +21,7 @@ from steeldefect.core.files import atomic_write_bytes, read_json, write_csv, wri
 from steeldefect.data import augment
 from steeldefect.models.conversion import QUANTIZED_VARIANTS, batch1_converter, convert, representative_dataset
 from steeldefect.runtime import uncertainty
-from steeldefect.runtime.tflite_metadata import embed_metadata
+from steeldefect.runtime.tflite_metadata import embed_metadata, read_embedded_metadata
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -85,20 +85,22 @@ class RuleData:
     accept: float = uncertainty.DEFAULT_ACCEPT
 
 
-def with_texture_output(model) -> Any | None:
-    """``model`` with the texture statistics of its backbone as a second output (probabilities first),
-    or None when the backbone lacks the layers the statistics are defined on."""
+def with_texture_output(model, layers: Sequence[str] = uncertainty.TEXTURE_LAYERS) -> Any | None:
+    """``model`` with the texture statistics of its backbone as a second output, or None when the
+    backbone lacks the layers the statistics are defined on. The class probabilities stay output 0
+    (``outputs[0]``) of the Keras model, and so of every file converted from it (the LiteRT
+    conversion keeps that order, :func:`steeldefect.models.conversion.order_outputs`)."""
     import keras
 
     try:
-        stats = uncertainty.texture_statistics_model(model)
+        stats = uncertainty.texture_statistics_model(model, layers)
     except ValueError:  # Keras: no such layer
         return None
     return keras.Model(model.input, [model.output, stats.output], name=f"{model.name}_with_texture")
 
 
-def texture_channels(model) -> tuple[int, ...]:
-    return tuple(int(model.get_layer(name).output.shape[-1]) for name in uncertainty.TEXTURE_LAYERS)
+def texture_channels(model, layers: Sequence[str] = uncertainty.TEXTURE_LAYERS) -> tuple[int, ...]:
+    return tuple(int(model.get_layer(name).output.shape[-1]) for name in layers)
 
 
 def fit_model_rule(flatbuffer: bytes, rule_data: RuleData, channels: Sequence[int]) -> uncertainty.UncertaintyRule:
@@ -153,6 +155,10 @@ def export_model(
         extra_files = {uncertainty.RULE_FILE: rule.to_npz_bytes()}
     if metadata is not None:
         flatbuffer = embed_metadata(flatbuffer, metadata, extra_files)
+        # The sidecar repeats the output names and order embed_metadata wrote into the file.
+        embedded = read_embedded_metadata(flatbuffer)
+        if embedded is not None and "outputs" in embedded:
+            metadata["outputs"] = embedded["outputs"]
     atomic_write_bytes(path, flatbuffer)
     log.info("exported %s (%.2f MiB)", path, len(flatbuffer) / 2**20)
     return Path(path)

@@ -79,7 +79,7 @@ def predict_paths(
         except Exception as error:  # any unreadable file is that file's problem, not the batch's
             results.append(Prediction(path, error=str(error)))
             continue
-        if keras_model:  # a .keras model carries no uncertainty rule
+        if isinstance(runner, _KerasRunner):  # a .keras model carries no uncertainty rule
             probabilities, uncertain = runner.probabilities(image[None])[0], None
         else:
             judgement = runner.judge(image[None])

@@ -139,7 +139,7 @@ def augmented_features(
         raise ValueError(f"--augment must be >= 1 here, got {k}")
     if views == "dihedral" and k > 7:
         raise ValueError(f"--augment-views dihedral: --augment must be 1..7, got {k}")
-    image_size = tuple(int(v) for v in images.shape[1:3])
+    image_size = (int(images.shape[1]), int(images.shape[2]))
     key = augmented_cache_key(
         dataset_fingerprint,
         backbone,

@@ -10,12 +10,20 @@ goes in as it is. The calibration set is pinned to the full 0..255 range so the 
 scale 1 and zero point 0: the uint8 bytes *are* the pixels. The output is uint8 too; a class
 probability is ``scale * (q - zero_point)`` with the scale and zero point in the output tensor's
 details (for a softmax LiteRT fixes them at 1/256 and 0).
+
+Why the outputs are reordered after conversion: a model with several outputs (the deploy model:
+class probabilities and texture statistics) gets a signature whose keys follow the Keras outputs
+list (``output_0`` = ``model.outputs[0]``), but the converter lists the graph's outputs in another
+order (TF 2.21 puts two outputs in reverse key order, whatever the layer names; other versions have
+sorted them by tensor name). Runtimes and MediaPipe read the graph's list, so :func:`order_outputs`
+rewrites it to the signature's order: output 0 is the Keras model's first output in every variant.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -89,8 +97,44 @@ def convert(
     # bury the progress bars and break `--format json` style output of callers.
     with contextlib.redirect_stdout(io.StringIO()):
         if variant == "int8-mixed":
-            return _convert_mixed(model, calibration_images, int8_flatbuffer)
-        return make_converter(model, variant, calibration_images).convert()
+            flatbuffer = _convert_mixed(model, calibration_images, int8_flatbuffer)
+        else:
+            flatbuffer = make_converter(model, variant, calibration_images).convert()
+    return order_outputs(flatbuffer)
+
+
+def _signature_rank(key: str) -> tuple[int, int, str]:
+    """Keras names a list's outputs ``output_<i>`` (numeric order, so ``output_10`` after
+    ``output_9``) and a dict's by its keys (flattened in sorted order)."""
+    numbered = re.fullmatch(r"output_(\d+)", key)
+    return (0, int(numbered.group(1)), "") if numbered else (1, 0, key)
+
+
+def order_outputs(flatbuffer: bytes) -> bytes:
+    """``flatbuffer`` with its graph's outputs listed in its signature's order (see the module
+    docstring). Only the main subgraph's output list is permuted, in place: same tensors, same size,
+    same bytes everywhere else. A model without a signature, or whose signature names other tensors
+    than the graph outputs, is returned unchanged."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    buffer = bytearray(flatbuffer)
+    model = schema.Model.GetRootAs(buffer, 0)
+    if model.SubgraphsLength() == 0 or model.SignatureDefsLength() != 1:
+        return bytes(flatbuffer)
+    signature = model.SignatureDefs(0)
+    subgraph = model.Subgraphs(signature.SubgraphIndex())
+    if subgraph.OutputsLength() < 2:
+        return bytes(flatbuffer)
+    keyed = sorted(
+        (signature.Outputs(i) for i in range(signature.OutputsLength())),
+        key=lambda entry: _signature_rank(entry.Name().decode("utf-8")),
+    )
+    wanted = [int(entry.TensorIndex()) for entry in keyed]
+    outputs = subgraph.OutputsAsNumpy()  # a writable view into ``buffer``
+    if sorted(wanted) != sorted(int(i) for i in outputs):
+        return bytes(flatbuffer)
+    outputs[:] = wanted
+    return bytes(buffer)
 
 
 def high_resolution_outputs(int8_flatbuffer: bytes, min_fraction: float = 1 / 8) -> list[str]:

@@ -77,7 +77,7 @@ def cached_features(
     ``model_factory`` is only called on a cache miss, so a warm run never builds the backbone.
     Returns (features, cache file or None, whether it was a cache hit).
     """
-    image_size = tuple(int(v) for v in images.shape[1:3])
+    image_size = (int(images.shape[1]), int(images.shape[2]))
     key = feature_cache_key(dataset_fingerprint, backbone, weights_id, preprocessing, image_size)
     path = Path(cache_dir) / "features" / f"{backbone}-{key}.npy" if cache_dir else None
     if path is not None and path.is_file():

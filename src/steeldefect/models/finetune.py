@@ -147,8 +147,9 @@ def build_split(
     preprocessing: str = "model",
     seed: int = 0,
 ) -> SplitBackbone:
+    size = (image_size[0], image_size[1])
     backbone = backbone_registry.build_backbone(
-        backbone_name, weights=weights, preprocessing=preprocessing, seed=seed, image_size=tuple(image_size)
+        backbone_name, weights=weights, preprocessing=preprocessing, seed=seed, image_size=size
     )
     return split_backbone(backbone, n_blocks)
 

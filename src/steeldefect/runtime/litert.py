@@ -10,6 +10,7 @@ every caller.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ def make_interpreter(model: Path | bytes, threads: int | None = None):
     """
     from ai_edge_litert.interpreter import Interpreter
 
+    source: dict[str, bytes | str]
     if isinstance(model, bytes):
         source, name = {"model_content": model}, "model bytes"
     else:
@@ -87,19 +89,26 @@ def from_output(raw: np.ndarray, detail: dict) -> np.ndarray:
 
 def output_details(interpreter) -> list[dict]:
     """The model's outputs, narrowest first. A classifier that also carries its texture statistics
-    (for the uncertainty score) has two, and the converter may order them either way; the class
-    probabilities are always the narrower."""
+    (for the uncertainty score) has two: exports since issue #27 list the class probabilities first,
+    older deploy models list them second; either way they are the narrower. (The
+    :class:`~steeldefect.runtime.modelfile.Classifier` picks them by the names its model file gives.)"""
     return sorted(interpreter.get_output_details(), key=lambda d: int(np.prod(d["shape"][1:])))
 
 
 def predict_tflite_outputs(
-    interpreter, images: np.ndarray, *, progress: bool = False, desc: str = "tflite"
+    interpreter,
+    images: np.ndarray,
+    *,
+    progress: bool = False,
+    desc: str = "tflite",
+    details: Sequence[dict] | None = None,
 ) -> list[np.ndarray]:
-    """Every output (N, ...) for uint8 images (N, H, W, 3), narrowest first (see :func:`output_details`),
-    one invoke per image. Models are exported with batch 1 (XNNPACK takes the whole graph only when
-    every shape is static)."""
+    """Outputs (N, ...) for uint8 images (N, H, W, 3), one invoke per image: ``details`` (entries of
+    ``get_output_details()``) in that order, by default every output narrowest first (see
+    :func:`output_details`). Models are exported with batch 1 (XNNPACK takes the whole graph only
+    when every shape is static)."""
     input_detail = interpreter.get_input_details()[0]
-    details = output_details(interpreter)
+    details = list(details) if details is not None else output_details(interpreter)
     collected: list[list[np.ndarray]] = [[] for _ in details]
     for image in tqdm(images, desc=desc, unit="img", disable=not progress, leave=False):
         interpreter.set_tensor(input_detail["index"], to_input(image, input_detail))

@@ -20,15 +20,16 @@ from typing import Any
 import numpy as np
 
 from steeldefect.core.files import file_digest, sidecar_path
-from steeldefect.runtime.litert import (
-    ModelFileError,
-    input_size,
-    make_interpreter,
-    output_details,
-    predict_tflite_outputs,
+from steeldefect.runtime.calibration import apply_temperature
+from steeldefect.runtime.litert import ModelFileError, input_size, make_interpreter, predict_tflite_outputs
+from steeldefect.runtime.tflite_metadata import (
+    OUR_FILE,
+    PROBABILITIES_OUTPUT,
+    TEXTURE_OUTPUT,
+    read_embedded_file,
+    read_embedded_metadata,
 )
-from steeldefect.runtime.tflite_metadata import OUR_FILE, read_embedded_file, read_embedded_metadata
-from steeldefect.runtime.uncertainty import RULE_FILE, UncertaintyRule, apply_temperature
+from steeldefect.runtime.uncertainty import RULE_FILE, UncertaintyRule
 
 MAX_RULE_BYTES = 16 << 20  # the rule's arrays take ~0.5 MiB; anything far larger is not ours
 
@@ -180,36 +181,79 @@ class Classifier:
                 f"{described_by}: input size {self.info.input_size[0]}x{self.info.input_size[1]} "
                 f"does not match the model's {actual[0]}x{actual[1]}"
             )
-        details = output_details(self.interpreter)
-        n_outputs = int(details[0]["shape"][-1])
-        if n_outputs != len(self.info.class_names):
-            raise ModelFileError(
-                f"{described_by}: {len(self.info.class_names)} class names for a model with {n_outputs} outputs"
-            )
+        self.outputs = classifier_outputs(self.interpreter, self.info)
+        texture = self.outputs.get(TEXTURE_OUTPUT)
         self.rule = self.info.rule
         if self.rule is not None:
-            if self.rule.uses_texture and (
-                len(details) != 2 or int(details[1]["shape"][-1]) != 2 * sum(self.rule.channels)
-            ):
+            if self.rule.uses_texture and (texture is None or int(texture["shape"][-1]) != 2 * sum(self.rule.channels)):
                 raise ModelFileError(f"{described_by}: the uncertainty rule does not fit the model's outputs")
             if accept is not None:
                 self.rule = self.rule.with_accept(accept)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, n_classes) probabilities for uint8 images (N, H, W, 3) of the model's input size."""
-        return predict_tflite_outputs(self.interpreter, images)[0]
+        return predict_tflite_outputs(self.interpreter, images, details=[self.outputs[PROBABILITIES_OUTPUT]])[0]
 
     def judge(self, images: np.ndarray) -> Judgement:
         """Probabilities, uncertainty and calibrated confidence for uint8 images (N, H, W, 3)."""
-        outputs = predict_tflite_outputs(self.interpreter, images)
+        texture = self.outputs.get(TEXTURE_OUTPUT) if self.rule is not None and self.rule.uses_texture else None
+        details = [self.outputs[PROBABILITIES_OUTPUT], *([texture] if texture is not None else [])]
+        outputs = predict_tflite_outputs(self.interpreter, images, details=details)
         probabilities = outputs[0]
         uncertain = score = confidence = None
         if self.rule is not None:
-            score = self.rule.scores(probabilities, outputs[1] if self.rule.uses_texture else None)
+            score = self.rule.scores(probabilities, outputs[1] if texture is not None else None)
             uncertain = score > self.rule.threshold
         if self.info.temperature is not None:
             confidence = apply_temperature(probabilities, self.info.temperature).max(axis=1)
         return Judgement(probabilities, uncertain, score, confidence)
+
+
+def classifier_outputs(interpreter, info: ModelInfo) -> dict[str, dict]:
+    """The classifier's output tensors by name: ``probabilities`` and, for a model that carries its
+    uncertainty score, ``texture_statistics`` (entries of ``interpreter.get_output_details()``).
+
+    Exports since issue #27 name their outputs in the description (``outputs``: name, index, shape),
+    and those names are what counts, not the position. Older files do not: there the class
+    probabilities are the one output as wide as the class list and the other one (a deploy model's,
+    listed first in those files) is the texture statistics. Anything that does not fit is one line
+    naming the file.
+    """
+    details = interpreter.get_output_details()
+    where = info.described_by or info.path
+    n_classes = len(info.class_names)
+    described = info.metadata.get("outputs")
+    if described is None:
+        matching = [i for i, detail in enumerate(details) if int(detail["shape"][-1]) == n_classes]
+        if len(details) > 2 or len(matching) != 1:
+            widths = " and ".join(str(int(detail["shape"][-1])) for detail in details)
+            raise ModelFileError(f"{where}: {n_classes} class names for a model with {widths} outputs")
+        named = {PROBABILITIES_OUTPUT: details[matching[0]]}
+        others = [detail for i, detail in enumerate(details) if i != matching[0]]
+        if others:
+            named[TEXTURE_OUTPUT] = others[0]
+        return named
+    if not isinstance(described, list) or not all(isinstance(entry, dict) for entry in described):
+        raise ModelFileError(f"{where}: outputs in the model metadata must be a list of objects")
+    named = {}
+    for entry in described:
+        name, index = entry.get("name"), entry.get("index")
+        if name not in (PROBABILITIES_OUTPUT, TEXTURE_OUTPUT) or name in named:
+            raise ModelFileError(f"{where}: unknown or repeated output name {name!r} in the model metadata")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(details):
+            raise ModelFileError(f"{where}: output {name!r} has index {index!r}; the model has {len(details)} outputs")
+        if entry.get("shape") != [int(v) for v in details[index]["shape"]]:
+            raise ModelFileError(
+                f"{where}: output {name!r} is described with shape {entry.get('shape')}, "
+                f"the model's output {index} has {[int(v) for v in details[index]['shape']]}"
+            )
+        named[name] = details[index]
+    if PROBABILITIES_OUTPUT not in named:
+        raise ModelFileError(f"{where}: the model metadata names no {PROBABILITIES_OUTPUT!r} output")
+    n_outputs = int(named[PROBABILITIES_OUTPUT]["shape"][-1])
+    if n_outputs != n_classes:
+        raise ModelFileError(f"{where}: {n_classes} class names for a model with {n_outputs} outputs")
+    return named
 
 
 def top_k(probabilities: np.ndarray, class_names: tuple[str, ...] | list[str], k: int) -> list[tuple[str, float]]:

@@ -2,8 +2,10 @@
 
 Written with MediaPipe's metadata writer (``mediapipe.tasks.python.metadata``): model name,
 description and version, the input image (RGB, raw pixels 0..255, so normalization mean 0 / std 1)
-and the output's class labels as an associated ``labels.txt``, which MediaPipe Tasks'
-``ImageClassifier`` and the other LiteRT metadata readers understand. Beside it, the model-level
+and output 0's class labels as an associated ``labels.txt``, which MediaPipe Tasks'
+``ImageClassifier`` and the other LiteRT metadata readers understand. Output 0 is always the class
+probabilities; a deploy model's output 1, ``texture_statistics``, feeds the uncertainty rule only and
+carries no labels (docs/model-outputs.md). Beside it, the model-level
 associated file ``steeldefect.json`` carries everything our own tools need (class names, input size,
 variant, calibration, uncertainty threshold, provenance).
 
@@ -30,11 +32,18 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from steeldefect.runtime.litert import ModelFileError
 
 OUR_FILE = "steeldefect.json"
 LABELS_FILE = "labels.txt"
+PROBABILITIES_OUTPUT = "probabilities"
 TEXTURE_OUTPUT = "texture_statistics"
+OUTPUT_NAMES = (PROBABILITIES_OUTPUT, TEXTURE_OUTPUT)  # in the model's output order
+NO_CATEGORY_THRESHOLD = float(np.finfo(np.float32).max)
+# TFLite schema TensorType values of the dtypes an exported classifier's outputs have.
+_TENSOR_TYPES = {0: "float32", 1: "float16", 3: "uint8", 9: "int8"}
 MAX_DESCRIPTION_BYTES = 1 << 20
 _MISSING_MODULE = "mediapipe.tasks.cc.metadata.python._pywrap_metadata_version"
 
@@ -107,7 +116,7 @@ def _metadata_writer_modules():
             except ImportError:
                 module = types.ModuleType(name)
                 if end == len(parts):
-                    module.GetMinimumMetadataParserVersion = min_parser_version
+                    setattr(module, "GetMinimumMetadataParserVersion", min_parser_version)  # noqa: B010
                 sys.modules[name] = module
                 setattr(sys.modules[".".join(parts[: end - 1])], parts[end - 1], module)
     from mediapipe.tasks.metadata import metadata_schema_py_generated as schema
@@ -135,8 +144,8 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any], extra_files: dict[st
     subgraph = writer_utils.get_subgraph(model)
     inputs = [subgraph.Tensors(subgraph.Inputs(i)) for i in range(subgraph.InputsLength())]
     outputs = [subgraph.Tensors(subgraph.Outputs(i)) for i in range(subgraph.OutputsLength())]
-    # One image in; out the class probabilities and, for a model that carries its uncertainty score,
-    # the texture statistics (TEXTURE_OUTPUT), in whatever order the converter put them.
+    # One image in; out the class probabilities (output 0, see steeldefect.models.conversion) and, for
+    # a model that carries its uncertainty score, the texture statistics.
     if len(inputs) != 1 or not 1 <= len(outputs) <= 2:
         raise ValueError(
             f"an image classifier has one input and one or two outputs, this model {len(inputs)} and {len(outputs)}"
@@ -145,10 +154,20 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any], extra_files: dict[st
     out_shapes = [output.ShapeAsNumpy().tolist() for output in outputs]
     if in_shape[1:3] != [height, width]:
         raise ValueError(f"metadata input size {height}x{width} does not match the model's {in_shape}")
-    class_outputs = [i for i, shape in enumerate(out_shapes) if shape[-1] == len(class_names)]
-    if len(class_outputs) != 1:
+    if out_shapes[0][-1] != len(class_names):
         widths = " and ".join(str(shape[-1]) for shape in out_shapes)
-        raise ValueError(f"{len(class_names)} class names for a model with {widths} outputs")
+        raise ValueError(
+            f"{len(class_names)} class names for a model with {widths} outputs "
+            "(the class probabilities must be output 0)"
+        )
+    # What our own readers go by: runtime.modelfile picks the outputs by these names, not by position.
+    described = [
+        {"name": name, "index": index, "shape": shape, "dtype": _TENSOR_TYPES.get(output.Type(), "other")}
+        for index, (name, shape, output) in enumerate(zip(OUTPUT_NAMES, out_shapes, outputs))
+    ]
+    if meta.get("outputs") not in (None, described):
+        raise ValueError(f"the description's outputs {meta['outputs']} are not the model's {described}")
+    meta = {**meta, "outputs": described}
 
     variant = str(meta.get("variant", "tflite"))
     provenance = meta.get("provenance") or {}
@@ -163,8 +182,9 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any], extra_files: dict[st
         or None,
         description=(
             f"Steel surface defect classifier, {len(class_names)} classes: {', '.join(class_names)}. "
-            f"Input: one {height}x{width} RGB image, raw pixels 0..255. Output: class probabilities. "
-            f"{OUR_FILE} holds the variant, calibration and provenance."
+            f"Input: one {height}x{width} RGB image, raw pixels 0..255. Output 0: class probabilities"
+            + (f"; output 1: {TEXTURE_OUTPUT} for the uncertainty score, not classes. " if len(outputs) == 2 else ". ")
+            + f"{OUR_FILE} holds the variant, calibration and provenance."
         ),
         author="steeldefect",
     ).create_metadata()
@@ -177,24 +197,27 @@ def embed_metadata(flatbuffer: bytes, meta: dict[str, Any], extra_files: dict[st
         color_space_type=schema.ColorSpaceType.RGB,
         tensor_type=inputs[0].Type(),
     )
-    output_metadata = []
-    for i, output in enumerate(outputs):
-        if i == class_outputs[0]:
-            tensor = metadata_info.ClassificationTensorMd(
-                name="probabilities",
-                description="Probability of each class (softmax), in the order of labels.txt",
-                label_files=[metadata_info.LabelFileMd(LABELS_FILE)],
-                tensor_type=output.Type(),
-            )
-        else:
-            tensor = metadata_info.TensorMd(
-                name=TEXTURE_OUTPUT,
-                description=(
-                    "Per-channel mean and mean of squares of four backbone layers: the input of the "
-                    f"uncertainty score described in {OUR_FILE}"
-                ),
-            )
-        output_metadata.append(tensor.create_metadata())
+    output_metadata = [
+        metadata_info.ClassificationTensorMd(
+            name=PROBABILITIES_OUTPUT,
+            description="Probability of each class (softmax), in the order of labels.txt",
+            label_files=[metadata_info.LabelFileMd(LABELS_FILE)],
+            tensor_type=outputs[0].Type(),
+        ).create_metadata()
+    ]
+    if len(outputs) == 2:
+        texture = metadata_info.TensorMd(
+            name=TEXTURE_OUTPUT,
+            description=(
+                "Not a classification: per-channel mean and mean of squares of four backbone layers, the "
+                f"input of the uncertainty score described in {OUR_FILE}"
+            ),
+        ).create_metadata()
+        # MediaPipe Tasks turns every output tensor into a classification head (it cannot be told to
+        # skip one) and drops scores below a head's ScoreThresholdingOptions: with the largest float as
+        # the threshold this head reports no categories unless a caller overrides score_threshold.
+        texture.processUnits = [metadata_info.ScoreThresholdingMd(NO_CATEGORY_THRESHOLD).create_metadata()]
+        output_metadata.append(texture)
     ours = metadata_info.AssociatedFileMd(
         OUR_FILE,
         description="steeldefect model description (JSON): class names, input size, variant, calibration, provenance",

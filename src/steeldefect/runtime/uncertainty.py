@@ -3,6 +3,7 @@
 
 Calibration: one temperature T fitted on the out-of-fold validation predictions of the CV grid (never
 on test images) by minimising the negative log-likelihood; probabilities become softmax(log p / T).
+Its functions are in :mod:`steeldefect.runtime.calibration`; this module holds the score and the rule.
 
 Out-of-distribution score: a per-class Gaussian distance (QDA-like: each class's own covariance,
 shrunk halfway to the shared one; the smallest Mahalanobis distance plus log-determinant over the
@@ -21,7 +22,6 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,135 +34,6 @@ DEFAULT_ACCEPT = 0.99
 # Weight of each class's own covariance against the shared (tied) one: 0 = tied Mahalanobis (the
 # first shipped score), 0.5 = halfway, chosen by bench/ood_leave_one_class_out.py (README, "Trust").
 DEFAULT_CLASS_COVARIANCE = 0.5
-ECE_BINS = 15
-
-
-# ------------------------------------------------------------------------------------ calibration
-
-
-def _log_probabilities(probabilities: np.ndarray) -> np.ndarray:
-    # log p equals the logits up to a per-row constant, which softmax ignores.
-    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, None))
-
-
-def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T): T > 1 softens over-confident probabilities; the ranking never changes."""
-    z = _log_probabilities(probabilities) / float(temperature)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    labels = np.asarray(labels, dtype=np.int64)
-    return float(-_log_probabilities(probabilities)[np.arange(len(labels)), labels].mean())
-
-
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """ECE: over ``n_bins`` equal-width confidence bins (0, 1/n], ..., the sample-weighted mean of
-    |accuracy - mean confidence| of the top-1 prediction."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == np.asarray(labels)
-    # Right-closed bins, as in Guo et al. 2017: confidence 1.0 falls into the last bin.
-    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        members = bins == b
-        if members.any():
-            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(ece)
-
-
-def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the NLL of ``labels`` (searched on log T in [1/100, 100])."""
-    from scipy.optimize import minimize_scalar
-
-    logp = _log_probabilities(probabilities)
-    labels = np.asarray(labels, dtype=np.int64)
-
-    def nll(log_t: float) -> float:
-        z = logp / np.exp(log_t)
-        z -= z.max(axis=1, keepdims=True)
-        return float(-(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(axis=1))).mean())
-
-    result = minimize_scalar(nll, bounds=(np.log(0.01), np.log(100.0)), method="bounded")
-    return float(np.exp(result.x))
-
-
-def fit_calibration(
-    val_probabilities: np.ndarray,
-    val_labels: np.ndarray,
-    *,
-    val_indices: Sequence[int] | None = None,
-    test_indices: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Temperature from validation predictions; returns {temperature, nll/ece before and after, n}.
-
-    Pass the dataset indices of the validation rows and of the test split to have it checked that no
-    test image is used (raises ValueError otherwise).
-    """
-    if val_indices is not None and test_indices is not None:
-        shared = np.intersect1d(np.asarray(val_indices), np.asarray(test_indices))
-        if len(shared):
-            raise ValueError(f"calibration must not see test images; {len(shared)} validation rows are test images")
-    temperature = fit_temperature(val_probabilities, val_labels)
-    calibrated = apply_temperature(val_probabilities, temperature)
-    return {
-        "temperature": temperature,
-        "n": len(val_labels),
-        "nll_before": negative_log_likelihood(val_probabilities, val_labels),
-        "nll_after": negative_log_likelihood(calibrated, val_labels),
-        "ece_before": expected_calibration_error(val_probabilities, val_labels),
-        "ece_after": expected_calibration_error(calibrated, val_labels),
-    }
-
-
-def reliability_diagram(
-    curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, n_bins: int = ECE_BINS, title: str = ""
-) -> Path:
-    """PNG: accuracy against confidence per bin for each named (probabilities, labels), with its ECE."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from steeldefect.core.files import atomic_write_bytes
-
-    fig = Figure(figsize=(5.2, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    edges = np.linspace(0, 1, n_bins + 1)
-    for name, (probabilities, labels) in curves.items():
-        confidence = probabilities.max(axis=1)
-        correct = probabilities.argmax(axis=1) == labels
-        bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-        xs, ys, ns = [], [], []
-        for b in range(n_bins):
-            if (bins == b).any():
-                xs.append(confidence[bins == b].mean())
-                ys.append(correct[bins == b].mean())
-                ns.append(int((bins == b).sum()))
-        ece = expected_calibration_error(probabilities, labels, n_bins)
-        (line,) = ax.plot(xs, ys, marker="o", label=f"{name} (ECE {100 * ece:.2f}%)")
-        # How many answers each point stands for: at high accuracy nearly all sit in the top bin, and
-        # a point made of two images should not read like one made of two thousand.
-        for x, y, n in zip(xs, ys, ns):
-            ax.annotate(
-                f"n={n}", (x, y), textcoords="offset points", xytext=(-4, -12), fontsize=7, color=line.get_color()
-            )
-    ax.set_xticks(edges[::3])
-    ax.set(
-        xlim=(0, 1.02),
-        ylim=(0, 1.02),
-        xlabel="confidence (top-1 probability)",
-        ylabel="accuracy",
-        title=title or f"Reliability diagram ({n_bins} bins)",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return atomic_write_bytes(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------- out-of-distribution
@@ -254,12 +125,13 @@ class OODScorer:
 
     def score(self, features: np.ndarray) -> np.ndarray:
         z = (np.asarray(features, dtype=np.float64) - self.center_) @ self.projection_
-        if self.class_whitening_ is None:
+        class_whitening, log_determinants = self.class_whitening_, self.log_determinants_
+        if class_whitening is None or log_determinants is None:  # set together by fit and from_dict
             z, means = z @ self.whitening_, self.class_means_ @ self.whitening_
             return (((z[:, None, :] - means[None]) ** 2).sum(axis=2)).min(axis=1)
         distances = [
             (((z - mean) @ whitening) ** 2).sum(axis=1) + log_det
-            for mean, whitening, log_det in zip(self.class_means_, self.class_whitening_, self.log_determinants_)
+            for mean, whitening, log_det in zip(self.class_means_, class_whitening, log_determinants)
         ]
         return np.min(distances, axis=0)
 
@@ -280,7 +152,7 @@ class OODScorer:
             "whitening": self.whitening_.tolist(),
             "class_means": self.class_means_.tolist(),
         }
-        if self.class_whitening_ is not None:
+        if self.class_whitening_ is not None and self.log_determinants_ is not None:
             state |= {
                 "class_whitening": self.class_whitening_.tolist(),
                 "log_determinants": self.log_determinants_.tolist(),
@@ -321,7 +193,12 @@ class OODScorer:
             and k >= 1
         )
         if self.class_whitening_ is not None:
-            ok = ok and self.class_whitening_.shape == (k, n, n) and self.log_determinants_.shape == (k,)
+            ok = (
+                ok
+                and self.log_determinants_ is not None
+                and self.class_whitening_.shape == (k, n, n)
+                and self.log_determinants_.shape == (k,)
+            )
             ok = ok and self.class_covariance > 0
         if not ok:
             raise ValueError("array shapes do not fit together")
@@ -371,7 +248,7 @@ def far_ood_examples(neu_image: np.ndarray, size: tuple[int, int] = (224, 224), 
 
     def rgb(array: np.ndarray) -> np.ndarray:
         image = Image.fromarray(np.asarray(array)).convert("RGB")
-        return np.asarray(image.resize((size[1], size[0]), Image.BILINEAR), dtype=np.uint8)
+        return np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.uint8)
 
     names = (
         "astronaut",
@@ -409,11 +286,13 @@ def percentile_combine(reference: Sequence[np.ndarray], scores: Sequence[np.ndar
     unusually high, at the chosen overall acceptance."""
     if len(reference) != len(scores):
         raise ValueError(f"{len(reference)} reference score sets for {len(scores)} scores")
-    combined = None
+    combined: np.ndarray | None = None
     for ref, score in zip(reference, scores):
         ordered = np.sort(np.asarray(ref, dtype=np.float64))
         fraction = np.searchsorted(ordered, np.asarray(score, dtype=np.float64), side="left") / len(ordered)
         combined = fraction if combined is None else np.maximum(combined, fraction)
+    if combined is None:
+        raise ValueError("no scores to combine")
     return combined
 
 
@@ -453,9 +332,11 @@ class UncertaintyRule:
         """The combined rank in [0, 1] of each image (higher = less like the training images)."""
         softmax = 1.0 - np.asarray(probabilities, dtype=np.float64).max(axis=1)
         references, scores = [self.softmax_reference], [softmax]
-        if self.uses_texture:
+        if self.scorer is not None:  # uses_texture
             if texture_raw is None:
                 raise ValueError("this rule needs the model's texture statistics output")
+            if self.texture_reference is None:
+                raise ValueError("this rule has a texture scorer but no texture reference scores")
             references.append(self.texture_reference)
             scores.append(self.scorer.score(texture_features(texture_raw, self.channels)))
         return percentile_combine(references, scores)
@@ -472,7 +353,7 @@ class UncertaintyRule:
         return {
             "method": (
                 SOFTMAX_SCORE
-                if not self.uses_texture
+                if self.scorer is None  # not uses_texture
                 else RULE_METHOD_CLASS_COVARIANCE
                 if self.scorer.class_covariance > 0
                 else RULE_METHOD
@@ -486,14 +367,14 @@ class UncertaintyRule:
         }
 
     def to_npz_bytes(self) -> bytes:
-        arrays = {
+        arrays: dict[str, Any] = {
             "softmax_reference": self.softmax_reference,
             "combined_reference": self.combined_reference,
             "threshold": np.float64(self.threshold),
             "accept": np.float64(self.accept),
             "channels": np.asarray(self.channels, dtype=np.int64),
         }
-        if self.uses_texture:
+        if self.scorer is not None:  # uses_texture
             arrays |= {
                 "texture_reference": self.texture_reference,
                 "n_components": np.int64(self.scorer.n_components),
@@ -510,7 +391,8 @@ class UncertaintyRule:
                     "log_determinants": self.scorer.log_determinants_,
                 }
         buffer = io.BytesIO()
-        np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+        # numpy's stub types **kwds as if a key could be its allow_pickle flag
+        np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
         return buffer.getvalue()
 
     @classmethod

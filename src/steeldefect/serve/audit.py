@@ -192,6 +192,7 @@ class AuditLog:
         cursor = self._db.execute(
             f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", values
         )
+        assert cursor.lastrowid is not None  # set by every INSERT
         return int(cursor.lastrowid)
 
     def history(self, *, since: str | None = None, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:

@@ -16,17 +16,18 @@ and the static page itself needs ``Authorization: Bearer <token>`` (the page ask
 with each call); request bodies above ``max_upload_bytes`` are refused with 413 before they are read
 whole; no endpoint takes a path from a client; every error is a JSON ``{"error": ...}`` without a
 traceback, and one log line.
+
+The token and upload-limit checks and the request metrics are the ASGI wrapper in
+:mod:`steeldefect.serve.gate`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request, query types)
 # at definition time, and those names are imported inside create_app so the module imports without the extra.
 import asyncio
 import hashlib
-import hmac
 import logging
 import math
 import os
-import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -34,14 +35,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from steeldefect.core.options import ServeOptions
 from steeldefect.data.dataset import DatasetError
 from steeldefect.data.decode import decode_image
 from steeldefect.runtime.litert import ModelFileError
-from steeldefect.runtime.modelfile import Classifier, Judgement, ModelInfo, read_model_info, top_k
+from steeldefect.runtime.modelfile import ModelInfo, read_model_info, top_k
 from steeldefect.serve.audit import AuditError, AuditLog, AuditRow
+from steeldefect.serve.gate import _BodyTooLarge, _Gate, _Metrics, _too_large_message
+from steeldefect.serve.workers import ClassifierPool, _warm_up_decoders, default_workers
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ MAX_BATCH_FILES = 64
 MAX_CLIENT_ID_CHARS = 128
 TOKEN_ENV = "STEELDEFECT_TOKEN"
 RAW_CONTENT_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/x-ms-bmp", "image/tiff", "application/octet-stream")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/inspector.js", "/inspector.css"})
 _STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/inspector.js": ("inspector.js", "text/javascript; charset=utf-8"),
@@ -94,50 +94,6 @@ def resolve_model(model: Path) -> Path:
     if model.suffix != ".tflite":
         raise ModelFileError(f"{model}: serve runs an exported .tflite model or a run folder (export first)")
     return model
-
-
-class ClassifierPool:
-    """``size`` classifiers of one model, each warmed up by one inference; one caller per instance."""
-
-    def __init__(
-        self, model_path: Path, info: ModelInfo, size: int, threads: int | None, accept: float | None = None
-    ) -> None:
-        if size < 1:
-            raise ValueError(f"workers must be >= 1, got {size}")
-        self._idle: queue.SimpleQueue[Classifier] = queue.SimpleQueue()
-        blank = np.zeros((1, *info.input_size, 3), np.uint8)
-        for _ in range(size):
-            classifier = Classifier(model_path, threads, info, accept=accept)
-            classifier.probabilities(blank)  # first invoke pays XNNPACK's packing: not a client's latency
-            self._idle.put(classifier)
-        self.size = size
-
-    def judge(self, image: np.ndarray) -> Judgement:
-        """Probabilities, uncertain flag and calibrated confidence of one image (a batch of one)."""
-        classifier = self._idle.get()  # never waits: executor threads == classifiers
-        try:
-            return classifier.judge(image[None])
-        finally:
-            self._idle.put(classifier)
-
-
-def _warm_up_decoders(size: tuple[int, int]) -> None:
-    """Decode one small image of each format: Pillow loads its plugins on first use, which would
-    otherwise slow down the first client's answer."""
-    import io
-
-    from PIL import Image
-
-    for fmt in ("JPEG", "PNG", "BMP", "TIFF"):
-        buffer = io.BytesIO()
-        Image.new("RGB", (8, 8)).save(buffer, format=fmt)
-        decode_image(buffer.getvalue(), size, "warm-up")
-
-
-def default_workers() -> int:
-    """One single-threaded interpreter per core: the most images/s once several clients send at once
-    (decoding runs beside inference). A lone client gets lower latency from ``workers=1, threads=0``."""
-    return os.cpu_count() or 1
 
 
 def _require_extra():
@@ -521,7 +477,7 @@ def create_app(
 
         app.add_api_route(route_path, page, methods=["GET"], include_in_schema=False)
 
-    known_paths = {route.path for route in app.routes}
+    known_paths = {route.path for route in app.routes}  # type: ignore[attr-defined]  # each is a Route, with .path
     return _Gate(
         app,
         token=token,
@@ -530,128 +486,6 @@ def create_app(
         known_paths=known_paths,
         error=lambda status, message, scope: error_response(status, message, None, where=scope),
     )
-
-
-class _Metrics:
-    """Prometheus series for one app (own registry, so several apps in one process stay apart)."""
-
-    def __init__(self, info: ModelInfo) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "steeldefect_requests",
-            "HTTP requests by endpoint and status",
-            ["endpoint", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "steeldefect_request_seconds",
-            "Request latency in the server",
-            ["endpoint"],
-            buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
-            registry=self.registry,
-        )
-        self.predictions = Counter(
-            "steeldefect_predictions", "Answered predictions by top-1 class", ["class"], registry=self.registry
-        )
-        self.in_flight = Gauge(
-            "steeldefect_in_flight", "Prediction requests admitted and not yet answered", registry=self.registry
-        )
-        model = Gauge(
-            "steeldefect_model", "The served model (value 1)", ["name", "variant", "sha256"], registry=self.registry
-        )
-        model.labels(info.name, info.variant, info.sha256).set(1)
-        for name in info.class_names:  # every class present from the start: a rate of 0 is a signal too
-            self.predictions.labels(name)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-def _too_large_message(limit: int) -> str:
-    return f"upload too large: the limit is {limit} bytes ({limit / 2**20:.1f} MiB, --max-upload-mb)"
-
-
-class _Gate:
-    """ASGI wrapper in front of the app: metrics for every request, the bearer token, the body limit.
-
-    The limit is checked on the declared Content-Length and again while the body streams in (a
-    chunked upload has none), so an oversize upload is refused before it is held in memory.
-    """
-
-    def __init__(
-        self, app, *, token: str | None, max_body: int, metrics: _Metrics, known_paths: set[str], error
-    ) -> None:
-        self.app, self.token, self.max_body, self.metrics = app, token, max_body, metrics
-        self.known_paths, self.error = known_paths, error
-        self.state = app.state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        endpoint = path if path in self.known_paths else "other"
-        started = time.perf_counter()
-        status = {"code": 500}
-        sent = {"start": False}
-
-        async def send_tracking(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                sent["start"] = True
-            await send(message)
-
-        try:
-            rejection = self._check(scope)
-            if rejection is not None:
-                await rejection(scope, receive, send_tracking)
-                return
-            await self.app(scope, self._limited(receive), send_tracking)
-        except _BodyTooLarge:
-            if not sent["start"]:
-                await self._too_large(scope)(scope, receive, send_tracking)
-        finally:
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-
-    def _too_large(self, scope):
-        return self.error(413, _too_large_message(self.max_body), scope)
-
-    def _check(self, scope):
-        headers = dict(scope["headers"])
-        if self.token and scope["path"] not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
-                response = self.error(
-                    401, f"{'wrong' if given else 'missing'} bearer token: send 'Authorization: Bearer <token>'", scope
-                )
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                return self.error(400, "Content-Length is not a number", scope)
-            if declared > self.max_body:
-                return self._too_large(scope)
-        return None
-
-    def _limited(self, receive):
-        received = 0
-
-        async def wrapped():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _BodyTooLarge
-            return message
-
-        return wrapped
 
 
 def _version() -> str:

@@ -10,18 +10,16 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 
 from steeldefect.core import runfolder
 from steeldefect.core.files import default_cache_dir, read_json, write_csv, write_json
 from steeldefect.core.metrics import mean_std
-from steeldefect.core.options import DataOptions, EvaluateOptions, ExportOptions, TrainOptions
+from steeldefect.core.options import EvaluateOptions, ExportOptions, TrainOptions
 from steeldefect.core.runfolder import (
     fold_model_path,
     record_config,
@@ -29,88 +27,22 @@ from steeldefect.core.runfolder import (
     sidecar_path,
     update_summary,
 )
-from steeldefect.data import dataset as data_module
-from steeldefect.data import loading
-from steeldefect.data import splits as splits_module
 from steeldefect.models import backbones as backbone_registry
 from steeldefect.models import finetune, training
-from steeldefect.models.features import cached_features
 from steeldefect.study import trust
+from steeldefect.study.rundata import (
+    PreparedData,
+    check_same_data,
+    load_data,
+    load_run_data,
+    record_data,
+    trained_backbones,
+)
+from steeldefect.study.training_stage import _prepare_out, _with, _write_gallery, train_backbone
 
 log = logging.getLogger(__name__)
 
 NOT_RUN_WEIGHTS_MISSING = "not run: weights missing"
-
-
-@dataclass
-class PreparedData:
-    dataset: Any
-    images: np.ndarray
-    fingerprint: str
-    splits: Any
-
-
-def load_data(data: Path, options: DataOptions, *, progress: bool = True) -> PreparedData:
-    """Scan, decode (through the image cache) and fingerprint a dataset, and fix its split.
-
-    Every class needs enough usable images for the test split and the folds asked for (also after
-    ``skip_bad`` dropped some); a class that is too small is refused with one line naming it.
-    """
-    size = (options.image_size, options.image_size)
-    min_per_class = splits_module.minimum_class_size(options.test_fraction, options.n_folds)
-    dataset = data_module.scan_dataset(data, skip_bad=options.skip_bad, min_per_class=min_per_class)
-    dataset, images = loading.load_images(
-        dataset,
-        image_size=size,
-        cache_dir=options.cache_dir or default_cache_dir(),
-        skip_bad=options.skip_bad,
-        min_per_class=min_per_class,
-        progress=progress,
-    )
-    fingerprint = data_module.dataset_fingerprint(dataset, size)
-    splits = splits_module.make_splits(
-        dataset.labels,
-        test_fraction=options.test_fraction,
-        n_folds=options.n_folds,
-        seed=options.seed,
-        class_names=dataset.class_names,
-    )
-    return PreparedData(dataset, images, fingerprint, splits)
-
-
-def check_same_data(prepared: PreparedData, data: Path, run: Path) -> None:
-    """A run folder holds one dataset: refuse data whose fingerprint differs from the recorded one."""
-    dataset_record = runfolder.dataset_path(run)
-    if dataset_record.is_file():
-        recorded = read_json(dataset_record).get("fingerprint")
-        if recorded != prepared.fingerprint:
-            raise ValueError(
-                f"{run}: this run folder was made from other data (fingerprint {str(recorded)[:16]}), "
-                f"{data} now gives {prepared.fingerprint[:16]}; use a new --out"
-            )
-
-
-def record_data(prepared: PreparedData, data: Path, run: Path) -> None:
-    """Write the dataset record and split of a run."""
-    dataset, splits = prepared.dataset, prepared.splits
-    dataset_record = runfolder.dataset_path(run)
-    splits_module.write_splits_csv(runfolder.splits_path(run), dataset, splits)
-    height, width = (int(v) for v in prepared.images.shape[1:3])
-    write_json(
-        dataset_record,
-        {
-            "root": str(Path(data).resolve()),
-            "layout": dataset.layout,
-            "fingerprint": prepared.fingerprint,
-            "image_size": [height, width],
-            "n_images": len(dataset.paths),
-            "class_names": list(dataset.class_names),
-            "counts": dataset.counts(),
-            "n_test": int(len(splits.test_indices)),
-            "n_train": int(len(splits.train_indices)),
-        },
-    )
-    log.info("dataset %s: %d images, fingerprint %s", data, len(dataset.paths), prepared.fingerprint[:16])
 
 
 def train(
@@ -157,305 +89,6 @@ def train(
     update_deploy(out)
     log.info("training results written to %s", out)
     return runfolder.load_summary(out)
-
-
-def _with(options: Any, overrides: dict[str, Any]) -> Any:
-    """``options`` with the given fields replaced (lists become tuples); unknown names are refused."""
-    known = {spec.name for spec in fields(options)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)} for {type(options).__name__}")
-    return replace(options, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
-
-
-def _prepare_out(out: Path) -> None:
-    """Create the run folder, or say in one line why it cannot be (a file, no permission, ...)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: --out exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{out}: cannot create the run folder ({error.strerror or error})") from error
-
-
-def train_backbone(
-    prepared: PreparedData, out: Path, name: str, options: TrainOptions, *, progress: bool = True
-) -> dict[str, Any]:
-    spec = backbone_registry.get_backbone(name)
-    dataset, images, splits = prepared.dataset, prepared.images, prepared.splits
-    n_classes = len(dataset.class_names)
-    stage_times: dict[str, float] = {}
-    weights_id = backbone_registry.weights_id(name, options.weights)
-    get_backbone = backbone_registry.backbone_factory(
-        name,
-        weights=options.weights,
-        preprocessing=options.preprocessing,
-        seed=options.seed,
-        image_size=images.shape[1:3],
-        features=options.features,
-    )
-
-    with training.timed(stage_times, "features"):
-        features, _, _ = cached_features(
-            get_backbone,
-            images,
-            dataset_fingerprint=prepared.fingerprint,
-            backbone=backbone_registry.feature_name(name, options.features),
-            weights_id=backbone_registry.cache_weights_id(name, options.weights, options.seed),
-            preprocessing=options.preprocessing,
-            cache_dir=options.cache_dir,
-            progress=progress,
-        )
-    head_features, augmented = features, None
-    if options.augment:
-        head_features, augmented = _augmented_rows(
-            prepared, features, name, options, get_backbone, stage_times, progress
-        )
-    masks = _box_masks(dataset, splits, options, features.shape[1:3]) if options.head == "attention" else None
-    weights = training.class_weights(dataset.labels[splits.train_indices], n_classes, options.class_weight)
-    if weights is not None:
-        log.info(
-            "class weights (%s): %s",
-            options.class_weight,
-            ", ".join(f"{c} {w:.2f}" for c, w in zip(dataset.class_names, weights)),
-        )
-    with training.timed(stage_times, "grid"):
-        rows = training.run_grid(
-            head_features,
-            dataset.labels,
-            splits.folds,
-            run=out,
-            backbone=name,
-            n_classes=n_classes,
-            learning_rates=options.learning_rates,
-            kind=options.head,
-            epochs=options.epochs,
-            batch_size=options.batch_size,
-            seed=options.seed,
-            class_weight=options.class_weight,
-            progress=progress,
-            augmented=augmented,
-            masks=masks,
-        )
-    write_csv(runfolder.cv_grid_path(out, name), rows)
-    best_rate = training.select_best_rate(rows)
-    training.prune_heads(out, name, best_rate)
-
-    with training.timed(stage_times, "test"):
-        heads = [
-            training.load_head(
-                runfolder.head_path(out, name, best_rate, fold), features.shape[1:], n_classes, options.head
-            )
-            for fold in range(len(splits.folds))
-        ]
-        test_idx = splits.test_indices
-        per_model = training.evaluate_fold_heads(heads, features[test_idx], dataset.labels[test_idx], n_classes)
-        keras_aggregate = training.write_test_metrics(out, name, "keras", per_model, dataset.class_names)
-
-    with training.timed(stage_times, "calibration"):
-        calibration = trust.calibrate(out, name, heads, features, dataset.labels, splits.folds, test_idx)
-    confidence = {"temperature": calibration["temperature"], "fitted_on": calibration["fitted_on"]}
-
-    with training.timed(stage_times, "final"):
-        final_head = training.fit_final_head(
-            head_features,
-            dataset.labels,
-            splits.train_indices,
-            run=out,
-            backbone=name,
-            n_classes=n_classes,
-            learning_rate=best_rate,
-            kind=options.head,
-            epochs=options.epochs,
-            batch_size=options.batch_size,
-            seed=options.seed,
-            class_weight=options.class_weight,
-            augmented=augmented,
-            masks=masks,
-        )
-        if head_features is not features:  # trained on pooled vectors: the same weights on the maps
-            final_head = training.load_head(
-                runfolder.final_head_path(out, name), features.shape[1:], n_classes, options.head
-            )
-        (final_metrics,) = training.evaluate_fold_heads(
-            [final_head], features[test_idx], dataset.labels[test_idx], n_classes
-        )
-        final_metrics.pop("fold")
-
-    fine_tuned: dict[str, Any] = {}
-    if options.fine_tune:  # fold<k>.keras / final.keras become the fine-tuned models; the join below skips them
-        with training.timed(stage_times, "fine_tune"):
-            fine_tuned = finetune.fine_tune_run(
-                prepared,
-                out,
-                name,
-                options,
-                heads=heads,
-                final_head=final_head,
-                frozen_per_model=per_model,
-                frozen_final=final_metrics,
-                metadata=lambda fold: model_metadata(name, "keras", fold, best_rate, prepared, options, weights_id),
-                progress=progress,
-            )
-
-    with training.timed(stage_times, "join"):
-        for fold, fold_head in [*enumerate(heads), (runfolder.FINAL, final_head)]:
-            path = fold_model_path(out, name, fold, "keras")
-            meta_path = sidecar_path(path)
-            if path.is_file() and meta_path.is_file() and read_json(meta_path).get("verified"):
-                continue
-            joined = training.join_model(get_backbone(), fold_head, name=f"{name}_{path.stem}")
-            agreement = training.check_joined_agrees(joined, fold_head, images[test_idx], features[test_idx])
-            training.save_model_atomic(joined, path)
-            write_json(
-                meta_path,
-                model_metadata(name, "keras", fold, best_rate, prepared, options, weights_id)
-                | {"confidence": confidence, "verified": True, "agreement_on_test": agreement},
-            )
-
-    with training.timed(stage_times, "gallery"):
-        _write_gallery(out, name, prepared, progress)
-
-    summary_entry = {
-        "status": "done",
-        "display_name": spec.display_name,
-        "weights": weights_id,
-        "preprocessing": options.preprocessing,
-        "head": options.head,
-        "features": options.features,
-        "best_learning_rate": best_rate,
-        "cv": _cv_summary(rows),
-        "variants": {"keras": keras_aggregate},
-        "calibration": {key: calibration[key] for key in ("temperature", "fitted_on", "test")},
-        "final": {"keras": final_metrics},
-        "wall_time_s": stage_times,
-    } | fine_tuned
-    update_summary(out, name, **summary_entry)
-    log.info(
-        "%s: best lr %g, test accuracy %.2f%%", name, best_rate, summary_entry["variants"]["keras"]["accuracy"]["mean"]
-    )
-    return summary_entry
-
-
-def _box_masks(dataset: Any, splits: Any, options: TrainOptions, grid: tuple[int, int]) -> np.ndarray:
-    """Box coverage per image and feature-map cell for an attention head. Only the training images'
-    rows are kept: a test image's boxes are for measuring heatmaps, never for training."""
-    from steeldefect.data.annotations import cell_masks
-
-    masks = np.zeros((len(dataset.paths), grid[0] * grid[1]), np.float32)
-    train = splits.train_indices
-    masks[train] = cell_masks(options.boxes, [dataset.paths[i] for i in train], tuple(grid))
-    n_boxed = int((masks[train].sum(axis=1) > 0).sum())
-    if n_boxed == 0:
-        raise ValueError(f"--boxes {options.boxes}: no training image has a box there (<image name>.xml)")
-    log.info("attention head: boxes for %d of %d training images from %s", n_boxed, len(train), options.boxes)
-    return masks
-
-
-def _augmented_rows(
-    prepared: PreparedData,
-    features: np.ndarray,
-    name: str,
-    options: TrainOptions,
-    get_backbone: Any,
-    stage_times: dict[str, float],
-    progress: bool,
-) -> tuple[np.ndarray, Any]:
-    """``--augment K``: the K views of every training image (never validation or test images) as
-    extra rows. A pooled head trains on channel means, since its GlobalAveragePooling2D has no
-    weights: both plain and augmented rows become (N, 1, 1, C), 49x smaller than whole maps."""
-    from steeldefect.models import augfeatures
-
-    pooled = options.head == "pooled"
-    train_idx = prepared.splits.train_indices
-    augfeatures.check_memory(options.augment, len(train_idx), tuple(features.shape[1:]), pooled=pooled)
-    with training.timed(stage_times, "augmented_features"):
-        augmented = augfeatures.augmented_features(
-            get_backbone,
-            prepared.images,
-            train_idx,
-            k=options.augment,
-            seed=options.seed,
-            pooled=pooled,
-            views=options.augment_views,
-            dataset_fingerprint=prepared.fingerprint,
-            backbone=backbone_registry.feature_name(name, options.features),
-            weights_id=backbone_registry.cache_weights_id(name, options.weights, options.seed),
-            preprocessing=options.preprocessing,
-            cache_dir=options.cache_dir,
-            progress=progress,
-        )
-    if not pooled:
-        return features, augmented
-    pooled_features = features.mean(axis=(1, 2), keepdims=True)
-    return pooled_features, augfeatures.AugmentedFeatures(
-        augmented.features.reshape(len(augmented.features), 1, 1, -1), augmented.sources, augmented.extracted_views
-    )
-
-
-def _cv_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    by_rate: dict[str, list[float]] = {}
-    for row in rows:
-        by_rate.setdefault(f"{row['learning_rate']:g}", []).append(row["val_accuracy"])
-    return {rate: mean_std(values) for rate, values in by_rate.items()}
-
-
-def model_metadata(
-    backbone: str,
-    variant: str,
-    fold: int | str,
-    learning_rate: float,
-    prepared: PreparedData,
-    options: TrainOptions,
-    weights_id: str,
-) -> dict[str, Any]:
-    """What travels with a model file so that `predict` needs nothing else."""
-    height, width = (int(v) for v in prepared.images.shape[1:3])
-    return {
-        "class_names": list(prepared.dataset.class_names),
-        "input": {"height": height, "width": width, "channels": 3, "pixels": "RGB 0..255"},
-        "backbone": backbone,
-        "variant": variant,
-        "fold": fold,
-        "learning_rate": learning_rate,
-        "head": options.head,
-        "preprocessing": options.preprocessing,
-        "weights": weights_id,
-        "dataset_fingerprint": prepared.fingerprint,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-
-
-def run_train_options(run: Path) -> tuple[Path, TrainOptions]:
-    """The dataset folder and training options a run was made with, from its config.json."""
-    path = runfolder.config_path(run)
-    if not path.is_file():
-        raise FileNotFoundError(f"{run}: not a run folder (no config.json; run `steeldefect train` first)")
-    recorded = dict(read_json(path)["commands"]["train"]["options"])
-    data = Path(recorded.pop("data"))
-    if isinstance(recorded.get("image_size"), list):  # run folders made before options were dataclasses
-        recorded["image_size"] = int(recorded["image_size"][0])
-    known = {spec.name for spec in fields(TrainOptions)}
-    return data, TrainOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known})
-
-
-def load_run_data(run: Path, *, progress: bool = True) -> tuple[PreparedData, TrainOptions]:
-    """The images and split a run was trained on, re-read through the image cache."""
-    run = Path(run)
-    data, options = run_train_options(run)
-    prepared = load_data(data, options, progress=progress)
-    recorded = read_json(runfolder.dataset_path(run))["fingerprint"]
-    if prepared.fingerprint != recorded:
-        raise ValueError(
-            f"{data}: the images changed since {run} was trained (fingerprint {prepared.fingerprint[:12]} "
-            f"!= {recorded[:12]})"
-        )
-    splits = splits_module.read_splits_csv(runfolder.splits_path(run), prepared.dataset)
-    return PreparedData(prepared.dataset, prepared.images, prepared.fingerprint, splits), options
-
-
-def trained_backbones(run: Path) -> list[str]:
-    return [name for name, entry in runfolder.load_summary(run)["backbones"].items() if entry.get("status") == "done"]
 
 
 def export(run: Path, options: ExportOptions | None = None, *, progress: bool = True, **overrides: Any) -> list[Path]:
@@ -565,24 +198,6 @@ def _record_int8_checks(run: Path, backbone: str, n_folds: int) -> None:
         update_summary(run, backbone, int8_check=checks)
 
 
-def _write_gallery(run: Path, backbone: str, prepared: PreparedData, progress: bool) -> None:
-    """Heatmaps of the final model on test images for the report: two correct per class and every
-    wrong or uncertain one (uncertain once `evaluate` wrote the deploy model's flags). A gallery
-    already written for the same model and flags is kept."""
-    from steeldefect.deploy import explain
-
-    test_idx = prepared.splits.test_indices
-    explain.write_gallery(
-        run,
-        backbone,
-        prepared.images[test_idx],
-        prepared.dataset.labels[test_idx],
-        [prepared.dataset.relative_names[i] for i in test_idx],
-        prepared.dataset.class_names,
-        progress=progress,
-    )
-
-
 def _judge_test_split(run: Path, backbone: str, prepared: PreparedData, final: dict[str, dict[str, Any]]) -> None:
     """Each final model that carries an uncertainty rule judges the test split: the share it flags and
     the accuracy of what it accepts go into ``final[variant]["uncertain"]``; the deployed variant's
@@ -599,10 +214,12 @@ def _judge_test_split(run: Path, backbone: str, prepared: PreparedData, final: d
         if classifier.rule is None:
             continue
         judgement = classifier.judge(images)
+        uncertain, score = judgement.uncertain, judgement.score
+        assert uncertain is not None and score is not None  # a classifier with a rule flags and scores every image
         predicted = judgement.probabilities.argmax(axis=1)
-        accepted = ~judgement.uncertain
+        accepted = ~uncertain
         final[variant]["uncertain"] = {
-            "flagged_test_share": float(judgement.uncertain.mean()),
+            "flagged_test_share": float(uncertain.mean()),
             "accepted_accuracy": float((predicted[accepted] == labels[accepted]).mean()) if accepted.any() else None,
             "threshold": classifier.rule.threshold,
             "accept": classifier.rule.accept,
@@ -613,8 +230,8 @@ def _judge_test_split(run: Path, backbone: str, prepared: PreparedData, final: d
                 "label": names[labels[row]],
                 "predicted": names[predicted[row]],
                 "probability": f"{judgement.probabilities[row, predicted[row]]:.6f}",
-                "uncertain": bool(judgement.uncertain[row]),
-                "score": f"{judgement.score[row]:.6f}",
+                "uncertain": bool(uncertain[row]),
+                "score": f"{score[row]:.6f}",
                 "variant": variant,
             }
             for row, i in enumerate(test_idx)

@@ -8,91 +8,42 @@ Output is deterministic: the only dates in it are those read from the run.
 
 from __future__ import annotations
 
-import csv
-import io
-import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 # Figure + the Agg canvas instead of pyplot: no global backend switch, no GUI, no shared state.
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-
 from steeldefect.core import runfolder
-from steeldefect.core.files import atomic_write_bytes, atomic_write_text, read_json, write_csv
+from steeldefect.core.files import atomic_write_text, write_csv
 from steeldefect.core.runfolder import require_run
 from steeldefect.deploy import int8guard
-
-log = logging.getLogger(__name__)
-
-REFERENCE_TITLE = "Image-based Classification of Steel Surface Defects using Lightweight CNNs"
-# The reference's three backbones always get rows (to show its figures); others only when in the run.
-BACKBONE_ORDER = ("mobilenet", "efficientnetb0", "vgg16", "efficientnet_lite0")
-DISPLAY_NAMES = {
-    "mobilenet": "MobileNetV1",
-    "efficientnetb0": "EfficientNetB0",
-    "vgg16": "VGG-16",
-    "efficientnet_lite0": "EfficientNet-Lite0",
-}
-VARIANTS = ("keras", "fp32", "fp16", "int8")
-METRICS = {"accuracy": "Accuracy", "precision_macro": "Precision", "recall_macro": "Recall"}
-STAGES = ("features", "grid", "test", "join", "export", "quant_debug", "evaluate")
-# (number, variant, title) of the reference's Tables 1-4.
-METRIC_TABLES = (
-    (1, "keras", "Keras models"),
-    (2, "fp32", "TFLite float32"),
-    (3, "fp16", "TFLite float16"),
-    (4, "int8", "TFLite int8"),
+from steeldefect.study.report_data import (
+    BACKBONE_ORDER,
+    METRIC_TABLES,
+    METRICS,
+    MISSING,
+    REFERENCE_LATENCY_MS,
+    REFERENCE_METRICS,
+    REFERENCE_SIZE_MB,
+    REFERENCE_TITLE,
+    STAGES,
+    VARIANTS,
+    _cv_stats,
+    _display,
+    _fmt,
+    _keras_size_mib,
+    _latency_method,
+    _load,
+    _machine,
+    _md_table,
+    _mean,
+    _mean_std,
+    _ours_note,
+    _read_cv_rows,
+    _status,
+    _training_setup,
+    _variant,
 )
-MISSING = "—"
-
-MeanStd = tuple[float, float]
-
-
-def _prf(acc: MeanStd, prec: MeanStd, rec: MeanStd) -> dict[str, MeanStd]:
-    return {"accuracy": acc, "precision_macro": prec, "recall_macro": rec}
-
-
-_MOBILENET_FLOAT = _prf((94.81, 0.97), (94.97, 0.94), (94.49, 1.02))
-_EFFNETB0_FLOAT = _prf((99.48, 0.38), (99.46, 0.39), (99.48, 0.38))
-_VGG16_FLOAT = _prf((99.63, 0.33), (99.65, 0.32), (99.63, 0.33))
-# Reference Tables 1-4: percent, mean ± std over its 5 fold models, as printed in the study.
-REFERENCE_METRICS: dict[str, dict[str, dict[str, MeanStd]]] = {
-    "mobilenet": {
-        "keras": _MOBILENET_FLOAT,
-        "fp32": _MOBILENET_FLOAT,
-        "fp16": _prf((94.44, 0.94), (94.63, 0.91), (94.09, 1.00)),
-        "int8": _prf((58.07, 6.03), (60.94, 6.61), (61.44, 6.36)),
-    },
-    "efficientnetb0": {
-        "keras": _EFFNETB0_FLOAT,
-        "fp32": _EFFNETB0_FLOAT,
-        "fp16": _EFFNETB0_FLOAT,
-        "int8": _prf((97.56, 1.01), (97.57, 0.85), (97.53, 0.93)),
-    },
-    "vgg16": {
-        "keras": _VGG16_FLOAT,
-        "fp32": _VGG16_FLOAT,
-        "fp16": _VGG16_FLOAT,
-        "int8": _prf((99.56, 0.28), (99.57, 0.27), (99.56, 0.28)),
-    },
-}
-# Reference Table 5: model size in MB as printed (its Keras size is the .h5 file) ...
-REFERENCE_SIZE_MB: dict[str, dict[str, float]] = {
-    "mobilenet": {"keras": 86.19, "fp32": 36.74, "fp16": 18.39, "int8": 9.48},
-    "efficientnetb0": {"keras": 108.08, "fp32": 45.95, "fp16": 23.04, "int8": 12.34},
-    "vgg16": {"keras": 93.08, "fp32": 68.43, "fp16": 34.22, "int8": 17.22},
-}
-# ... and latency in ms on a Colab CPU (mean ± std of single runs without warm-up).
-REFERENCE_LATENCY_MS: dict[str, dict[str, MeanStd]] = {
-    "mobilenet": {"fp32": (21.63, 1.93), "fp16": (21.84, 2.96), "int8": (18.90, 1.29)},
-    "efficientnetb0": {"fp32": (82.90, 16.05), "fp16": (78.37, 3.23), "int8": (95.84, 1.15)},
-    "vgg16": {"fp32": (592.98, 21.98), "fp16": (570.17, 6.12), "int8": (576.29, 19.91)},
-}
+from steeldefect.study.report_plots import _gallery_section, _plots_section
 
 
 def write_report(run: Path) -> Path:
@@ -247,128 +198,6 @@ def _trust_section(run: Path, names: list[str], backbones: dict[str, Any]) -> li
     return ["## Calibration and uncertainty", "", *lines] if lines else []
 
 
-# ---------------------------------------------------------------- reading the run
-
-
-def _load(path: Path) -> Any:
-    """A JSON file's contents, or None when it is missing or unreadable (reported, never fatal)."""
-    try:
-        return read_json(path)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as error:
-        log.warning("%s: unreadable (%s); reported as missing", path, error)
-        return None
-
-
-def _read_cv_rows(path: Path) -> list[dict[str, float]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as error:
-        log.warning("%s: unreadable (%s); reported as missing", path, error)
-        return []
-
-
-def _training_setup(config: dict[str, Any]) -> str:
-    """What changes the numbers beside the backbone: head, features, augmentation, class weights,
-    fine-tuning, test-time averaging (options absent from an older run count as their defaults)."""
-    train = ((config.get("commands") or {}).get("train") or {}).get("options") or {}
-    if not train:
-        return ""
-    parts = [f"head {train.get('head', 'flatten')}", f"features {train.get('features', 'maps')}"]
-    if train.get("boxes"):
-        parts.append(f"attention taught by the training images' boxes in {Path(train['boxes']).name}/")
-    if train.get("augment"):
-        parts.append(f"{train['augment']} {train.get('augment_views', 'random')} augmented views per training image")
-    parts.append(f"class weights {train.get('class_weight', 'auto')}")
-    if train.get("fine_tune"):
-        parts.append(f"top {train['fine_tune']} blocks fine-tuned")
-    export = ((config.get("commands") or {}).get("export") or {}).get("options") or {}
-    if export.get("tta"):
-        parts.append("exported files average the 8 flips/rotations of each image")
-    return ", ".join(parts)
-
-
-def _display(name: str, entry: dict[str, Any] | None) -> str:
-    return (entry or {}).get("display_name") or DISPLAY_NAMES.get(name, name)
-
-
-def _status(entry: dict[str, Any] | None) -> str:
-    """'done', the pipeline's own status text (e.g. 'not run: weights missing'), or 'not run'."""
-    return "not run" if entry is None else str(entry.get("status", "unknown"))
-
-
-def _variant(entry: dict[str, Any] | None, variant: str) -> dict[str, Any] | None:
-    if _status(entry) != "done":
-        return None
-    return ((entry or {}).get("variants") or {}).get(variant)
-
-
-def _keras_size_mib(run: Path, name: str) -> float | None:
-    """Mean size of our saved fold models (reading file sizes, not recomputing anything)."""
-    sizes = [path.stat().st_size / 2**20 for path in runfolder.keras_models(run, name)]
-    return float(np.mean(sizes)) if sizes else None
-
-
-# ---------------------------------------------------------------- formatting
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    """`99.63 ± 0.33` from {'mean', 'std'} or (mean, std); a bare number as is; None as a dash."""
-    if value is None:
-        return MISSING
-    if isinstance(value, dict):
-        value = (value.get("mean"), value.get("std"))
-    if isinstance(value, (tuple, list)):
-        mean, std = value
-        if mean is None:
-            return MISSING
-        return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-    return f"{value:.{digits}f}"
-
-
-def _mean_std(value: Any) -> tuple[Any, Any]:
-    """(mean, std) of a summary value for the CSVs, rounded; blanks when missing."""
-    if isinstance(value, dict):
-        value = (value.get("mean"), value.get("std"))
-    if isinstance(value, (tuple, list)):
-        return tuple(round(float(v), 4) if v is not None else "" for v in value)  # type: ignore[return-value]
-    return (round(float(value), 4), "") if value is not None else ("", "")
-
-
-def _mean(value: Any) -> float | None:
-    """The mean of a summary value ({'mean', 'std'} or a bare number); None when missing."""
-    mean = value.get("mean") if isinstance(value, dict) else value
-    return float(mean) if isinstance(mean, (int, float)) else None
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _ours_note(entry: dict[str, Any] | None) -> str:
-    """What a row shows instead of our numbers: the backbone's status, or 'not measured'."""
-    status = _status(entry)
-    return "not measured" if status == "done" else status
-
-
-def _machine(summary: dict[str, Any]) -> str:
-    machine = summary.get("latency_machine") or {}
-    if not machine:
-        return "an unrecorded machine"
-    return f"{machine.get('cpu', 'unknown CPU')} with {machine.get('threads', '?')} thread(s)"
-
-
-def _latency_method(config: dict[str, Any]) -> str:
-    options = ((config.get("commands") or {}).get("evaluate") or {}).get("options") or {}
-    return f"median of {options.get('runs', 50)} timed invokes after {options.get('warmup', 10)} warm-ups"
-
-
 # ---------------------------------------------------------------- sections
 
 
@@ -408,7 +237,7 @@ def _header(
         lines.append(f"- Training: {setup}")
     for name in names:
         entry = backbones.get(name)
-        if _status(entry) == "done" and entry.get("best_learning_rate") is not None:
+        if entry is not None and _status(entry) == "done" and entry.get("best_learning_rate") is not None:
             lines.append(f"- {_display(name, entry)}: best learning rate {entry['best_learning_rate']:g}")
     if summary.get("reproduce_wall_time_s") is not None:
         seconds = float(summary["reproduce_wall_time_s"])
@@ -603,23 +432,11 @@ def _per_class_section(run: Path, names: list[str], backbones: dict[str, Any], s
     ]
 
 
-def _cv_stats(entry: dict[str, Any], rows: list[dict[str, float]]) -> dict[float, dict[str, Any]]:
-    """Mean/std validation accuracy per learning rate: the summary's, else averaged from cv_grid.csv."""
-    stats: dict[float, dict[str, Any]] = {}
-    for rate, value in (entry.get("cv") or {}).items():
-        stats[float(rate)] = {"mean": value.get("mean"), "std": value.get("std"), "folds": ""}
-    for rate in sorted({r["learning_rate"] for r in rows}):
-        values = [r["val_accuracy"] for r in rows if r["learning_rate"] == rate]
-        fallback = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-        stats[rate] = (stats.get(rate) or fallback) | {"folds": len(values)}
-    return dict(sorted(stats.items(), reverse=True))
-
-
 def _cv_section(run: Path, names: list[str], backbones: dict[str, Any]) -> list[str]:
     rows, csv_rows = [], []
     for name in names:
         entry = backbones.get(name)
-        if _status(entry) != "done":
+        if entry is None or _status(entry) != "done":
             continue
         best = entry.get("best_learning_rate")
         for rate, stat in _cv_stats(entry, _read_cv_rows(runfolder.cv_grid_path(run, name))).items():
@@ -662,263 +479,3 @@ def _cv_section(run: Path, names: list[str], backbones: dict[str, Any]) -> list[
         "CSV: [report_tables/cv_grid.csv](report_tables/cv_grid.csv)",
         "",
     ]
-
-
-# ---------------------------------------------------------------- plots
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)  # attaches the Agg canvas to the figure
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
-def _plots_section(run: Path, names: list[str], backbones: dict[str, Any], summary: dict[str, Any]) -> list[str]:
-    plots = runfolder.plots_dir(run)
-    lines = ["## Plots", ""]
-    fallback_classes = (summary.get("dataset") or {}).get("class_names") or []
-    for name in names:
-        entry = backbones.get(name)
-        if _status(entry) != "done":
-            continue
-        display = _display(name, entry)
-        lines += [f"### {display}", ""]
-        rows = _read_cv_rows(runfolder.cv_grid_path(run, name))
-        if rows:
-            _plot_cv_grid(rows, _cv_stats(entry, rows), display, plots / f"cv_grid_{name}.png")
-            lines += [f"![{display} CV grid](plots/cv_grid_{name}.png)", ""]
-        best = entry.get("best_learning_rate")
-        # Numeric fold order, so fold10 follows fold9 and colours match across plots.
-        paths = runfolder.history_paths(run, name, best) if best else []
-        histories = [(f"fold{fold}", h) for fold, p in paths if (h := _load(p))]
-        if histories:
-            title = f"{display}, learning rate {best:g}"
-            _plot_training_curves(histories, title, plots / f"training_curves_{name}.png")
-            lines += [f"![{display} training curves](plots/training_curves_{name}.png)", ""]
-        for variant in ("keras", "int8"):
-            metrics = _load(runfolder.test_metrics_path(run, name, variant)) or {}
-            matrices = [m["confusion_matrix"] for m in metrics.get("per_model", []) if m.get("confusion_matrix")]
-            if matrices and len({np.shape(m) for m in matrices}) == 1:  # one class list for all models
-                total = np.sum(np.asarray(matrices, dtype=int), axis=0)
-                classes = metrics.get("class_names") or fallback_classes or [str(i) for i in range(len(total))]
-                title = f"{display} {variant}: test confusion, sum over {len(matrices)} fold models"
-                _plot_confusion(total, classes, title, plots / f"confusion_{name}_{variant}.png")
-                lines += [f"![{display} {variant} confusion](plots/confusion_{name}_{variant}.png)", ""]
-        png, csv_file = runfolder.quant_debug_path(run, name, "png"), runfolder.quant_debug_path(run, name, "csv")
-        if png.is_file():
-            csv_link = f" ([CSV]({csv_file.relative_to(run).as_posix()}))" if csv_file.is_file() else ""
-            lines += [
-                f"Per-layer int8 quantization error (fold 0): "
-                f"![{display} int8 error]({png.relative_to(run).as_posix()}){csv_link}",
-                "",
-            ]
-    points = []
-    for name in names:
-        for variant in ("fp32", "fp16", "int8"):
-            values = _variant(backbones.get(name), variant) or {}
-            numbers = [_mean(values.get(key)) for key in ("size_mib", "accuracy", "latency_ms_median")]
-            if None not in numbers:
-                points.append((_display(name, backbones[name]), variant, *numbers))
-    if points:
-        _plot_accuracy_size_latency(points, plots / "accuracy_size_latency.png")
-        lines += [
-            "### Accuracy, size and latency of the LiteRT models",
-            "",
-            "![accuracy vs size vs latency](plots/accuracy_size_latency.png)",
-            "",
-        ]
-    if len(lines) == 2:
-        lines += ["No plots: nothing in this run to plot yet.", ""]
-    return lines
-
-
-def _plot_confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, path: Path) -> Path:
-    fig = Figure(figsize=(7, 6), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(matrix, cmap="Blues")
-    ticks = range(len(class_names))
-    ax.set_xticks(ticks, class_names, rotation=35, ha="right")
-    ax.set_yticks(ticks, class_names)
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > threshold else "black")
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    return _save(fig, path)
-
-
-def _plot_cv_grid(rows: list[dict[str, float]], stats: dict[float, dict[str, Any]], title: str, path: Path) -> Path:
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.add_subplot()
-    for fold in sorted({int(r["fold"]) for r in rows}):
-        points = sorted((r["learning_rate"], r["val_accuracy"]) for r in rows if int(r["fold"]) == fold)
-        ax.scatter(*zip(*points), s=18, alpha=0.7, label=f"fold {fold}")
-    rates = sorted(stats)
-    ax.plot(rates, [stats[r]["mean"] for r in rates], color="black", marker="o", label="mean")
-    ax.set_xscale("log")
-    ax.set(xlabel="learning rate", ylabel="validation accuracy (%)", title=f"{title}: CV grid")
-    ax.legend(fontsize="small")
-    return _save(fig, path)
-
-
-def _plot_training_curves(histories: list[tuple[str, dict[str, list[float]]]], title: str, path: Path) -> Path:
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    acc_ax, loss_ax = fig.subplots(1, 2)
-    colors = [f"C{i}" for i in range(10)]
-    for index, (fold, history) in enumerate(histories):
-        color = colors[index % len(colors)]
-        for key, ax, scale in (("accuracy", acc_ax, 100.0), ("loss", loss_ax, 1.0)):
-            for prefix, style in (("", "-"), ("val_", "--")):
-                values = history.get(prefix + key)
-                if values:
-                    epochs = range(1, len(values) + 1)
-                    ax.plot(
-                        epochs,
-                        np.asarray(values) * scale,
-                        style,
-                        color=color,
-                        label=f"{fold} {'val' if prefix else 'train'}",
-                    )
-    for ax in (acc_ax, loss_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    acc_ax.legend(fontsize="x-small", ncol=2)
-    fig.suptitle(f"{title} (solid = train, dashed = validation)")
-    return _save(fig, path)
-
-
-def _plot_accuracy_size_latency(points: list[tuple[str, str, float, float, float]], path: Path) -> Path:
-    fig = Figure(figsize=(7, 5), layout="constrained")
-    ax = fig.add_subplot()
-    _, _, sizes, accuracies, latencies = zip(*points)
-    cloud = ax.scatter(sizes, accuracies, c=latencies, cmap="viridis", s=80, edgecolors="black")
-    for display, variant, size, accuracy, latency in points:
-        ax.annotate(
-            f"{display} {variant}\n{latency:.1f} ms",
-            (size, accuracy),
-            fontsize="x-small",
-            xytext=(5, 5),
-            textcoords="offset points",
-        )
-    ax.margins(0.2)  # room for the labels of the outermost points
-    ax.set(xlabel="model size (MiB)", ylabel="test accuracy (%)", title="LiteRT models: accuracy vs size")
-    fig.colorbar(cloud, ax=ax, label="median latency (ms)")
-    return _save(fig, path)
-
-
-# ---------------------------------------------------------------- heatmap gallery
-
-GALLERY_COLUMNS = 4
-GALLERY_PER_FIGURE = 24  # a longer list of wrong answers is split over several figures
-
-
-def _gallery_section(run: Path, names: list[str], backbones: dict[str, Any]) -> list[str]:
-    """ "Where the model looked": the heatmap overlays `train` wrote (RUN/<backbone>/gallery/), composed
-    into a few grids - two correct test images per class, then every misclassified or uncertain one -
-    and listed. Reads gallery.csv and the PNGs only (no TensorFlow)."""
-    lines: list[str] = []
-    for name in names:
-        rows = _read_gallery(runfolder.gallery_csv_path(run, name))
-        if rows is None:
-            continue
-        display = _display(name, backbones.get(name))
-        folder = runfolder.gallery_dir(run, name)
-        record = _load(runfolder.gallery_record_path(run, name)) or {}
-        wrong = [r for r in rows if r["predicted"] != r["label"] or r["uncertain"] == "true"]
-        correct = [r for r in rows if r not in wrong]
-        lines += [f"### {display}", ""]
-        if record.get("method"):
-            model = Path(str(record.get("model", "?"))).name
-            if record["method"] == "attention":
-                smoothing = record.get("smoothing")
-                density = f", as a density (Gaussian sigma {smoothing:g} cell)" if smoothing else ""
-                lines += [
-                    f"Heatmaps: the attention head's own weights over the feature-map cells of `{model}`{density}.",
-                    "",
-                ]
-            else:
-                layers = " + ".join(record.get("layers") or [])
-                lines += [f"Heatmaps: `{record['method']}` at `{layers}` of `{model}`.", ""]
-        if correct:
-            path = runfolder.plots_dir(run) / f"gallery_{name}_correct.png"
-            _compose([folder / r["png"] for r in correct], path)
-            lines += [
-                f"Correctly classified, {len({r['label'] for r in correct})} classes:",
-                "",
-                f"![{display} heatmaps, correct]({path.relative_to(run).as_posix()})",
-                "",
-            ]
-        if not wrong:
-            lines += ["No test image was misclassified or marked uncertain.", ""]
-            continue
-        lines += [f"Every misclassified or uncertain test image ({len(wrong)}):", ""]
-        for part in range(0, len(wrong), GALLERY_PER_FIGURE):
-            number = part // GALLERY_PER_FIGURE + 1
-            path = runfolder.plots_dir(run) / f"gallery_{name}_wrong_{number}.png"
-            _compose([folder / r["png"] for r in wrong[part : part + GALLERY_PER_FIGURE]], path)
-            lines += [
-                f"![{display} heatmaps, misclassified or uncertain ({number})]({path.relative_to(run).as_posix()})",
-                "",
-            ]
-        table = [
-            [
-                f"`{r['file']}`",
-                r["label"],
-                r["predicted"],
-                _fmt(float(r["probability"]), 3),
-                r["uncertain"],
-                f"[png]({(folder / r['png']).relative_to(run).as_posix()})",
-            ]
-            for r in wrong
-        ]
-        lines += [_md_table(["File", "Label", "Predicted", "Probability", "Uncertain", "Heatmap"], table), ""]
-    if not lines:
-        return []
-    return [
-        "## Where the model looked",
-        "",
-        "Heatmaps of the model to deploy (the final model, refitted on all training images) on test images, "
-        "for the predicted class; red = most influence, the white cross marks each map's maximum. Title: "
-        "predicted class and probability, `(uncertain)` when the trust step flagged the image, `- is <label>` "
-        "when wrong.",
-        "",
-        *lines,
-    ]
-
-
-def _read_gallery(path: Path) -> list[dict[str, str]] | None:
-    if not path.is_file():
-        return None
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if rows and not {"file", "label", "predicted", "probability", "uncertain", "png"} <= rows[0].keys():
-        log.warning("%s: not a gallery CSV (columns file,label,predicted,probability,uncertain,png); skipped", path)
-        return None
-    return rows
-
-
-def _compose(pngs: Sequence[Path], path: Path) -> Path:
-    """One PNG: the overlays in a grid of :data:`GALLERY_COLUMNS` columns (a missing file leaves its
-    cell blank rather than failing the report)."""
-    from PIL import Image
-
-    tiles = []
-    for png in pngs:
-        try:
-            with Image.open(png) as image:
-                tiles.append(image.convert("RGB"))
-        except OSError:
-            log.warning("%s: missing or unreadable gallery image; left blank", png)
-            tiles.append(None)
-    width = max((t.width for t in tiles if t), default=300)
-    height = max((t.height for t in tiles if t), default=300)
-    columns = min(GALLERY_COLUMNS, len(tiles))
-    canvas = Image.new("RGB", (columns * width, -(-len(tiles) // columns) * height), "white")
-    for k, tile in enumerate(tiles):
-        if tile is not None:
-            canvas.paste(tile, ((k % columns) * width, (k // columns) * height))
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG", optimize=True)
-    return atomic_write_bytes(path, buffer.getvalue())

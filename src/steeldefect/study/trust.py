@@ -20,7 +20,7 @@ import numpy as np
 from steeldefect.core import runfolder
 from steeldefect.core.files import save_npz, write_json
 from steeldefect.models import training
-from steeldefect.runtime import uncertainty
+from steeldefect.runtime import calibration
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,13 @@ def calibrate(
     validation images), measure test ECE before/after over the fold models, write the record, the
     out-of-fold probabilities and the reliability diagram. Returns the record."""
     indices, oof = training.out_of_fold_probabilities(heads, features, folds)
-    record = uncertainty.fit_calibration(oof, labels[indices], val_indices=indices, test_indices=test_indices)
+    record = calibration.fit_calibration(oof, labels[indices], val_indices=indices, test_indices=test_indices)
     temperature = record["temperature"]
     test_labels = labels[test_indices]
     test_probabilities = [training.predict_proba(head, features[test_indices]) for head in heads]
-    calibrated = [uncertainty.apply_temperature(p, temperature) for p in test_probabilities]
-    ece = uncertainty.expected_calibration_error
-    nll = uncertainty.negative_log_likelihood
+    calibrated = [calibration.apply_temperature(p, temperature) for p in test_probabilities]
+    ece = calibration.expected_calibration_error
+    nll = calibration.negative_log_likelihood
     record = {
         "temperature": temperature,
         "fitted_on": f"out-of-fold validation predictions of the grid ({len(indices)} training images)",
@@ -57,11 +57,11 @@ def calibrate(
             "nll_after": float(np.mean([nll(p, test_labels) for p in calibrated])),
             "over": f"mean of the {len(heads)} fold models",
         },
-        "ece_bins": uncertainty.ECE_BINS,
+        "ece_bins": calibration.ECE_BINS,
     }
     save_npz(runfolder.oof_probabilities_path(run, backbone), indices=indices, probabilities=oof)
     write_json(runfolder.calibration_record_path(run, backbone), record)
-    uncertainty.reliability_diagram(
+    calibration.reliability_diagram(
         {
             "as trained": (np.concatenate(test_probabilities), np.tile(test_labels, len(heads))),
             f"temperature {temperature:.2f}": (np.concatenate(calibrated), np.tile(test_labels, len(heads))),

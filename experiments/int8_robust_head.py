@@ -1,8 +1,10 @@
 """Can the imbalance heads' int8 - fp32 gap be closed? Heads trained to be robust to the int8 backbone.
 
+Figures: docs/design-notes.md, "Quantization" (an experiment whose methods were not adopted: moved from bench/).
+
 Usage (from the repository root)::
 
-    python bench/int8_robust_head.py --data ../shared/data/NEU-DET/IMAGES [--draws 5] [--orders 1 2 3]
+    python experiments/int8_robust_head.py --data ../shared/data/NEU-DET/IMAGES [--draws 5] [--orders 1 2 3]
         [--threads 2] [--out FILE.json]
 
 For each of the README's three class orders of the imbalance profile 255/128/64/32/16/8 (balanced class
@@ -31,10 +33,14 @@ scoring only. Printed and saved per row, and per order the mean ± std over draw
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+# benchio (and the benches this one shares code with) stay in bench/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import benchio
 from small_sample_int8 import ORDERS, PROFILE, by_case, load_inputs, scores
@@ -45,7 +51,7 @@ from steeldefect.models import training
 from steeldefect.models.augfeatures import training_rows
 from steeldefect.models.conversion import convert
 from steeldefect.runtime.litert import make_interpreter, predict_tflite
-from steeldefect.study import learningcurve
+from steeldefect.study import learningcurve_points
 
 METHODS = ("baseline", "int8_rows", "dropout_0.5", "dihedral_calibration")
 
@@ -62,7 +68,7 @@ def int8_features(extractor, calibration: np.ndarray, images: np.ndarray, thread
 
 
 def train(trainers: dict, x: np.ndarray, y: np.ndarray, weights, *, options, n_classes, seed, dropout=0.2):
-    batch, epochs = learningcurve.steps_to_epochs(len(x), options.batch_size, options.steps)
+    batch, epochs = learningcurve_points.steps_to_epochs(len(x), options.batch_size, options.steps)
     key = (batch, int(x.shape[1]), dropout)
     if key not in trainers:
         trainers[key] = training.HeadTrainer(x.shape[1:], n_classes, kind="flatten", batch_size=batch, dropout=dropout)
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         label = f"255..8 order {number}"
         for draw in range(args.draws):
             started = time.perf_counter()
-            sample = learningcurve.draw_sample(labels, pool, counts, seed=options.seed, draw=draw)
+            sample = learningcurve_points.draw_sample(labels, pool, counts, seed=options.seed, draw=draw)
             weights = training.class_weights(labels[sample], n_classes, "balanced")
             seed = training.derived_seed(options.seed, "learning-curve-head", draw, len(sample))
             x_float, y_float = training_rows(features, labels, sample, augmented)

@@ -1,9 +1,11 @@
 """Leave-one-class-out, texture-score variants: the search behind the per-class texture score.
 
+Figures: docs/design-notes.md, "The uncertainty rule" (an experiment: moved from bench/).
+
 Usage (from the repository root; run bench/ood_leave_one_class_out.py RUN first, it caches what this
 reads)::
 
-    python bench/ood_texture_variants.py RUN [--out FILE.json]
+    python experiments/ood_texture_variants.py RUN [--out FILE.json]
 
 Same protocol as ``bench/ood_leave_one_class_out.py`` (each NEU class held out in turn; every score fitted
 on the five known classes' training images; threshold = 99th percentile of out-of-fold scores; known and
@@ -18,12 +20,16 @@ combinations with each other and with the max-softmax score.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
+
+# benchio (and the benches this one shares code with) stay in bench/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import benchio
 from steeldefect.core.cpuinfo import cpu_description
@@ -32,7 +38,7 @@ from steeldefect.core.runfolder import dataset_path, splits_path
 from steeldefect.data.dataset import scan_dataset
 from steeldefect.data.splits import read_splits_csv
 from steeldefect.runtime import uncertainty
-from steeldefect.study.pipeline import run_train_options
+from steeldefect.study.rundata import run_train_options
 
 BACKBONE = "efficientnet_lite0"
 CHANNELS = (40, 80, 112, 192)  # of uncertainty.TEXTURE_LAYERS in Lite0

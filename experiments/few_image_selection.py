@@ -1,8 +1,10 @@
 """Few-image features, compared on images that are not the test split: is `multilayer + dihedral` chosen fairly?
 
+Figures: docs/design-notes.md, "Few-image features" (an experiment: moved from bench/).
+
 Usage (from the repository root)::
 
-    python bench/few_image_selection.py --data ../shared/data/NEU-DET/IMAGES [--per-class 5 10 20] [--draws 5]
+    python experiments/few_image_selection.py --data ../shared/data/NEU-DET/IMAGES [--per-class 5 10 20] [--draws 5]
 
 The learning curve's figures are on the fixed 270-image test split, and the multi-layer features were
 picked after trying variants on it. This bench repeats the comparison without the test split: each
@@ -15,10 +17,14 @@ the 7 exact flips/rotations of the sampled images as extra rows. Prints and save
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+# benchio (and the benches this one shares code with) stay in bench/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import benchio
 from steeldefect.core.files import default_cache_dir
@@ -26,7 +32,7 @@ from steeldefect.core.options import DIHEDRAL_VIEWS, LearningCurveOptions
 from steeldefect.models import backbones, training
 from steeldefect.models.augfeatures import augmented_features
 from steeldefect.models.features import cached_features
-from steeldefect.study import learningcurve, pipeline
+from steeldefect.study import learningcurve, learningcurve_points, rundata
 
 SELECTION_SEED = 7  # not the learning curve's 42: other samples than its draws
 
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     options = LearningCurveOptions()
     cache_dir = default_cache_dir()
-    prepared = pipeline.load_data(args.data, options, progress=False)
+    prepared = rundata.load_data(args.data, options, progress=False)
     labels = np.asarray(prepared.dataset.labels)
     pool = prepared.splits.train_indices
     name = options.backbone
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.per_class:
             accuracies = []
             for draw in range(args.draws):
-                sample = learningcurve.draw_sample(labels, pool, [n] * 6, seed=SELECTION_SEED, draw=draw)
+                sample = learningcurve_points.draw_sample(labels, pool, [n] * 6, seed=SELECTION_SEED, draw=draw)
                 rest = np.setdiff1d(pool, sample)
                 head, _ = learningcurve.fit_head(
                     sample,
