@@ -135,7 +135,7 @@ def measure(reference: np.ndarray, quantized: np.ndarray, labels: np.ndarray, cl
             recall_drop[name] = round(
                 100 * (float(np.mean(float_top1[rows] == cls)) - float(np.mean(int8_top1[rows] == cls))), 4
             )
-    worst = max(recall_drop, key=recall_drop.get) if recall_drop else None
+    worst = max(recall_drop, key=lambda name: recall_drop[name]) if recall_drop else None
     fp32_accuracy, int8_accuracy = 100 * float(np.mean(float_top1 == labels)), 100 * float(np.mean(int8_top1 == labels))
     return {
         "images": int(len(labels)),
