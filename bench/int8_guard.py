@@ -4,7 +4,8 @@ guard's cost, per dataset.
 Usage (from the repository root)::
 
     nice -n 10 python bench/int8_guard.py --data ../shared/data/NEU-DET/IMAGES [--per-class 100]
-        [--datasets neu neu-cls-bmp imbalanced shifted] [--work /tmp/int8_guard_bench] [--out FILE.json]
+        [--image-size 224] [--folds 2] [--datasets neu neu-cls-bmp imbalanced shifted]
+        [--work /tmp/int8_guard_bench] [--out FILE.json]
 
 Every dataset is a temporary derived copy of NEU-DET images under ``--work`` (outside the
 repository, never committed):
@@ -16,8 +17,8 @@ repository, never committed):
 * ``shifted``: as another camera would give them: darker and lower contrast
   (``v -> 30 + 0.45 v``) and re-encoded as JPEG quality 35.
 
-On each: one `train` (Lite0, pooled head, learning rate 0.01, 15 epochs, 2 folds; a run already
-trained in ``--work`` is reused with its own folds), then one `export --variants int8` with the
+On each: one `train` (Lite0 at ``--image-size``, pooled head, learning rate 0.01, 15 epochs,
+``--folds`` folds; a run already trained in ``--work`` is reused), then one `export --variants int8` with the
 guard on (``fix``, the default), one fold at a time (``workers=1``). The guard's own first
 conversion is exactly what ``--int8-guard off`` would write (same call, same calibration images);
 the bench keeps a copy of it beside the run (``before/``) instead of exporting a second time, and
@@ -53,7 +54,7 @@ IMBALANCED = (150, 90, 55, 35, 20, 12)
 DATASETS = ("neu", "neu-cls-bmp", "imbalanced", "shifted")
 BACKBONE = "efficientnet_lite0"
 KEYS = ("folds_accuracy", "deploy_accuracy")
-TRAIN = dict(backbones=[BACKBONE], head="pooled", learning_rates=[0.01], epochs=15, n_folds=2, progress=False)
+TRAIN = dict(backbones=[BACKBONE], head="pooled", learning_rates=[0.01], epochs=15, progress=False)
 
 
 def neu_files(data: Path, cls: str, count: int) -> list[Path]:
@@ -65,7 +66,7 @@ def neu_files(data: Path, cls: str, count: int) -> list[Path]:
 
 def build(kind: str, data: Path, root: Path, per_class: int) -> Path:
     """The derived dataset ``kind`` under ``root`` (rebuilt only when missing)."""
-    target = root / kind / "images"
+    target = root / kind / ("images" if kind == "imbalanced" else f"images-{per_class}")
     if target.is_dir():
         return target
     staging = target.with_name("images.partial")
@@ -132,14 +133,14 @@ def keep_as_converted(before: Path):
     return wrapper
 
 
-def run_dataset(kind: str, data: Path, work: Path, per_class: int) -> dict[str, Any]:
+def run_dataset(kind: str, data: Path, work: Path, per_class: int, image_size: int, folds: int) -> dict[str, Any]:
     images = build(kind, data, work, per_class)
-    run = work / kind / "trained"
+    run = work / kind / f"trained-{image_size}px-{folds}folds"
     if not runfolder.fold_model_path(run, BACKBONE, runfolder.FINAL, "keras").is_file():
         started = time.perf_counter()
-        pipeline.train(images, run, **TRAIN)
+        pipeline.train(images, run, **TRAIN, image_size=image_size, n_folds=folds)
         print(f"{kind}: trained in {time.perf_counter() - started:.0f} s", flush=True)
-    before = work / kind / "before"
+    before = run.with_name(run.name + "-before")
     before.mkdir(exist_ok=True)
     int8guard.guarded_convert = keep_as_converted(before)
     started = time.perf_counter()
@@ -174,13 +175,23 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="NEU-DET IMAGES folder")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=224, help="Lite0 input size (smaller: faster)")
+    parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/int8_guard_bench"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     print(cpu_description(), "(shared 2-core machine: times are indicative)")
-    results: dict[str, Any] = {"options": {"per_class": args.per_class, "train": TRAIN, "imbalanced": IMBALANCED}}
+    results: dict[str, Any] = {
+        "options": {
+            "per_class": args.per_class,
+            "image_size": args.image_size,
+            "folds": args.folds,
+            "train": TRAIN,
+            "imbalanced": IMBALANCED,
+        }
+    }
     for kind in args.datasets:
-        results[kind] = run_dataset(kind, args.data, args.work, args.per_class)
+        results[kind] = run_dataset(kind, args.data, args.work, args.per_class, args.image_size, args.folds)
         row = results[kind]["summary"]
         print(
             f"{kind:12s} test accuracy, mean of the fold models: fp32 {row['fp32']:6.2f}  int8 before the guard "

@@ -1,20 +1,25 @@
 """Do other runtimes read our model files the same way? MediaPipe Tasks' ImageClassifier vs `predict`.
 
-Figures: docs/results.md, "MediaPipe interoperability".
+Figures: docs/results.md, "MediaPipe interoperability"; docs/model-outputs.md (heads of every model).
 
 Usage (from the repository root)::
 
-    python bench/mediapipe_interop.py RUN [--fold 0] [--variants fp32 fp16 int8 int8-mixed]
-                                          [--models DIR] [--out FILE.json]
+    python bench/mediapipe_interop.py RUN [--models-of 0 1 2 final | all] [--variants fp32 fp16 int8 int8-mixed]
+                                          [--models DIR] [--exported] [--out FILE.json]
 
-Exports fold ``--fold`` of RUN's trained Keras model (the first trained backbone) again, as the
+Exports the chosen models of RUN's first trained backbone again (fold numbers, or ``final``: the
+model `export` puts in RUN/deploy/, with its texture-statistics output and uncertainty rule), as the
 export stage does (calibration images from the training split, metadata embedded), into ``--models``
 (a temporary folder by default: RUN is only read). Then, on every test image of RUN's split, names
 the top-1 class twice: with `steeldefect predict`'s code path (the model file alone, no sidecar) and
-with MediaPipe's ``ImageClassifier``, which knows the model only from its TFLite Model Metadata and
-decodes and resizes the original image itself. Prints and saves (``--out``, default
-``RUN/mediapipe_interop.json``) the agreement and each side's accuracy per variant, with the CPU,
-library versions and git commit.
+with MediaPipe's ``ImageClassifier`` the way MediaPipe's own examples read it,
+``result.classifications[0].categories[0]``; MediaPipe knows the model only from its TFLite Model
+Metadata and decodes and resizes the original image itself. Prints and saves (``--out``, default
+``RUN/mediapipe_interop.json``) per model and variant the agreement, each side's accuracy and the
+heads MediaPipe reports, with the CPU, library versions and git commit.
+
+``--exported``: read the files `export` wrote into RUN (each copied alone, without its sidecar, into
+the temporary folder) instead of exporting again.
 """
 
 from __future__ import annotations
@@ -38,26 +43,46 @@ from steeldefect.core.files import read_json, write_json
 VARIANTS = ("fp32", "fp16", "int8", "int8-mixed")
 
 
-def export_fold(run: Path, fold: int, variants: Sequence[str], out_dir: Path, backbone: str | None = None):
-    """Fold ``fold`` of RUN exported to ``out_dir`` as the export stage does, with embedded metadata.
+def export_fold(
+    run: Path,
+    fold: int | str,
+    variants: Sequence[str],
+    out_dir: Path,
+    backbone: str | None = None,
+    *,
+    loaded=None,
+    calibration_samples: int = 200,
+):
+    """Fold ``fold`` (or ``"final"``, the deploy model) of RUN exported to ``out_dir`` as the export
+    stage does, with embedded metadata; the final model with its texture output and uncertainty rule
+    when the run recorded out-of-fold probabilities. ``loaded``: ``load_run_data(RUN)``, if at hand.
 
     Returns ({variant: path}, prepared run data).
     """
     import keras
 
-    from steeldefect.core.runfolder import fold_model_path
+    from steeldefect.core.runfolder import FINAL, fold_model_path
     from steeldefect.deploy import export as export_stage
     from steeldefect.models.conversion import QUANTIZED_VARIANTS
     from steeldefect.runtime.modelfile import sidecar_path
     from steeldefect.study.rundata import load_run_data, trained_backbones
+    from steeldefect.study.trust import read_oof_probabilities
 
     backbone = backbone or trained_backbones(run)[0]
-    prepared, options = load_run_data(run, progress=False)
+    prepared, options = loaded or load_run_data(run, progress=False)
     calibration = export_stage.calibration_indices(
-        prepared.dataset.labels, prepared.splits.train_indices, 200, seed=options.seed
+        prepared.dataset.labels, prepared.splits.train_indices, calibration_samples, seed=options.seed
     )
     source = fold_model_path(run, backbone, fold, "keras")
+    keras.backend.clear_session()  # as the export stage: tensor names independent of earlier models
     model = keras.models.load_model(source)
+    rule_data, channels = None, ()
+    oof = read_oof_probabilities(run, backbone, len(prepared.dataset.labels)) if fold == FINAL else None
+    if oof is not None:
+        extended = export_stage.with_texture_output(model)
+        if extended is not None:
+            model, channels = extended, export_stage.texture_channels(model)
+            rule_data = export_stage.RuleData(prepared.images, prepared.dataset.labels, prepared.splits.folds, oof)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     # int8 first: int8-mixed reuses its full-integer conversion, as in the export stage.
@@ -67,36 +92,57 @@ def export_fold(run: Path, fold: int, variants: Sequence[str], out_dir: Path, ba
             meta["calibration"] = {"samples": len(calibration), "split": "train", "file": "calibration.csv"}
         meta["provenance"] = export_stage.provenance(run, backbone, fold)
         int8 = paths["int8"].read_bytes() if variant == "int8-mixed" and "int8" in paths else None
+        stem = fold if fold == FINAL else f"fold{fold}"
         paths[variant] = export_stage.export_model(
             model,
             variant,
-            out_dir / f"fold{fold}.{variant}.tflite",
+            out_dir / f"{stem}.{variant}.tflite",
             prepared.images[calibration] if variant in QUANTIZED_VARIANTS else None,
             int8_flatbuffer=int8,
             metadata=meta,
+            rule_data=rule_data,
+            channels=channels,
         )
     return {variant: paths[variant] for variant in variants}, prepared
 
 
-def mediapipe_top1(model_path: Path, image_paths: Sequence[Path]) -> list[str]:
-    """MediaPipe ImageClassifier's top-1 class name for each image (decoded to RGB, original size)."""
+def copy_exported(run: Path, fold: int | str, variants: Sequence[str], out_dir: Path) -> dict[str, Path]:
+    """RUN's own exported files of ``fold``, each copied alone (no sidecar) into ``out_dir``."""
+    import shutil
+
+    from steeldefect.core.runfolder import fold_model_path
+    from steeldefect.study.rundata import trained_backbones
+
+    backbone = trained_backbones(run)[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for variant in variants:
+        source = fold_model_path(run, backbone, fold, variant)
+        if source.is_file():
+            paths[variant] = Path(shutil.copyfile(source, out_dir / source.name))
+    return paths
+
+
+def mediapipe_top1(model_path: Path, image_paths: Sequence[Path]) -> tuple[list[str | None], list[list]]:
+    """MediaPipe ImageClassifier's answer for each image (decoded to RGB, original size), read as its
+    examples read it: the top category of ``classifications[0]``. Also each image's heads, as
+    (head_index, head_name, number of categories reported)."""
     import mediapipe as mp
     from mediapipe.tasks.python.core.base_options import BaseOptions
     from mediapipe.tasks.python.vision import ImageClassifier, ImageClassifierOptions
     from PIL import Image
 
     options = ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(model_path)), max_results=1)
-    names = []
+    names, heads = [], []
     with ImageClassifier.create_from_options(options) as classifier:
         for path in image_paths:
             with Image.open(path) as image:
                 pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
             result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=pixels))
-            # A deploy model has a second output (texture statistics, for the uncertainty score):
-            # MediaPipe reports it as another head; ours is the one named "probabilities".
-            head = next(c for c in result.classifications if c.head_name == "probabilities")
-            names.append(head.categories[0].category_name)
-    return names
+            first = result.classifications[0]
+            names.append(first.categories[0].category_name if first.categories else None)
+            heads.append([(c.head_index, c.head_name, len(c.categories)) for c in result.classifications])
+    return names, heads
 
 
 def compare(model_path: Path, image_paths: Sequence[Path], true_names: Sequence[str]) -> dict:
@@ -104,7 +150,7 @@ def compare(model_path: Path, image_paths: Sequence[Path], true_names: Sequence[
     from steeldefect.deploy.predict import predict_paths
 
     ours = [result.top[0][0] if result.top else None for result in predict_paths(model_path, image_paths, threads=1)]
-    theirs = mediapipe_top1(model_path, image_paths)
+    theirs, heads = mediapipe_top1(model_path, image_paths)
     n = len(image_paths)
     agree = sum(a == b for a, b in zip(ours, theirs))
     return {
@@ -117,16 +163,23 @@ def compare(model_path: Path, image_paths: Sequence[Path], true_names: Sequence[
         ],
         "accuracy_steeldefect": sum(a == t for a, t in zip(ours, true_names)) / n,
         "accuracy_mediapipe": sum(b == t for b, t in zip(theirs, true_names)) / n,
-        "mediapipe_labels": sorted(set(theirs)),
+        "mediapipe_labels": sorted({name for name in theirs if name is not None}, key=str),
+        # Each distinct head layout seen: [[head_index, head_name, categories reported], ...].
+        "mediapipe_heads": sorted({tuple(map(tuple, image_heads)) for image_heads in heads}),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument(
+        "--models-of", nargs="+", default=["0"], help="fold numbers and/or 'final' (the deploy model), or 'all'"
+    )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--models", type=Path, default=None, help="where to export (default: a temporary folder)")
+    parser.add_argument(
+        "--exported", action="store_true", help="read the files `export` wrote into RUN instead of exporting again"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default RUN/mediapipe_interop.json)")
     args = parser.parse_args(argv)
     from steeldefect.core.runfolder import source_revision
@@ -134,27 +187,46 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu:      {cpu_description()}, int8 dot: {', '.join(int8_features()) or 'none'}")
     versions = {name: version(name) for name in ("mediapipe", "ai-edge-litert", "tensorflow-cpu", "numpy")}
     print("versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()))
+    from steeldefect.core.runfolder import FINAL
+    from steeldefect.study.rundata import load_run_data
+
+    loaded = load_run_data(args.run, progress=False)
+    prepared = loaded[0]
+    wanted = args.models_of
+    if wanted == ["all"]:
+        wanted = [*map(str, range(len(prepared.splits.folds))), FINAL]
+    folds = [FINAL if name == FINAL else int(name) for name in wanted]
+    test = prepared.splits.test_indices
+    images = [prepared.dataset.paths[i] for i in test]
+    truth = [prepared.dataset.class_names[label] for label in prepared.dataset.labels[test]]
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="interop-") as temporary:
         models_dir = args.models or Path(temporary)
-        started = time.perf_counter()
-        paths, prepared = export_fold(args.run, args.fold, args.variants, models_dir)
-        print(f"exported fold {args.fold} ({', '.join(args.variants)}) in {time.perf_counter() - started:.0f} s")
-        test = prepared.splits.test_indices
-        images = [prepared.dataset.paths[i] for i in test]
-        truth = [prepared.dataset.class_names[label] for label in prepared.dataset.labels[test]]
-        results = {}
-        print(f"{'variant':<11} {'images':>6} {'agreement':>9} {'differ':>6} {'acc ours':>8} {'acc mediapipe':>13}")
-        for variant, path in paths.items():
-            result = compare(path, images, truth)
-            results[variant] = result
-            print(
-                f"{variant:<11} {result['n_images']:>6} {100 * result['agreement']:>8.2f}% {result['n_disagree']:>6} "
-                f"{100 * result['accuracy_steeldefect']:>7.2f}% {100 * result['accuracy_mediapipe']:>12.2f}%"
-            )
+        header = f"{'model':<6} {'variant':<11} {'images':>6} {'agreement':>9} {'differ':>6} {'acc ours':>8}"
+        print(header + f" {'acc mediapipe':>13}  heads (name: categories)")
+        for fold in folds:
+            started = time.perf_counter()
+            if args.exported:
+                paths = copy_exported(args.run, fold, args.variants, models_dir)
+            else:
+                paths, _ = export_fold(args.run, fold, args.variants, models_dir, loaded=loaded)
+                print(f"exported {fold} ({', '.join(args.variants)}) in {time.perf_counter() - started:.0f} s")
+            for variant, path in paths.items():
+                result = compare(path, images, truth)
+                results[f"{fold}/{variant}"] = result
+                heads = "; ".join(
+                    ", ".join(f"{name}: {count}" for _, name, count in layout) for layout in result["mediapipe_heads"]
+                )
+                print(
+                    f"{fold!s:<6} {variant:<11} {result['n_images']:>6} {100 * result['agreement']:>8.2f}% "
+                    f"{result['n_disagree']:>6} {100 * result['accuracy_steeldefect']:>7.2f}% "
+                    f"{100 * result['accuracy_mediapipe']:>12.2f}%  {heads}"
+                )
     record = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "run": str(args.run),
-        "fold": args.fold,
+        "models_of": [str(fold) for fold in folds],
+        "exported_again": not args.exported,
         "cpu": cpu_description(),
         "int8_features": int8_features(),
         "threads": 1,
@@ -167,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(args.run) / "mediapipe_interop.json"
     write_json(out, record)
     print(f"saved {out}")
-    print(json.dumps({variant: round(r["agreement"], 4) for variant, r in results.items()}))
+    print(json.dumps({key: round(r["agreement"], 4) for key, r in results.items()}))
     return 0
 
 

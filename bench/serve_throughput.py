@@ -1,6 +1,6 @@
 """`steeldefect serve` over loopback HTTP against the bare interpreter loop, side by side in one run.
 
-Figures: docs/results.md, "Service throughput".
+Figures: docs/results.md, "Service throughput"; docs/security.md, "History readers do not slow predictions".
 
 Usage (from the repository root; the serve extra installed)::
 
@@ -20,6 +20,12 @@ Usage (from the repository root; the serve extra installed)::
 4. The same soak with ``--bad-fraction`` bad images (truncated JPEG, text, empty) mixed in: each bad
    one must get a 4xx, every good one its correct answer.
 5. Before all that, what one audit commit costs alone, without and with ``--audit-fsync``.
+6. History readers (``--history-readers``, default 50): predictions at concurrency 4 alone and with
+   that many clients reading ``/v1/history?limit=100`` as fast as the server lets them (each honours
+   a 503's ``Retry-After``), interleaved in rounds on one server, so the slowdown of predictions
+   is read side by side. The readers run in a process of their own (so that they do not share the
+   prediction client's GIL) at ``nice +10`` (so that the load generator's own CPU does not count as
+   the server's); the server runs at the normal priority. ``--only history`` runs only this part.
 
 The load generator runs on the same machine as the server and takes CPU from it: on a 2-core box
 the HTTP figures are a lower bound. Prints and saves (``--out``) every figure with the CPU model, its
@@ -339,6 +345,102 @@ def soak(server: Server, images: list[bytes], expected: list[str], n: int, bad_f
     }
 
 
+def _history_reader_process(port: int, readers: int, rows: int, go, stop, out) -> None:
+    """``readers`` threads, each on its own keep-alive connection, reading pages of 100 while ``go`` is
+    set; a 503 is honoured (sleep Retry-After). Counts go to ``out`` when ``stop`` is set."""
+    os.nice(10)
+    counts = {"200": 0, "503": 0, "reconnects": 0, "seconds_200": []}
+    lock = threading.Lock()
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while not stop.is_set():
+            if not go.wait(0.05):
+                continue
+            started = time.perf_counter()
+            try:
+                connection.request("GET", f"/v1/history?after={int(rng.integers(0, rows - 100))}&limit=100")
+                response = connection.getresponse()
+                response.read()
+                status = response.status
+            except (OSError, http.client.HTTPException):  # the server closes a keep-alive idle for 5 s
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                status = 0
+            with lock:
+                if status == 200:
+                    counts["200"] += 1
+                    counts["seconds_200"].append(time.perf_counter() - started)
+                else:
+                    counts["503" if status == 503 else "reconnects"] += 1
+            if status == 503:
+                time.sleep(float(response.headers.get("Retry-After", "1")))
+        connection.close()
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(readers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    out.put(counts)
+
+
+def history_readers(
+    server: Server, images: list[bytes], n: int, readers: int, rounds: int, seed: int, rows: int = 600
+) -> dict:
+    """Predictions at concurrency 4 alone vs. with ``readers`` history clients, interleaved in ``rounds``."""
+    import multiprocessing
+
+    rng = np.random.default_rng(seed)
+    port = server.port
+    load(port, [(int(i), images[i]) for i in rng.integers(0, len(images), rows)], 4)  # rows to read, warm-up
+    context = multiprocessing.get_context("spawn")
+    go, stop, out = context.Event(), context.Event(), context.Queue()
+    process = context.Process(target=_history_reader_process, args=(port, readers, rows, go, stop, out))
+    process.start()
+    seconds = {"alone": 0.0, "with_readers": 0.0}
+    latencies: dict[str, list[float]] = {"alone": [], "with_readers": []}
+    errors = {"alone": 0, "with_readers": 0}
+    try:
+        for round_index in range(rounds):
+            for case in ("alone", "with_readers") if round_index % 2 == 0 else ("with_readers", "alone"):
+                if case == "with_readers":
+                    go.set()
+                    time.sleep(1.0)  # every reader has a request in flight or is backing off
+                picked = [int(i) for i in rng.integers(0, len(images), n // rounds)]
+                started = time.perf_counter()
+                records = load(port, [(i, images[i]) for i in picked], 4)
+                seconds[case] += time.perf_counter() - started
+                latencies[case] += [r["seconds"] for r in records]
+                errors[case] += sum(r["status"] != 200 for r in records)
+                go.clear()
+                time.sleep(0.5)  # the readers' last requests drain
+    finally:
+        stop.set()
+        go.set()
+        counts = out.get(timeout=120)
+        process.join(timeout=60)
+    count = (n // rounds) * rounds
+    alone = {"images_per_s": round(count / seconds["alone"], 2), **percentiles(latencies["alone"])}
+    with_readers = {"images_per_s": round(count / seconds["with_readers"], 2), **percentiles(latencies["with_readers"])}
+    reader_seconds = counts.pop("seconds_200")
+    return {
+        "predictions_per_case": count,
+        "rounds": rounds,
+        "prediction_concurrency": 4,
+        "history_readers": readers,
+        "history_page_limit": 100,
+        "alone": {**alone, "errors": errors["alone"]},
+        "with_readers": {**with_readers, "errors": errors["with_readers"]},
+        "throughput_change_percent": round(100 * (with_readers["images_per_s"] / alone["images_per_s"] - 1), 2),
+        "p50_change_percent": round(100 * (with_readers["p50_ms"] / alone["p50_ms"] - 1), 2),
+        "audit_rows_before": rows,
+        "history_answers": {"200": counts["200"], "503": counts["503"], "reconnects": counts["reconnects"]},
+        "history_200_latency": percentiles(reader_seconds) if reader_seconds else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "runs" / "neu-pooled", help=".tflite or run folder")
@@ -352,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue", type=int, default=32, help="server --queue")
     parser.add_argument("--rounds", type=int, default=10, help="bare/HTTP interleaving rounds per level")
     parser.add_argument("--bad-fraction", type=float, default=0.10)
+    parser.add_argument("--history-readers", type=int, default=50, help="concurrent /v1/history clients")
+    parser.add_argument("--history-requests", type=int, default=3000, help="predictions per case (alone, readers)")
+    parser.add_argument("--only", choices=["all", "history"], default="all", help="'history': only part 6")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "serve_throughput.json")
     args = parser.parse_args(argv)
 
@@ -419,6 +524,27 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         folder = Path(tmp)
+        print(f"\nhistory readers: predictions at concurrency 4, alone and with {args.history_readers} readers")
+        server = Server(model, folder, args.workers, args.threads, True, args.queue)
+        try:
+            h = result["history_readers"] = history_readers(
+                server, images, args.history_requests, args.history_readers, args.rounds, seed=11
+            )
+        finally:
+            server.kill(signal.SIGTERM)
+        print(
+            f"  alone {h['alone']['images_per_s']} img/s (p50 {h['alone']['p50_ms']} ms, p99 {h['alone']['p99_ms']} ms)"
+            f" | with {h['history_readers']} readers {h['with_readers']['images_per_s']} img/s "
+            f"(p50 {h['with_readers']['p50_ms']} ms, p99 {h['with_readers']['p99_ms']} ms) | throughput "
+            f"{h['throughput_change_percent']:+}% | history pages answered {h['history_answers']['200']}, "
+            f"503 {h['history_answers']['503']}, errors {h['alone']['errors'] + h['with_readers']['errors']}",
+            flush=True,
+        )
+        if args.only == "history":
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            benchio.save("serve_throughput", result, out=args.out)
+            print(f"\nsaved: {args.out}")
+            return 0
         result["audit_commit"] = audit_commit_cost(folder)
         cost = result["audit_commit"]["ms_per_commit"]
         print(f"audit commit, one row, alone: {cost['no_fsync']} ms (default), {cost['fsync']} ms (--audit-fsync)\n")

@@ -172,6 +172,35 @@ def pooled_neu_run(neu_images, tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.fixture(scope="session")
+def pooled_formats_run(pooled_neu_run, tmp_path_factory) -> Path:
+    """The pooled run with every fold and final model also in LiteRT fp32, ONNX and OpenVINO (fp32 +
+    int8 each; `export --formats tflite onnx openvino`), exported into a copy so the pooled run other
+    tests read stays as it was. A ``$STEELDEFECT_POOLED_RUN`` that already holds them all is used as
+    it is (read only)."""
+    import shutil
+
+    from steeldefect.core import runfolder
+    from steeldefect.study import pipeline
+
+    models = runfolder.models_dir(pooled_neu_run, "efficientnet_lite0")
+    if len(list(models.glob("*.onnx"))) >= 8 and len(list(models.glob("*.xml"))) >= 8:
+        return pooled_neu_run
+    run = tmp_path_factory.mktemp("pooled-formats") / "run"
+    # The whole run (about 50 MB): export resumes in it, keeping its LiteRT int8 files as they are.
+    shutil.copytree(pooled_neu_run, run, symlinks=True)
+    pipeline.export(
+        run,
+        variants=["fp32", "int8"],
+        formats=["tflite", "onnx", "openvino"],
+        calibration_samples=60,
+        quant_report=False,
+        progress=False,
+        workers=1,  # in-process: a worker per fold holding TF, tf2onnx and NNCF at once is memory CI may not have
+    )
+    return run
+
+
 @pytest.fixture()
 def tiny_env(tmp_path, monkeypatch) -> Path:
     """The tiny backbone registered (weights in a private KERAS_HOME), a private cache, and a small

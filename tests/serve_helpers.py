@@ -40,3 +40,19 @@ def export_small_classifier(
     }
     write_json(sidecar_path(path), {**meta, **(extra_meta or {})})
     return path
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid PNG of a few dozen bytes whose header declares a ``width`` x ``height`` RGB canvas: a
+    signature, an IHDR with a correct CRC, a tiny IDAT (far too little data) and IEND. Decoding it
+    would allocate the whole canvas; a header check refuses it first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )

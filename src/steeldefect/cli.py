@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 def build_parser() -> argparse.ArgumentParser:
     from steeldefect.core.options import (
+        CompareOptions,
         DataOptions,
         EvaluateOptions,
         ExportOptions,
@@ -59,7 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     train = commands.add_parser("train", help="features -> LR grid x CV folds -> test metrics -> .keras models")
-    train.add_argument("--data", type=Path, required=True, help="dataset folder (class sub-folders or flat NEU names)")
+    train.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        action="extend",
+        required=True,
+        help="dataset folder (class sub-folders or flat NEU names); several (--data A B, or --data A --data B) "
+        "are merged, classes matched by name",
+    )
     add_arguments(train, TrainOptions)
     train.add_argument(
         "--download-weights",
@@ -120,6 +129,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(predict, PredictOptions)
 
+    compare = commands.add_parser(
+        "compare", help="champion/challenger: two models on the same gate images, then 'promote' or 'keep'"
+    )
+    compare.add_argument("old", type=Path, help="the model serving now (.tflite)")
+    compare.add_argument("new", type=Path, help="the candidate (.tflite)")
+    compare.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        action="extend",
+        required=True,
+        help="gate images: class folders or a NEU layout; several are merged (classes matched by name)",
+    )
+    add_arguments(compare, CompareOptions)
+
+    review = commands.add_parser("review", help="inspectors' reviews from the service's audit database")
+    review_commands = review.add_subparsers(dest="review_command", required=True)
+    review_export = review_commands.add_parser(
+        "export", help="reviewed images into class folders (a `train --data` root) with manifest.csv; resumes"
+    )
+    review_export.add_argument("--db", type=Path, required=True, help="the service's audit SQLite (serve --audit)")
+    review_export.add_argument("--out", type=Path, required=True, help="folder of class folders (re-run to resume)")
+    review_export.add_argument(
+        "--images", type=Path, default=None, help="the review store (default: the folder the database names)"
+    )
+    review_export.add_argument(
+        "--min-images",
+        type=int,
+        default=None,
+        help="images a new kind needs before it becomes a class folder (default: what train needs per class, 7)",
+    )
+
     serve = commands.add_parser("serve", help="answer HTTP on the line: /v1/predict, the inspector page, audit log")
     serve.add_argument("model", type=Path, help="an exported .tflite model, or a run folder (its model to deploy)")
     add_arguments(serve, ServeOptions)
@@ -173,6 +214,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "serve":
         return _serve(args)
+    if args.command == "review":
+        return _review(args)
+    if args.command == "compare":
+        return _compare(args)
     # The pipeline (and with it TensorFlow) is imported by the commands that train, export or
     # evaluate: `data inspect`, `report`, `weights` and `predict` start in a fraction of the time.
     from steeldefect.core.options import (
@@ -199,7 +244,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         from steeldefect.study import pipeline
     if args.command == "train":
         out = args.out or default_run_dir(args.command)
-        pipeline.train(args.data, out, from_namespace(TrainOptions, args), progress=progress)
+        data = args.data[0] if len(args.data) == 1 else args.data  # one root: recorded exactly as before
+        pipeline.train(data, out, from_namespace(TrainOptions, args), progress=progress)
         print(f"run folder: {out}")
         _print_deploy(out)
         return 0
@@ -250,12 +296,13 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "predict":
         from steeldefect.deploy.batch_io import collect_inputs
         from steeldefect.deploy.predict import format_predictions, predict_paths
+        from steeldefect.runtime.backends import is_model_file
 
         options = from_namespace(PredictOptions, args)
         heatmaps = _explain_target(args.model, options) if options.explain is not None else None
         if isinstance(heatmaps, int):  # refused before any work
             return heatmaps
-        if options.out is not None or args.model.suffix == ".tflite" or args.model.is_dir():
+        if options.out is not None or is_model_file(args.model) or args.model.is_dir():
             status = _predict_archive(args.model, args.paths, options, progress)
         else:
             results = predict_paths(
@@ -333,9 +380,15 @@ def _serve(args: argparse.Namespace) -> int:
     # Dispatched before anything imports TensorFlow: the service needs only LiteRT (memory, start time).
     from steeldefect.core.options import ServeOptions, from_namespace
     from steeldefect.serve.audit import AuditError
-    from steeldefect.serve.service import ServeError, mebibytes, serve
+    from steeldefect.serve.errors import ServeError
+    from steeldefect.serve.runner import mebibytes, serve
 
     options = from_namespace(ServeOptions, args)
+    if options.token:
+        logging.getLogger("steeldefect.serve.service").warning(
+            "--token on the command line is visible to every user of this machine in the process list: "
+            "use --token-file or $STEELDEFECT_TOKEN"
+        )
     try:
         serve(
             args.model,
@@ -344,6 +397,10 @@ def _serve(args: argparse.Namespace) -> int:
             workers=options.workers or None,
             threads=options.threads,
             token=options.token,
+            token_file=options.token_file,
+            tls_cert=options.tls_cert,
+            tls_key=options.tls_key,
+            insecure=options.insecure,
             audit_path=None if options.no_audit else options.audit,
             audit_keep=options.audit_keep,
             audit_fsync=options.audit_fsync,
@@ -351,11 +408,61 @@ def _serve(args: argparse.Namespace) -> int:
             top_k_default=options.top_k,
             queue_size=options.queue,
             accept=options.accept,
+            max_pixels=options.max_pixels,
+            review_dir=options.review,
+            review_sample=options.review_sample,
+            review_max_bytes=None if options.review_max_mb is None else mebibytes(options.review_max_mb),
+            models_dir=options.models_dir,
+            max_model_bytes=mebibytes(options.max_model_mb),
+            drift_window=options.drift_window,
         )
     except (ServeError, AuditError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """`compare`: the figures and the verdict line on stdout. Exit 0 either way: the verdict is an
+    answer, not a failure (scripts read the last line, or compare.json's "verdict")."""
+    from steeldefect.core.options import CompareOptions, from_namespace
+    from steeldefect.runtime.litert import ModelFileError
+    from steeldefect.study.compare import compare_models, format_comparison
+
+    options = from_namespace(CompareOptions, args)
+    try:
+        result = compare_models(
+            args.old,
+            args.new,
+            args.data,
+            out=options.out,
+            alpha=options.alpha,
+            max_recall_drop=options.max_recall_drop,
+            threads=options.threads or None,
+            accept=options.accept,
+            progress=not args.quiet,
+        )
+    except ModelFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_comparison(result))
+    if options.out is not None:
+        print(f"written: {options.out / 'compare.json'}, {options.out / 'compare.csv'}")
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    """`review export`: the summary and each waiting kind on stdout, each image left out on stderr
+    (exit 1 then: the rest is exported, a re-run after fixing it resumes)."""
+    from steeldefect.data.reviewexport import export_reviews
+
+    result = export_reviews(args.db, args.out, images=args.images, min_images=args.min_images)
+    for line in result.lines():
+        print(line)
+    print(f"manifest: {args.out / 'manifest.csv'}")
+    for problem in result.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if result.problems else 0
 
 
 def _predict_archive(model: Path, paths: Sequence[Path], options: PredictOptions, progress: bool) -> int:

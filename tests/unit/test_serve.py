@@ -17,14 +17,13 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from serve_helpers import NEU_CLASSES, export_small_classifier  # noqa: E402
+from serve_helpers import NEU_CLASSES, export_small_classifier, png_declaring  # noqa: E402
 from steeldefect import cli  # noqa: E402
 from steeldefect.core.files import file_digest as file_sha256  # noqa: E402
 from steeldefect.deploy.predict import predict_paths  # noqa: E402
 from steeldefect.runtime.litert import ModelFileError  # noqa: E402
 from steeldefect.runtime.modelfile import Classifier  # noqa: E402
 from steeldefect.serve import service as serve
-from steeldefect.serve import workers
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -106,8 +105,19 @@ def test_raw_body_is_answered_like_a_multipart_upload(client, images):
         (lambda jpeg: jpeg, "text/plain", 415, "unsupported content type 'text/plain'"),
         (lambda jpeg: jpeg, "application/x-www-form-urlencoded", 415, "unsupported content type"),
         (lambda jpeg: b"\x89PNG\r\n\x1a\n" + b"\0" * 50, "image/png", 422, "corrupt PNG"),
+        (lambda jpeg: png_declaring(60000, 60000), "image/png", 413, "the limit is 50,000,000 pixels"),
+        (lambda jpeg: png_declaring(8000, 8000), "image/png", 413, "8000x8000 = 64,000,000 pixels"),
     ],
-    ids=["empty", "truncated-jpeg", "text-file", "text-content-type", "form-urlencoded", "corrupt-png"],
+    ids=[
+        "empty",
+        "truncated-jpeg",
+        "text-file",
+        "text-content-type",
+        "form-urlencoded",
+        "corrupt-png",
+        "pixel-bomb-60000x60000",
+        "over-pixel-limit-8000x8000",
+    ],
 )
 def test_bad_input_gets_a_json_error_naming_it_and_the_service_keeps_serving(
     client, images, make_body, content_type, status, words
@@ -340,7 +350,7 @@ def test_model_health_readiness_and_page(client, model):
     assert description["provenance"]["backbone"] == "small-test"
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready["ready"] is True and ready["workers"] == workers.default_workers()
+    assert ready["ready"] is True and ready["workers"] == serve.default_workers()
     page = client.get("/")
     assert page.headers["content-type"].startswith("text/html") and 'src="inspector.js"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing loaded from elsewhere

@@ -50,6 +50,7 @@ AT_LEAST_1 = Check(lambda v: v >= 1, "an integer >= 1")
 AT_LEAST_0 = Check(lambda v: v >= 0, "an integer >= 0")
 POSITIVE = Check(lambda v: v > 0, "a number > 0")
 FRACTION = Check(lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
+SHARE = Check(lambda v: 0 <= v <= 1, "a share in [0, 1]")
 ACCEPT = Check(lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 AT_LEAST_2 = Check(lambda v: v >= 2, "an integer >= 2")
 NON_NEGATIVE = Check(lambda v: v >= 0, "a number >= 0")
@@ -223,7 +224,7 @@ class TrainOptions(DataOptions):
         choices=VIEWS_CHOICES,
     )
 
-    # Fine-tuning (steeldefect.models.finetune; README: Fine-tuning).
+    # Fine-tuning (steeldefect.models.finetune; docs/training.md).
     fine_tune: int = option(
         0,
         "after the frozen grid, fine-tune the backbone's top N blocks with each fold's and the final head "
@@ -305,6 +306,10 @@ class LearningCurveOptions(DataOptions):
     fine_tune_epochs: int = option(5, "fine-tuned: epochs", check=AT_LEAST_1)
 
 
+MODEL_FORMATS = ("tflite", "onnx", "openvino")
+FORMAT_VARIANTS = ("fp32", "int8")  # what the formats beyond tflite are exported in
+
+
 @dataclass(frozen=True)
 class ExportOptions(_Options):
     """`export`: LiteRT variants of every fold model of a run."""
@@ -314,6 +319,13 @@ class ExportOptions(_Options):
         "int8-mixed: int8 except the high-resolution start, "
         "kept float (for CPUs without int8 dot-product instructions)",
         choices=VARIANTS,
+        additive=True,
+    )
+    formats: tuple[str, ...] = option(
+        ("tflite",),
+        "model file formats: tflite (LiteRT, the --variants), onnx (ONNX Runtime, fp32 + int8; "
+        "pip install steeldefect[onnx]), openvino (OpenVINO IR, fp32 + int8; steeldefect[openvino])",
+        choices=MODEL_FORMATS,
         additive=True,
     )
     calibration_samples: int = option(200, "training images used to calibrate int8", check=AT_LEAST_1)
@@ -366,7 +378,7 @@ class PredictOptions(_Options):
         "(default: the model's own, 0.99)",
         check=ACCEPT,
     )
-    # Scoring an image archive (steeldefect.deploy.batch; README: Scoring an image archive).
+    # Scoring an image archive (steeldefect.deploy.batch; docs/predict.md).
     out: Path | None = option(None, "write results to FILE (.parquet, .csv or .jsonl) as they come; re-run to resume")
     engine: str = option(
         "local",
@@ -386,11 +398,28 @@ class PredictOptions(_Options):
         "images per committed part (default 64 local, 256 ray); an interruption loses at most the batches in flight",
         check=AT_LEAST_1,
     )
-    # Heatmaps (steeldefect.deploy.explain; README: Trust): computed on the model's .keras.
+    # Heatmaps (steeldefect.deploy.explain; docs/trust.md): computed on the model's .keras.
     explain: Path | None = option(
         None,
         "also write a heatmap PNG per image into this folder (a run folder, a .keras, or a .tflite with its .keras)",
     )
+
+
+@dataclass(frozen=True)
+class CompareOptions(_Options):
+    """`compare`: two model files on the same gate images, and the verdict (steeldefect.study.compare)."""
+
+    alpha: float = option(0.05, "keep when NEW is less accurate and McNemar's exact p is below this", check=FRACTION)
+    max_recall_drop: float = option(
+        2.0,
+        "keep when a class OLD knows loses more than this many percentage points of recall",
+        check=Check(lambda v: 0 <= v <= 100, "a number of percentage points from 0 to 100"),
+    )
+    threads: int = option(0, "interpreter threads (0 = all cores)", check=AT_LEAST_0)
+    accept: float | None = option(
+        None, "share of in-distribution images the uncertainty rule accepts (default: each model's own)", check=ACCEPT
+    )
+    out: Path | None = option(None, "also write compare.json and compare.csv into this folder")
 
 
 PORT = Check(lambda v: 0 <= v <= 65535, "a TCP port from 0 to 65535")
@@ -406,19 +435,42 @@ class ServeOptions(_Options):
     threads: int = option(1, "threads per interpreter (0 = all cores)", check=AT_LEAST_0)
     token: str | None = option(
         None,
-        "bearer token required by every endpoint except health; when not given, "
-        "$STEELDEFECT_TOKEN, and no token when that is unset too",
+        "bearer token required by every endpoint except health (visible to every user in the process list: "
+        "prefer --token-file or $STEELDEFECT_TOKEN); when not given, --token-file, then $STEELDEFECT_TOKEN, "
+        "and no token when neither is set",
     )
+    token_file: Path | None = option(None, "read the bearer token from this file (one line; keep it mode 600)")
+    tls_cert: Path | None = option(None, "serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    tls_key: Path | None = option(None, "the PEM private key of --tls-cert")
+    insecure: bool = option(False, "allow a --host beyond this machine without a token (anyone there can use it)")
     audit: Path = option(Path("steeldefect-audit.sqlite"), "SQLite audit log of every answered prediction")
     no_audit: bool = option(False, "do not record predictions")
     audit_keep: int = option(1_000_000, "newest audit rows kept", check=AT_LEAST_1)
     audit_fsync: bool = option(False, "each audit commit waits for the disk: answered rows survive a power cut too")
     queue: int = option(32, "requests that may wait for an interpreter (then 503)", check=AT_LEAST_1)
     max_upload_mb: float = option(8.0, "largest request body accepted, in MiB", check=POSITIVE)
+    # steeldefect.data.decode.DEFAULT_MAX_PIXELS (why 50 MP is said there); tests check they agree.
+    max_pixels: int = option(
+        50_000_000,
+        "largest image accepted, in pixels (width x height, read from the header before decoding)",
+        check=AT_LEAST_1,
+    )
     top_k: int = option(3, "classes per answer unless the request says top_k", check=AT_LEAST_1)
     accept: float | None = option(
         None, "share of in-distribution images the uncertainty rule accepts (default: the model's, 0.99)", check=ACCEPT
     )
+    review: Path | None = option(
+        None, "keep the images of uncertain answers (and a sample of the rest) in this folder for review"
+    )
+    review_sample: float = option(0.01, "share of confident answers kept for review too (seeded)", check=SHARE)
+    review_max_mb: float | None = option(
+        None, "size cap of the review store in MiB: oldest unreviewed images go first", check=POSITIVE
+    )
+    models_dir: Path = option(
+        Path("steeldefect-models"), "private folder where POST /v1/model stores uploaded models (needs --token)"
+    )
+    max_model_mb: float = option(256.0, "largest model upload accepted by POST /v1/model, in MiB", check=POSITIVE)
+    drift_window: int = option(500, "answers in the drift monitor's rolling window", check=AT_LEAST_1)
 
 
 def resume_free_options(*classes: type) -> set[str]:

@@ -7,7 +7,7 @@ Layout (``RUN`` is the ``--out`` folder)::
     RUN/dataset.json                 dataset root, layout, fingerprint, classes, counts
     RUN/splits.csv                   file, class, role (test | fold<k>)
     RUN/calibration.csv              the training images that calibrated int8
-    RUN/summary.json                 the stable summary (schema in the README)
+    RUN/summary.json                 the stable summary (schema in docs/training.md)
     RUN/<backbone>/cv_grid.csv       validation metrics per (learning rate, fold)
     RUN/<backbone>/grid/lr<rate>/fold<k>/{head.npz,history.json,metrics.json}
     RUN/<backbone>/test_metrics_<variant>.{json,csv}
@@ -184,21 +184,55 @@ def models_dir(run: Path, backbone: str) -> Path:
 FINAL = "final"
 
 
-def fold_model_path(run: Path, backbone: str, fold: int | str, variant: str) -> Path:
+# Model file formats `export --formats` writes, and the suffix of each (an OpenVINO IR is the .xml
+# plus its .bin beside it).
+FORMAT_SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx", "openvino": ".xml"}
+
+
+def model_label(fmt: str, variant: str) -> str:
+    """How a (format, variant) is named in tables and summary.json: the LiteRT variants keep their
+    plain names (``int8``), the others carry the format (``onnx-int8``, ``openvino-fp32``)."""
+    return variant if fmt == "tflite" else f"{fmt}-{variant}"
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """(format, variant) of a :func:`model_label`."""
+    fmt, _, variant = label.partition("-")
+    return (fmt, variant) if fmt in FORMAT_SUFFIXES and fmt != "tflite" and variant else ("tflite", label)
+
+
+def fold_model_path(run: Path, backbone: str, fold: int | str, variant: str, fmt: str = "tflite") -> Path:
     """``fold``: a fold number, or :data:`FINAL` for the model refitted on all training images."""
-    suffix = ".keras" if variant == "keras" else f".{variant}.tflite"
+    suffix = ".keras" if variant == "keras" else f".{variant}{FORMAT_SUFFIXES[fmt]}"
     stem = FINAL if fold == FINAL else f"fold{int(fold)}"
     return models_dir(run, backbone) / f"{stem}{suffix}"
 
 
+def parse_model_format(path: Path) -> str:
+    """``keras``, ``tflite``, ``onnx`` or ``openvino`` by the file's suffix."""
+    suffix = Path(path).suffix
+    if suffix == ".keras":
+        return "keras"
+    for fmt, known in FORMAT_SUFFIXES.items():
+        if suffix == known:
+            return fmt
+    raise ValueError(f"{path}: not a model file ({', '.join(['.keras', *FORMAT_SUFFIXES.values()])})")
+
+
 def parse_model_name(path: Path) -> tuple[int | str, str]:
-    """(fold or :data:`FINAL`, variant) of a model file named by :func:`fold_model_path`."""
+    """(fold or :data:`FINAL`, variant) of a model file named by :func:`fold_model_path` (any format:
+    ``fold0.int8.onnx`` is fold 0, variant ``int8``; see :func:`parse_model_format` for the format)."""
     name = Path(path).name
     stem, _, rest = name.partition(".")
-    variant = "keras" if rest == "keras" else rest.removesuffix(".tflite")
+    variant = rest
+    if rest != "keras":
+        for known in FORMAT_SUFFIXES.values():
+            variant = variant.removesuffix(known) if variant.endswith(known) else variant
     is_fold = stem.startswith("fold") and stem[4:].isdigit()
-    if not (is_fold or stem == FINAL) or not variant or rest == variant:
-        raise ValueError(f"{path}: not a model file name of a run (fold<k>|final).keras or .<variant>.tflite)")
+    if not (is_fold or stem == FINAL) or not variant or rest == variant and rest != "keras":
+        raise ValueError(
+            f"{path}: not a model file name of a run (fold<k>|final).keras or .<variant>.tflite|.onnx|.xml)"
+        )
     return (int(stem[4:]) if is_fold else FINAL), variant
 
 
@@ -210,14 +244,16 @@ def final_history_path(run: Path, backbone: str) -> Path:
     return backbone_dir(run, backbone) / FINAL / "history.json"
 
 
-def exported_models(run: Path, backbone: str) -> list[Path]:
-    """Every exported fold .tflite of a backbone, sorted by name."""
-    return sorted(models_dir(run, backbone).glob("fold*.tflite"))
+def exported_models(run: Path, backbone: str, formats: tuple[str, ...] = ("tflite",)) -> list[Path]:
+    """Every exported fold model of a backbone in ``formats``, sorted by name."""
+    folder = models_dir(run, backbone)
+    return sorted(path for fmt in formats for path in folder.glob(f"fold*{FORMAT_SUFFIXES[fmt]}"))
 
 
-def final_models(run: Path, backbone: str) -> list[Path]:
-    """The exported .tflite files of the model refitted on all training images."""
-    return sorted(models_dir(run, backbone).glob(f"{FINAL}.*.tflite"))
+def final_models(run: Path, backbone: str, formats: tuple[str, ...] = ("tflite",)) -> list[Path]:
+    """The exported files of the model refitted on all training images, in ``formats``."""
+    folder = models_dir(run, backbone)
+    return sorted(path for fmt in formats for path in folder.glob(f"{FINAL}.*{FORMAT_SUFFIXES[fmt]}"))
 
 
 def keras_models(run: Path, backbone: str) -> list[Path]:
@@ -234,9 +270,10 @@ def deploy_dir(run: Path) -> Path:
     return Path(run) / "deploy"
 
 
-def deploy_model_path(run: Path, variant: str) -> Path:
-    """``RUN/deploy/model.<variant>.tflite`` (``model.keras`` for ``variant="keras"``)."""
-    return deploy_dir(run) / ("model.keras" if variant == "keras" else f"model.{variant}.tflite")
+def deploy_model_path(run: Path, variant: str, fmt: str = "tflite") -> Path:
+    """``RUN/deploy/model.<variant>.tflite`` (``.onnx``/``.xml`` for the other formats; ``model.keras``
+    for ``variant="keras"``)."""
+    return deploy_dir(run) / ("model.keras" if variant == "keras" else f"model.{variant}{FORMAT_SUFFIXES[fmt]}")
 
 
 def deploy_record_path(run: Path) -> Path:

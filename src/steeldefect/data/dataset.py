@@ -120,6 +120,9 @@ class Dataset:
     paths: tuple[Path, ...]
     labels: np.ndarray  # int64, index into class_names
     class_names: tuple[str, ...]
+    # Only for a dataset merged from several roots (merge_datasets): each file's name, "root<k>/<path
+    # relative to the k-th root>", since no single root holds them all. None: relative to ``root``.
+    names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         labels = np.array(self.labels, dtype=np.int64).reshape(-1)
@@ -129,6 +132,10 @@ class Dataset:
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "paths", tuple(Path(p) for p in self.paths))
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.names is not None:
+            object.__setattr__(self, "names", tuple(self.names))
+            if len(self.names) != len(self.paths):
+                raise ValueError(f"{len(self.paths)} paths but {len(self.names)} names")
         if len(self.paths) != len(labels):
             raise ValueError(f"{len(self.paths)} paths but {len(labels)} labels")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.class_names)):
@@ -143,6 +150,8 @@ class Dataset:
 
         Cached (paths never change on a frozen dataset) because fingerprints and cache checks ask for it
         repeatedly, and ``Path.relative_to`` is slow over thousands of files."""
+        if self.names is not None:
+            return self.names
         return tuple(_relative_name(path, self.root) for path in self.paths)
 
     def counts(self) -> dict[str, int]:
@@ -159,6 +168,7 @@ class Dataset:
             paths=tuple(self.paths[i] for i in positions),
             labels=self.labels[positions],
             class_names=self.class_names,
+            names=None if self.names is None else tuple(self.names[i] for i in positions),
         )
 
 
@@ -178,14 +188,18 @@ class ImageInfo:
 # --------------------------------------------------------------------------------------------------
 
 
-def scan_dataset(root: str | os.PathLike, *, skip_bad: bool = False, min_per_class: int = 1) -> Dataset:
+def scan_dataset(
+    root: str | os.PathLike, *, skip_bad: bool = False, min_per_class: int = 1, alone: bool = True
+) -> Dataset:
     """Find the images under ``root``, work out the layout and the label of every file.
 
     Nothing is decoded here. Raises :class:`DatasetError` listing together every problem found: a missing
     or image-less folder, flat files whose names are neither NEU-DET nor NEU-CLS names, empty class
     folders, and classes with fewer than ``min_per_class`` images (callers pass the number of
     cross-validation folds). With ``skip_bad=True`` unrecognised file names are skipped with a
-    :class:`BadImageWarning` instead; folder and class-count problems still raise.
+    :class:`BadImageWarning` instead; folder and class-count problems still raise. ``alone=False``
+    (a root to be merged with others, :func:`scan_datasets`) leaves the class counts to the merged
+    dataset: a folder of reviewed images may hold one class, or a few images of one.
     """
     root = Path(os.path.abspath(Path(root).expanduser()))
     if not root.exists():
@@ -274,6 +288,8 @@ def scan_dataset(root: str | os.PathLike, *, skip_bad: bool = False, min_per_cla
         class_names=class_names,
     )
 
+    if not alone:
+        return dataset
     problems = count_problems(dataset, min_per_class, class_dirs)
     if layout == "folders" and len(class_names) == 1:
         problems.append(
@@ -283,6 +299,74 @@ def scan_dataset(root: str | os.PathLike, *, skip_bad: bool = False, min_per_cla
     if problems:
         raise DatasetError(problems)
     return dataset
+
+
+def scan_datasets(
+    roots: Sequence[str | os.PathLike], *, skip_bad: bool = False, min_per_class: int = 1
+) -> tuple[Dataset, tuple[Dataset, ...]]:
+    """Several dataset roots as one (``train --data A --data B``) and each root's own dataset.
+
+    One root is exactly :func:`scan_dataset`. Several are scanned each in its own layout, then
+    merged by :func:`merge_datasets`; the class counts are checked on the merged dataset, so a root
+    may hold only some classes (a folder of reviewed images, say)."""
+    if not roots:
+        raise DatasetError("no dataset folder given")
+    if len(roots) == 1:
+        dataset = scan_dataset(roots[0], skip_bad=skip_bad, min_per_class=min_per_class)
+        return dataset, (dataset,)
+    parts = tuple(scan_dataset(root, skip_bad=skip_bad, alone=False) for root in roots)
+    merged = merge_datasets(parts)
+    problems = count_problems(merged, min_per_class)
+    if len(merged.class_names) == 1:
+        problems.append(f"{', '.join(str(p.root) for p in parts)}: only one class in all; a classifier needs two")
+    if problems:
+        raise DatasetError(problems)
+    return merged, parts
+
+
+def merge_datasets(parts: Sequence[Dataset]) -> Dataset:
+    """One dataset of every file of ``parts``: classes are the union by name (sorted, as always), a
+    file is named ``root<k>/<its name in part k>`` (k from 1, in the order given) and files are in
+    the documented order (label, then name). The same folder given twice is refused."""
+    roots = [part.root for part in parts]
+    twice = sorted({str(root) for root in roots if roots.count(root) > 1})
+    if twice:
+        raise DatasetError(f"{root}: given twice as --data" for root in twice)
+    class_names = tuple(sorted({name for part in parts for name in part.class_names}))
+    label_of = {name: label for label, name in enumerate(class_names)}
+    rows = [
+        (label_of[part.class_names[label]], f"root{k}/{name}", path)
+        for k, part in enumerate(parts, start=1)
+        for path, label, name in zip(part.paths, part.labels, part.relative_names)
+    ]
+    rows.sort(key=lambda row: (row[0], _natural_key(row[1])))
+    return Dataset(
+        root=parts[0].root,
+        layout="merged",
+        paths=tuple(row[2] for row in rows),
+        labels=np.array([row[0] for row in rows], dtype=np.int64),
+        class_names=class_names,
+        names=tuple(row[1] for row in rows),
+    )
+
+
+def root_records(merged: Dataset, parts: Sequence[Dataset], image_size: tuple[int, int]) -> list[dict[str, Any]]:
+    """Each root of a merged dataset as the run folder records it: where, its layout, its own
+    fingerprint and counts, over the files the merged dataset kept (``skip_bad`` may drop some)."""
+    kept = set(merged.paths)
+    records = []
+    for part in parts:
+        mine = part.subset(np.array([path in kept for path in part.paths], dtype=bool))
+        records.append(
+            {
+                "root": str(part.root),
+                "layout": part.layout,
+                "fingerprint": dataset_fingerprint(mine, image_size),
+                "n_images": len(mine),
+                "counts": {name: count for name, count in mine.counts().items() if count},
+            }
+        )
+    return records
 
 
 def candidate_files(root: Path) -> list[Path]:
@@ -388,7 +472,9 @@ def count_problems(
     problems = []
     suffix = " after skipping unreadable files" if after_skip else ""
     for name, count in dataset.counts().items():
-        if dataset.layout == "folders":
+        if dataset.layout == "merged":
+            where = f"class {name!r} (all --data folders together)"
+        elif dataset.layout == "folders":
             where = f"{(class_dirs or {}).get(name, dataset.root / name)}: class folder"
         else:
             where = f"{dataset.root}: class {name!r} (files named {name}_<n>.<ext>)"

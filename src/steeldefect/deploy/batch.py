@@ -51,6 +51,7 @@ from steeldefect.deploy.batch_io import (
     read_output_state,
     remaining,
 )
+from steeldefect.runtime.backends import EXPORTED, is_model_file
 from steeldefect.runtime.litert import ModelFileError
 from steeldefect.runtime.modelfile import Classifier, ModelInfo, read_model_info
 
@@ -65,7 +66,7 @@ def default_workers() -> int:
     """Workers of an archive run: one single-thread worker process per core. Decoding is a quarter of
     the CPU work per image and only independent workers keep every core busy through it: 1.36x
     today's loop on the 2-core box, against 1.09x for one interpreter with a decode pool
-    (bench/archive_throughput.py, README)."""
+    (bench/archive_throughput.py, docs/results.md "Archive throughput")."""
     return max(1, os.cpu_count() or 1)
 
 
@@ -93,8 +94,8 @@ def iter_predictions(
     from steeldefect.data.decode import read_image
 
     model_path = Path(model_path)
-    if model_path.suffix != ".tflite":
-        raise ModelFileError(f"{model_path}: batch scoring runs .tflite models (export the run first)")
+    if not is_model_file(model_path):
+        raise ModelFileError(f"{model_path}: batch scoring runs exported models, {EXPORTED} (export the run first)")
     check_options(workers, threads, batch_size)
     info = info or read_model_info(model_path)
     # Default one worker (no process start-up for a few images); its interpreter uses every core, as
@@ -253,8 +254,8 @@ def check_options(workers: int | None, threads: int | None, batch_size: int) -> 
 
 def _prepare(model_path: Path, out: Path) -> tuple[ModelInfo, str]:
     model_path = Path(model_path)
-    if model_path.suffix != ".tflite":
-        raise ModelFileError(f"{model_path}: batch scoring runs .tflite models (export the run first)")
+    if not is_model_file(model_path):
+        raise ModelFileError(f"{model_path}: batch scoring runs exported models, {EXPORTED} (export the run first)")
     info = read_model_info(model_path)
     fmt = output_format(out)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ OUTPUT_FORMATS = (".parquet", ".csv", ".jsonl")
 MANIFEST_SUFFIXES = (".txt", ".csv")
 
 
-# Columns of the Parquet output, in order (documented in the README; checked by a test).
+# Columns of the Parquet output, in order (documented in docs/predict.md; checked by a test).
 PARQUET_COLUMNS = (
     "path",
     "class",

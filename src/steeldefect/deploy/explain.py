@@ -14,11 +14,11 @@ Several ``layers`` are fused by averaging their maps, each upsampled and scaled 
   own attention weights over the feature-map cells. The head's answer is the attention-weighted
   sum of the cells' class logits, so the map is what the answer was made of, not an estimate from
   gradients; it is the default for such models (:func:`default_method`), and the only method here that
-  reaches the pointing game's targets (README, "Heatmaps taught by the defect boxes"). It is shown
+  reaches the pointing game's targets (docs/results.md, "Heatmaps (pointing game)"). It is shown
   as attention *density* (:data:`ATTENTION_SMOOTHING`, :func:`smooth`): how much of the weight lies
   near each pixel, none outside the image.
 :func:`occlusion` needs no gradients (any runtime's probabilities). The default is plain Grad-CAM
-on the last 7x7 map: against the NEU-DET defect boxes (`bench/pointing_game.py`, README "Trust")
+on the last 7x7 map: against the NEU-DET defect boxes (`bench/pointing_game.py`; docs/results.md)
 occlusion is clearly worse, and the best SmoothGrad variant gains 8 images of 187 at eight times
 the cost, picked among 55 variants on those same images.
 
@@ -42,7 +42,7 @@ DEFAULT_METHOD = "gradcam"
 # Gaussian sigma, in feature-map cells, of the attention density (attention_maps). Chosen by
 # bench/pointing_game_models.py on out-of-fold validation images, never test images: the value with
 # the best pointing game among those whose maps still pass the head-randomisation sanity check
-# (median Spearman < 0.5 on every fold's validation images). README, "Heatmaps taught by the defect boxes".
+# (median Spearman < 0.5 on every fold's validation images). docs/results.md, "Heatmaps (pointing game)".
 ATTENTION_SMOOTHING = 0.25
 
 

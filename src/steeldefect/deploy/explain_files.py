@@ -44,7 +44,7 @@ def save_overlay(image: np.ndarray, heatmap: np.ndarray, title: str, path: str |
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-NO_GRADIENTS = "a .tflite has no gradients; give the run folder or the .keras model"
+NO_GRADIENTS = "an exported model (.tflite, .onnx, .xml) has no gradients; give the run folder or the .keras model"
 
 
 @dataclass
@@ -69,10 +69,11 @@ class Explanation:
 
 def keras_model_for(model: str | Path) -> Path:
     """The .keras model that heatmaps need for MODEL: a run folder's ``deploy/model.keras``, a
-    ``.keras`` file itself, or for a ``.tflite`` the .keras beside it with the same stem
+    ``.keras`` file itself, or for an exported model (.tflite, .onnx, .xml) the .keras beside it with the same stem
     (``fold<k>.int8.tflite`` -> ``fold<k>.keras``, ``deploy/model.int8.tflite`` -> ``deploy/model.keras``).
     :class:`ModelFileError` (one line naming the file) when there is none."""
     from steeldefect.core.runfolder import config_path, deploy_model_path
+    from steeldefect.runtime.backends import is_model_file
     from steeldefect.runtime.litert import ModelFileError
 
     model = Path(model)
@@ -87,12 +88,12 @@ def keras_model_for(model: str | Path) -> Path:
         raise ModelFileError(f"{model}: model file not found")
     if model.suffix == ".keras":
         return model
-    if model.suffix == ".tflite":
+    if is_model_file(model):  # .tflite, .onnx, OpenVINO .xml: no gradients, the .keras beside it has them
         beside = model.with_name(model.name.split(".")[0] + ".keras")
         if beside.is_file():
             return beside
         raise ModelFileError(f"{model}: {NO_GRADIENTS} (no {beside.name} beside it)")
-    raise ModelFileError(f"{model}: not a model file (.keras or .tflite) or run folder")
+    raise ModelFileError(f"{model}: not a model file (.keras, .tflite, .onnx, .xml) or run folder")
 
 
 def prepare_out_dir(out_dir: str | Path) -> Path:

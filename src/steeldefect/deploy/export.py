@@ -125,6 +125,22 @@ def fit_model_rule(flatbuffer: bytes, rule_data: RuleData, channels: Sequence[in
     )
 
 
+def drift_reference(
+    rule_data: RuleData, rule: uncertainty.UncertaintyRule, class_names: Sequence[str] | None
+) -> dict[str, Any]:
+    """What the service's drift monitor compares the line against (serve/drift.py): the share of
+    training images per class (``training_class_mix``) and the share of out-of-fold training images
+    the rule flags uncertain at its acceptance (``expected_uncertain_rate``)."""
+    rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in rule_data.folds]))
+    labels = np.asarray(rule_data.labels)[rows]
+    names = list(class_names) if class_names else [str(i) for i in range(int(labels.max()) + 1)]
+    counts = np.bincount(labels, minlength=len(names))
+    return {
+        "training_class_mix": {name: round(float(c) / len(labels), 6) for name, c in zip(names, counts)},
+        "expected_uncertain_rate": round(float(np.mean(rule.combined_reference > rule.threshold)), 6),
+    }
+
+
 def export_model(
     model,
     variant: str,
@@ -152,6 +168,7 @@ def export_model(
         rule = fit_model_rule(flatbuffer, rule_data, channels)
         if metadata is not None:
             metadata["uncertainty"] = rule.describe()
+            metadata.update(drift_reference(rule_data, rule, metadata.get("class_names")))
         extra_files = {uncertainty.RULE_FILE: rule.to_npz_bytes()}
     if metadata is not None:
         flatbuffer = embed_metadata(flatbuffer, metadata, extra_files)
@@ -175,6 +192,7 @@ def export_backbone(
     progress: bool = True,
     rule_data: RuleData | None = None,
     tta: bool = False,
+    formats: Sequence[str] = ("tflite",),
     guard: GuardSettings | None = None,
     checks: Callable[[int | str], CheckData] | None = None,
 ) -> list[Path]:
@@ -189,18 +207,26 @@ def export_backbone(
     ``rule_data`` (the training images): it is converted in this process, beside the fold workers, so
     the images are not copied into a worker. ``tta`` (`export --tta`): every file answers with the mean
     over the 8 flips/rotations of its input (:func:`steeldefect.data.augment.dihedral_average_model`).
+    ``formats`` beyond ``tflite`` (`export --formats`): each fold also gets its ONNX and OpenVINO fp32
+    and int8 files (:mod:`steeldefect.deploy.formats`), from the same model and calibration images.
     ``guard``/``checks``: the int8 guard (:mod:`steeldefect.deploy.int8guard`) and, per fold (or
     FINAL), the images it checks and recalibrates that model's int8 variants on; a fold's are made
     just before the fold is handed to a worker, so at most ``workers`` sets are held at once.
     """
     from tqdm.auto import tqdm
 
+    from steeldefect.deploy.formats import FORMAT_VARIANTS
+
     models = [*range(n_folds)]
     if runfolder.fold_model_path(run, backbone, runfolder.FINAL, "keras").is_file():
         models.append(runfolder.FINAL)  # the model to deploy, exported like the folds
+    jobs = [("tflite", v) for v in variants if "tflite" in formats]
+    jobs += [(fmt, v) for fmt in formats if fmt != "tflite" for v in FORMAT_VARIANTS]
     pending = {
         fold: [
-            variant for variant in variants if not _is_exported(runfolder.fold_model_path(run, backbone, fold, variant))
+            (fmt, variant)
+            for fmt, variant in jobs
+            if not _is_exported(runfolder.fold_model_path(run, backbone, fold, variant, fmt))
         ]
         for fold in models
     }
@@ -267,15 +293,19 @@ def export_backbone(
                         bar.update(len(future.result()))
                         if queue:
                             running.add(submit())
-    return [runfolder.fold_model_path(run, backbone, fold, variant) for fold in models for variant in variants]
+    return [runfolder.fold_model_path(run, backbone, fold, variant, fmt) for fold in models for fmt, variant in jobs]
 
 
 def _guard_args(
-    guard: GuardSettings | None, checks: Callable[[int | str], CheckData] | None, fold: int | str, todo: Sequence[str]
+    guard: GuardSettings | None,
+    checks: Callable[[int | str], CheckData] | None,
+    fold: int | str,
+    todo: Sequence[str | tuple[str, str]],
 ) -> dict[str, Any]:
     """The guard arguments of one fold's export_fold: its check images only when one of its pending
     variants is quantized and the guard is on."""
-    if guard is None or guard.mode == "off" or checks is None or not set(todo) & set(QUANTIZED_VARIANTS):
+    litert = {job if isinstance(job, str) else job[1] for job in todo if isinstance(job, str) or job[0] == "tflite"}
+    if guard is None or guard.mode == "off" or checks is None or not litert & set(QUANTIZED_VARIANTS):
         return {}
     return {"guard": guard, "check": checks(fold)}
 
@@ -288,7 +318,7 @@ def export_fold(
     run: Path,
     backbone: str,
     fold: int | str,
-    variants: Sequence[str],
+    variants: Sequence[str | tuple[str, str]],
     calibration_images: np.ndarray,
     on_done=None,
     rule_data: RuleData | None = None,
@@ -296,7 +326,8 @@ def export_fold(
     guard: GuardSettings | None = None,
     check: CheckData | None = None,
 ) -> list[Path]:
-    """Convert one fold's joined Keras model to ``variants`` (in order) and write each with its sidecar.
+    """Convert one fold's joined Keras model to ``variants`` (in order; a LiteRT variant name, or a
+    (format, variant) pair) and write each with its sidecar.
     With ``rule_data`` the model gets the texture statistics output and an uncertainty rule; with
     ``tta`` every output is averaged over the 8 flips/rotations of the input image; with ``guard`` and
     ``check`` each quantized variant goes through the int8 guard, its record in ``meta["int8_check"]``."""
@@ -319,8 +350,9 @@ def export_fold(
         model = augment.dihedral_average_model(model)
     written = []
     as_converted_int8: bytes | None = None  # the int8 conversion before any remedy: int8-mixed's names
-    for variant in variants:
-        target = runfolder.fold_model_path(run, backbone, fold, variant)
+    for job in variants:
+        fmt, variant = job if isinstance(job, tuple) else ("tflite", job)
+        target = runfolder.fold_model_path(run, backbone, fold, variant, fmt)
         full_integer = runfolder.fold_model_path(run, backbone, fold, "int8")
         # The description is built first: it is embedded in the model file (which is the source of
         # truth), and the sidecar repeats it with the tensor summary added.
@@ -333,38 +365,52 @@ def export_fold(
                 "file": runfolder.calibration_path(run).name,
             }
         meta["provenance"] = provenance(run, backbone, fold)
-        int8_flatbuffer = as_converted_int8
-        if variant == "int8-mixed" and int8_flatbuffer is None and _is_exported(full_integer):
-            shipped = read_json(runfolder.sidecar_path(full_integer)).get("int8_check", {}).get("shipped")
-            if shipped in (None, "as converted"):  # a remedied int8 file may not be full-integer
-                int8_flatbuffer = full_integer.read_bytes()
-        flatbuffer = None
-        if variant in QUANTIZED_VARIANTS and guard is not None and check is not None:
-            from steeldefect.deploy import int8guard
+        if fmt != "tflite":
+            from steeldefect.deploy.formats import EXPORTERS
 
-            flatbuffer, meta["int8_check"], converted = int8guard.guarded_convert(
+            meta["format"] = fmt
+            EXPORTERS[fmt](
                 model,
                 variant,
-                calibration_images,
-                check,
-                guard,
-                int8_flatbuffer=int8_flatbuffer if variant == "int8-mixed" else None,
-                name=f"{backbone} {'final' if fold == runfolder.FINAL else f'fold {fold}'}",
+                target,
+                calibration_images if variant in QUANTIZED_VARIANTS else None,
+                metadata=meta,
+                rule_data=rule_data,
+                channels=channels,
             )
-            if variant == "int8":
-                as_converted_int8 = converted
-        export_model(
-            model,
-            variant,
-            target,
-            calibration_images if variant in QUANTIZED_VARIANTS else None,
-            int8_flatbuffer=int8_flatbuffer if variant == "int8-mixed" else None,
-            metadata=meta,
-            rule_data=rule_data,
-            channels=channels,
-            flatbuffer=flatbuffer,
-        )
-        meta["tflite"] = tensor_summary(target)
+        else:
+            int8_flatbuffer = as_converted_int8
+            if variant == "int8-mixed" and int8_flatbuffer is None and _is_exported(full_integer):
+                shipped = read_json(runfolder.sidecar_path(full_integer)).get("int8_check", {}).get("shipped")
+                if shipped in (None, "as converted"):  # a remedied int8 file may not be full-integer
+                    int8_flatbuffer = full_integer.read_bytes()
+            flatbuffer = None
+            if variant in QUANTIZED_VARIANTS and guard is not None and check is not None:
+                from steeldefect.deploy import int8guard
+
+                flatbuffer, meta["int8_check"], converted = int8guard.guarded_convert(
+                    model,
+                    variant,
+                    calibration_images,
+                    check,
+                    guard,
+                    int8_flatbuffer=int8_flatbuffer if variant == "int8-mixed" else None,
+                    name=f"{backbone} {'final' if fold == runfolder.FINAL else f'fold {fold}'}",
+                )
+                if variant == "int8":
+                    as_converted_int8 = converted
+            export_model(
+                model,
+                variant,
+                target,
+                calibration_images if variant in QUANTIZED_VARIANTS else None,
+                int8_flatbuffer=int8_flatbuffer if variant == "int8-mixed" else None,
+                metadata=meta,
+                rule_data=rule_data,
+                channels=channels,
+                flatbuffer=flatbuffer,
+            )
+            meta["tflite"] = tensor_summary(target)
         write_json(runfolder.sidecar_path(target), meta)
         written.append(target)
         if on_done is not None:

@@ -143,7 +143,7 @@ _BUILT_IN: dict[str, BackboneSpec] = {
             weights=PackageWeights(),
             _build=_build_lite0,
             # Mid-level texture (blocks 7 and 10 at 14x14) beside the last blocks: chosen by the
-            # few-image learning curve (README, "Few and imbalanced images"), 4,736 values per image.
+            # few-image learning curve (docs/results.md, "Few images"), 4,736 values per image.
             multilayer=("block7_dw_relu", "block10_dw_relu", "block14_dw_relu", "block15_dw_relu", "head_relu"),
         ),
     )

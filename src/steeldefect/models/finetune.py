@@ -338,7 +338,7 @@ def _fine_tune(
     variables = [v for layer in split.trained_layers for v in layer.trainable_weights] + list(head.trainable_weights)
     steps = epochs * -(-len(train_idx) // batch_size)
     # Cosine decay to 0 over the run: at a constant 1e-4 the fold validation accuracy of full NEU swung
-    # by up to 3.6 points from one epoch to the next (a run recorded in the README), so which weights were
+    # by up to 3.6 points from one epoch to the next (docs/results.md, "Fine-tuning"), so which weights were
     # kept depended on where the last epoch happened to land.
     optimizer = keras.optimizers.Adam(learning_rate=keras.optimizers.schedules.CosineDecay(learning_rate, steps))
     optimizer.build(variables)

@@ -53,7 +53,7 @@ def build_head(
 
 ATTENTION_LAYER = "attention"
 # Weight of the box term against the cross-entropy when an attention head trains on boxes. Picked on
-# fold 0's validation images among 1, 3 and 10 (README, "Heatmaps taught by the defect boxes"); the
+# fold 0's validation images among 1, 3 and 10 (docs/design-notes.md); the
 # pointing game barely moved between them.
 BOX_LOSS_WEIGHT = 3.0
 ATTENTION_HIDDEN = 128

@@ -2,8 +2,10 @@
 provenance. `predict`, the batch engines and the HTTP service all load models through here, so a
 model means the same thing to each of them.
 
-An exported .tflite carries its description inside (TFLite Model Metadata plus ``steeldefect.json``,
-see :mod:`steeldefect.runtime.tflite_metadata`): the model file is the source of truth. The JSON sidecar
+An exported model carries its description inside (a .tflite in TFLite Model Metadata plus
+``steeldefect.json``, see :mod:`steeldefect.runtime.tflite_metadata`; an .onnx in ``metadata_props``;
+an OpenVINO .xml in ``rt_info``, see :mod:`steeldefect.runtime.backends`): the model file is the
+source of truth. The JSON sidecar
 ``<model>.json`` (written by `train` and `export`) describes .keras models and older exports
 without metadata. Model files from elsewhere are untrusted input: every field read here is checked,
 and a problem is reported as one line naming the file.
@@ -19,19 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from steeldefect.core.files import file_digest, sidecar_path
-from steeldefect.runtime.calibration import apply_temperature
-from steeldefect.runtime.litert import ModelFileError, input_size, make_interpreter, predict_tflite_outputs
-from steeldefect.runtime.tflite_metadata import (
-    OUR_FILE,
-    PROBABILITIES_OUTPUT,
-    TEXTURE_OUTPUT,
-    read_embedded_file,
-    read_embedded_metadata,
+from steeldefect.core.files import sidecar_path
+from steeldefect.runtime.backends import (
+    MODEL_SUFFIXES,
+    PROBABILITIES,
+    TEXTURE,
+    model_digest,
+    open_backend,
+    read_embedded,
 )
+from steeldefect.runtime.calibration import apply_temperature
+from steeldefect.runtime.litert import ModelFileError
+from steeldefect.runtime.tflite_metadata import OUR_FILE
 from steeldefect.runtime.uncertainty import RULE_FILE, UncertaintyRule
-
-MAX_RULE_BYTES = 16 << 20  # the rule's arrays take ~0.5 MiB; anything far larger is not ours
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ def read_model_info(model_path: Path) -> ModelInfo:
     if not model_path.is_file():
         raise ModelFileError(f"{model_path}: model file not found")
     meta_path = sidecar_path(model_path)
-    embedded = read_embedded_metadata(model_path) if model_path.suffix != ".keras" else None
+    embedded, rule_bytes = read_embedded(model_path) if model_path.suffix.lower() in MODEL_SUFFIXES else (None, None)
     if embedded is None:
         if not meta_path.is_file():
             raise ModelFileError(
@@ -88,19 +90,18 @@ def read_model_info(model_path: Path) -> ModelInfo:
     if min(size) < 1:
         raise ModelFileError(f"{where}: input size {size} is not positive")
     variant = str(meta.get("variant") or ("keras" if model_path.suffix == ".keras" else "tflite"))
-    rule = _read_rule(model_path, meta, where) if embedded is not None else None
+    rule = _read_rule(model_path, meta, where, rule_bytes) if embedded is not None else None
     temperature = _read_temperature(meta, where)
     return ModelInfo(
-        model_path, tuple(names), size, variant, file_digest(model_path), meta, described_by, rule, temperature
+        model_path, tuple(names), size, variant, model_digest(model_path), meta, described_by, rule, temperature
     )
 
 
-def _read_rule(model_path: Path, meta: dict[str, Any], where: str) -> UncertaintyRule | None:
+def _read_rule(model_path: Path, meta: dict[str, Any], where: str, data: bytes | None) -> UncertaintyRule | None:
     """The uncertainty rule packed in the model file, when its description names one."""
     spec = meta.get("uncertainty")
     if not isinstance(spec, dict) or spec.get("file") != RULE_FILE:
         return None
-    data = read_embedded_file(model_path, RULE_FILE, MAX_RULE_BYTES)
     if data is None:
         raise ModelFileError(f"{where}: names an uncertainty rule but the model file holds no {RULE_FILE}")
     try:
@@ -158,9 +159,10 @@ class Judgement:
 
 
 class Classifier:
-    """One loaded .tflite classifier answering queries for uint8 RGB images.
+    """One loaded classifier (.tflite, .onnx or OpenVINO .xml, run by the backend its file asks
+    for, see :mod:`steeldefect.runtime.backends`) answering queries for uint8 RGB images.
 
-    Not thread-safe (one LiteRT interpreter inside): one instance per thread or worker. ``accept``
+    Not thread-safe (one interpreter/session inside): one instance per thread or worker. ``accept``
     overrides the share of in-distribution images the model's uncertainty rule accepts.
     """
 
@@ -173,87 +175,45 @@ class Classifier:
         accept: float | None = None,
     ) -> None:
         self.info = info or read_model_info(model_path)
-        self.interpreter = make_interpreter(Path(model_path), threads)
-        actual = input_size(self.interpreter)
+        self.backend = open_backend(Path(model_path), threads)
+        self.runtime = self.backend.runtime
+        actual = self.backend.input_size
         described_by = self.info.described_by or self.info.path
         if actual != self.info.input_size:
             raise ModelFileError(
                 f"{described_by}: input size {self.info.input_size[0]}x{self.info.input_size[1]} "
                 f"does not match the model's {actual[0]}x{actual[1]}"
             )
-        self.outputs = classifier_outputs(self.interpreter, self.info)
-        texture = self.outputs.get(TEXTURE_OUTPUT)
+        if "outputs" in self.info.metadata:  # named by the description (exports since issue #27)
+            self.backend.name_outputs(self.info.metadata["outputs"], described_by)
+        widths = self.backend.output_widths
+        n_outputs = widths.get(PROBABILITIES, 0)
+        if n_outputs != len(self.info.class_names):
+            raise ModelFileError(
+                f"{described_by}: {len(self.info.class_names)} class names for a model with {n_outputs} outputs"
+            )
         self.rule = self.info.rule
         if self.rule is not None:
-            if self.rule.uses_texture and (texture is None or int(texture["shape"][-1]) != 2 * sum(self.rule.channels)):
+            if self.rule.uses_texture and widths.get(TEXTURE) != 2 * sum(self.rule.channels):
                 raise ModelFileError(f"{described_by}: the uncertainty rule does not fit the model's outputs")
             if accept is not None:
                 self.rule = self.rule.with_accept(accept)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, n_classes) probabilities for uint8 images (N, H, W, 3) of the model's input size."""
-        return predict_tflite_outputs(self.interpreter, images, details=[self.outputs[PROBABILITIES_OUTPUT]])[0]
+        return self.backend.run(images)[PROBABILITIES]
 
     def judge(self, images: np.ndarray) -> Judgement:
         """Probabilities, uncertainty and calibrated confidence for uint8 images (N, H, W, 3)."""
-        texture = self.outputs.get(TEXTURE_OUTPUT) if self.rule is not None and self.rule.uses_texture else None
-        details = [self.outputs[PROBABILITIES_OUTPUT], *([texture] if texture is not None else [])]
-        outputs = predict_tflite_outputs(self.interpreter, images, details=details)
-        probabilities = outputs[0]
+        outputs = self.backend.run(images)
+        probabilities = outputs[PROBABILITIES]
         uncertain = score = confidence = None
         if self.rule is not None:
-            score = self.rule.scores(probabilities, outputs[1] if texture is not None else None)
+            score = self.rule.scores(probabilities, outputs[TEXTURE] if self.rule.uses_texture else None)
             uncertain = score > self.rule.threshold
         if self.info.temperature is not None:
             confidence = apply_temperature(probabilities, self.info.temperature).max(axis=1)
         return Judgement(probabilities, uncertain, score, confidence)
-
-
-def classifier_outputs(interpreter, info: ModelInfo) -> dict[str, dict]:
-    """The classifier's output tensors by name: ``probabilities`` and, for a model that carries its
-    uncertainty score, ``texture_statistics`` (entries of ``interpreter.get_output_details()``).
-
-    Exports since issue #27 name their outputs in the description (``outputs``: name, index, shape),
-    and those names are what counts, not the position. Older files do not: there the class
-    probabilities are the one output as wide as the class list and the other one (a deploy model's,
-    listed first in those files) is the texture statistics. Anything that does not fit is one line
-    naming the file.
-    """
-    details = interpreter.get_output_details()
-    where = info.described_by or info.path
-    n_classes = len(info.class_names)
-    described = info.metadata.get("outputs")
-    if described is None:
-        matching = [i for i, detail in enumerate(details) if int(detail["shape"][-1]) == n_classes]
-        if len(details) > 2 or len(matching) != 1:
-            widths = " and ".join(str(int(detail["shape"][-1])) for detail in details)
-            raise ModelFileError(f"{where}: {n_classes} class names for a model with {widths} outputs")
-        named = {PROBABILITIES_OUTPUT: details[matching[0]]}
-        others = [detail for i, detail in enumerate(details) if i != matching[0]]
-        if others:
-            named[TEXTURE_OUTPUT] = others[0]
-        return named
-    if not isinstance(described, list) or not all(isinstance(entry, dict) for entry in described):
-        raise ModelFileError(f"{where}: outputs in the model metadata must be a list of objects")
-    named = {}
-    for entry in described:
-        name, index = entry.get("name"), entry.get("index")
-        if name not in (PROBABILITIES_OUTPUT, TEXTURE_OUTPUT) or name in named:
-            raise ModelFileError(f"{where}: unknown or repeated output name {name!r} in the model metadata")
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(details):
-            raise ModelFileError(f"{where}: output {name!r} has index {index!r}; the model has {len(details)} outputs")
-        if entry.get("shape") != [int(v) for v in details[index]["shape"]]:
-            raise ModelFileError(
-                f"{where}: output {name!r} is described with shape {entry.get('shape')}, "
-                f"the model's output {index} has {[int(v) for v in details[index]['shape']]}"
-            )
-        named[name] = details[index]
-    if PROBABILITIES_OUTPUT not in named:
-        raise ModelFileError(f"{where}: the model metadata names no {PROBABILITIES_OUTPUT!r} output")
-    n_outputs = int(named[PROBABILITIES_OUTPUT]["shape"][-1])
-    if n_outputs != n_classes:
-        raise ModelFileError(f"{where}: {n_classes} class names for a model with {n_outputs} outputs")
-    return named
 
 
 def top_k(probabilities: np.ndarray, class_names: tuple[str, ...] | list[str], k: int) -> list[tuple[str, float]]:

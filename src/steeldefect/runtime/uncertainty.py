@@ -12,7 +12,7 @@ intermediate backbone layers (28x28, 14x14 and 7x7 stages) - after a PCA to 64 c
 leave-one-class-out measurement in ``bench/ood_leave_one_class_out.py``: on the pooled final
 features (what the head sees), every score tried, softmax ones included, stays at or below 0.90 mean
 AUROC, because the last layer keeps only what separates the known classes; the texture statistics
-of the earlier layers describe the surface itself (0.98; README, "Trust").
+of the earlier layers describe the surface itself (0.98; docs/results.md, "Trust").
 The threshold is the 99th percentile of in-distribution scores that the scorer did not see in
 fitting (out-of-fold), so ~99% of in-distribution images are accepted.
 """
@@ -32,7 +32,7 @@ TEXTURE_LAYERS = ("block4_add", "block7_add", "block10_add", "block14_add")
 DEFAULT_COMPONENTS = 64
 DEFAULT_ACCEPT = 0.99
 # Weight of each class's own covariance against the shared (tied) one: 0 = tied Mahalanobis (the
-# first shipped score), 0.5 = halfway, chosen by bench/ood_leave_one_class_out.py (README, "Trust").
+# first shipped score), 0.5 = halfway, chosen by bench/ood_leave_one_class_out.py (docs/results.md, "Trust").
 DEFAULT_CLASS_COVARIANCE = 0.5
 
 

@@ -1,6 +1,5 @@
-"""What stands in front of the service's endpoints (:mod:`steeldefect.serve.service`): an ASGI wrapper
-that checks the bearer token, refuses an upload above the limit before it is held in memory, and
-counts every request in the app's own Prometheus series (:class:`_Metrics`)."""
+"""The ASGI gate in front of the service's app: Prometheus metrics for every request, the bearer
+token, and the request body limit (declared and streamed)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from steeldefect.runtime.modelfile import ModelInfo
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/inspector.js", "/inspector.css"})
 
 
-class _Metrics:
+class Metrics:
     """Prometheus series for one app (own registry, so several apps in one process stay apart)."""
 
     def __init__(self, info: ModelInfo) -> None:
@@ -38,23 +37,26 @@ class _Metrics:
         self.in_flight = Gauge(
             "steeldefect_in_flight", "Prediction requests admitted and not yet answered", registry=self.registry
         )
-        model = Gauge(
-            "steeldefect_model", "The served model (value 1)", ["name", "variant", "sha256"], registry=self.registry
+        self.model = Gauge(
+            "steeldefect_model",
+            "The served model (value 1; 0 for a model swapped out)",
+            ["name", "variant", "sha256"],
+            registry=self.registry,
         )
-        model.labels(info.name, info.variant, info.sha256).set(1)
+        self.model.labels(info.name, info.variant, info.sha256).set(1)
         for name in info.class_names:  # every class present from the start: a rate of 0 is a signal too
             self.predictions.labels(name)
 
 
-class _BodyTooLarge(Exception):
+class BodyTooLarge(Exception):
     pass
 
 
-def _too_large_message(limit: int) -> str:
-    return f"upload too large: the limit is {limit} bytes ({limit / 2**20:.1f} MiB, --max-upload-mb)"
+def too_large_message(limit: int, flag: str = "--max-upload-mb") -> str:
+    return f"upload too large: the limit is {limit} bytes ({limit / 2**20:.1f} MiB, {flag})"
 
 
-class _Gate:
+class Gate:
     """ASGI wrapper in front of the app: metrics for every request, the bearer token, the body limit.
 
     The limit is checked on the declared Content-Length and again while the body streams in (a
@@ -62,9 +64,18 @@ class _Gate:
     """
 
     def __init__(
-        self, app, *, token: str | None, max_body: int, metrics: _Metrics, known_paths: set[str], error
+        self,
+        app,
+        *,
+        token: str | None,
+        max_body: int,
+        metrics: Metrics,
+        known_paths: set[str],
+        error,
+        path_limits: dict[str, int] | None = None,
     ) -> None:
-        self.app, self.token, self.max_body, self.metrics = app, token, max_body, metrics
+        self.app, self.token, self.default_max_body, self.metrics = app, token, max_body, metrics
+        self.path_limits = path_limits or {}  # e.g. a model upload may be larger than an image
         self.known_paths, self.error = known_paths, error
         self.state = app.state
 
@@ -83,23 +94,25 @@ class _Gate:
                 sent["start"] = True
             await send(message)
 
+        limit = self.path_limits.get(path, self.default_max_body)
         try:
-            rejection = self._check(scope)
+            rejection = self._check(scope, limit)
             if rejection is not None:
                 await rejection(scope, receive, send_tracking)
                 return
-            await self.app(scope, self._limited(receive), send_tracking)
-        except _BodyTooLarge:
+            await self.app(scope, self._limited(receive, limit), send_tracking)
+        except BodyTooLarge:
             if not sent["start"]:
-                await self._too_large(scope)(scope, receive, send_tracking)
+                await self._too_large(scope, limit)(scope, receive, send_tracking)
         finally:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
-    def _too_large(self, scope):
-        return self.error(413, _too_large_message(self.max_body), scope)
+    def _too_large(self, scope, limit: int):
+        flag = "--max-model-mb" if scope["path"] in self.path_limits else "--max-upload-mb"
+        return self.error(413, too_large_message(limit, flag), scope)
 
-    def _check(self, scope):
+    def _check(self, scope, limit: int):
         headers = dict(scope["headers"])
         if self.token and scope["path"] not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
@@ -115,11 +128,11 @@ class _Gate:
                 declared = int(length)
             except ValueError:
                 return self.error(400, "Content-Length is not a number", scope)
-            if declared > self.max_body:
-                return self._too_large(scope)
+            if declared > limit:
+                return self._too_large(scope, limit)
         return None
 
-    def _limited(self, receive):
+    def _limited(self, receive, limit: int):
         received = 0
 
         async def wrapped():
@@ -127,8 +140,8 @@ class _Gate:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _BodyTooLarge
+                if received > limit:
+                    raise BodyTooLarge
             return message
 
         return wrapped

@@ -16,9 +16,6 @@ and the static page itself needs ``Authorization: Bearer <token>`` (the page ask
 with each call); request bodies above ``max_upload_bytes`` are refused with 413 before they are read
 whole; no endpoint takes a path from a client; every error is a JSON ``{"error": ...}`` without a
 traceback, and one log line.
-
-The token and upload-limit checks and the request metrics are the ASGI wrapper in
-:mod:`steeldefect.serve.gate`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request, query types)
@@ -27,7 +24,7 @@ import asyncio
 import hashlib
 import logging
 import math
-import os
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -37,12 +34,28 @@ from typing import Any
 
 from steeldefect.core.options import ServeOptions
 from steeldefect.data.dataset import DatasetError
-from steeldefect.data.decode import decode_image
-from steeldefect.runtime.litert import ModelFileError
-from steeldefect.runtime.modelfile import ModelInfo, read_model_info, top_k
+from steeldefect.data.decode import DEFAULT_MAX_PIXELS, PixelLimitError, decode_image
+from steeldefect.runtime.modelfile import read_model_info, top_k
 from steeldefect.serve.audit import AuditError, AuditLog, AuditRow
-from steeldefect.serve.gate import _BodyTooLarge, _Gate, _Metrics, _too_large_message
-from steeldefect.serve.workers import ClassifierPool, _warm_up_decoders, default_workers
+from steeldefect.serve.drift import DEFAULT_WINDOW, DriftGauges, monitor_for
+from steeldefect.serve.errors import EXTRA_HINT, Reject, ServeError, require_extra
+from steeldefect.serve.gate import OPEN_PATHS, BodyTooLarge, Gate, Metrics, too_large_message
+from steeldefect.serve.loop_routes import add_loop_routes
+from steeldefect.serve.pool import Admission, ClassifierPool, default_workers, resolve_model, warm_up_decoders
+from steeldefect.serve.review import DEFAULT_SAMPLE as DEFAULT_REVIEW_SAMPLE
+from steeldefect.serve.review import ReviewStore
+from steeldefect.serve.swap import DEFAULT_MAX_MODEL_BYTES, ModelSlot, Served
+
+# Re-exported: the service's API was this one module before it was split (see the package docstring).
+__all__ = [
+    "EXTRA_HINT",
+    "OPEN_PATHS",
+    "ClassifierPool",
+    "ServeError",
+    "create_app",
+    "default_workers",
+    "resolve_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,12 @@ DEFAULT_TOP_K = _OPTIONS.top_k
 DEFAULT_QUEUE = _OPTIONS.queue  # requests waiting for an interpreter; beyond it a client is told 503 at once
 DEFAULT_KEEP = _OPTIONS.audit_keep
 MAX_BATCH_FILES = 64
+MAX_FORM_FIELDS = 16  # file parts and fields other than files (client_id): a form is never bigger
+# /v1/history: one reader thread (its own SQLite connection, reused) and this many requests waiting
+# for it; more are answered 503 at once, so readers can neither pile up threads nor starve predictions.
+HISTORY_READERS = 1
+HISTORY_QUEUE = 8
+HISTORY_TIME_SHARE = 0.05  # reads paced to 5% of the time (serve.audit): predictions keep the GIL and cores
 MAX_CLIENT_ID_CHARS = 128
 TOKEN_ENV = "STEELDEFECT_TOKEN"
 RAW_CONTENT_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/x-ms-bmp", "image/tiff", "application/octet-stream")
@@ -64,46 +83,6 @@ _STATIC = {
     "/inspector.js": ("inspector.js", "text/javascript; charset=utf-8"),
     "/inspector.css": ("inspector.css", "text/css; charset=utf-8"),
 }
-EXTRA_HINT = 'steeldefect serve needs the serve extra: pip install "steeldefect[serve]"'
-
-
-class ServeError(RuntimeError):
-    """The service cannot start (missing extra, bad model or audit path): one line for the user."""
-
-
-class _Reject(Exception):
-    """A request answered with a 4xx/5xx JSON error naming the problem."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-
-
-def resolve_model(model: Path) -> Path:
-    """A .tflite file as given, or a run folder's deployable int8 model (the one the line should run)."""
-    from steeldefect.core.runfolder import deployable_model
-
-    model = Path(model)
-    if model.is_dir():
-        try:
-            chosen = deployable_model(model)
-        except (FileNotFoundError, ValueError, KeyError) as error:
-            raise ModelFileError(f"{model}: no deployable model in this run folder ({error})") from error
-        log.info("run folder %s: serving its deployable model %s", model, chosen)
-        return chosen
-    if model.suffix != ".tflite":
-        raise ModelFileError(f"{model}: serve runs an exported .tflite model or a run folder (export first)")
-    return model
-
-
-def _require_extra():
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import python_multipart  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as error:
-        raise ServeError(f"{EXTRA_HINT} ({error.name} is not installed)") from None
 
 
 def _static_files() -> dict[str, bytes]:
@@ -124,6 +103,14 @@ def create_app(
     top_k_default: int = DEFAULT_TOP_K,
     queue_size: int = DEFAULT_QUEUE,
     accept: float | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    review_dir: Path | None = None,
+    review_sample: float = DEFAULT_REVIEW_SAMPLE,
+    review_max_bytes: int | None = None,
+    review_seed: int = 0,
+    models_dir: Path | None = None,
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+    drift_window: int = DEFAULT_WINDOW,
 ):
     """The FastAPI application serving ``model`` (a .tflite or a run folder).
 
@@ -132,36 +119,86 @@ def create_app(
     missing or corrupt model raises :class:`ModelFileError` here, not at the first request.
     ``audit_path=None`` switches the audit log off; ``audit_fsync`` makes each commit wait for the disk
     (see :mod:`steeldefect.serve.audit`). ``queue_size`` requests may wait for a free interpreter beyond the
-    ``workers`` being answered; more are answered 503.
+    ``workers`` being answered; more are answered 503. An image whose header declares more than
+    ``max_pixels`` pixels is refused (413) before it is decoded.
+
+    ``review_dir`` keeps answers' images for review (serve/review.py; needs the audit log, whose
+    database holds the review tables); ``models_dir`` is where ``POST /v1/model`` stores uploads
+    (serve/swap.py; the endpoint needs a token); ``drift_window`` answers feed the drift monitor
+    (serve/drift.py).
     """
-    _require_extra()
+    require_extra()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.formparsers import MultiPartException, MultiPartParser
 
     if max_upload_bytes < 1:
         raise ValueError(f"max upload size must be positive, got {max_upload_bytes} bytes")
     if queue_size < 0:
         raise ValueError(f"queue size must be >= 0, got {queue_size}")
+    if max_pixels < 1:
+        raise ValueError(f"max pixels must be positive, got {max_pixels}")
+    if review_dir is not None and audit_path is None:
+        raise ServeError("--review needs the audit log (its database holds the review queue): drop --no-audit")
     workers = default_workers() if workers is None else workers
     model_path = resolve_model(model)
     info = read_model_info(model_path)
-    pool = ClassifierPool(model_path, info, workers, threads, accept)
-    _warm_up_decoders(info.input_size)
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
-    audit = AuditLog(Path(audit_path), keep=audit_keep, fsync=audit_fsync) if audit_path is not None else None
-    metrics = _Metrics(info)
-    static = _static_files()
-    # Uploads up to the body limit stay in memory instead of spilling to a temporary file (Starlette
-    # spools parts over 1 MiB to disk): the service writes nowhere but its audit log.
-    from starlette.formparsers import MultiPartParser
 
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_upload_bytes)
-    admitted_max = workers + queue_size
-    top_k_default = max(1, min(top_k_default, len(info.class_names)))
-    model_fields = {"name": info.name, "variant": info.variant, "sha256": info.sha256}
-    state = {"in_flight": 0, "ready": True}
+    def build(path: Path, model_info) -> Served:
+        """A model ready to serve: its warmed-up interpreters and its drift monitor."""
+        served = Served(model_info, ClassifierPool(path, model_info, workers, threads, accept))
+        served.extra["drift"] = monitor_for(model_info, accept, window=drift_window)
+        return served
+
+    slot = ModelSlot(
+        build(model_path, info),
+        build,
+        None if models_dir is None or not token else Path(models_dir),
+        on_switch=lambda old, new: switched(old, new),
+    )
+    warm_up_decoders(info.input_size)
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
+    audit = None
+    if audit_path is not None:
+        audit = AuditLog(
+            Path(audit_path),
+            keep=audit_keep,
+            fsync=audit_fsync,
+            readers=HISTORY_READERS,
+            read_share=HISTORY_TIME_SHARE,
+        )
+    store: ReviewStore | None = None
+    if review_dir is not None and audit_path is not None:
+        try:
+            store = ReviewStore(
+                review_dir, Path(audit_path), sample=review_sample, max_bytes=review_max_bytes, seed=review_seed
+            )
+        except (OSError, sqlite3.Error) as error:
+            raise ServeError(f"{review_dir}: cannot open the review store ({error})") from None
+    metrics = Metrics(info)
+    drift_gauges = DriftGauges(metrics.registry)
+    static = _static_files()
+    admission = Admission(workers + queue_size, metrics.in_flight)
+    # A refused reader is told when the queue ahead of it will have drained, not a fixed second:
+    # on a loaded machine paced reads are slow, and clients retrying each second would cost more
+    # than the reads themselves.
+    history_admission = Admission(
+        HISTORY_READERS + HISTORY_QUEUE,
+        retry_after=lambda: (
+            math.ceil(history_admission.in_flight * audit.read_interval / HISTORY_READERS) if audit is not None else 1
+        ),
+    )
+    top_k_default = max(1, top_k_default)  # at most the served model's classes: clamped per request
+    state = {"ready": True}
+
+    def switched(old: Served, new: Served) -> None:
+        metrics.model.labels(old.info.name, old.info.variant, old.info.sha256).set(0)
+        metrics.model.labels(new.info.name, new.info.variant, new.info.sha256).set(1)
+        for name in new.info.class_names:
+            metrics.predictions.labels(name)
+        app.state.model_info = new.info
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -179,8 +216,10 @@ def create_app(
             ),
         )
         executor.shutdown(wait=True)
-        if audit is not None:
+        if audit is not None:  # also stops its reader threads
             audit.close()
+        if store is not None:
+            store.close()
 
     app = FastAPI(
         title="steeldefect",
@@ -188,31 +227,38 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
-        description="Steel surface defect classification with a LiteRT model (see the README).",
+        description="Steel surface defect classification with a LiteRT model (see docs/service.md).",
     )
     app.state.model_info = info
     app.state.audit = audit
 
     def error_response(
-        status: int, message: str, request: Request | None = None, headers=None, where: dict | None = None
+        status: int,
+        message: str,
+        request: Request | None = None,
+        headers=None,
+        where: dict | None = None,
+        detail: str | None = None,
     ) -> JSONResponse:
-        """The JSON error a client gets, and its one log line (method, path, client, problem)."""
+        """The JSON error a client gets, and its one log line (method, path, client, problem, and a
+        ``detail`` for the log only)."""
         if request is not None:
             where = {"method": request.method, "path": request.url.path, "client": request.client}
         client = (where or {}).get("client")
         where_text = (
             f"{where.get('method', '?')} {where.get('path', '?')} from {client[0] if client else '?'}" if where else "?"
         )
-        log.warning("%d %s: %s", status, where_text, message)
+        # Client-sent text (path, filename) in this line is made one printable line by errors.OneLineLogs.
+        log.warning("%d %s: %s%s", status, where_text, message, f" ({detail})" if detail else "")
         return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
-    @app.exception_handler(_Reject)
-    async def on_reject(request: Request, error: _Reject):
-        return error_response(error.status, error.message, request, error.headers)
+    @app.exception_handler(Reject)
+    async def on_reject(request: Request, error: Reject):
+        return error_response(error.status, error.message, request, error.headers, detail=error.detail)
 
-    @app.exception_handler(_BodyTooLarge)
-    async def on_too_large(request: Request, error: _BodyTooLarge):  # a body without Content-Length grew too big
-        return error_response(413, _too_large_message(max_upload_bytes), request)
+    @app.exception_handler(BodyTooLarge)
+    async def on_too_large(request: Request, error: BodyTooLarge):  # a body without Content-Length grew too big
+        return error_response(413, too_large_message(max_upload_bytes), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, error: StarletteHTTPException):
@@ -235,51 +281,44 @@ def create_app(
         log.error("500 %s %s: %s: %s", request.method, request.url.path, type(error).__name__, error)
         return JSONResponse({"error": "internal error (logged on the server)", "status": 500}, status_code=500)
 
-    async def admitted(start_job):
-        """Await ``start_job()`` if fewer than the bound are in flight, else 503 before any work starts."""
-        if state["in_flight"] >= admitted_max:
-            raise _Reject(
-                503, f"busy: {admitted_max} requests already in progress; retry shortly", {"Retry-After": "1"}
-            )
-        state["in_flight"] += 1
-        metrics.in_flight.inc()
-        try:
-            return await start_job()
-        finally:
-            state["in_flight"] -= 1
-            metrics.in_flight.dec()
-
-    def classify(data: bytes, name: str) -> dict[str, Any]:
-        """Decode and classify one image (runs in an executor thread)."""
+    def classify(data: bytes, name: str, served: Served) -> dict[str, Any]:
+        """Decode and classify one image, and keep it for review when it should be (an executor thread)."""
         start = time.perf_counter()
-        image = decode_image(data, info.input_size, name)
+        image = decode_image(data, served.info.input_size, name, max_pixels)
         decoded = time.perf_counter()
-        judgement = pool.judge(image)
+        judgement = served.pool.judge(image)
         done = time.perf_counter()
         probabilities = judgement.probabilities[0]
         uncertain = None if judgement.uncertain is None else bool(judgement.uncertain[0])
         confidence = None if judgement.confidence is None else float(judgement.confidence[0])
+        sha256 = hashlib.sha256(data).hexdigest()
+        reason = store.reason(uncertain) if store is not None else None
         return {
-            "top": top_k(probabilities, info.class_names, len(info.class_names)),
+            "top": top_k(probabilities, served.info.class_names, len(served.info.class_names)),
             "uncertain": uncertain,
             "confidence": confidence,
-            "image": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
+            "image": {"sha256": sha256, "bytes": len(data)},
             "decode_ms": 1000 * (decoded - start),
             "inference_ms": 1000 * (done - decoded),
+            "kept": store.keep(data, sha256, reason) if store is not None and reason is not None else None,
         }
 
-    async def run_one(data: bytes, name: str) -> dict[str, Any]:
+    async def run_one(data: bytes, name: str, served: Served) -> dict[str, Any]:
         if not data:
-            raise _Reject(422, f"{name}: empty image (0 bytes)")
+            raise Reject(422, f"{name}: empty image (0 bytes)")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(executor, classify, data, name)
+            return await loop.run_in_executor(executor, classify, data, name, served)
+        except PixelLimitError as error:  # before DatasetError, its base: too big is not broken
+            raise Reject(413, f"{error} (--max-pixels)") from None
         except DatasetError as error:
-            raise _Reject(422, str(error)) from None
+            raise Reject(422, str(error)) from None
 
-    def answer(result: dict[str, Any], k: int, client_id: str | None) -> dict[str, Any]:
+    def answer(result: dict[str, Any], k: int, client_id: str | None, served: Served) -> dict[str, Any]:
         top = result["top"][:k]
         metrics.predictions.labels(top[0][0]).inc()
+        served.extra["drift"].observe(result["top"][0][0], result["uncertain"])
+        kept = result["kept"]
         return {
             "class": top[0][0],
             "probability": round(top[0][1], 6),
@@ -288,11 +327,12 @@ def create_app(
             "confidence": None if result["confidence"] is None else round(result["confidence"], 6),
             "image": result["image"],
             "client_id": client_id,
-            "model": model_fields,
+            "model": served.fields,
             "timing_ms": {"decode": round(result["decode_ms"], 3), "inference": round(result["inference_ms"], 3)},
+            "review": None if kept is None else {"file": kept.file, "reason": kept.reason, "new": kept.new},
         }
 
-    async def record(answers: list[dict[str, Any]]) -> None:
+    async def record(answers: list[dict[str, Any]], served: Served) -> None:
         """Commit the answers' audit rows before they are sent (sets each ``audit_id``)."""
         if audit is None or not answers:
             return
@@ -304,39 +344,58 @@ def create_app(
                 [(t["class"], t["probability"]) for t in a["top_k"]],
                 a["uncertain"],
                 a["confidence"],
-                info.sha256,
+                served.info.sha256,
                 a["timing_ms"]["decode"] + a["timing_ms"]["inference"],
+                None if a["review"] is None else a["review"]["file"],
             )
             for a in answers
         ]
         try:
             ids = await asyncio.wrap_future(audit.submit(rows))
-        except AuditError as error:
-            raise _Reject(503, f"{error}; the prediction was not answered because it could not be recorded") from None
+        except AuditError as error:  # the message names the server's audit path: for the log only
+            raise Reject(
+                503,
+                "audit log write failed; the prediction was not answered because it could not be recorded",
+                detail=str(error),
+            ) from None
         for entry, row_id in zip(answers, ids):
             entry["audit_id"] = row_id
+        firsts = [(a["image"]["sha256"], a["audit_id"]) for a in answers if a["review"] and a["review"]["new"]]
+        if firsts and store is not None:  # the queue names the audit row of the image's first answer
+            await asyncio.to_thread(store.link_all, firsts)
 
-    def check_top_k(k: int | None) -> int:
+    def check_top_k(k: int | None, served: Served) -> int:
+        n_classes = len(served.info.class_names)
         if k is None:
-            return top_k_default
-        if not 1 <= k <= len(info.class_names):
-            raise _Reject(422, f"top_k must be between 1 and {len(info.class_names)}, got {k}")
+            return min(top_k_default, n_classes)
+        if not 1 <= k <= n_classes:
+            raise Reject(422, f"top_k must be between 1 and {n_classes}, got {k}")
         return k
 
     def check_client_id(value: str | None) -> str | None:
         if value is None or value == "":
             return None
         if len(value) > MAX_CLIENT_ID_CHARS or not value.isprintable():
-            raise _Reject(422, f"client id must be at most {MAX_CLIENT_ID_CHARS} printable characters")
+            raise Reject(422, f"client id must be at most {MAX_CLIENT_ID_CHARS} printable characters")
         return value
 
     async def read_form(request: Request, max_files: int):
+        """The multipart form, its files held in memory up to the body limit.
+
+        Parsed here rather than by ``request.form()``: Starlette spools file parts over
+        ``MultiPartParser.spool_max_size`` (1 MiB) to a temporary file and has no per-request setting
+        for it, and setting it on the class would change every app in the process. An instance
+        attribute on this request's parser keeps the limit to this app (the service writes nowhere
+        but its audit log).
+        """
+        parser = MultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=MAX_FORM_FIELDS)
+        parser.spool_max_size = max_upload_bytes  # the body limit already bounds what is held
         try:
-            return await request.form(max_files=max_files, max_fields=16)
-        except StarletteHTTPException as error:
-            raise _Reject(error.status_code, f"multipart body: {error.detail}") from None
+            return await parser.parse()
+        except MultiPartException as error:  # too many files/fields, a part header too big
+            raise Reject(400, f"multipart body: {error.message}") from None
         except (ValueError, AssertionError) as error:  # python-multipart on a malformed body
-            raise _Reject(400, f"malformed multipart body ({error})") from None
+            raise Reject(400, f"malformed multipart body ({error})") from None
 
     def media_type(request: Request) -> str:
         return request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -349,7 +408,7 @@ def create_app(
         form = await read_form(request, 1)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
-            raise _Reject(422, "multipart body has no file part named 'file'")
+            raise Reject(422, "multipart body has no file part named 'file'")
         form_client = form.get("client_id")
         client_id = form_client if isinstance(form_client, str) and form_client else client_id
         return await upload.read(), upload.filename or "file", client_id
@@ -358,10 +417,11 @@ def create_app(
     @app.post("/v1/predict", summary="Classify one image (multipart field 'file' or the raw body)")
     async def predict(request: Request, top_k: int | None = None):
         started = time.perf_counter()
-        k = check_top_k(top_k)
+        served = slot.current  # read once: a swap mid-request does not change the model answering it
+        k = check_top_k(top_k, served)
         kind = media_type(request)
         if kind != "multipart/form-data" and kind not in RAW_CONTENT_TYPES and kind != "":
-            raise _Reject(
+            raise Reject(
                 415,
                 f"unsupported content type {kind!r}: send multipart/form-data with a 'file' part, "
                 f"or the image bytes as image/jpeg, image/png, image/bmp, image/tiff or "
@@ -370,25 +430,26 @@ def create_app(
 
         async def job():
             data, name, client_id = await read_one(request, kind)
-            return await run_one(data, name), check_client_id(client_id)
+            return await run_one(data, name, served), check_client_id(client_id)
 
-        result, client_id = await admitted(job)
-        body = answer(result, k, client_id)
-        await record([body])
+        result, client_id = await admission.run(job)
+        body = answer(result, k, client_id, served)
+        await record([body], served)
         body["server_ms"] = round(1000 * (time.perf_counter() - started), 3)
         return body
 
     @app.post("/v1/predict/batch", summary=f"Classify up to {MAX_BATCH_FILES} images (multipart parts 'file')")
     async def predict_batch(request: Request, top_k: int | None = None):
         started = time.perf_counter()
-        k = check_top_k(top_k)
+        served = slot.current
+        k = check_top_k(top_k, served)
         if media_type(request) != "multipart/form-data":
-            raise _Reject(415, "batch needs multipart/form-data with one 'file' part per image")
+            raise Reject(415, "batch needs multipart/form-data with one 'file' part per image")
 
         async def one(data: bytes, name: str) -> dict[str, Any]:
             try:
-                return await run_one(data, name)
-            except _Reject as error:
+                return await run_one(data, name, served)
+            except Reject as error:
                 log.warning("%d POST /v1/predict/batch: %s", error.status, error.message)
                 return {"error": error.message}
 
@@ -398,7 +459,7 @@ def create_app(
                 part for key, part in form.multi_items() if key in ("file", "files") and not isinstance(part, str)
             ]
             if not uploads:
-                raise _Reject(422, "multipart body has no file parts named 'file'")
+                raise Reject(422, "multipart body has no file parts named 'file'")
             form_client = form.get("client_id")
             client_id = check_client_id(
                 form_client if isinstance(form_client, str) and form_client else request.headers.get("x-client-id")
@@ -406,48 +467,59 @@ def create_app(
             contents = [(await part.read(), part.filename or f"file {i + 1}") for i, part in enumerate(uploads)]
             return contents, client_id, await asyncio.gather(*(one(data, name) for data, name in contents))
 
-        contents, client_id, results = await admitted(job)
+        contents, client_id, results = await admission.run(job)
         entries = [
-            {"index": i, "filename": name, **(result if "error" in result else answer(result, k, client_id))}
+            {"index": i, "filename": name, **(result if "error" in result else answer(result, k, client_id, served))}
             for i, ((_, name), result) in enumerate(zip(contents, results))
         ]
-        await record([entry for entry in entries if "error" not in entry])
+        await record([entry for entry in entries if "error" not in entry], served)
         return {
             "results": entries,
             "answered": sum("error" not in e for e in entries),
             "failed": sum("error" in e for e in entries),
-            "model": model_fields,
+            "model": served.fields,
             "server_ms": round(1000 * (time.perf_counter() - started), 3),
         }
 
     @app.get("/v1/model", summary="The served model: class names, input size, variant, provenance")
     async def model_description():
+        info = slot.current.info
         return {
-            **model_fields,
+            **slot.current.fields,
             "class_names": list(info.class_names),
             "input_size": {"height": info.input_size[0], "width": info.input_size[1]},
             "uncertainty": info.rule is not None,
             "calibrated": info.temperature is not None,
             "provenance": {key: value for key, value in info.metadata.items() if key not in ("class_names", "input")},
-            "top_k_default": top_k_default,
+            "top_k_default": min(top_k_default, len(info.class_names)),
             "max_upload_bytes": max_upload_bytes,
+            "max_pixels": max_pixels,
             "max_batch_files": MAX_BATCH_FILES,
             "audit": audit is not None,
+            "review": store is not None,
+            "model_upload": slot.folder is not None,
+            "previous": None if slot.previous is None else slot.previous.fields,
         }
 
     @app.get("/v1/history", summary="Audit log entries, oldest first (page with after=<last id>)")
     async def history(since: str | None = None, after: int = 0, limit: int = 100):
         if audit is None:
-            raise _Reject(404, "the audit log is off (server started with --no-audit)")
+            raise Reject(404, "the audit log is off (server started with --no-audit)")
         if not 1 <= limit <= 1000:
-            raise _Reject(422, f"limit must be between 1 and 1000, got {limit}")
+            raise Reject(422, f"limit must be between 1 and 1000, got {limit}")
         if not 0 <= after < 2**63:  # SQLite's integer range
-            raise _Reject(422, f"after must be an audit id (0 or more), got {after}")
+            raise Reject(422, f"after must be an audit id (0 or more), got {after}")
+
+        async def job() -> bytes:
+            return await asyncio.wrap_future(audit.read_page(since=since, after=after, limit=limit))
+
         try:
-            entries = await asyncio.to_thread(audit.history, since=since, after=after, limit=limit)
+            body = await history_admission.run(job)  # 503 at once when the readers' queue is full
         except ValueError as error:
-            raise _Reject(422, str(error)) from None
-        return {"entries": entries, "next_after": entries[-1]["id"] if len(entries) == limit else None}
+            raise Reject(422, str(error)) from None
+        except sqlite3.Error as error:  # the message may name the server's file: for the log only
+            raise Reject(503, "audit log cannot be read; retry shortly", {"Retry-After": "1"}, str(error)) from None
+        return Response(body, media_type="application/json")
 
     @app.get("/healthz", summary="Liveness")
     async def healthz():
@@ -462,13 +534,16 @@ def create_app(
             problems.append("audit log not writable")
         if problems:
             return JSONResponse({"ready": False, "problems": problems}, status_code=503)
-        return {"ready": True, "model": model_fields, "workers": pool.size}
+        return {"ready": True, "model": slot.current.fields, "workers": slot.current.pool.size}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus_metrics():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        drift_gauges.update(slot.current.extra["drift"].status())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    add_loop_routes(app, slot=slot, store=store, max_model_bytes=max_model_bytes)
 
     for route_path, (_, content_type) in _STATIC.items():
 
@@ -478,13 +553,14 @@ def create_app(
         app.add_api_route(route_path, page, methods=["GET"], include_in_schema=False)
 
     known_paths = {route.path for route in app.routes}  # type: ignore[attr-defined]  # each is a Route, with .path
-    return _Gate(
+    return Gate(
         app,
         token=token,
         max_body=max_upload_bytes,
         metrics=metrics,
         known_paths=known_paths,
         error=lambda status, message, scope: error_response(status, message, None, where=scope),
+        path_limits={"/v1/model": max_model_bytes},
     )
 
 
@@ -492,62 +568,3 @@ def _version() -> str:
     from steeldefect import __version__
 
     return __version__
-
-
-def serve(
-    model: Path,
-    *,
-    host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-    workers: int | None = None,
-    threads: int | None = 1,
-    token: str | None = None,
-    **app_options: Any,
-) -> None:
-    """Load the model, then answer HTTP on ``host:port`` until interrupted (SIGINT/SIGTERM).
-
-    ``token=None`` reads :data:`TOKEN_ENV`; an empty token means none.
-    """
-    _require_extra()
-    import uvicorn
-
-    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-    workers = default_workers() if workers is None else workers
-    app = create_app(model, workers=workers, threads=threads, token=token, **app_options)
-    info: ModelInfo = app.state.model_info
-    audit_path = app_options.get("audit_path", DEFAULT_AUDIT_PATH)
-    audit_keep = app_options.get("audit_keep", DEFAULT_KEEP)
-    audit_fsync = app_options.get("audit_fsync", False)
-    queue_size = app_options.get("queue_size", DEFAULT_QUEUE)
-    max_upload_bytes = app_options.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES)
-    shown_host = f"[{host}]" if ":" in host else host
-    log.info(
-        "steeldefect serve: %s (%s, sha256 %s, %d classes, %dx%d) on http://%s:%d, %d worker(s) x %s thread(s), "
-        "queue %d, audit %s, token %s, upload limit %.1f MiB",
-        info.path,
-        info.variant,
-        info.sha256[:12],
-        len(info.class_names),
-        *info.input_size,
-        shown_host,
-        port,
-        workers,
-        threads if threads else "all",
-        queue_size,
-        f"{audit_path} (keep {audit_keep} rows{', fsync' if audit_fsync else ''})" if audit_path else "off",
-        "required" if token else "off",
-        max_upload_bytes / 2**20,
-    )
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        log.warning("listening on %s without a token: anyone on the network can use the service", host)
-    config = uvicorn.Config(
-        app, host=host, port=port, access_log=False, log_level="warning", timeout_graceful_shutdown=10
-    )
-    uvicorn.Server(config).run()
-
-
-def mebibytes(value: float) -> int:
-    """``--max-upload-mb`` in bytes."""
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"--max-upload-mb must be a positive number, got {value}")
-    return int(value * 2**20)

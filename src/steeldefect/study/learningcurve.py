@@ -16,7 +16,7 @@ Heads train for a fixed number of Adam steps, not epochs: with 30 images an epoc
 at a learning rate of 0.001, are the same for every sample size and method: 0.001 is the rate the
 full-data grid chose for the pooled head with augmented rows (`train --head pooled --augment 8`);
 0.01 with 300 steps (the plain pooled grid's choice, 15 epochs x 20 batches) was tried first and
-was unstable on small samples (README, "Few and imbalanced images").
+was unstable on small samples (docs/design-notes.md).
 
 Draws are nested and reproducible: draw ``d`` takes, for every class, the first n images of a
 permutation of that class's training images seeded by (seed, d, class), so the 10-image sample

@@ -19,7 +19,7 @@ import keras
 from steeldefect.core import runfolder
 from steeldefect.core.files import default_cache_dir, read_json, write_csv, write_json
 from steeldefect.core.metrics import mean_std
-from steeldefect.core.options import EvaluateOptions, ExportOptions, TrainOptions
+from steeldefect.core.options import FORMAT_VARIANTS, MODEL_FORMATS, EvaluateOptions, ExportOptions, TrainOptions
 from steeldefect.core.runfolder import (
     fold_model_path,
     record_config,
@@ -31,11 +31,13 @@ from steeldefect.models import backbones as backbone_registry
 from steeldefect.models import finetune, training
 from steeldefect.study import trust
 from steeldefect.study.rundata import (
+    Data,
     PreparedData,
     check_same_data,
     load_data,
     load_run_data,
     record_data,
+    recorded_data,
     trained_backbones,
 )
 from steeldefect.study.training_stage import _prepare_out, _with, _write_gallery, train_backbone
@@ -46,7 +48,7 @@ NOT_RUN_WEIGHTS_MISSING = "not run: weights missing"
 
 
 def train(
-    data: Path, out: Path, options: TrainOptions | None = None, *, progress: bool = True, **overrides: Any
+    data: Data, out: Path, options: TrainOptions | None = None, *, progress: bool = True, **overrides: Any
 ) -> dict[str, Any]:
     """Features -> LR grid x K folds -> test metrics -> joined .keras models, per backbone.
 
@@ -75,7 +77,7 @@ def train(
     prepared = load_data(data, options, progress=progress)
     _prepare_out(out)
     check_same_data(prepared, data, out)
-    record_config(out, "train", {"data": str(Path(data).resolve()), **options.record()})
+    record_config(out, "train", {"data": recorded_data(data), **options.record()})
     record_data(prepared, data, out)
     set_summary_field(out, "dataset", read_json(runfolder.dataset_path(out)))
     for name in names:
@@ -123,6 +125,7 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
                 progress=progress,
                 rule_data=_rule_data(run, name, prepared),
                 tta=options.tta,
+                formats=options.formats,
                 **_int8_guard(options, prepared),
             )
         csv_path = runfolder.quant_debug_path(run, name, "csv")
@@ -209,7 +212,7 @@ def _judge_test_split(run: Path, backbone: str, prepared: PreparedData, final: d
     names = prepared.dataset.class_names
     rows_for: dict[str, list[dict[str, Any]]] = {}
     for variant in final:
-        path = fold_model_path(run, backbone, runfolder.FINAL, variant)
+        path = fold_model_path(run, backbone, runfolder.FINAL, *_variant_and_format(variant))
         classifier = Classifier(path)
         if classifier.rule is None:
             continue
@@ -274,12 +277,13 @@ def evaluate(
     table = []
     for name in trained_backbones(run):
         stage_times: dict[str, float] = {}
-        models = runfolder.exported_models(run, name) + runfolder.final_models(run, name)
+        models = runfolder.exported_models(run, name, MODEL_FORMATS) + runfolder.final_models(run, name, MODEL_FORMATS)
         by_variant: dict[str, list[dict[str, Any]]] = {}
         final: dict[str, dict[str, Any]] = {}
         with training.timed(stage_times, "evaluate"), _progress(len(models), f"{name} evaluate", progress) as bar:
             for path in models:
                 fold, variant = runfolder.parse_model_name(path)
+                variant = runfolder.model_label(runfolder.parse_model_format(path), variant)
                 result_path = runfolder.evaluation_record_path(path)
                 bar.set_postfix_str(path.name)
                 result = read_json(result_path) if result_path.is_file() else None
@@ -289,7 +293,7 @@ def evaluate(
                     or result_path.stat().st_mtime < path.stat().st_mtime
                     or any(result.get(key) != value for key, value in protocol.items())
                 ):
-                    result = evaluate_module.evaluate_tflite(
+                    result = evaluate_module.evaluate_model(
                         path, images, labels, n_classes, threads=threads, warmup=options.warmup, runs=options.runs
                     ) | {"fold": fold, "cpu": cpu_description()}
                     write_json(result_path, result)
@@ -304,8 +308,13 @@ def evaluate(
             aggregated = training.write_test_metrics(run, name, variant, results, prepared.dataset.class_names)
             for key in ("size_mib", "latency_ms_median", "latency_ms_p90", "input_prep_ms_median"):
                 aggregated[key] = mean_std([r[key] for r in results])
+            for key in ("latency_ms_median_1t", "latency_ms_median_2t"):
+                if all(key in r for r in results):
+                    aggregated[key] = mean_std([r[key] for r in results])
             aggregated["threads"] = threads
-            aggregated["xnnpack_partitions"] = sorted({r["xnnpack_partitions"] for r in results})
+            aggregated["runtime"] = results[0].get("runtime", "LiteRT")
+            if all("xnnpack_partitions" in r for r in results):
+                aggregated["xnnpack_partitions"] = sorted({r["xnnpack_partitions"] for r in results})
             variants_summary[variant] = aggregated
             table.append({"backbone": name, "variant": variant, **_flat(aggregated)})
         with training.timed(stage_times, "uncertainty"):
@@ -327,6 +336,7 @@ def update_deploy(run: Path) -> Path | None:
     first trained), every variant exported so far, each with its sidecar; ``deploy.json`` says what
     it is and how it tested. Returns the folder, or None when no backbone was trained."""
     from steeldefect.models.conversion import VARIANTS
+    from steeldefect.runtime.backends import model_files
 
     summary = runfolder.load_summary(run)
     done = {name: entry for name, entry in summary["backbones"].items() if entry.get("status") == "done"}
@@ -335,14 +345,16 @@ def update_deploy(run: Path) -> Path | None:
     best = max(done, key=lambda name: done[name]["cv"][f"{done[name]['best_learning_rate']:g}"]["mean"])
     entry = done[best]
     models = {}
-    for variant in ("keras", *VARIANTS):
-        source = fold_model_path(run, best, runfolder.FINAL, variant)
-        target = runfolder.deploy_model_path(run, variant)
+    labels = ["keras", *VARIANTS, *(runfolder.model_label(f, v) for f in MODEL_FORMATS[1:] for v in FORMAT_VARIANTS)]
+    for variant in labels:
+        source = fold_model_path(run, best, runfolder.FINAL, *_variant_and_format(variant))
+        target = runfolder.deploy_model_path(run, *_variant_and_format(variant))
         if not (source.is_file() and sidecar_path(source).is_file()):
             target.unlink(missing_ok=True)
             sidecar_path(target).unlink(missing_ok=True)
             continue
-        _link_or_copy(source, target)
+        for source_file, target_file in zip(model_files(source), model_files(target)):
+            _link_or_copy(source_file, target_file)  # an OpenVINO IR is the .xml and its .bin
         meta = read_json(sidecar_path(source)) | {"deployed_from": str(source.relative_to(run))}
         write_json(sidecar_path(target), meta)
         models[variant] = str(target.relative_to(run))
@@ -365,6 +377,12 @@ def update_deploy(run: Path) -> Path | None:
     write_json(runfolder.deploy_record_path(run), record)
     set_summary_field(run, "deploy", record)
     return runfolder.deploy_dir(run)
+
+
+def _variant_and_format(label: str) -> tuple[str, str]:
+    """(variant, format) of a table label (``int8``, ``onnx-int8``), as fold_model_path takes them."""
+    fmt, variant = runfolder.split_label(label)
+    return variant, fmt
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

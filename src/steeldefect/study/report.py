@@ -16,6 +16,7 @@ from steeldefect.core import runfolder
 from steeldefect.core.files import atomic_write_text, write_csv
 from steeldefect.core.runfolder import require_run
 from steeldefect.deploy import int8guard
+from steeldefect.study.formats_report import formats_section, is_other_format
 from steeldefect.study.report_data import (
     BACKBONE_ORDER,
     METRIC_TABLES,
@@ -89,6 +90,7 @@ def write_report(run: Path) -> Path:
         "",
     ]
     lines += _extra_variants_section(run, names, backbones)
+    lines += formats_section(run, names, backbones)
     lines += int8guard.report_section({name: backbones[name] for name in names if name in backbones})
     lines += _per_class_section(run, names, backbones, summary)
     lines += _trust_section(run, names, backbones)
@@ -357,7 +359,7 @@ def _extra_variants_section(run: Path, names: list[str], backbones: dict[str, An
     rows, csv_rows = [], []
     for name in names:
         entry = backbones.get(name)
-        extra = [v for v in ((entry or {}).get("variants") or {}) if v not in VARIANTS]
+        extra = [v for v in ((entry or {}).get("variants") or {}) if v not in VARIANTS and not is_other_format(v)]
         for variant in extra:
             ours = _variant(entry, variant) or {}
             keys = ("accuracy", "precision_macro", "recall_macro", "size_mib", "latency_ms_median", "latency_ms_p90")
@@ -379,7 +381,7 @@ def _extra_variants_section(run: Path, names: list[str], backbones: dict[str, An
     return [
         "## Beyond the reference — other exported variants",
         "",
-        "`int8-mixed`: int8 except the high-resolution start, kept in float (see the README).",
+        "`int8-mixed`: int8 except the high-resolution start, kept in float (see docs/export.md).",
         "",
         _md_table(header, rows),
         "",

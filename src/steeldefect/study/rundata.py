@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,38 @@ class PreparedData:
     images: np.ndarray
     fingerprint: str
     splits: Any
+    roots: list[dict[str, Any]] | None = None  # several --data roots: each one's record
 
 
-def load_data(data: Path, options: DataOptions, *, progress: bool = True) -> PreparedData:
+Data = Path | Sequence[Path]
+
+
+def data_roots(data: Data) -> list[Path]:
+    """``train --data``'s roots: one path, or several."""
+    return [Path(data)] if isinstance(data, (str, Path)) else [Path(root) for root in data]
+
+
+def shown(data: Data) -> str:
+    return " + ".join(str(root) for root in data_roots(data))
+
+
+def recorded_data(data: Data) -> str | list[str]:
+    """``data`` as config.json records it: one root as a string (as always), several as a list."""
+    roots = [str(root.resolve()) for root in data_roots(data)]
+    return roots[0] if len(roots) == 1 else roots
+
+
+def load_data(data: Data, options: DataOptions, *, progress: bool = True) -> PreparedData:
     """Scan, decode (through the image cache) and fingerprint a dataset, and fix its split.
 
     Every class needs enough usable images for the test split and the folds asked for (also after
     ``skip_bad`` dropped some); a class that is too small is refused with one line naming it.
+    Several roots are merged (classes are the union by name, :func:`data.dataset.merge_datasets`);
+    the merged dataset has its own fingerprint and ``roots`` records each root's.
     """
     size = (options.image_size, options.image_size)
     min_per_class = splits_module.minimum_class_size(options.test_fraction, options.n_folds)
-    dataset = data_module.scan_dataset(data, skip_bad=options.skip_bad, min_per_class=min_per_class)
+    dataset, parts = data_module.scan_datasets(data_roots(data), skip_bad=options.skip_bad, min_per_class=min_per_class)
     dataset, images = loading.load_images(
         dataset,
         image_size=size,
@@ -56,10 +78,11 @@ def load_data(data: Path, options: DataOptions, *, progress: bool = True) -> Pre
         seed=options.seed,
         class_names=dataset.class_names,
     )
-    return PreparedData(dataset, images, fingerprint, splits)
+    roots = data_module.root_records(dataset, parts, size) if len(parts) > 1 else None
+    return PreparedData(dataset, images, fingerprint, splits, roots)
 
 
-def check_same_data(prepared: PreparedData, data: Path, run: Path) -> None:
+def check_same_data(prepared: PreparedData, data: Data, run: Path) -> None:
     """A run folder holds one dataset: refuse data whose fingerprint differs from the recorded one."""
     dataset_record = runfolder.dataset_path(run)
     if dataset_record.is_file():
@@ -67,20 +90,21 @@ def check_same_data(prepared: PreparedData, data: Path, run: Path) -> None:
         if recorded != prepared.fingerprint:
             raise ValueError(
                 f"{run}: this run folder was made from other data (fingerprint {str(recorded)[:16]}), "
-                f"{data} now gives {prepared.fingerprint[:16]}; use a new --out"
+                f"{shown(data)} now gives {prepared.fingerprint[:16]}; use a new --out"
             )
 
 
-def record_data(prepared: PreparedData, data: Path, run: Path) -> None:
-    """Write the dataset record and split of a run."""
+def record_data(prepared: PreparedData, data: Data, run: Path) -> None:
+    """Write the dataset record and split of a run (with several roots, each root's record too)."""
     dataset, splits = prepared.dataset, prepared.splits
     dataset_record = runfolder.dataset_path(run)
     splits_module.write_splits_csv(runfolder.splits_path(run), dataset, splits)
     height, width = (int(v) for v in prepared.images.shape[1:3])
+    several = {"roots": prepared.roots} if prepared.roots else {}
     write_json(
         dataset_record,
         {
-            "root": str(Path(data).resolve()),
+            "root": recorded_data(data),
             "layout": dataset.layout,
             "fingerprint": prepared.fingerprint,
             "image_size": [height, width],
@@ -89,9 +113,10 @@ def record_data(prepared: PreparedData, data: Path, run: Path) -> None:
             "counts": dataset.counts(),
             "n_test": int(len(splits.test_indices)),
             "n_train": int(len(splits.train_indices)),
-        },
+        }
+        | several,
     )
-    log.info("dataset %s: %d images, fingerprint %s", data, len(dataset.paths), prepared.fingerprint[:16])
+    log.info("dataset %s: %d images, fingerprint %s", shown(data), len(dataset.paths), prepared.fingerprint[:16])
 
 
 def model_metadata(
@@ -120,13 +145,14 @@ def model_metadata(
     }
 
 
-def run_train_options(run: Path) -> tuple[Path, TrainOptions]:
-    """The dataset folder and training options a run was made with, from its config.json."""
+def run_train_options(run: Path) -> tuple[Data, TrainOptions]:
+    """The dataset folder (or folders) and training options a run was made with, from its config.json."""
     path = runfolder.config_path(run)
     if not path.is_file():
         raise FileNotFoundError(f"{run}: not a run folder (no config.json; run `steeldefect train` first)")
     recorded = dict(read_json(path)["commands"]["train"]["options"])
-    data = Path(recorded.pop("data"))
+    given = recorded.pop("data")
+    data: Data = [Path(root) for root in given] if isinstance(given, list) else Path(given)
     if isinstance(recorded.get("image_size"), list):  # run folders made before options were dataclasses
         recorded["image_size"] = int(recorded["image_size"][0])
     known = {spec.name for spec in fields(TrainOptions)}
@@ -142,11 +168,11 @@ def load_run_data(run: Path, *, progress: bool = True) -> tuple[PreparedData, Tr
     recorded = read_json(runfolder.dataset_path(run))["fingerprint"]
     if prepared.fingerprint != recorded:
         raise ValueError(
-            f"{data}: the images changed since {run} was trained (fingerprint {prepared.fingerprint[:12]} "
+            f"{shown(data)}: the images changed since {run} was trained (fingerprint {prepared.fingerprint[:12]} "
             f"!= {recorded[:12]})"
         )
     splits = splits_module.read_splits_csv(runfolder.splits_path(run), prepared.dataset)
-    return PreparedData(prepared.dataset, prepared.images, prepared.fingerprint, splits), options
+    return PreparedData(prepared.dataset, prepared.images, prepared.fingerprint, splits, prepared.roots), options
 
 
 def trained_backbones(run: Path) -> list[str]:

@@ -37,6 +37,7 @@ async function loadModel() {
     return;
   }
   state.classes = model.class_names;
+  $("tab-review").hidden = !model.review;
   for (const name of state.classes) if (!state.tally.has(name)) state.tally.set(name, 0);
   $("model").textContent = `${model.name} · ${model.variant} · sha256 ${model.sha256.slice(0, 12)}… · ` +
     `${model.class_names.length} classes · ${model.input_size.width}×${model.input_size.height}`;
@@ -198,8 +199,193 @@ function setup() {
     state.uncertain = 0;
     renderTally();
   });
+  $("tab-classify").addEventListener("click", () => showTab("classify"));
+  $("tab-review").addEventListener("click", () => showTab("review"));
+  $("review-refresh").addEventListener("click", loadQueue);
+  $("reviewer-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const name = $("reviewer").value.trim();
+    if (!name) return;
+    localStorage.setItem("steeldefect-reviewer", name);
+    showReviewer();
+    loadQueue();
+  });
+  $("reviewer-change").addEventListener("click", () => {
+    localStorage.removeItem("steeldefect-reviewer");
+    showReviewer();
+  });
   document.body.dataset.busy = "0";
   loadModel();
+  pollDrift();
+  setInterval(pollDrift, 5000);
+}
+
+// ---- review tab: the queue of kept images, one decision per card -------------------------------------
+
+function showTab(name) {
+  $("classify-view").hidden = name !== "classify";
+  $("review-view").hidden = name !== "review";
+  $("tab-classify").classList.toggle("active", name === "classify");
+  $("tab-review").classList.toggle("active", name === "review");
+  if (name === "review") {
+    showReviewer();
+    if (reviewer()) loadQueue();
+  }
+}
+
+function reviewer() {
+  return localStorage.getItem("steeldefect-reviewer") || "";
+}
+
+function showReviewer() {  // the page asks for the name once; it stays in localStorage
+  const name = reviewer();
+  $("reviewer-form").hidden = Boolean(name);
+  $("reviewer-shown").hidden = !name;
+  $("reviewer-name").textContent = name;
+}
+
+async function loadQueue() {
+  $("review-status").textContent = "loading queue…";
+  let response, body;
+  try {
+    response = await fetch("v1/review/queue?limit=200", { headers: headers() });
+    body = await response.json();
+  } catch (error) {
+    $("review-status").textContent = "queue unavailable: " + error;
+    return;
+  }
+  if (!response.ok) {
+    $("review-status").textContent = body.error || `HTTP ${response.status}`;
+    return;
+  }
+  const box = $("queue");
+  box.replaceChildren();
+  for (const entry of body.entries) box.append(reviewCard(entry, body.class_names));
+  $("review-count").textContent = body.entries.length ? `(${body.entries.length})` : "";
+  $("review-status").textContent = body.entries.length ? `${body.entries.length} to review` : "nothing to review";
+  document.body.dataset.queue = String(body.entries.length);
+}
+
+function reviewCard(entry, classNames) {
+  const card = el("article", "card review-card");
+  card.dataset.sha256 = entry.sha256;
+  const thumb = el("img", "thumb");
+  thumb.alt = "strip " + entry.sha256.slice(0, 12);
+  // The image needs the token, which an <img src> cannot send: fetch it and show the blob.
+  fetch(`v1/review/image/${entry.sha256}`, { headers: headers() })
+    .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(`HTTP ${r.status}`))))
+    .then((blob) => { thumb.src = URL.createObjectURL(blob); })
+    .catch(() => thumb.replaceWith(el("div", "thumb", "image gone")));
+  const body = el("div", "body");
+  const answer = entry.answer;
+  const title = el("div", "class", answer ? answer.class : "answer not in the audit log");
+  if (answer && answer.uncertain) title.append(el("span", "badge", "uncertain"));
+  body.append(el("div", "name", `${entry.reason} · ${entry.sha256.slice(0, 12)}…`), title);
+  const bars = el("div", "bars");
+  for (const [rank, t] of (answer ? answer.top_k : []).entries()) {
+    const row = el("div", rank === 0 ? "bar-row top" : "bar-row");
+    const bar = el("div", "bar");
+    const fill = el("span");
+    fill.style.width = (100 * t.probability).toFixed(1) + "%";
+    bar.append(fill);
+    row.append(el("span", "", t.class), bar, el("span", "p", (100 * t.probability).toFixed(1) + "%"));
+    bars.append(row);
+  }
+  const meta = el("div", "meta");
+  const parts = [entry.first_seen.replace("T", " ").slice(0, 19) + " UTC", "client " + (entry.client_id || "—")];
+  if (entry.audit_id) parts.push(`audit #${entry.audit_id}`);
+  parts.push("no heatmap: the served .tflite has no gradients");
+  parts.forEach((part, i) => meta.append(...(i ? [" · "] : []), el("span", "", part)));
+  body.append(meta);
+  const head = el("div", "card-head");
+  head.append(thumb, body);
+
+  const actions = el("div", "actions");
+  const confirm = el("button", "confirm", answer ? `Confirm ${answer.class}` : "Confirm");
+  confirm.type = "button";
+  confirm.disabled = !answer;
+  const other = el("select", "other");
+  for (const name of classNames) {
+    if (answer && name === answer.class) continue;
+    const option = el("option", "", name);
+    option.value = name;
+    other.append(option);
+  }
+  const pick = el("button", "pick", "Set class");
+  pick.type = "button";
+  const kind = el("input", "kind");
+  kind.placeholder = "new kind (e.g. oil_stain)";
+  kind.maxLength = 64;
+  const name = el("button", "name-kind", "New kind");
+  name.type = "button";
+  const note = el("input", "note");
+  note.placeholder = "note (optional)";
+  note.maxLength = 1000;
+  actions.append(confirm, other, pick, kind, name, note);
+  const outcome = el("div", "outcome");
+  card.append(head, bars, actions, outcome);
+
+  const key = (crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`);  // one per card
+  const send = (decided, newKind) => decide(card, entry.sha256, {
+    reviewer: reviewer(), decided_class: decided, new_kind: newKind,
+    note: note.value.trim() || null, idempotency_key: key,
+  }, outcome);
+  confirm.addEventListener("click", () => answer && send(answer.class, false));
+  pick.addEventListener("click", () => other.value && send(other.value, false));
+  name.addEventListener("click", () => kind.value.trim() && send(kind.value.trim(), true));
+  return card;
+}
+
+async function decide(card, sha256, decision, outcome) {
+  if (!decision.reviewer) {
+    showReviewer();
+    outcome.className = "outcome error";
+    outcome.textContent = "enter your name above first";
+    return;
+  }
+  let response, body;
+  try {
+    response = await fetch(`v1/review/${sha256}`, {
+      method: "POST", body: JSON.stringify(decision),
+      headers: { ...headers(), "Content-Type": "application/json" },
+    });
+    body = await response.json();
+  } catch (error) {
+    outcome.className = "outcome error";
+    outcome.textContent = "not saved: " + error;  // the same key on retry: still one decision
+    return;
+  }
+  if (!response.ok) {
+    outcome.className = "outcome error";
+    outcome.textContent = body.error || `HTTP ${response.status}`;
+    return;
+  }
+  card.classList.add("decided");
+  card.dataset.decided = body.decided_class;
+  outcome.className = "outcome";
+  outcome.textContent = `${body.new_kind ? "new kind" : "class"} ${body.decided_class} · by ${body.reviewer}`;
+  for (const control of card.querySelectorAll(".actions button")) control.disabled = true;
+  const left = $("queue").querySelectorAll(".review-card:not(.decided)").length;
+  $("review-count").textContent = left ? `(${left})` : "";
+  $("review-status").textContent = left ? `${left} to review` : "all reviewed";
+}
+
+async function pollDrift() {
+  try {
+    const response = await fetch("v1/drift", { headers: headers() });
+    if (!response.ok) return;
+    const drift = await response.json();
+    const banner = $("drift");
+    banner.hidden = !drift.alarm;
+    if (drift.alarm) {
+      const u = drift.uncertain || {};
+      banner.textContent = `Drift alarm: the last ${drift.images} images do not look like the training data` +
+        (u.share !== null && u.share !== undefined ? ` (uncertain ${(100 * u.share).toFixed(1)}% vs ` +
+          `${(100 * (u.expected || 0)).toFixed(1)}% expected)` : "") + ". Review the queue; retrain if it persists.";
+    }
+  } catch (error) {
+    // the service is unreachable: loadModel says so already
+  }
 }
 
 setup();

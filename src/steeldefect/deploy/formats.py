@@ -1,0 +1,271 @@
+"""ONNX and OpenVINO files from the same joined Keras model and calibration images as the LiteRT
+variants (`export --formats tflite onnx openvino`), fp32 and int8 each.
+
+- ONNX fp32: Keras 3's own ONNX export (``model.export(format="onnx")``, tf2onnx underneath) of the
+  batch-1 model, then the input becomes uint8 raw pixels (a Cast node in front: preprocessing lives
+  inside the model, as in the LiteRT int8) and the outputs are named ``probabilities`` and
+  ``texture_statistics``.
+- ONNX int8: static QDQ post-training quantization (``onnxruntime.quantization.quantize_static``,
+  per-channel int8 weights, uint8 activations, min/max calibration) over the same calibration
+  images as the LiteRT int8, in the same order with the same two range-pinning pixels.
+- OpenVINO fp32: ``openvino.convert_model`` of the ONNX fp32 (same uint8 input, same output names),
+  saved with fp32 weights; int8: ``nncf.quantize`` over the same calibration images.
+
+Every file describes itself like the .tflite: the description (class names, input size, variant,
+uncertainty rule summary, temperature, provenance) as ``steeldefect.json`` and the rule's arrays as
+base64 ``uncertainty.npz``, in ONNX ``metadata_props`` / OpenVINO ``rt_info`` (section
+``steeldefect``: ``json``, ``rule``). The deploy model's rule is fitted on that file's own outputs.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from steeldefect.core.files import atomic_write_bytes
+from steeldefect.core.options import FORMAT_VARIANTS
+from steeldefect.models.conversion import representative_dataset
+from steeldefect.runtime import uncertainty
+from steeldefect.runtime.backends import (
+    DESCRIPTION_KEY,
+    OV_RT_SECTION,
+    PROBABILITIES,
+    RULE_KEY,
+    TEXTURE,
+    open_backend,
+    require_runtime,
+)
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "pixels"
+
+
+def calibration_samples(images: np.ndarray) -> Iterator[np.ndarray]:
+    """The LiteRT int8's calibration samples (same images, order and 0/255 pins) as uint8 batches of 1."""
+    for (sample,) in representative_dataset(images)():
+        yield sample.astype(np.uint8)
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """tf2onnx and NNCF log every optimizer pass at INFO; the export's own lines are what a user reads."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _batch1(model):
+    import keras
+
+    pixels = keras.Input(batch_shape=(1, *model.input_shape[1:]), name=INPUT_NAME)
+    outputs = model(pixels)
+    return keras.Model(pixels, outputs if isinstance(outputs, list) else [outputs], name=f"{model.name}_batch1")
+
+
+def keras_to_onnx(model, n_classes: int):
+    """The fp32 ONNX ModelProto of a Keras classifier: uint8 raw pixels in, named outputs."""
+    import onnx
+    import tensorflow as tf
+
+    fixed = _batch1(model)
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "model.onnx"
+        spec = [tf.TensorSpec((1, *model.input_shape[1:]), tf.float32, name=INPUT_NAME)]
+        with _quiet("tf2onnx"):
+            fixed.export(str(target), format="onnx", input_signature=spec, verbose=False)
+        proto = onnx.load(str(target))
+    graph = proto.graph
+    # uint8 raw pixels in: a Cast to float in front of the float graph (the .tflite int8 takes the same).
+    (graph_input,) = graph.input
+    float_name, internal = graph_input.name, INPUT_NAME + "_float"
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == float_name:
+                node.input[i] = internal
+    graph.node.insert(0, onnx.helper.make_node("Cast", [INPUT_NAME], [internal], to=onnx.TensorProto.FLOAT))
+    graph_input.name = INPUT_NAME
+    graph_input.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    # Outputs by name (probabilities: the class-count wide one), so no reader depends on their order.
+    renames = {}
+    for output in graph.output:
+        width = int(np.prod([d.dim_value or 1 for d in output.type.tensor_type.shape.dim[1:]]))
+        renames[output.name] = PROBABILITIES if width == n_classes else TEXTURE
+    if sorted(renames.values()) != sorted({*renames.values()}) or PROBABILITIES not in renames.values():
+        raise ValueError(f"cannot tell the ONNX outputs apart by width: {renames}")
+    for node in graph.node:
+        for i, name in enumerate(node.output):
+            if name in renames:
+                node.output[i] = renames[name]
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    for output in graph.output:
+        output.name = renames[output.name]
+    onnx.checker.check_model(proto)
+    return proto
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over the calibration images (duck-typed: get_next)."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self._samples = calibration_samples(images)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        sample = next(self._samples, None)
+        return None if sample is None else {INPUT_NAME: sample}
+
+
+def quantize_onnx(float_path: Path, target: Path, calibration_images: np.ndarray) -> None:
+    """Static QDQ int8 of an fp32 .onnx over the calibration images."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as folder:
+        prepared = Path(folder) / "prepared.onnx"
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(target),
+            _Calibration(calibration_images),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+
+
+def _fit_rule(model_file: Path, rule_data, channels: Sequence[int]) -> uncertainty.UncertaintyRule:
+    """The deploy model's rule, fitted on this file's own outputs for the training images (as
+    `export` does for each LiteRT variant)."""
+    rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in rule_data.folds]))
+    outputs = open_backend(model_file).run(rule_data.images[rows])
+    texture = None
+    if TEXTURE in outputs:
+        texture = np.full((len(rule_data.labels), outputs[TEXTURE].shape[1]), np.nan, dtype=np.float32)
+        texture[rows] = outputs[TEXTURE]
+    return uncertainty.fit_rule(
+        rule_data.labels,
+        rule_data.folds,
+        rule_data.oof_probabilities,
+        texture_raw=texture,
+        channels=channels if texture is not None else (),
+        accept=rule_data.accept,
+    )
+
+
+def _describe(model_file: Path, metadata: dict[str, Any], rule_data, channels) -> dict[str, str]:
+    """The key/value strings the file carries: description, and the rule fitted on the file itself."""
+    props = {}
+    if rule_data is not None:
+        rule = _fit_rule(model_file, rule_data, channels)
+        metadata["uncertainty"] = rule.describe()
+        props[RULE_KEY] = base64.b64encode(rule.to_npz_bytes()).decode("ascii")
+    props[DESCRIPTION_KEY] = json.dumps(metadata, sort_keys=True)
+    return props
+
+
+def export_onnx(
+    model,
+    variant: str,
+    path: Path,
+    calibration_images: np.ndarray | None,
+    *,
+    metadata: dict[str, Any],
+    rule_data=None,
+    channels: Sequence[int] = (),
+) -> Path:
+    """One .onnx (fp32 or int8) of a Keras classifier, described inside, written atomically."""
+    import onnx
+
+    require_runtime(Path(path))
+    n_classes = len(metadata["class_names"])
+    with tempfile.TemporaryDirectory(dir=Path(path).parent) as folder:
+        float_path = Path(folder) / "fp32.onnx"
+        onnx.save(keras_to_onnx(model, n_classes), str(float_path))
+        built = float_path
+        if variant == "int8":
+            if calibration_images is None or len(calibration_images) == 0:
+                raise ValueError("int8 export needs calibration images from the training split")
+            built = Path(folder) / "int8.onnx"
+            quantize_onnx(float_path, built, calibration_images)
+        elif variant != "fp32":
+            raise ValueError(f"ONNX is exported as {FORMAT_VARIANTS}, got {variant!r}")
+        props = _describe(built, metadata, rule_data, channels)
+        proto = onnx.load(str(built))
+        onnx.helper.set_model_props(proto, props)
+        proto.producer_name = "steeldefect"
+        atomic_write_bytes(path, proto.SerializeToString())
+    log.info("exported %s (%.2f MiB)", path, Path(path).stat().st_size / 2**20)
+    return Path(path)
+
+
+def export_openvino(
+    model,
+    variant: str,
+    path: Path,
+    calibration_images: np.ndarray | None,
+    *,
+    metadata: dict[str, Any],
+    rule_data=None,
+    channels: Sequence[int] = (),
+) -> Path:
+    """One OpenVINO IR (``path`` = the .xml, its .bin beside it), fp32 or int8, described inside.
+    Both files are written to a temporary name first; the .bin is moved into place before the .xml,
+    so an .xml that exists always has its weights."""
+    import onnx
+    import openvino as ov
+
+    require_runtime(Path(path))
+    path = Path(path)
+    n_classes = len(metadata["class_names"])
+    with tempfile.TemporaryDirectory(dir=path.parent) as folder:
+        onnx_path = Path(folder) / "fp32.onnx"
+        onnx.save(keras_to_onnx(model, n_classes), str(onnx_path))
+        ov_model = ov.convert_model(str(onnx_path))
+        if variant == "int8":
+            import nncf
+
+            if calibration_images is None or len(calibration_images) == 0:
+                raise ValueError("int8 export needs calibration images from the training split")
+            samples = list(calibration_samples(calibration_images))
+            with _quiet("nncf"):
+                ov_model = nncf.quantize(ov_model, nncf.Dataset(samples), subset_size=len(samples))
+        elif variant != "fp32":
+            raise ValueError(f"OpenVINO is exported as {FORMAT_VARIANTS}, got {variant!r}")
+        plain = Path(folder) / "model.xml"
+        ov.save_model(ov_model, str(plain), compress_to_fp16=False)
+        props = _describe(plain, metadata, rule_data, channels)
+        ov_model = ov.Core().read_model(str(plain))
+        ov_model.set_rt_info(props[DESCRIPTION_KEY], [OV_RT_SECTION, "json"])
+        if RULE_KEY in props:
+            ov_model.set_rt_info(props[RULE_KEY], [OV_RT_SECTION, "rule"])
+        described = Path(folder) / "described.xml"
+        ov.save_model(ov_model, str(described), compress_to_fp16=False)
+        os.replace(described.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(described, path)
+    size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+    log.info("exported %s (+ .bin, %.2f MiB)", path, size / 2**20)
+    return path
+
+
+EXPORTERS = {"onnx": export_onnx, "openvino": export_openvino}

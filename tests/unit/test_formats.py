@@ -1,0 +1,158 @@
+"""ONNX and OpenVINO models behind the one runtime interface: chosen by the file, described by the
+file, and every bad file refused in one line (issue #25). Tiny models built without TensorFlow,
+plus one export of a small Keras model through `deploy.formats` (the real-NEU agreement is in
+tests/integration/test_formats_neu.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import write_image
+from steeldefect import cli
+from steeldefect.runtime.backends import PROBABILITIES, TEXTURE, open_backend, read_embedded
+from steeldefect.runtime.litert import ModelFileError
+from steeldefect.runtime.modelfile import Classifier, read_model_info
+from tiny_formats import CLASS_NAMES, SIZE, colour_images, description, tiny_onnx, tiny_openvino
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+
+def one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert "Traceback" not in "\n".join(err)
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture(params=["onnx", "openvino"])
+def model(request, tmp_path):
+    if request.param == "onnx":
+        return tiny_onnx(tmp_path / "m.fp32.onnx", meta=description())
+    return tiny_openvino(tmp_path / "m.fp32.xml", meta=description())
+
+
+def test_each_format_classifies_with_the_class_names_inside_the_file(model):
+    info = read_model_info(model)
+    assert info.class_names == tuple(CLASS_NAMES) and info.input_size == (SIZE, SIZE) and info.variant == "fp32"
+    assert info.described_by == model  # no sidecar: the file alone
+    images, labels = colour_images()
+    classifier = Classifier(model, threads=1)
+    assert classifier.runtime == {".onnx": "ONNX Runtime", ".xml": "OpenVINO"}[model.suffix]
+    probabilities = classifier.probabilities(images)
+    assert probabilities.shape == (len(images), 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert (probabilities.argmax(axis=1) == labels).all()
+
+
+def test_predict_prints_class_names_from_an_onnx_and_an_openvino_file(model, tmp_path, capsys):
+    images, _ = colour_images(1)
+    for label, image in enumerate(images):
+        write_image(tmp_path / "in" / f"{label}.png", array=image)
+    assert cli.main(["--quiet", "predict", str(model), str(tmp_path / "in"), "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out)
+    rows = rows if isinstance(rows, list) else rows.get("predictions", rows)
+    assert "red" in out and "green" in out and "blue" in out, out
+
+
+def test_backends_read_outputs_by_name_not_order(tmp_path):
+    path = tiny_onnx(tmp_path / "t.onnx", meta=description(), texture_width=8)
+    backend = open_backend(path, 1)
+    assert backend.output_widths == {PROBABILITIES: 3, TEXTURE: 8}
+    out = backend.run(colour_images(1)[0])
+    assert out[PROBABILITIES].shape == (3, 3) and out[TEXTURE].shape == (3, 8)
+
+
+def test_onnx_description_is_metadata_props_and_openvino_rt_info(tmp_path):
+    onnx_path = tiny_onnx(tmp_path / "a.onnx", meta=description("int8"))
+    xml_path = tiny_openvino(tmp_path / "a.xml", meta=description("int8"))
+    for path in (onnx_path, xml_path):
+        meta, rule = read_embedded(path)
+        assert meta["variant"] == "int8" and meta["class_names"] == CLASS_NAMES and rule is None
+
+
+# ------------------------------------------------------------------ bad files, one line each
+
+
+def test_corrupt_onnx_is_one_line_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07" + bytes(range(256)) * 8)
+    with pytest.raises(ModelFileError, match=str(bad)):
+        read_model_info(bad)
+    write_image(tmp_path / "a.png")
+    assert cli.main(["--quiet", "predict", str(bad), str(tmp_path / "a.png")]) != 0
+    line = one_error_line(capsys)
+    assert str(bad) in line and "ONNX" in line
+
+
+def test_truncated_onnx_is_refused_when_opened(tmp_path, capsys):
+    good = tiny_onnx(tmp_path / "good.onnx", meta=description())
+    bad = tmp_path / "cut.onnx"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    write_image(tmp_path / "a.png")
+    assert cli.main(["--quiet", "predict", str(bad), str(tmp_path / "a.png")]) != 0
+    assert str(bad) in one_error_line(capsys)
+
+
+def test_openvino_xml_without_its_bin_names_the_bin(tmp_path, capsys):
+    xml = tiny_openvino(tmp_path / "m.xml", meta=description())
+    xml.with_suffix(".bin").unlink()
+    with pytest.raises(ModelFileError, match=r"m\.bin"):
+        Classifier(xml)
+    write_image(tmp_path / "a.png")
+    assert cli.main(["--quiet", "predict", str(xml), str(tmp_path / "a.png")]) != 0
+    line = one_error_line(capsys)
+    assert str(xml) in line and "m.bin" in line
+
+
+@pytest.mark.parametrize(
+    "suffix, content, says",
+    [
+        (".onnx", b"\x1c\x00\x00\x00TFL3" + bytes(200), "not an ONNX model"),
+        (".tflite", "onnx", "not a LiteRT model"),
+        (".xml", "onnx", "not an OpenVINO IR"),
+        (".onnx", b'<?xml version="1.0"?><net name="x"></net>', "not an ONNX model"),
+    ],
+)
+def test_a_file_of_another_format_behind_a_known_extension(tmp_path, capsys, suffix, content, says):
+    target = tmp_path / f"model{suffix}"
+    if content == "onnx":
+        target.write_bytes(tiny_onnx(tmp_path / "real.onnx", meta=description()).read_bytes())
+    else:
+        target.write_bytes(content)
+    with pytest.raises(ModelFileError, match=says):
+        Classifier(target)
+    write_image(tmp_path / "a.png")
+    assert cli.main(["--quiet", "predict", str(target), str(tmp_path / "a.png")]) != 0
+    line = one_error_line(capsys)
+    assert str(target) in line and says in line
+
+
+@pytest.mark.parametrize("fmt, module, extra", [("onnx", "onnxruntime", "onnx"), ("openvino", "openvino", "openvino")])
+def test_a_format_whose_extra_is_missing_names_the_extra(tmp_path, capsys, monkeypatch, fmt, module, extra):
+    path = (
+        tiny_onnx(tmp_path / "m.onnx", meta=description())
+        if fmt == "onnx"
+        else tiny_openvino(tmp_path / "m.xml", meta=description())
+    )
+    monkeypatch.setitem(sys.modules, module, None)  # `import <module>` now raises ImportError
+    write_image(tmp_path / "a.png")
+    assert cli.main(["--quiet", "predict", str(path), str(tmp_path / "a.png")]) != 0
+    line = one_error_line(capsys)
+    assert str(path) in line and f"pip install steeldefect[{extra}]" in line
+
+
+def test_description_damaged_inside_an_onnx_is_one_line(tmp_path):
+    import onnx
+
+    path = tiny_onnx(tmp_path / "m.onnx", meta=description())
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {"steeldefect.json": "{not json"})
+    onnx.save(model, str(path))
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        read_model_info(path)
