@@ -10,7 +10,6 @@ every caller.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,19 +95,13 @@ def output_details(interpreter) -> list[dict]:
 
 
 def predict_tflite_outputs(
-    interpreter,
-    images: np.ndarray,
-    *,
-    progress: bool = False,
-    desc: str = "tflite",
-    details: Sequence[dict] | None = None,
+    interpreter, images: np.ndarray, *, progress: bool = False, desc: str = "tflite"
 ) -> list[np.ndarray]:
-    """Outputs (N, ...) for uint8 images (N, H, W, 3), one invoke per image: ``details`` (entries of
-    ``get_output_details()``) in that order, by default every output narrowest first (see
-    :func:`output_details`). Models are exported with batch 1 (XNNPACK takes the whole graph only
-    when every shape is static)."""
+    """Every output (N, ...) for uint8 images (N, H, W, 3), narrowest first (see :func:`output_details`),
+    one invoke per image. Models are exported with batch 1 (XNNPACK takes the whole graph only when
+    every shape is static)."""
     input_detail = interpreter.get_input_details()[0]
-    details = list(details) if details is not None else output_details(interpreter)
+    details = output_details(interpreter)
     collected: list[list[np.ndarray]] = [[] for _ in details]
     for image in tqdm(images, desc=desc, unit="img", disable=not progress, leave=False):
         interpreter.set_tensor(input_detail["index"], to_input(image, input_detail))
