@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first fetch missing official Keras weight files (nothing is downloaded without this)",
     )
-    add_arguments(reproduce, ExportOptions, only=("calibration_samples",))
+    add_arguments(reproduce, ExportOptions, only=("calibration_samples", "int8_guard"))
     add_arguments(reproduce, EvaluateOptions)
     reproduce.add_argument("--out", type=Path, default=None, help="run folder (default runs/reproduce-<timestamp>)")
 
@@ -251,7 +251,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         return 0
     if args.command == "reproduce":
         out = args.out or default_run_dir(args.command)
-        export_options = ExportOptions(calibration_samples=args.calibration_samples)
+        export_options = ExportOptions(calibration_samples=args.calibration_samples, int8_guard=args.int8_guard)
         pipeline.reproduce(
             args.data,
             out,

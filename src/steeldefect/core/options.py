@@ -53,6 +53,8 @@ FRACTION = Check(lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
 SHARE = Check(lambda v: 0 <= v <= 1, "a share in [0, 1]")
 ACCEPT = Check(lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 AT_LEAST_2 = Check(lambda v: v >= 2, "an integer >= 2")
+NON_NEGATIVE = Check(lambda v: v >= 0, "a number >= 0")
+INT8_GUARD_CHOICES = ("off", "warn", "fix")
 
 
 def option(
@@ -337,6 +339,20 @@ class ExportOptions(_Options):
     )
     workers: int = option(
         0, "folds converted at once, each in its own process (0 = one per core)", check=AT_LEAST_0, resume_free=True
+    )
+    # The int8 guard (steeldefect.deploy.int8guard; docs/int8-guard.md).
+    int8_guard: str = option(
+        "fix",
+        "check each int8 variant against its float model on out-of-fold images; fix: above the threshold "
+        "try remedies (recalibration, worst layers in float, int8-mixed) and ship the first that passes; "
+        "warn: only say so; off: no check",
+        choices=INT8_GUARD_CHOICES,
+    )
+    int8_guard_accuracy: float = option(
+        0.5, "int8 guard threshold: accuracy points int8 may lose against float", check=NON_NEGATIVE
+    )
+    int8_guard_recall: float = option(
+        2.0, "int8 guard threshold: recall points any one class may lose against float", check=NON_NEGATIVE
     )
 
 

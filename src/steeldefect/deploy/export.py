@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,11 @@ from steeldefect.data import augment
 from steeldefect.models.conversion import QUANTIZED_VARIANTS, batch1_converter, convert, representative_dataset
 from steeldefect.runtime import uncertainty
 from steeldefect.runtime.tflite_metadata import embed_metadata, read_embedded_metadata
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from steeldefect.deploy.int8guard import CheckData, GuardSettings
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +151,7 @@ def export_model(
     metadata: dict[str, Any] | None = None,
     rule_data: RuleData | None = None,
     channels: Sequence[int] = (),
+    flatbuffer: bytes | None = None,
 ) -> Path:
     """Convert a Keras model (raw pixels in, probabilities out) and write it atomically.
 
@@ -153,8 +159,10 @@ def export_model(
     variant, calibration, provenance), embedded as TFLite Model Metadata so the file describes itself.
     ``rule_data``: fit the model's uncertainty rule on its own outputs and embed it too
     (``metadata["uncertainty"]`` describes it, ``uncertainty.npz`` holds its arrays).
+    ``flatbuffer``: the conversion already made (by the int8 guard), written instead of converting.
     """
-    flatbuffer = convert(model, variant, calibration_images, int8_flatbuffer=int8_flatbuffer)
+    if flatbuffer is None:
+        flatbuffer = convert(model, variant, calibration_images, int8_flatbuffer=int8_flatbuffer)
     extra_files = None
     if rule_data is not None:
         rule = fit_model_rule(flatbuffer, rule_data, channels)
@@ -185,6 +193,8 @@ def export_backbone(
     rule_data: RuleData | None = None,
     tta: bool = False,
     formats: Sequence[str] = ("tflite",),
+    guard: GuardSettings | None = None,
+    checks: Callable[[int | str], CheckData] | None = None,
 ) -> list[Path]:
     """Every (fold, variant) LiteRT file of one backbone of a run, and of its final model (refitted
     on all training images), with its sidecar (resumable: a file whose sidecar exists is done).
@@ -199,6 +209,9 @@ def export_backbone(
     over the 8 flips/rotations of its input (:func:`steeldefect.data.augment.dihedral_average_model`).
     ``formats`` beyond ``tflite`` (`export --formats`): each fold also gets its ONNX and OpenVINO fp32
     and int8 files (:mod:`steeldefect.deploy.formats`), from the same model and calibration images.
+    ``guard``/``checks``: the int8 guard (:mod:`steeldefect.deploy.int8guard`) and, per fold (or
+    FINAL), the images it checks and recalibrates that model's int8 variants on; a fold's are made
+    just before the fold is handed to a worker, so at most ``workers`` sets are held at once.
     """
     from tqdm.auto import tqdm
 
@@ -233,27 +246,68 @@ def export_backbone(
                     on_done=lambda _: bar.update(1),
                     rule_data=rule_data,
                     tta=tta,
+                    **_guard_args(guard, checks, runfolder.FINAL, final_todo),
                 )
 
         if workers <= 1 or len(pending) <= 1:
             for fold, todo in pending.items():
-                export_fold(run, backbone, fold, todo, calibration_images, on_done=lambda _: bar.update(1), tta=tta)
+                export_fold(
+                    run,
+                    backbone,
+                    fold,
+                    todo,
+                    calibration_images,
+                    on_done=lambda _: bar.update(1),
+                    tta=tta,
+                    **_guard_args(guard, checks, fold, todo),
+                )
             export_final()
         else:
             import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
             # "spawn": a forked TensorFlow runtime is not safe to use in the child.
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context) as pool:
-                futures = [
-                    pool.submit(export_fold, run, backbone, fold, todo, calibration_images, tta=tta)
-                    for fold, todo in pending.items()
-                ]
+            n_workers = min(workers, len(pending))
+            queue = list(pending.items())
+            with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
+
+                def submit() -> Any:
+                    fold, todo = queue.pop(0)
+                    return pool.submit(
+                        export_fold,
+                        run,
+                        backbone,
+                        fold,
+                        todo,
+                        calibration_images,
+                        tta=tta,
+                        **_guard_args(guard, checks, fold, todo),
+                    )
+
+                running = {submit() for _ in range(min(n_workers, len(queue)))}
                 export_final()
-                for future in as_completed(futures):
-                    bar.update(len(future.result()))
+                while running:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        bar.update(len(future.result()))
+                        if queue:
+                            running.add(submit())
     return [runfolder.fold_model_path(run, backbone, fold, variant, fmt) for fold in models for fmt, variant in jobs]
+
+
+def _guard_args(
+    guard: GuardSettings | None,
+    checks: Callable[[int | str], CheckData] | None,
+    fold: int | str,
+    todo: Sequence[str | tuple[str, str]],
+) -> dict[str, Any]:
+    """The guard arguments of one fold's export_fold: its check images only when one of its pending
+    variants is quantized and the guard is on."""
+    litert = {job if isinstance(job, str) else job[1] for job in todo if isinstance(job, str) or job[0] == "tflite"}
+    if guard is None or guard.mode == "off" or checks is None or not litert & set(QUANTIZED_VARIANTS):
+        return {}
+    return {"guard": guard, "check": checks(fold)}
 
 
 def _is_exported(target: Path) -> bool:
@@ -269,11 +323,14 @@ def export_fold(
     on_done=None,
     rule_data: RuleData | None = None,
     tta: bool = False,
+    guard: GuardSettings | None = None,
+    check: CheckData | None = None,
 ) -> list[Path]:
     """Convert one fold's joined Keras model to ``variants`` (in order; a LiteRT variant name, or a
     (format, variant) pair) and write each with its sidecar.
     With ``rule_data`` the model gets the texture statistics output and an uncertainty rule; with
-    ``tta`` every output is averaged over the 8 flips/rotations of the input image."""
+    ``tta`` every output is averaged over the 8 flips/rotations of the input image; with ``guard`` and
+    ``check`` each quantized variant goes through the int8 guard, its record in ``meta["int8_check"]``."""
     import keras
 
     source = runfolder.fold_model_path(run, backbone, fold, "keras")
@@ -292,6 +349,7 @@ def export_fold(
         # same averaged outputs the file gives.
         model = augment.dihedral_average_model(model)
     written = []
+    as_converted_int8: bytes | None = None  # the int8 conversion before any remedy: int8-mixed's names
     for job in variants:
         fmt, variant = job if isinstance(job, tuple) else ("tflite", job)
         target = runfolder.fold_model_path(run, backbone, fold, variant, fmt)
@@ -321,17 +379,36 @@ def export_fold(
                 channels=channels,
             )
         else:
+            int8_flatbuffer = as_converted_int8
+            if variant == "int8-mixed" and int8_flatbuffer is None and _is_exported(full_integer):
+                shipped = read_json(runfolder.sidecar_path(full_integer)).get("int8_check", {}).get("shipped")
+                if shipped in (None, "as converted"):  # a remedied int8 file may not be full-integer
+                    int8_flatbuffer = full_integer.read_bytes()
+            flatbuffer = None
+            if variant in QUANTIZED_VARIANTS and guard is not None and check is not None:
+                from steeldefect.deploy import int8guard
+
+                flatbuffer, meta["int8_check"], converted = int8guard.guarded_convert(
+                    model,
+                    variant,
+                    calibration_images,
+                    check,
+                    guard,
+                    int8_flatbuffer=int8_flatbuffer if variant == "int8-mixed" else None,
+                    name=f"{backbone} {'final' if fold == runfolder.FINAL else f'fold {fold}'}",
+                )
+                if variant == "int8":
+                    as_converted_int8 = converted
             export_model(
                 model,
                 variant,
                 target,
                 calibration_images if variant in QUANTIZED_VARIANTS else None,
-                int8_flatbuffer=full_integer.read_bytes()
-                if variant == "int8-mixed" and _is_exported(full_integer)
-                else None,
+                int8_flatbuffer=int8_flatbuffer if variant == "int8-mixed" else None,
                 metadata=meta,
                 rule_data=rule_data,
                 channels=channels,
+                flatbuffer=flatbuffer,
             )
             meta["tflite"] = tensor_summary(target)
         write_json(runfolder.sidecar_path(target), meta)

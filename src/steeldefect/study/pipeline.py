@@ -126,6 +126,7 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
                 rule_data=_rule_data(run, name, prepared),
                 tta=options.tta,
                 formats=options.formats,
+                **_int8_guard(options, prepared),
             )
         csv_path = runfolder.quant_debug_path(run, name, "csv")
         if options.quant_report and "int8" in options.variants and not csv_path.is_file():
@@ -142,9 +143,62 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
                     runfolder.quant_debug_path(run, name, "png"),
                 )
         update_summary(run, name, wall_time_s=stage_times)
+        _record_int8_checks(run, name, len(prepared.splits.folds))
     update_deploy(run)
     log.info("LiteRT models written under %s/*/models", run)
     return written
+
+
+def _int8_guard(options: ExportOptions, prepared: PreparedData) -> dict[str, Any]:
+    """export_backbone's int8-guard arguments: the settings, and per model the images its int8
+    variants are checked on (a fold's out-of-fold validation images; the deploy model's: the training
+    images) and recalibrated on (that model's training images), never the test split."""
+    from steeldefect.deploy import int8guard
+
+    if options.int8_guard == "off" or not set(options.variants) & {"int8", "int8-mixed"}:
+        return {}
+    settings = int8guard.GuardSettings(options.int8_guard, options.int8_guard_accuracy, options.int8_guard_recall)
+    labels, names = prepared.dataset.labels, prepared.dataset.class_names
+    folds, train = prepared.splits.folds, prepared.splits.train_indices
+
+    def checks(fold: int | str) -> int8guard.CheckData:
+        if fold == runfolder.FINAL:
+            return int8guard.check_data(
+                prepared.images,
+                labels,
+                names,
+                train,
+                train,
+                f"the deploy model's {len(train)} training images (the rows `train` scored out of fold)",
+                settings.calibration_cap,
+            )
+        fold_train, validation = folds[int(fold)]
+        return int8guard.check_data(
+            prepared.images,
+            labels,
+            names,
+            validation,
+            fold_train,
+            f"fold {fold}'s {len(validation)} out-of-fold validation images",
+            settings.calibration_cap,
+        )
+
+    return {"guard": settings, "checks": checks}
+
+
+def _record_int8_checks(run: Path, backbone: str, n_folds: int) -> None:
+    """Each exported int8 variant's guard record (from its sidecar) into summary.json."""
+    from steeldefect.deploy import int8guard
+
+    checks: dict[str, dict[str, Any]] = {}
+    for fold in [*range(n_folds), runfolder.FINAL]:
+        for variant in ("int8", "int8-mixed"):
+            path = sidecar_path(fold_model_path(run, backbone, fold, variant))
+            record = read_json(path).get("int8_check") if path.is_file() else None
+            if record:
+                checks.setdefault(str(fold), {})[variant] = int8guard.summary_entry(record)
+    if checks:
+        update_summary(run, backbone, int8_check=checks)
 
 
 def _judge_test_split(run: Path, backbone: str, prepared: PreparedData, final: dict[str, dict[str, Any]]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from steeldefect.core import runfolder
 from steeldefect.core.files import atomic_write_text, write_csv
 from steeldefect.core.runfolder import require_run
+from steeldefect.deploy import int8guard
 from steeldefect.study.formats_report import formats_section, is_other_format
 from steeldefect.study.report_data import (
     BACKBONE_ORDER,
@@ -90,6 +91,7 @@ def write_report(run: Path) -> Path:
     ]
     lines += _extra_variants_section(run, names, backbones)
     lines += formats_section(run, names, backbones)
+    lines += int8guard.report_section({name: backbones[name] for name in names if name in backbones})
     lines += _per_class_section(run, names, backbones, summary)
     lines += _trust_section(run, names, backbones)
     lines += _cv_section(run, names, backbones)
