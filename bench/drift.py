@@ -1,5 +1,7 @@
 """Drift alarm: how fast it fires when the line's images change, and how often it fires when they do not.
 
+Figures: docs/line-loop.md, "Drift alarms".
+
 Runs the service's drift monitor class (:class:`steeldefect.serve.drift.DriftMonitor`, built from the
 deploy model as the service builds it, default window and thresholds) directly on the deploy model's
 answers, without HTTP: each image is classified once with the model's own uncertainty rule, then

@@ -1,4 +1,6 @@
 """The line teaches the model, end to end on real NEU (issue #26): first model -> live service ->
+
+Figures: docs/retrain.md, "The loop, measured".
 review -> review export -> train on both roots -> compare -> hot swap.
 
 1. NEU's test split is the one `train` makes on all of NEU (seed 42, 15%); the rest is the pool.

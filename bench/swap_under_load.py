@@ -1,4 +1,6 @@
 """Hot swap under load: requests at a fixed concurrency against a live `steeldefect serve` on
+
+Figures: docs/line-loop.md, "Hot swap".
 127.0.0.1, with ``POST /v1/model`` swapping the model halfway through.
 
 Counts failed requests (any non-200 answer or connection error), the audit rows per model_sha256,
