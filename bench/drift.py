@@ -61,7 +61,7 @@ def jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="the deploy .tflite (with its drift reference)")
     parser.add_argument("--images", type=Path, default=Path("/work/shared/data/NEU-DET/IMAGES"))
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     info = read_model_info(args.model)
     classifier = Classifier(args.model, threads=None, info=info)

@@ -172,7 +172,7 @@ def run_dataset(kind: str, data: Path, work: Path, per_class: int, image_size: i
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="NEU-DET IMAGES folder")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/int8_guard_bench"))
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(cpu_description(), "(shared 2-core machine: times are indicative)")
     results: dict[str, Any] = {
         "options": {

@@ -190,7 +190,7 @@ def upload_model(service: Service, model: Path) -> dict[str, Any]:
     return service.request("POST", "/v1/model", body, f"multipart/form-data; boundary={boundary}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--neu", type=Path, default=NEU, help=f"NEU-DET images (default {NEU})")
     parser.add_argument("--work", type=Path, required=True, help="work folder outside the repository (resumes)")
@@ -205,7 +205,7 @@ def main() -> None:
         help=f"train options of the second model (default: the first model's, {' '.join(TRAIN_ARGS)})",
     )
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/line_loop.json)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -52,7 +52,7 @@ def call(url: str, data: bytes | None, content_type: str, timeout: float = 120) 
         return error.code, json.loads(error.read() or b"{}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-a", type=Path, required=True, help="the model served first")
     parser.add_argument("--model-b", type=Path, required=True, help="the model uploaded halfway")
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="serve --workers")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     files = sorted(args.images.glob("*.jpg"))[:: max(1, len(sorted(args.images.glob("*.jpg"))) // 300)]
     images = [path.read_bytes() for path in files]
