@@ -451,7 +451,7 @@ def test_missing_or_corrupt_model_stops_serve_with_one_line(tmp_path, capsys, mo
     Path(str(corrupt) + ".json").write_text(Path(str(model) + ".json").read_text())
     assert cli.main(["serve", str(corrupt), "--no-audit"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {corrupt}: not a model LiteRT can load") and "\n" not in err
+    assert err.startswith(f"error: {corrupt}: not a LiteRT model (no TFL3 identifier)") and "\n" not in err
     assert cli.main(["serve", str(tmp_path)]) == 2  # a folder that is no run folder
     err = capsys.readouterr().err.strip()
     assert "no deployable model" in err and "\n" not in err
