@@ -347,12 +347,13 @@ def test_history_readers_beyond_their_bound_get_503_and_predictions_go_on(model,
             thread.start()
         assert reading.acquire(timeout=10)  # the reader pool is busy, the rest are waiting for it
         client.app.state.audit.read_interval = 0.5  # as if each paced read took half a second
+        # Only once every reader is admitted is the next one refused. A read sent earlier would be
+        # admitted and wait behind the held readers, so the test waits for the count, not a reply.
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            refused = client.get("/v1/history")
-            if refused.status_code == 503:
-                break
-            results.append(refused)  # not all admitted yet: this one was admitted instead
+        while client.app.state.history_admission.in_flight < bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.app.state.history_admission.in_flight == bound
+        refused = client.get("/v1/history")
         # told to come back when the 9 admitted reads will have drained: ceil(9 x 0.5 s)
         assert refused.status_code == 503 and refused.headers["Retry-After"] == str(-(-bound // 2))
         assert refused.json() == {"error": f"busy: {bound} requests already in progress; retry shortly", "status": 503}

@@ -231,6 +231,7 @@ def create_app(
     )
     app.state.model_info = info
     app.state.audit = audit
+    app.state.history_admission = history_admission  # how many history reads are in flight
 
     def error_response(
         status: int,
