@@ -7,14 +7,18 @@ deploy model as the service builds it, default window and thresholds) directly o
 answers, without HTTP: each image is classified once with the model's own uncertainty rule, then
 streams are replayed from those answers.
 
-- In distribution: NEU images the run never saw (``--unseen-from`` on, e.g. 151-300 of each class
-  for a run trained on 1-150), resampled with replacement, ``--quiet`` images per stream
-  (default 5,000), ``--repeats`` streams: false alarms counted.
+- In distribution: with ``--run RUN``, the run's own test split: images drawn at random with the
+  training images (stratified, ``--seed`` of `train`), which no model of the run saw. Without it,
+  NEU images by index (``--unseen-from``/``--unseen-to`` of each class, e.g. 151-300 for a model
+  trained on 1-150; NEU's later images differ from its first ones, so that is a shift, not
+  in-distribution). Resampled with replacement, ``--quiet`` images per stream (default 5,000),
+  ``--repeats`` streams: false alarms counted.
 - Drift: ``--warm`` in-distribution images (default 500, a full window), then the same unseen images
   altered (Gaussian blur, a brightness shift, a 90-degree rotation): images from the switch to the
   alarm, per repeat (a miss if it has not fired after 500).
 
-    python bench/drift.py --model RUN/efficientnet_lite0/models/...int8.tflite
+    python bench/drift.py --run RUN                      # RUN/deploy/model.int8.tflite on RUN's test split
+    python bench/drift.py --model MODEL.tflite --unseen-from 151 --unseen-to 300
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchio  # noqa: E402
+from steeldefect.core.runfolder import deployable_model  # noqa: E402
 from steeldefect.data.dataset import CLASS_NAMES_NEU  # noqa: E402
 from steeldefect.data.decode import decode_image  # noqa: E402
 from steeldefect.runtime.modelfile import Classifier, read_model_info  # noqa: E402
 from steeldefect.serve.drift import monitor_for  # noqa: E402
+from steeldefect.study.rundata import load_run_data  # noqa: E402
 
 ALTERATIONS = {
     "blur": lambda im: im.filter(ImageFilter.GaussianBlur(3)),
@@ -63,7 +69,8 @@ def jpeg(image: Image.Image) -> bytes:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="the deploy .tflite (with its drift reference)")
+    parser.add_argument("--run", type=Path, default=None, help="a run folder: its deploy int8 model on its test split")
+    parser.add_argument("--model", type=Path, default=None, help="the deploy .tflite (with its drift reference)")
     parser.add_argument("--images", type=Path, default=Path("/work/shared/data/NEU-DET/IMAGES"))
     parser.add_argument("--unseen-from", type=int, default=151, help="first NEU index per class the run never saw")
     parser.add_argument("--unseen-to", type=int, default=300)
@@ -74,14 +81,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
+    if args.run is None and args.model is None:
+        parser.error("give --run RUN or --model MODEL")
+    if args.run is not None:
+        prepared, _ = load_run_data(args.run, progress=False)
+        args.model = args.model or deployable_model(args.run, "int8")
+        paths = [prepared.dataset.paths[i] for i in prepared.splits.test_indices]
+        labels = [prepared.dataset.class_names[prepared.dataset.labels[i]] for i in prepared.splits.test_indices]
+        unseen = f"the test split of {args.run} ({len(paths)} images, stratified at random)"
+    else:
+        paths = [
+            args.images / f"{name}_{i}.jpg"
+            for name in CLASS_NAMES_NEU
+            for i in range(args.unseen_from, args.unseen_to + 1)
+            if (args.images / f"{name}_{i}.jpg").is_file()
+        ]
+        labels = [p.name.rsplit("_", 1)[0] for p in paths]
+        unseen = f"{args.unseen_from}-{args.unseen_to} of each class"
     info = read_model_info(args.model)
     classifier = Classifier(args.model, threads=None, info=info)
-    paths = [
-        args.images / f"{name}_{i}.jpg"
-        for name in CLASS_NAMES_NEU
-        for i in range(args.unseen_from, args.unseen_to + 1)
-        if (args.images / f"{name}_{i}.jpg").is_file()
-    ]
     raw = [path.read_bytes() for path in paths]
     started = time.perf_counter()
     clean = answers(classifier, raw, info.input_size)
@@ -132,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         "how": "DriftMonitor called directly on the deploy model's answers (no HTTP); streams resampled with "
         "replacement from NEU images the run never saw",
         "unseen_images": len(raw),
-        "unseen_indices": f"{args.unseen_from}-{args.unseen_to} of each class",
+        "unseen_indices": unseen,
         "window": reference.window,
         "min_images": reference.min_images,
         "alarm_p": reference.alarm_p,
@@ -141,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         "expected_uncertain_rate": reference.reference.expected_uncertain_rate,
         "in_distribution_uncertain_share": uncertain_share(clean),
         "in_distribution_accuracy": round(
-            float(np.mean([a == p.name.rsplit("_", 1)[0] for (a, _), p in zip(clean, paths)])), 4
+            float(np.mean([a == label for (a, _), label in zip(clean, labels, strict=True)])), 4
         ),
         "false_alarms": {
             "streams": len(quiet),

@@ -1,7 +1,7 @@
 """The int8 guard on data NEU alone does not give: fp32, int8 before the guard, int8 after, and the
+guard's cost, per dataset.
 
 Figures: docs/int8-guard.md.
-guard's cost, per dataset.
 
 Usage (from the repository root)::
 

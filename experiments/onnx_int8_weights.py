@@ -38,21 +38,56 @@ from steeldefect.study import pipeline
 BACKBONE = "efficientnet_lite0"
 
 
+WEIGHTS = ("u8s8", "u8u8", "u8s7-dense", "u8s7-dense-head", "u8s7")
+
+
+def reduced_weights(model_path: Path, head: bool) -> dict[str, int]:
+    """Weight initializer -> per-channel axis, for the nodes that MLAS and oneDNN run as a u8 x s8
+    GEMM, whose pairwise 16-bit sums saturate without VNNI: the Conv nodes that are not depthwise
+    (group 1) and, with ``head``, the head's Gemm nodes (axis as ORT's QDQ Gemm quantizer uses)."""
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    names = {init.name for init in graph.initializer}
+    out = {}
+    for node in graph.node:
+        if len(node.input) < 2 or node.input[1] not in names:
+            continue
+        attributes = {a.name: a.i for a in node.attribute}
+        if node.op_type == "Conv" and attributes.get("group", 1) == 1:
+            out[node.input[1]] = 0
+        elif node.op_type == "Gemm" and head:
+            out[node.input[1]] = 0 if attributes.get("transB", 0) else 1
+    return out
+
+
 def quantize(float_onnx: Path, target: Path, images: np.ndarray, weights: str) -> None:
+    """``weights``: u8s8 (what `export` writes); u8u8 (uint8 weights); u8s7-dense (int8 weights, but
+    7-bit ones in the group-1 convolutions, so that a pair of products fits in 16 bits:
+    2 x 255 x 64 < 32768; depthwise weights keep 8 bits); u8s7-dense-head (the same, and the head's
+    Gemm weights 7-bit too); u8s7 (every weight 7-bit, ORT's ``reduce_range``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = target.with_suffix(".prep.onnx")
     quant_pre_process(str(float_onnx), str(prepared), skip_symbolic_shape=True)
+    extra = {}
+    if weights in ("u8s7-dense", "u8s7-dense-head"):
+        extra["TensorQuantOverrides"] = {
+            name: [{"axis": axis, "reduce_range": True}]
+            for name, axis in reduced_weights(prepared, head=weights == "u8s7-dense-head").items()
+        }
     quantize_static(
         str(prepared),
         str(target),
         formats._Calibration(images),
         quant_format=QuantFormat.QDQ,
         activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8 if weights == "u8s8" else QuantType.QUInt8,
+        weight_type=QuantType.QUInt8 if weights == "u8u8" else QuantType.QInt8,
         per_channel=True,
         calibrate_method=CalibrationMethod.MinMax,
+        reduce_range=weights == "u8s7",
+        extra_options=extra,
     )
 
 
@@ -82,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--calibration-samples", type=int, default=60, help="as `export` was run (default 60)")
     parser.add_argument("--latency-runs", type=int, default=40)
+    parser.add_argument("--weights", nargs="+", default=list(WEIGHTS), choices=WEIGHTS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -98,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             litert8 = Classifier(runfolder.fold_model_path(args.run, BACKBONE, fold, "int8", "tflite"))
             reference = litert8.probabilities(images).argmax(axis=1)
             timed = {"onnx fp32": runners(float_onnx, 1)}
-            for weights in ("u8s8", "u8u8"):
+            for weights in args.weights:
                 path = Path(folder) / f"fold{fold}.{weights}.onnx"
                 quantize(float_onnx, path, prepared.images[calibration], weights)
                 timed[weights] = runners(path, 1)

@@ -156,3 +156,57 @@ def test_description_damaged_inside_an_onnx_is_one_line(tmp_path):
     onnx.save(model, str(path))
     with pytest.raises(ModelFileError, match="not valid JSON"):
         read_model_info(path)
+
+
+def _two_convolutions(path) -> None:
+    """uint8 NHWC pixels -> two 1x1 convolutions of the 2 channels: ``sums`` (weights 1, 1: its
+    uint8 x int8 pair sums reach 2 x 255 x 127, beyond int16) and ``first`` (1, 0.001: 255 x 127,
+    within it)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w_sums"], ["sums"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["nchw", "w_first"], ["first"], kernel_shape=[1, 1]),
+    ]
+    inits = [
+        helper.make_tensor("w_sums", TensorProto.FLOAT, [1, 2, 1, 1], [1.0, 1.0]),
+        helper.make_tensor("w_first", TensorProto.FLOAT, [1, 2, 1, 1], [1.0, 0.001]),
+    ]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, 4, 4]) for n in ("sums", "first")]
+    graph = helper.make_graph(
+        nodes, "pairs", [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [1, 4, 4, 2])], outputs, inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
+def test_int8_gives_7_bit_weights_to_the_convolutions_whose_16_bit_pair_sums_saturate(tmp_path):
+    """Without VNNI, ONNX Runtime and OpenVINO sum u8 x s8 products in pairs in int16: a convolution
+    whose pairs overflow must get 7-bit weights, so its int8 answer stays the float one on any CPU."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from steeldefect.deploy import formats
+
+    float_path, int8_path = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    _two_convolutions(float_path)
+    rng = np.random.default_rng(0)
+    images = rng.integers(200, 256, (8, 4, 4, 2), dtype=np.uint8)
+    images[1:] = 255  # bright images: both channels at the top of the uint8 range
+
+    seven_bit = formats.quantize_onnx(float_path, int8_path, images)
+    assert seven_bit == ["w_sums"]
+    weights = {w.name: numpy_helper.to_array(w) for w in onnx.load(str(int8_path)).graph.initializer}
+    assert np.abs(weights["w_sums_quantized"]).max() <= 64  # 2 x 255 x 64 < 32768
+    assert np.abs(weights["w_first_quantized"]).max() == 127  # the other keeps its 8 bits
+
+    session = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    sums, first = session.run(["sums", "first"], {"pixels": images[1:2]})
+    assert np.allclose(sums, 510, rtol=0.02), sums  # a saturated pair would give about half
+    assert np.allclose(first, 255, rtol=0.02), first
+    assert formats.saturation_rates(int8_path, images) == {"w_sums": 0.0, "w_first": 0.0}

@@ -7,9 +7,11 @@ variants (`export --formats tflite onnx openvino`), fp32 and int8 each.
   ``texture_statistics``.
 - ONNX int8: static QDQ post-training quantization (``onnxruntime.quantization.quantize_static``,
   per-channel int8 weights, uint8 activations, min/max calibration) over the same calibration
-  images as the LiteRT int8, in the same order with the same two range-pinning pixels.
+  images as the LiteRT int8, in the same order with the same two range-pinning pixels; the
+  convolutions whose 16-bit pair sums saturate on those images get 7-bit weights
+  (:func:`quantize_onnx`).
 - OpenVINO fp32: ``openvino.convert_model`` of the ONNX fp32 (same uint8 input, same output names),
-  saved with fp32 weights; int8: ``nncf.quantize`` over the same calibration images.
+  saved with fp32 weights; int8: ``openvino.convert_model`` of that ONNX int8.
 
 Every file describes itself like the .tflite: the description (class names, input size, variant,
 uncertainty rule summary, temperature, provenance) as ``steeldefect.json`` and the rule's arrays as
@@ -59,7 +61,7 @@ def calibration_samples(images: np.ndarray) -> Iterator[np.ndarray]:
 
 @contextlib.contextmanager
 def _quiet(*names: str) -> Iterator[None]:
-    """tf2onnx and NNCF log every optimizer pass at INFO; the export's own lines are what a user reads."""
+    """tf2onnx logs every optimizer pass at INFO; the export's own lines are what a user reads."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -134,24 +136,113 @@ class _Calibration:
         return None if sample is None else {INPUT_NAME: sample}
 
 
-def quantize_onnx(float_path: Path, target: Path, calibration_images: np.ndarray) -> None:
-    """Static QDQ int8 of an fp32 .onnx over the calibration images."""
+# A group-1 convolution whose u8 x s8 pair sums leave int16 for more than this share of its pairs
+# on the calibration images gets 7-bit weights (see quantize_onnx). Of 1e-3, 1e-4, 1e-5 and 0,
+# 1e-5 agreed best with LiteRT int8 on the NEU run of docs/formats.md (0 costs precision where no
+# sum saturates).
+SATURATION_LIMIT = 1e-5
+SATURATION_IMAGES = 8  # calibration images the pair sums are counted on
+
+
+def _quantize_static(prepared: Path, target: Path, calibration_images: np.ndarray, seven_bit: Sequence[str]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    overrides = {name: [{"axis": 0, "reduce_range": True}] for name in seven_bit}
+    quantize_static(
+        str(prepared),
+        str(target),
+        _Calibration(calibration_images),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"TensorQuantOverrides": overrides} if overrides else {},
+    )
+
+
+def saturation_rates(qdq_path: Path, images: np.ndarray) -> dict[str, float]:
+    """Weight initializer of each group-1 Conv of a QDQ model -> the share of its u8 x s8 products,
+    summed in adjacent pairs along the reduction axis as the AVX2 kernels do (``vpmaddubsw``), that
+    leave int16 on ``images``. The uint8 inputs of each Conv are read from the model run without
+    graph optimization (exact quantize/dequantize arithmetic, no fused kernel)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(qdq_path))
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    weights = {init.name: init for init in graph.initializer}
+    convs = []
+    for node in graph.node:
+        attributes = {a.name: a for a in node.attribute}
+        if node.op_type != "Conv" or (attributes["group"].i if "group" in attributes else 1) != 1:
+            continue
+        x_dq, w_dq = producer.get(node.input[0]), producer.get(node.input[1])
+        if x_dq is None or w_dq is None or {x_dq.op_type, w_dq.op_type} != {"DequantizeLinear"}:
+            continue  # not a quantized convolution
+        if w_dq.input[0] not in weights:
+            continue
+        pads = list(attributes["pads"].ints) if "pads" in attributes else [0, 0, 0, 0]
+        strides = list(attributes["strides"].ints) if "strides" in attributes else [1, 1]
+        convs.append((w_dq.input[0], x_dq.input[0], pads, strides))
+    for _, activation, _, _ in convs:
+        graph.output.append(onnx.helper.make_tensor_value_info(activation, onnx.TensorProto.UINT8, None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    wanted = [activation for _, activation, _, _ in convs]
+    runs = [session.run(wanted, {session.get_inputs()[0].name: image[None]}) for image in images]
+    rates = {}
+    for j, (weight_name, _, pads, strides) in enumerate(convs):
+        x = np.concatenate([run[j] for run in runs]).astype(np.int32)  # N, C, H, W (uint8 values)
+        w = numpy_helper.to_array(weights[weight_name]).astype(np.int32)  # O, C, kh, kw (int8 values)
+        kernel = w.shape[2:]
+        x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        windows = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=(2, 3))[:, :, :: strides[0], :: strides[1]]
+        # im2col in (kh, kw, c) order, the NHWC order the CPU kernels reduce in
+        columns = windows.transpose(0, 2, 3, 4, 5, 1).reshape(-1, int(np.prod(kernel)) * x.shape[1])
+        taps = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+        if columns.shape[1] % 2:
+            columns, taps = np.pad(columns, ((0, 0), (0, 1))), np.pad(taps, ((0, 0), (0, 1)))
+        outside = 0
+        for k in range(0, columns.shape[1], 2):
+            pair = columns[:, k, None] * taps[None, :, k] + columns[:, k + 1, None] * taps[None, :, k + 1]
+            outside += int(np.count_nonzero((pair > 32767) | (pair < -32768)))
+        rates[weight_name.removesuffix("_quantized")] = outside / (columns.shape[0] * taps.size / 2)
+    return rates
+
+
+def quantize_onnx(float_path: Path, target: Path, calibration_images: np.ndarray) -> list[str]:
+    """Static QDQ int8 of an fp32 .onnx over the calibration images; returns the convolutions given
+    7-bit weights.
+
+    On x86 CPUs without VNNI, ONNX Runtime and OpenVINO multiply uint8 activations by int8 weights
+    with ``vpmaddubsw``, which adds products in pairs in 16 bits and saturates: Lite0's ReLU6
+    activations sit at 255 often enough that plain int8 weights lost up to 17 points on NEU. So the
+    model is quantized once, each group-1 convolution's pair sums are counted on a few calibration
+    images, and the ones above :data:`SATURATION_LIMIT` are quantized again with 7-bit weights
+    (2 x 255 x 64 fits in int16); depthwise convolutions, which those kernels widen to 16 bits
+    first, keep 8 bits."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(target),
-            _Calibration(calibration_images),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        first = Path(folder) / "int8.onnx"
+        _quantize_static(prepared, first, calibration_images, ())
+        step = max(1, len(calibration_images) // SATURATION_IMAGES)
+        rates = saturation_rates(first, calibration_images[::step][:SATURATION_IMAGES])
+        seven_bit = sorted(name for name, rate in rates.items() if rate > SATURATION_LIMIT)
+        if seven_bit:
+            _quantize_static(prepared, target, calibration_images, seven_bit)
+        else:
+            os.replace(first, target)
+    log.info(
+        "int8: %d of %d convolutions saturate int16 pair sums; their weights are 7-bit", len(seven_bit), len(rates)
+    )
+    return seven_bit
 
 
 def _fit_rule(model_file: Path, rule_data, channels: Sequence[int]) -> uncertainty.UncertaintyRule:
@@ -241,17 +332,17 @@ def export_openvino(
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
         onnx_path = Path(folder) / "fp32.onnx"
         onnx.save(keras_to_onnx(model, n_classes), str(onnx_path))
-        ov_model = ov.convert_model(str(onnx_path))
         if variant == "int8":
-            import nncf
-
+            # The ONNX int8 (saturation-aware QDQ), read by OpenVINO: NNCF's own int8 saturates on
+            # CPUs without VNNI, and its overflow fix (7-bit weights everywhere) costs precision.
             if calibration_images is None or len(calibration_images) == 0:
                 raise ValueError("int8 export needs calibration images from the training split")
-            samples = list(calibration_samples(calibration_images))
-            with _quiet("nncf"):
-                ov_model = nncf.quantize(ov_model, nncf.Dataset(samples), subset_size=len(samples))
+            quantized = Path(folder) / "int8.onnx"
+            quantize_onnx(onnx_path, quantized, calibration_images)
+            onnx_path = quantized
         elif variant != "fp32":
             raise ValueError(f"OpenVINO is exported as {FORMAT_VARIANTS}, got {variant!r}")
+        ov_model = ov.convert_model(str(onnx_path))
         plain = Path(folder) / "model.xml"
         ov.save_model(ov_model, str(plain), compress_to_fp16=False)
         props = _describe(plain, metadata, rule_data, channels)

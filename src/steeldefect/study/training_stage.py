@@ -94,23 +94,27 @@ def train_backbone(
             options.class_weight,
             ", ".join(f"{c} {w:.2f}" for c, w in zip(dataset.class_names, weights)),
         )
+    # The grid's heads and the final head are trained alike; only their images and rates differ.
+    recipe: dict[str, Any] = {
+        "run": out,
+        "backbone": name,
+        "n_classes": n_classes,
+        "kind": options.head,
+        "epochs": options.epochs,
+        "batch_size": options.batch_size,
+        "seed": options.seed,
+        "class_weight": options.class_weight,
+        "augmented": augmented,
+        "masks": masks,
+    }
     with training.timed(stage_times, "grid"):
         rows = training.run_grid(
             head_features,
             dataset.labels,
             splits.folds,
-            run=out,
-            backbone=name,
-            n_classes=n_classes,
             learning_rates=options.learning_rates,
-            kind=options.head,
-            epochs=options.epochs,
-            batch_size=options.batch_size,
-            seed=options.seed,
-            class_weight=options.class_weight,
             progress=progress,
-            augmented=augmented,
-            masks=masks,
+            **recipe,
         )
     write_csv(runfolder.cv_grid_path(out, name), rows)
     best_rate = training.select_best_rate(rows)
@@ -133,20 +137,7 @@ def train_backbone(
 
     with training.timed(stage_times, "final"):
         final_head = training.fit_final_head(
-            head_features,
-            dataset.labels,
-            splits.train_indices,
-            run=out,
-            backbone=name,
-            n_classes=n_classes,
-            learning_rate=best_rate,
-            kind=options.head,
-            epochs=options.epochs,
-            batch_size=options.batch_size,
-            seed=options.seed,
-            class_weight=options.class_weight,
-            augmented=augmented,
-            masks=masks,
+            head_features, dataset.labels, splits.train_indices, learning_rate=best_rate, **recipe
         )
         if head_features is not features:  # trained on pooled vectors: the same weights on the maps
             final_head = training.load_head(
