@@ -1,19 +1,22 @@
-"""Why ONNX and OpenVINO int8 disagree with LiteRT int8 on an AVX2 CPU: int8 or uint8 weights.
+"""Why ONNX and OpenVINO int8 disagreed with LiteRT int8 on an AVX2 CPU, and what fixes it: the
+weights' bits, layer by layer.
 
-Figures: docs/formats.md, "Agreement" and docs/design-notes.md (an experiment whose variant was not
-adopted: it fixes agreement but makes the int8 files slower than fp32 on CPUs without VNNI).
+Figures: docs/formats.md, "Why, on this CPU" and docs/design-notes.md (the variants not adopted).
 
 Usage (from the repository root)::
 
-    python experiments/onnx_int8_weights.py --run RUN [--folds 0 1 2] [--out FILE.json]
+    python experiments/onnx_int8_weights.py --run RUN [--folds 0 1 2] [--weights ...] [--out FILE.json]
 
 For each fold model of an exported run (``export --formats tflite onnx``), the fold's fp32 ``.onnx``
-is quantized as `export` does (static QDQ, per-channel, MinMax, the same calibration images) in two
-ways: weights int8 ("u8s8", what `export` writes) and weights uint8 ("u8u8"). Each is scored on the
-run's test split with ONNX Runtime and with OpenVINO reading the same QDQ file, against LiteRT int8's
-top-1; then the median 1-thread latency of one image is measured for all of them side by side with
-the fp32 files. ONNX Runtime's u8s8 kernels on CPUs without VNNI add pairs of u8 x s8 products in 16
-bits (``vpmaddubsw``), which saturate; u8u8 does not, and has no fast kernel there.
+is quantized (static QDQ, per-channel, MinMax, the same calibration images as `export`) with the
+weights of ``--weights``: int8 everywhere ("u8s8", what `export` wrote before it counted
+saturation), uint8 ("u8u8"), 7-bit in every non-depthwise convolution ("u8s7-dense"), 7-bit
+everywhere ("u8s7"), or as `export` writes them now ("export": 7-bit only where the pair sums
+saturate). Each is scored on the run's test split with ONNX Runtime and with OpenVINO reading the
+same QDQ file, against LiteRT int8's top-1; then the median 1-thread latency of one image is
+measured for all of them side by side with the fp32 files. Without VNNI, the u8 x s8 kernels add
+products in pairs in 16 bits (``vpmaddubsw``), which saturate; u8u8 does not, and has no fast
+kernel there.
 """
 
 from __future__ import annotations
@@ -38,44 +41,43 @@ from steeldefect.study import pipeline
 BACKBONE = "efficientnet_lite0"
 
 
-WEIGHTS = ("u8s8", "u8u8", "u8s7-dense", "u8s7-dense-head", "u8s7")
+WEIGHTS = ("u8s8", "u8u8", "u8s7-dense", "u8s7", "export")
 
 
-def reduced_weights(model_path: Path, head: bool) -> dict[str, int]:
-    """Weight initializer -> per-channel axis, for the nodes that MLAS and oneDNN run as a u8 x s8
-    GEMM, whose pairwise 16-bit sums saturate without VNNI: the Conv nodes that are not depthwise
-    (group 1) and, with ``head``, the head's Gemm nodes (axis as ORT's QDQ Gemm quantizer uses)."""
+def reduced_weights(model_path: Path) -> dict[str, int]:
+    """Weight initializer -> per-channel axis of every Conv node that is not depthwise (group 1): the
+    ones MLAS and oneDNN run as a u8 x s8 GEMM, whose pairwise 16-bit sums saturate without VNNI.
+    (Giving the head's Gemm weights 7 bits too changed no answer.)"""
     import onnx
 
     graph = onnx.load(str(model_path)).graph
     names = {init.name for init in graph.initializer}
     out = {}
     for node in graph.node:
-        if len(node.input) < 2 or node.input[1] not in names:
-            continue
-        attributes = {a.name: a.i for a in node.attribute}
-        if node.op_type == "Conv" and attributes.get("group", 1) == 1:
+        groups = {a.name: a.i for a in node.attribute}.get("group", 1)
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in names and groups == 1:
             out[node.input[1]] = 0
-        elif node.op_type == "Gemm" and head:
-            out[node.input[1]] = 0 if attributes.get("transB", 0) else 1
     return out
 
 
 def quantize(float_onnx: Path, target: Path, images: np.ndarray, weights: str) -> None:
-    """``weights``: u8s8 (what `export` writes); u8u8 (uint8 weights); u8s7-dense (int8 weights, but
-    7-bit ones in the group-1 convolutions, so that a pair of products fits in 16 bits:
-    2 x 255 x 64 < 32768; depthwise weights keep 8 bits); u8s7-dense-head (the same, and the head's
-    Gemm weights 7-bit too); u8s7 (every weight 7-bit, ORT's ``reduce_range``)."""
+    """``weights``: u8s8 (int8 weights everywhere); u8u8 (uint8 weights); u8s7-dense (int8 weights,
+    but 7-bit ones in every group-1 convolution, so that a pair of products fits in 16 bits:
+    2 x 255 x 64 < 32768; depthwise weights keep 8 bits); u8s7 (every weight 7-bit, ORT's
+    ``reduce_range``); export (what `export` writes: 7-bit weights only in the convolutions whose
+    pair sums saturate on the calibration images, `formats.quantize_onnx`)."""
+    if weights == "export":
+        formats.quantize_onnx(float_onnx, target, images)
+        return
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = target.with_suffix(".prep.onnx")
     quant_pre_process(str(float_onnx), str(prepared), skip_symbolic_shape=True)
     extra = {}
-    if weights in ("u8s7-dense", "u8s7-dense-head"):
+    if weights == "u8s7-dense":
         extra["TensorQuantOverrides"] = {
-            name: [{"axis": axis, "reduce_range": True}]
-            for name, axis in reduced_weights(prepared, head=weights == "u8s7-dense-head").items()
+            name: [{"axis": axis, "reduce_range": True}] for name, axis in reduced_weights(prepared).items()
         }
     quantize_static(
         str(prepared),

@@ -58,11 +58,13 @@ def test_every_fold_and_final_model_exists_in_six_forms_and_describes_itself(poo
 
 
 # Issue #25's int8 targets (>= 99.5% agreement with LiteRT int8, int8 within 0.5 point of its own
-# fp32) are NOT met today (docs/formats.md): on this fixture's run, all four models, ONNX int8 agreed
-# 96.85% (one fold model lost 6 points) and OpenVINO int8 95.74%. The int8 checks below are
-# regression floors under those figures, so a broken quantizer fails them; they are not the targets.
-INT8_AGREEMENT_FLOOR = {"onnx": 0.93, "openvino": 0.92}
-INT8_DROP_CEILING = {"onnx": 5.0, "openvino": 7.0}  # points of accuracy below the format's own fp32
+# fp32) are NOT met on this fixture's run (docs/formats.md): with saturation-aware weights both ONNX
+# and OpenVINO int8 agree 98.89% (6 of 540 answers differ) and score 0.99 point below their fp32;
+# with plain int8 weights they agreed 96.85% and 95.74%. The int8 checks below are regression floors
+# under today's figures and above those of plain int8 weights, so a broken quantizer, or one that
+# forgets the 16-bit saturation of CPUs without VNNI, fails them; they are not the targets.
+INT8_AGREEMENT_FLOOR = {"onnx": 0.975, "openvino": 0.975}
+INT8_DROP_CEILING = {"onnx": 2.0, "openvino": 2.0}  # points of accuracy below the format's own fp32
 
 
 @pytest.mark.parametrize("fmt", OTHERS)

@@ -194,3 +194,21 @@ def test_files_exported_before_the_change_give_the_same_answers(tmp_path, capsys
             assert cli.main(["predict", str(model), *map(str, files), "--format", "json", "--top-k", "2"]) == 0
             answers.append([{k: v for k, v in r.items() if k != "file"} for r in json.loads(capsys.readouterr().out)])
         assert answers[0] == answers[1], variant
+
+
+def test_the_int8_guards_float_layer_remedy_keeps_the_probabilities_first():
+    """The guard's "worst layers in float" remedy converts through the quantization debugger, not
+    `conversion.convert`; a deploy model it ships must still have the probabilities as output 0
+    (found on a photometrically shifted NEU, where that remedy's file was refused at export)."""
+    from steeldefect.deploy import int8guard
+    from steeldefect.runtime import uncertainty
+
+    model = tiny_classifier()
+    stats = uncertainty.texture_statistics_model(model, ("tiny_conv1", "tiny_conv2"))
+    import keras
+
+    joined = keras.Model(model.input, [model.output, stats.output])
+    images = rule_images()[0][:8]
+    flatbuffer = int8guard.convert_with_float_layers(joined, images, [])
+    widths = [int(d["shape"][-1]) for d in make_interpreter(flatbuffer).get_output_details()]
+    assert widths == [len(CLASSES), TEXTURE_WIDTH]

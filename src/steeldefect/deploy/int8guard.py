@@ -44,7 +44,13 @@ from typing import Any
 
 import numpy as np
 
-from steeldefect.models.conversion import convert, high_resolution_outputs, make_converter, representative_dataset
+from steeldefect.models.conversion import (
+    convert,
+    high_resolution_outputs,
+    make_converter,
+    order_outputs,
+    representative_dataset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +221,9 @@ def convert_with_float_layers(model, calibration_images: np.ndarray, float_layer
         debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(float_layers)),
     )
     with contextlib.redirect_stdout(io.StringIO()):
-        return debugger.get_nondebug_quantized_model()
+        # The debugger's model lists the outputs in the converter's order, like any conversion; the
+        # deploy model's probabilities must stay output 0 (conversion.order_outputs).
+        return order_outputs(debugger.get_nondebug_quantized_model())
 
 
 def guarded_convert(
