@@ -223,8 +223,8 @@ def quantize_onnx(float_path: Path, target: Path, calibration_images: np.ndarray
     activations sit at 255 often enough that plain int8 weights lost up to 17 points on NEU. So the
     model is quantized once, each group-1 convolution's pair sums are counted on a few calibration
     images, and the ones above :data:`SATURATION_LIMIT` are quantized again with 7-bit weights
-    (2 x 255 x 64 fits in int16); depthwise convolutions, which those kernels widen to 16 bits
-    first, keep 8 bits."""
+    (2 x 255 x 64 fits in int16). Depthwise convolutions are not counted and keep 8 bits: 7 bits
+    there too lowered the agreement with LiteRT int8 (docs/formats.md)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as folder:
@@ -333,8 +333,8 @@ def export_openvino(
         onnx_path = Path(folder) / "fp32.onnx"
         onnx.save(keras_to_onnx(model, n_classes), str(onnx_path))
         if variant == "int8":
-            # The ONNX int8 (saturation-aware QDQ), read by OpenVINO: NNCF's own int8 saturates on
-            # CPUs without VNNI, and its overflow fix (7-bit weights everywhere) costs precision.
+            # The ONNX int8 (saturation-aware QDQ), read by OpenVINO: NNCF's own int8 lost agreement
+            # on CPUs without VNNI, and its overflow fix (7-bit weights everywhere) cost precision.
             if calibration_images is None or len(calibration_images) == 0:
                 raise ValueError("int8 export needs calibration images from the training split")
             quantized = Path(folder) / "int8.onnx"
