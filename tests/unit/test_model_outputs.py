@@ -197,9 +197,10 @@ def test_files_exported_before_the_change_give_the_same_answers(tmp_path, capsys
 
 
 def test_the_int8_guards_float_layer_remedy_keeps_the_probabilities_first():
-    """The guard's "worst layers in float" remedy converts through the quantization debugger, not
-    `conversion.convert`; a deploy model it ships must still have the probabilities as output 0
-    (found on a photometrically shifted NEU, where that remedy's file was refused at export)."""
+    """The guard's "worst layers in float" remedy converts through the quantization debugger (as
+    int8-mixed does), not the plain converter; a deploy model it ships must still have the
+    probabilities as output 0 (found on a photometrically shifted NEU, where that remedy's file was
+    refused at export)."""
     from steeldefect.deploy import int8guard
     from steeldefect.runtime import uncertainty
 

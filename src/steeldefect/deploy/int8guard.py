@@ -46,9 +46,8 @@ import numpy as np
 
 from steeldefect.models.conversion import (
     convert,
+    convert_with_float_layers,
     high_resolution_outputs,
-    make_converter,
-    order_outputs,
     representative_dataset,
 )
 
@@ -206,24 +205,6 @@ def worst_layers(model, calibration_images: np.ndarray, count: int, *, exclude: 
     # "A few": never more than a quarter of the quantized layers, else the file is a float model.
     count = min(count, max(1, len(ranked) // 4))
     return [name for _, name in sorted(ranked, reverse=True)[:count]]
-
-
-def convert_with_float_layers(model, calibration_images: np.ndarray, float_layers: Sequence[str]) -> bytes:
-    """int8 except ``float_layers`` (output tensor names of the calibrated graph), which stay float;
-    float32 input and output, as ``int8-mixed``."""
-    import tensorflow as tf
-
-    converter = make_converter(model, "int8", calibration_images)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter,
-        debug_dataset=representative_dataset(calibration_images[:1]),
-        debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(float_layers)),
-    )
-    with contextlib.redirect_stdout(io.StringIO()):
-        # The debugger's model lists the outputs in the converter's order, like any conversion; the
-        # deploy model's probabilities must stay output 0 (conversion.order_outputs).
-        return order_outputs(debugger.get_nondebug_quantized_model())
 
 
 def guarded_convert(

@@ -160,27 +160,33 @@ def high_resolution_outputs(int8_flatbuffer: bytes, min_fraction: float = 1 / 8)
 
 
 def _convert_mixed(model, calibration_images: np.ndarray | None, int8_flatbuffer: bytes | None = None) -> bytes:
-    """int8 from 1/8 resolution on, float before: the converter's own selective quantization
-    (QuantizationDebugger deny-list). Input: float32 raw pixels 0..255; output: float32 probabilities.
+    """int8 from 1/8 resolution on, float before (see :func:`convert_with_float_layers`).
 
     The deny-list must name tensors as the calibrated full-integer graph names them (fused
     conv+BN+ReLU outputs), so it is read from that graph: ``int8_flatbuffer`` when the caller already
     converted this model to full integer (the export of the ``int8`` variant), else converted here.
     """
-    import tensorflow as tf
-
     if calibration_images is None or len(calibration_images) == 0:
         raise ValueError("int8-mixed export needs calibration images from the training split")
     full_integer = (
         int8_flatbuffer if int8_flatbuffer is not None else make_converter(model, "int8", calibration_images).convert()
     )
+    return convert_with_float_layers(model, calibration_images, high_resolution_outputs(full_integer))
+
+
+def convert_with_float_layers(model, calibration_images: np.ndarray, float_layers: Sequence[str]) -> bytes:
+    """int8 except ``float_layers`` (output tensor names of the calibrated graph), which stay float:
+    the converter's own selective quantization (QuantizationDebugger deny-list). Input: float32 raw
+    pixels 0..255; output: float32 probabilities, listed first (:func:`order_outputs`). Serves
+    ``int8-mixed`` and the int8 guard's float-layer remedy."""
+    import tensorflow as tf
+
     converter = make_converter(model, "int8", calibration_images)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter,
         debug_dataset=representative_dataset(calibration_images[:1]),
-        debug_options=tf.lite.experimental.QuantizationDebugOptions(
-            denylisted_nodes=high_resolution_outputs(full_integer)
-        ),
+        debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(float_layers)),
     )
-    return debugger.get_nondebug_quantized_model()
+    with contextlib.redirect_stdout(io.StringIO()):
+        return order_outputs(debugger.get_nondebug_quantized_model())
