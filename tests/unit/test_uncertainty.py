@@ -101,8 +101,10 @@ def test_choose_threshold_is_the_accept_quantile_and_checks_its_argument():
         uncertainty.choose_threshold(np.arange(10.0), 1.5)
 
 
-@pytest.mark.integration
-def test_far_ood_images_are_flagged_by_a_scorer_fitted_on_real_neu(neu_dir, tmp_path):
+@pytest.fixture(scope="module")
+def neu_texture(neu_dir, tmp_path_factory):
+    """Texture features (LiteRT fp32 of the Lite0 texture model) of 150 real NEU images per class,
+    their labels and class names, and the features of the far-OOD examples."""
     from steeldefect.data.dataset import scan_dataset
     from steeldefect.data.loading import load_images
     from steeldefect.models.backbones import build_backbone
@@ -116,19 +118,55 @@ def test_far_ood_images_are_flagged_by_a_scorer_fitted_on_real_neu(neu_dir, tmp_
             [rng.choice(np.where(dataset.labels == c)[0], 150, replace=False) for c in range(len(dataset.class_names))]
         )
     )
-    subset, images = load_images(dataset.subset(pick), cache_dir=tmp_path, progress=False)
+    subset, images = load_images(dataset.subset(pick), cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
     backbone = build_backbone("efficientnet_lite0")
     channels = [int(backbone.get_layer(n).output.shape[-1]) for n in uncertainty.TEXTURE_LAYERS]
     interpreter = make_interpreter(convert(uncertainty.texture_statistics_model(backbone), "fp32"))
     examples = uncertainty.far_ood_examples(images[0])
     raw = predict_tflite(interpreter, np.concatenate([images, np.stack(list(examples.values()))]))
     features = uncertainty.texture_features(raw, channels)
-    neu, far = features[: len(images)], features[len(images) :]
-    splits = make_splits(subset.labels, test_fraction=0.2, n_folds=5, seed=0)
-    scorer, _ = uncertainty.fit_ood(neu, subset.labels, splits.folds)
-    flagged = dict(zip(examples, scorer.is_uncertain(far)))
+    far = dict(zip(examples, features[len(images) :]))
+    return features[: len(images)], subset.labels, subset.class_names, far
+
+
+@pytest.mark.integration
+def test_far_ood_images_are_flagged_by_a_scorer_fitted_on_real_neu(neu_texture):
+    neu, labels, _, far = neu_texture
+    splits = make_splits(labels, test_fraction=0.2, n_folds=5, seed=0)
+    scorer, _ = uncertainty.fit_ood(neu, labels, splits.folds)
+    flagged = dict(zip(far, scorer.is_uncertain(np.stack(list(far.values())))))
     assert all(flagged.values()), [name for name, f in flagged.items() if not f]
     assert scorer.is_uncertain(neu[splits.test_indices]).mean() <= 0.1  # real steel is still accepted
+
+
+@pytest.mark.integration
+def test_with_20_images_per_class_an_unknown_kind_is_flagged_because_the_ridge_is_chosen(neu_texture):
+    # The line loop's first model: 20 images of each class but one (85 after the test split). With the
+    # first shipped fixed ridge the 64x64 class covariances are nearly singular, held-out training
+    # images score far out, and the out-of-fold threshold lets most of the unknown kind through.
+    features, labels, names, _ = neu_texture
+    left_out = names.index("rolled-in_scale")
+    flagged = {"chosen": [], "fixed": []}
+    known_flagged, ridges = [], []
+    for draw in range(5):
+        rng = np.random.default_rng(draw)
+        first = np.concatenate(
+            [rng.choice(np.where(labels == c)[0], 20, replace=False) for c in range(len(names)) if c != left_out]
+        )
+        rest = np.setdiff1d(np.arange(len(labels)), first)
+        splits = make_splits(labels[first], test_fraction=0.15, n_folds=5, seed=42)
+        folds = [(first[train], first[val]) for train, val in splits.folds]
+        unknown, known = rest[labels[rest] == left_out], rest[labels[rest] != left_out]
+        for name, ridge in (("chosen", None), ("fixed", uncertainty.RIDGE_GRID[0])):
+            scorer, _ = uncertainty.fit_ood(features, labels, folds, shrinkage=ridge)
+            flagged[name].append(scorer.is_uncertain(features[unknown]).mean())
+            if name == "chosen":
+                known_flagged.append(scorer.is_uncertain(features[known]).mean())
+                ridges.append(scorer.shrinkage)
+    assert min(ridges) > uncertainty.RIDGE_GRID[0], ridges
+    assert np.mean(flagged["chosen"]) >= 0.5, flagged
+    assert np.mean(flagged["chosen"]) >= np.mean(flagged["fixed"]) + 0.3, flagged
+    assert max(known_flagged) <= 0.05, known_flagged  # the known classes' other images are still accepted
 
 
 def test_percentile_combine_flags_when_either_score_is_unusual():
@@ -250,6 +288,28 @@ def test_per_class_covariance_flags_what_the_tied_one_misses():
         assert np.allclose(again.score(beside), scorer.score(beside))
     default, _ = uncertainty.fit_ood(features, labels, splits.folds, n_components=3)
     assert default.class_covariance == uncertainty.DEFAULT_CLASS_COVARIANCE > 0  # what fit_rule ships
+
+
+def test_own_class_score_is_the_nearest_class_score_for_an_image_nearest_its_own_class():
+    rng = np.random.default_rng(4)
+    features, labels = _tight_and_thin(rng)
+    for class_covariance in (0.5, 1.0):  # (the tied score leaves out its log determinant, shared by all)
+        scorer = uncertainty.OODScorer(n_components=3, class_covariance=class_covariance).fit(features, labels)
+        own = scorer.own_class_scores(features, labels)
+        assert (own >= scorer.score(features) - 1e-9).all()  # the nearest class is never farther than one's own
+        centres = np.array([[0.0, 0.0, 0.0], [6.0, 0.0, 0.0]])
+        assert np.allclose(scorer.own_class_scores(centres, [0, 1]), scorer.score(centres))
+
+
+@pytest.mark.integration
+def test_with_150_neu_images_per_class_the_chosen_ridge_is_the_first_shipped_one(neu_texture):
+    # So a rule fitted on a full training split (as on all of NEU) is the rule the fixed ridge gave.
+    features, labels, _, _ = neu_texture
+    splits = make_splits(labels, test_fraction=0.2, n_folds=5, seed=0)
+    chosen, chosen_oof = uncertainty.fit_ood(features, labels, splits.folds)
+    fixed, fixed_oof = uncertainty.fit_ood(features, labels, splits.folds, shrinkage=0.01)
+    assert chosen.shrinkage == uncertainty.RIDGE_GRID[0] == 0.01
+    assert chosen.threshold == fixed.threshold and np.array_equal(chosen_oof, fixed_oof)
 
 
 def _rule(class_covariance: float) -> tuple[uncertainty.UncertaintyRule, np.ndarray, np.ndarray]:

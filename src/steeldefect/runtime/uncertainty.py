@@ -34,6 +34,12 @@ DEFAULT_ACCEPT = 0.99
 # Weight of each class's own covariance against the shared (tied) one: 0 = tied Mahalanobis (the
 # first shipped score), 0.5 = halfway, chosen by bench/ood_leave_one_class_out.py (docs/results.md, "Trust").
 DEFAULT_CLASS_COVARIANCE = 0.5
+# Ridges (relative to the covariance's mean eigenvalue) that fit_ood chooses among by the held-out
+# log-likelihood of the training images. The smallest is the fixed ridge of the first shipped rule,
+# which the full NEU training split still chooses; with ~20 images per class a 64x64 class covariance
+# is nearly singular, held-out in-distribution images score far out along its weak directions, and the
+# out-of-fold threshold rises until an unknown class passes it (docs/trust.md, "With few images").
+RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 # ------------------------------------------------------------------------- out-of-distribution
@@ -95,12 +101,23 @@ class OODScorer:
         features = np.asarray(features, dtype=np.float64)
         labels = np.asarray(labels)
         classes = np.unique(labels)
+        self.classes_ = classes
         n = min(self.n_components, features.shape[1], len(features) - len(classes))
         if n < 1:
             raise ValueError(f"{len(features)} training images for {len(classes)} classes: too few to fit")
         self.center_ = features.mean(axis=0)
         _, _, vt = np.linalg.svd(features - self.center_, full_matrices=False)
         self.projection_ = vt[:n].T
+        return self._fit_covariances(features, labels)
+
+    def with_shrinkage(self, features: np.ndarray, labels: np.ndarray, shrinkage: float) -> OODScorer:
+        """A copy fitted on the same images with another ridge; the PCA is reused, not recomputed."""
+        scorer = replace(self, shrinkage=float(shrinkage), threshold=None)
+        scorer.classes_, scorer.center_, scorer.projection_ = self.classes_, self.center_, self.projection_
+        return scorer._fit_covariances(np.asarray(features, dtype=np.float64), np.asarray(labels))
+
+    def _fit_covariances(self, features: np.ndarray, labels: np.ndarray) -> OODScorer:
+        classes, n = self.classes_, self.projection_.shape[1]
         z = (features - self.center_) @ self.projection_
         self.class_means_ = np.stack([z[labels == c].mean(axis=0) for c in classes])
         residual = z - self.class_means_[np.searchsorted(classes, labels)]
@@ -122,6 +139,21 @@ class OODScorer:
             self.class_whitening_ = np.stack(whitening)
             self.log_determinants_ = np.asarray(log_determinants)
         return self
+
+    def own_class_scores(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Each image's score under its own class (squared Mahalanobis distance, plus the class's log
+        determinant): its negative Gaussian log-likelihood up to a constant. For the tied covariance the
+        determinant is included too (:meth:`score` leaves it out, as it is the same for every class):
+        it differs between ridges, which is what :func:`fit_ood` compares. ``labels`` must be among the
+        classes the scorer was fitted on, in the same encoding."""
+        z = (np.asarray(features, dtype=np.float64) - self.center_) @ self.projection_
+        rows = np.searchsorted(self.classes_, np.asarray(labels))
+        centred = z - self.class_means_[rows]
+        if self.class_whitening_ is None or self.log_determinants_ is None:
+            tied_log_determinant = -2.0 * np.log(np.abs(np.linalg.det(self.whitening_)))
+            return ((centred @ self.whitening_) ** 2).sum(axis=1) + tied_log_determinant
+        whitened = np.einsum("ij,ijk->ik", centred, self.class_whitening_[rows])
+        return (whitened**2).sum(axis=1) + self.log_determinants_[rows]
 
     def score(self, features: np.ndarray) -> np.ndarray:
         z = (np.asarray(features, dtype=np.float64) - self.center_) @ self.projection_
@@ -220,20 +252,39 @@ def fit_ood(
     accept: float = DEFAULT_ACCEPT,
     n_components: int = DEFAULT_COMPONENTS,
     class_covariance: float = DEFAULT_CLASS_COVARIANCE,
+    shrinkage: float | None = None,
 ) -> tuple[OODScorer, np.ndarray]:
     """The scorer fit on all training rows of ``folds`` with its threshold from out-of-fold scores:
     for each fold a scorer fit on the other folds scores the held-out one. Returns (scorer, the
     out-of-fold scores). ``features``/``labels`` index the whole dataset; test rows are never read.
-    ``class_covariance`` 0 gives the tied Mahalanobis score (see :class:`OODScorer`)."""
+    ``class_covariance`` 0 gives the tied Mahalanobis score (see :class:`OODScorer`).
 
-    def new() -> OODScorer:
-        return OODScorer(n_components, class_covariance=class_covariance)
+    ``shrinkage`` None chooses the ridge from :data:`RIDGE_GRID` by the same folds: the one under
+    which the held-out training images are most likely under their own class (the sum of
+    :meth:`OODScorer.own_class_scores` is lowest). Ties go to the smaller ridge."""
 
-    oof = []
-    for train, val in folds:
-        oof.append(new().fit(features[train], labels[train]).score(features[val]))
+    def new(ridge: float) -> OODScorer:
+        return OODScorer(n_components, shrinkage=ridge, class_covariance=class_covariance)
+
+    ridges = RIDGE_GRID if shrinkage is None else (float(shrinkage),)
+    best: tuple[float, float, list[np.ndarray]] | None = None
+    fitted: list[OODScorer] = []  # per fold, fitted once: its PCA serves every ridge
+    for ridge in ridges:
+        oof, held_out_nll = [], 0.0
+        for k, (train, val) in enumerate(folds):
+            if k == len(fitted):
+                fitted.append(new(ridge).fit(features[train], labels[train]))
+            fold_scorer = fitted[k].with_shrinkage(features[train], labels[train], ridge)
+            oof.append(fold_scorer.score(features[val]))
+            if len(ridges) > 1:
+                known = np.isin(labels[val], fold_scorer.classes_)  # a class absent from a fold's training rows
+                held_out_nll += float(fold_scorer.own_class_scores(features[val][known], labels[val][known]).sum())
+        if best is None or held_out_nll < best[0]:
+            best = (held_out_nll, ridge, oof)
+    assert best is not None  # ridges is never empty
+    _, ridge, oof = best
     everything = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in folds]))
-    scorer = new().fit(features[everything], labels[everything])
+    scorer = new(ridge).fit(features[everything], labels[everything])
     oof_scores = np.concatenate(oof)
     scorer.threshold = choose_threshold(oof_scores, accept)
     return scorer, oof_scores
