@@ -196,7 +196,7 @@ def pooled_formats_run(pooled_neu_run, tmp_path_factory) -> Path:
         calibration_samples=60,
         quant_report=False,
         progress=False,
-        workers=1,  # in-process: a worker per fold holding TF, tf2onnx and NNCF at once is memory CI may not have
+        workers=1,  # in-process: workers holding TF, ONNX Runtime and OpenVINO each need memory CI may lack
     )
     return run
 

@@ -210,3 +210,44 @@ def test_int8_gives_7_bit_weights_to_the_convolutions_whose_16_bit_pair_sums_sat
     assert np.allclose(sums, 510, rtol=0.02), sums  # a saturated pair would give about half
     assert np.allclose(first, 255, rtol=0.02), first
     assert formats.saturation_rates(int8_path, images) == {"w_sums": 0.0, "w_first": 0.0}
+
+
+def test_the_onnx_and_openvino_files_of_one_model_share_one_conversion_and_one_quantization(tmp_path, monkeypatch):
+    """`export --formats onnx openvino` converts each fold's Keras model to ONNX once and quantizes it
+    once; the OpenVINO int8 is that very ONNX int8."""
+    import keras
+
+    from steeldefect.deploy import formats
+
+    calls = {"keras_to_onnx": 0, "quantize_onnx": 0}
+    for name in calls:
+        original = getattr(formats, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(formats, name, counted)
+    keras.utils.set_random_seed(0)
+    pixels = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Rescaling(1 / 255)(pixels)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(pixels, keras.layers.Dense(3, activation="softmax")(x))
+    images, _ = colour_images(4)
+    built: dict[str, bytes] = {}
+    files = {}
+    for fmt, exporter in formats.EXPORTERS.items():
+        for variant in ("fp32", "int8"):
+            path = tmp_path / f"m.{variant}.{'onnx' if fmt == 'onnx' else 'xml'}"
+            exporter(model, variant, path, images, metadata=description(variant), built=built)
+            files[fmt, variant] = path
+    assert calls == {"keras_to_onnx": 1, "quantize_onnx": 1}
+    expected = model.predict(images.astype(np.float32), verbose=0)
+    answers = {}
+    for (fmt, variant), path in files.items():
+        assert read_model_info(path).variant == variant
+        answers[fmt, variant] = Classifier(path, threads=1).probabilities(images)
+        np.testing.assert_allclose(answers[fmt, variant], expected, atol=0.01 if variant == "fp32" else 0.05)
+    for variant in ("fp32", "int8"):  # the same ONNX graph behind both runtimes
+        np.testing.assert_allclose(answers["onnx", variant], answers["openvino", variant], atol=0.01)

@@ -350,6 +350,7 @@ def export_fold(
         model = augment.dihedral_average_model(model)
     written = []
     as_converted_int8: bytes | None = None  # the int8 conversion before any remedy: int8-mixed's names
+    onnx_built: dict[str, bytes] = {}  # ONNX fp32/int8 of this model, shared by the ONNX and OpenVINO files
     for job in variants:
         fmt, variant = job if isinstance(job, tuple) else ("tflite", job)
         target = runfolder.fold_model_path(run, backbone, fold, variant, fmt)
@@ -377,6 +378,7 @@ def export_fold(
                 metadata=meta,
                 rule_data=rule_data,
                 channels=channels,
+                built=onnx_built,
             )
         else:
             int8_flatbuffer = as_converted_int8

@@ -11,7 +11,8 @@ variants (`export --formats tflite onnx openvino`), fp32 and int8 each.
   convolutions whose 16-bit pair sums saturate on those images get 7-bit weights
   (:func:`quantize_onnx`).
 - OpenVINO fp32: ``openvino.convert_model`` of the ONNX fp32 (same uint8 input, same output names),
-  saved with fp32 weights; int8: ``openvino.convert_model`` of that ONNX int8.
+  saved with fp32 weights; int8: ``openvino.convert_model`` of that ONNX int8. Within one fold's
+  export both formats share one conversion and one quantization (``built``: see :func:`plain_onnx`).
 
 Every file describes itself like the .tflite: the description (class names, input size, variant,
 uncertainty rule summary, temperature, provenance) as ``steeldefect.json`` and the rule's arrays as
@@ -275,6 +276,41 @@ def _describe(model_file: Path, metadata: dict[str, Any], rule_data, channels) -
     return props
 
 
+def plain_onnx(
+    model,
+    variant: str,
+    folder: Path,
+    calibration_images: np.ndarray | None,
+    n_classes: int,
+    built: dict[str, bytes] | None = None,
+) -> Path:
+    """The undescribed ONNX (fp32 or int8) of ``model`` as a file in ``folder``. ``built`` holds the
+    bytes of earlier builds of the same Keras model and calibration images (the ONNX and OpenVINO
+    files of one fold): a variant found there is not converted or quantized again, and a new build
+    is added to it."""
+    import onnx
+
+    if variant not in FORMAT_VARIANTS:
+        raise ValueError(f"ONNX and OpenVINO are exported as {FORMAT_VARIANTS}, got {variant!r}")
+    path = Path(folder) / f"{variant}.onnx"
+    if built is not None and variant in built:
+        path.write_bytes(built[variant])
+        return path
+    float_path = Path(folder) / "fp32.onnx"
+    if built is not None and "fp32" in built:
+        float_path.write_bytes(built["fp32"])
+    else:
+        onnx.save(keras_to_onnx(model, n_classes), str(float_path))
+    if variant == "int8":
+        if calibration_images is None or len(calibration_images) == 0:
+            raise ValueError("int8 export needs calibration images from the training split")
+        quantize_onnx(float_path, path, calibration_images)
+    if built is not None:
+        built.setdefault("fp32", float_path.read_bytes())
+        built[variant] = path.read_bytes()
+    return path
+
+
 def export_onnx(
     model,
     variant: str,
@@ -284,25 +320,18 @@ def export_onnx(
     metadata: dict[str, Any],
     rule_data=None,
     channels: Sequence[int] = (),
+    built: dict[str, bytes] | None = None,
 ) -> Path:
-    """One .onnx (fp32 or int8) of a Keras classifier, described inside, written atomically."""
+    """One .onnx (fp32 or int8) of a Keras classifier, described inside, written atomically.
+    ``built``: see :func:`plain_onnx`."""
     import onnx
 
     require_runtime(Path(path))
     n_classes = len(metadata["class_names"])
     with tempfile.TemporaryDirectory(dir=Path(path).parent) as folder:
-        float_path = Path(folder) / "fp32.onnx"
-        onnx.save(keras_to_onnx(model, n_classes), str(float_path))
-        built = float_path
-        if variant == "int8":
-            if calibration_images is None or len(calibration_images) == 0:
-                raise ValueError("int8 export needs calibration images from the training split")
-            built = Path(folder) / "int8.onnx"
-            quantize_onnx(float_path, built, calibration_images)
-        elif variant != "fp32":
-            raise ValueError(f"ONNX is exported as {FORMAT_VARIANTS}, got {variant!r}")
-        props = _describe(built, metadata, rule_data, channels)
-        proto = onnx.load(str(built))
+        plain = plain_onnx(model, variant, Path(folder), calibration_images, n_classes, built)
+        props = _describe(plain, metadata, rule_data, channels)
+        proto = onnx.load(str(plain))
         onnx.helper.set_model_props(proto, props)
         proto.producer_name = "steeldefect"
         atomic_write_bytes(path, proto.SerializeToString())
@@ -319,29 +348,20 @@ def export_openvino(
     metadata: dict[str, Any],
     rule_data=None,
     channels: Sequence[int] = (),
+    built: dict[str, bytes] | None = None,
 ) -> Path:
     """One OpenVINO IR (``path`` = the .xml, its .bin beside it), fp32 or int8, described inside.
     Both files are written to a temporary name first; the .bin is moved into place before the .xml,
-    so an .xml that exists always has its weights."""
-    import onnx
+    so an .xml that exists always has its weights. ``built``: see :func:`plain_onnx`."""
     import openvino as ov
 
     require_runtime(Path(path))
     path = Path(path)
     n_classes = len(metadata["class_names"])
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
-        onnx_path = Path(folder) / "fp32.onnx"
-        onnx.save(keras_to_onnx(model, n_classes), str(onnx_path))
-        if variant == "int8":
-            # The ONNX int8 (saturation-aware QDQ), read by OpenVINO: NNCF's own int8 lost agreement
-            # on CPUs without VNNI, and its overflow fix (7-bit weights everywhere) cost precision.
-            if calibration_images is None or len(calibration_images) == 0:
-                raise ValueError("int8 export needs calibration images from the training split")
-            quantized = Path(folder) / "int8.onnx"
-            quantize_onnx(onnx_path, quantized, calibration_images)
-            onnx_path = quantized
-        elif variant != "fp32":
-            raise ValueError(f"OpenVINO is exported as {FORMAT_VARIANTS}, got {variant!r}")
+        # The int8 is the ONNX int8 (saturation-aware QDQ), read by OpenVINO: NNCF's own int8 lost
+        # agreement on CPUs without VNNI, and its overflow fix (7-bit weights everywhere) cost precision.
+        onnx_path = plain_onnx(model, variant, Path(folder), calibration_images, n_classes, built)
         ov_model = ov.convert_model(str(onnx_path))
         plain = Path(folder) / "model.xml"
         ov.save_model(ov_model, str(plain), compress_to_fp16=False)
