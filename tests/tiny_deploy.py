@@ -1,9 +1,9 @@
 """A tiny deploy model: probabilities and texture statistics out, an uncertainty rule inside, exported
 the way `export` exports RUN/deploy/model.*.tflite. Converts in seconds.
 
-Also a script (``python tests/tiny_deploy.py FOLDER VARIANT...``) that uses only API the code before
-issue #27 had too, so a test can run it against that code (``PYTHONPATH`` = an old ``src``) and
-compare the old files with today's.
+Also a script (``python tests/tiny_deploy.py FOLDER [--ridge R] VARIANT...``) that uses only API the
+code before issue #27 had too (``--ridge`` aside), so a test can run it against that code
+(``PYTHONPATH`` = an old ``src``) and compare the old files with today's.
 """
 
 from __future__ import annotations
@@ -58,10 +58,18 @@ def rule_images(seed: int = 1) -> tuple[np.ndarray, np.ndarray, list]:
     return images, labels, [(np.setdiff1d(order, part), part) for part in np.array_split(order, 4)]
 
 
-def export_tiny_deploy(folder: Path, variants: Sequence[str] = VARIANTS, seed: int = 1, accept: float = 0.5):
+def export_tiny_deploy(
+    folder: Path,
+    variants: Sequence[str] = VARIANTS,
+    seed: int = 1,
+    accept: float = 0.5,
+    ridge: float | None = None,
+):
     """``folder/deploy.<variant>.tflite`` for each variant, with the description and rule embedded
     (the model's own fp32 probabilities stand in for the out-of-fold ones; ``accept`` = 0.5 flags
-    about half of similar images, so both answers occur). Returns {variant: path}."""
+    about half of similar images, so both answers occur). ``ridge``: the texture score's, fixed
+    (None lets the rule choose it, and is the only value code before the choice accepts).
+    Returns {variant: path}."""
     from steeldefect.deploy.export import RuleData, export_model
     from steeldefect.runtime.litert import make_interpreter, predict_tflite
 
@@ -87,11 +95,17 @@ def export_tiny_deploy(folder: Path, variants: Sequence[str] = VARIANTS, seed: i
             images[:16],
             int8_flatbuffer=paths["int8"].read_bytes() if variant == "int8-mixed" and "int8" in paths else None,
             metadata=meta,
-            rule_data=RuleData(images, labels, folds, probabilities, accept=accept),
+            rule_data=RuleData(
+                images, labels, folds, probabilities, accept=accept, **({} if ridge is None else {"shrinkage": ridge})
+            ),
             channels=CHANNELS,
         )
     return paths
 
 
 if __name__ == "__main__":
-    export_tiny_deploy(Path(sys.argv[1]), sys.argv[2:] or VARIANTS)
+    arguments = sys.argv[2:]
+    fixed_ridge = None
+    if arguments[:1] == ["--ridge"]:
+        fixed_ridge, arguments = float(arguments[1]), arguments[2:]
+    export_tiny_deploy(Path(sys.argv[1]), arguments or VARIANTS, ridge=fixed_ridge)

@@ -251,3 +251,12 @@ def test_the_onnx_and_openvino_files_of_one_model_share_one_conversion_and_one_q
         np.testing.assert_allclose(answers[fmt, variant], expected, atol=0.01 if variant == "fp32" else 0.05)
     for variant in ("fp32", "int8"):  # the same ONNX graph behind both runtimes
         np.testing.assert_allclose(answers["onnx", variant], answers["openvino", variant], atol=0.01)
+
+
+def test_an_openvino_fp32_model_runs_in_fp32_on_cpus_with_native_bf16(tmp_path):
+    """The CPU plugin runs float layers in bf16 by default where the CPU has native bf16 (AVX512_BF16,
+    AMX): an fp32 IR would then disagree with LiteRT fp32. The backend asks for f32 on every CPU."""
+    import openvino as ov
+
+    backend = open_backend(tiny_openvino(tmp_path / "m.fp32.xml", meta=description()), 1)
+    assert backend.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32

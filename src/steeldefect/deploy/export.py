@@ -83,6 +83,7 @@ class RuleData:
     folds: Sequence[tuple[np.ndarray, np.ndarray]]
     oof_probabilities: np.ndarray
     accept: float = uncertainty.DEFAULT_ACCEPT
+    shrinkage: float | None = None  # the texture score's ridge; None chooses it (uncertainty.fit_ood)
 
 
 def with_texture_output(model, layers: Sequence[str] = uncertainty.TEXTURE_LAYERS) -> Any | None:
@@ -122,6 +123,7 @@ def fit_model_rule(flatbuffer: bytes, rule_data: RuleData, channels: Sequence[in
         texture_raw=texture,
         channels=channels if texture is not None else (),
         accept=rule_data.accept,
+        shrinkage=rule_data.shrinkage,
     )
 
 

@@ -280,6 +280,9 @@ class OpenVinoBackend(Backend):
             "INFERENCE_NUM_THREADS": resolve_threads(threads),
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
+            # On CPUs with native bf16 (AVX512_BF16, AMX) the CPU plugin otherwise runs float layers
+            # in bf16: an fp32 IR then disagrees with LiteRT fp32 (seen in CI: 1 NEU test image in 270).
+            "INFERENCE_PRECISION_HINT": "f32",
         }
         if profile:
             config["PERF_COUNT"] = True

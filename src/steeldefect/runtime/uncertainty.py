@@ -500,6 +500,7 @@ def fit_rule(
     accept: float = DEFAULT_ACCEPT,
     n_components: int = DEFAULT_COMPONENTS,
     class_covariance: float = DEFAULT_CLASS_COVARIANCE,
+    shrinkage: float | None = None,
 ) -> UncertaintyRule:
     """Fit the rule on the training images only.
 
@@ -507,7 +508,7 @@ def fit_rule(
     model is judged on its own numbers) index the whole dataset; ``oof_probabilities`` too, holding for
     each training image the probabilities of the fold head that did not train on it. Test rows are never
     read. Every reference score is out-of-fold, so the threshold accepts ``accept`` of unseen
-    in-distribution images.
+    in-distribution images. ``shrinkage``: the texture score's ridge, None to choose it (:func:`fit_ood`).
     """
     validation = np.concatenate([val for _, val in folds])
     softmax_oof = 1.0 - np.asarray(oof_probabilities, dtype=np.float64)[validation].max(axis=1)
@@ -518,7 +519,13 @@ def fit_rule(
         rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in folds]))
         features[rows] = texture_features(texture_raw[rows], channels)
         scorer, texture_oof = fit_ood(
-            features, labels, folds, accept=accept, n_components=n_components, class_covariance=class_covariance
+            features,
+            labels,
+            folds,
+            accept=accept,
+            n_components=n_components,
+            class_covariance=class_covariance,
+            shrinkage=shrinkage,
         )
         texture_reference = np.sort(texture_oof)  # fit_ood's out-of-fold scores follow ``validation``'s order
         references.append(texture_reference)
