@@ -44,7 +44,6 @@ from steeldefect.core.cpuinfo import cpu_model, int8_features
 from steeldefect.deploy import batch
 from steeldefect.deploy.predict import predict_paths
 from steeldefect.runtime.backends import OnnxBackend, OpenVinoBackend, open_backend, size_on_disk
-from steeldefect.study.evaluate import measure_latency
 
 FORMATS = (("tflite", "LiteRT"), ("onnx", "ONNX Runtime"), ("openvino", "OpenVINO"))
 VARIANTS = ("fp32", "int8")
@@ -65,6 +64,10 @@ def model_paths(run: Path, fold: int | str = runfolder.FINAL) -> dict[str, Path]
 
 
 def latency_rounds(paths: dict[str, Path], image: np.ndarray, runs: int, rounds: int) -> dict[str, dict]:
+    # Imported here, not at the top: the archive engine's spawned workers import this script as
+    # their main module, and steeldefect.study (scikit-learn, Matplotlib) costs each of them 1.4 s.
+    from steeldefect.study.evaluate import measure_latency
+
     results: dict[str, dict[int, list[float]]] = {name: {1: [], 2: []} for name in paths}
     backends = {(name, t): open_backend(path, t) for name, path in paths.items() for t in (1, 2)}
     for round_index in range(rounds):

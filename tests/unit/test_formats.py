@@ -260,3 +260,16 @@ def test_an_openvino_fp32_model_runs_in_fp32_on_cpus_with_native_bf16(tmp_path):
 
     backend = open_backend(tiny_openvino(tmp_path / "m.fp32.xml", meta=description()), 1)
     assert backend.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+
+
+def test_an_openvino_model_on_fewer_threads_than_cores_is_not_pinned(tmp_path):
+    """The archive engine runs one single-thread worker per core. OpenVINO pins inference threads by
+    default, and two pinned one-thread workers share one core: the archive ran at half speed
+    (bench/runtimes.py). A model given every core keeps the pinning."""
+    import os
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: one thread is every core")
+    path = tiny_openvino(tmp_path / "m.fp32.xml", meta=description())
+    assert open_backend(path, 1).compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert open_backend(path, os.cpu_count()).compiled.get_property("ENABLE_CPU_PINNING") is True

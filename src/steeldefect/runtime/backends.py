@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -276,13 +277,17 @@ class OpenVinoBackend(Backend):
         import openvino as ov
 
         core = ov.Core()
+        n_threads = resolve_threads(threads)
         config: dict[str, Any] = {
-            "INFERENCE_NUM_THREADS": resolve_threads(threads),
+            "INFERENCE_NUM_THREADS": n_threads,
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
             # On CPUs with native bf16 (AVX512_BF16, AMX) the CPU plugin otherwise runs float layers
             # in bf16: an fp32 IR then disagrees with LiteRT fp32 (seen in CI: 1 NEU test image in 270).
             "INFERENCE_PRECISION_HINT": "f32",
+            # Fewer threads than cores means other processes share the machine (the archive engine's
+            # one-thread workers): pinned, every worker's thread lands on the same core.
+            "ENABLE_CPU_PINNING": n_threads >= (os.cpu_count() or 1),
         }
         if profile:
             config["PERF_COUNT"] = True
