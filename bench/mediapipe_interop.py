@@ -123,8 +123,11 @@ def copy_exported(run: Path, fold: int | str, variants: Sequence[str], out_dir: 
     return paths
 
 
-def mediapipe_top1(model_path: Path, image_paths: Sequence[Path]) -> tuple[list[str | None], list[list]]:
-    """MediaPipe ImageClassifier's answer for each image (decoded to RGB, original size), read as its
+def mediapipe_top1(
+    model_path: Path, image_paths: Sequence[Path], input_size: tuple[int, int] | None = None
+) -> tuple[list[str | None], list[list]]:
+    """MediaPipe ImageClassifier's answer for each image (decoded to RGB, original size, which
+    MediaPipe resizes itself; or ``input_size``: the pixels `predict` prepares), read as its
     examples read it: the top category of ``classifications[0]``. Also each image's heads, as
     (head_index, head_name, number of categories reported)."""
     import mediapipe as mp
@@ -132,12 +135,17 @@ def mediapipe_top1(model_path: Path, image_paths: Sequence[Path]) -> tuple[list[
     from mediapipe.tasks.python.vision import ImageClassifier, ImageClassifierOptions
     from PIL import Image
 
+    from steeldefect.data.decode import read_image
+
     options = ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(model_path)), max_results=1)
     names, heads = [], []
     with ImageClassifier.create_from_options(options) as classifier:
         for path in image_paths:
-            with Image.open(path) as image:
-                pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+            if input_size is not None:
+                pixels = np.ascontiguousarray(read_image(path, input_size))
+            else:
+                with Image.open(path) as image:
+                    pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
             result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=pixels))
             first = result.classifications[0]
             names.append(first.categories[0].category_name if first.categories else None)
@@ -145,12 +153,18 @@ def mediapipe_top1(model_path: Path, image_paths: Sequence[Path]) -> tuple[list[
     return names, heads
 
 
-def compare(model_path: Path, image_paths: Sequence[Path], true_names: Sequence[str]) -> dict:
-    """Top-1 agreement between `predict` and MediaPipe, and each one's accuracy, on ``image_paths``."""
+def compare(
+    model_path: Path, image_paths: Sequence[Path], true_names: Sequence[str], *, same_pixels: bool = False
+) -> dict:
+    """Top-1 agreement between `predict` and MediaPipe, and each one's accuracy, on ``image_paths``.
+    ``same_pixels``: MediaPipe gets the resized pixels `predict` classifies, not the image to resize
+    itself, so only the reading of the model file differs."""
     from steeldefect.deploy.predict import predict_paths
+    from steeldefect.runtime.modelfile import read_model_info
 
     ours = [result.top[0][0] if result.top else None for result in predict_paths(model_path, image_paths, threads=1)]
-    theirs, heads = mediapipe_top1(model_path, image_paths)
+    size = read_model_info(model_path).input_size if same_pixels else None
+    theirs, heads = mediapipe_top1(model_path, image_paths, size)
     n = len(image_paths)
     agree = sum(a == b for a, b in zip(ours, theirs))
     return {

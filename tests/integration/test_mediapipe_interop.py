@@ -46,14 +46,16 @@ def loaded(run_folder):
 def check_models(bench, paths: dict, prepared, *, texture: bool) -> None:
     """Each file, read with nothing but itself: MediaPipe's first head is the class probabilities, with
     our class names, naming the class `predict` names; a deploy model's texture statistics come
-    second and report no category."""
+    second and report no category. MediaPipe gets the pixels `predict` classifies: its own resize of
+    the 200x200 images tips borderline ones (the bench measures that, 1 of 270 on a full run; on
+    this run's 135 test images it was 2 for the deploy model's int8-mixed in CI)."""
     test = prepared.splits.test_indices
     images = [prepared.dataset.paths[i] for i in test]
     truth = [prepared.dataset.class_names[label] for label in prepared.dataset.labels[test]]
     expected_heads = [(0, "probabilities", 1), *([(1, "texture_statistics", 0)] if texture else [])]
     for path in paths.values():
         assert not sidecar_path(path).exists()  # both runtimes get nothing but the model file
-        result = bench.compare(path, images, truth)
+        result = bench.compare(path, images, truth, same_pixels=True)
         assert result["mediapipe_heads"] == [tuple(expected_heads)], (path.name, result["mediapipe_heads"])
         assert result["agreement"] >= 0.99, (path.name, result["disagreements"])
         # Our label strings, from the labels file inside the model; and a real classifier, not a constant.

@@ -366,6 +366,21 @@ def test_read_image_matches_load_images(tmp_path, make_image):
         read_image(tmp_path / "a" / "empty.jpg")
 
 
+@pytest.mark.parametrize("grey", [True, False], ids=["grey stored as RGB", "colour"])
+def test_a_grey_picture_stored_as_rgb_resizes_to_the_same_pixels_as_a_colour_one(tmp_path, grey):
+    """Grey RGB pictures are resized on one band (faster); the pixels are those of Pillow's
+    three-band resize, at upscaling, downscaling and odd sizes, as training always saw them."""
+    rng = np.random.default_rng(3)
+    band = rng.integers(0, 256, (37, 41), dtype=np.uint8)
+    pixels = np.stack([band] * 3, axis=2) if grey else rng.integers(0, 256, (37, 41, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    for size in ((224, 224), (20, 30), (41, 37), (64, 50)):
+        three_bands = np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BILINEAR))
+        image = read_image(tmp_path / "x.png", size)
+        assert image.shape == (*size, 3) and image.dtype == np.uint8
+        np.testing.assert_array_equal(image, three_bands)
+
+
 @pytest.mark.parametrize(
     ("name", "ignored"),
     [

@@ -123,8 +123,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def to_array(image: Image.Image, image_size: tuple[int, int]) -> np.ndarray:
+    """``image`` as (height, width, 3) uint8 RGB, resized bilinearly to ``image_size``."""
     height, width = image_size
-    return np.asarray(_to_rgb(image).resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+    rgb = _to_rgb(image)
+    red, green, blue = rgb.split()
+    if red.tobytes() == green.tobytes() == blue.tobytes():
+        # A grey picture stored as RGB (NEU's JPEGs, most line cameras'): Pillow resamples every band
+        # alike, so resizing one band and repeating it gives the same bytes at about half the cost
+        # (resizing three bands was 0.9 of a NEU image's 1.7 decoding CPU ms).
+        rgb = red.resize((width, height), Image.Resampling.BILINEAR).convert("RGB")
+        return np.asarray(rgb, dtype=np.uint8)
+    return np.asarray(rgb.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def read_image(

@@ -262,6 +262,7 @@ def _fit_rule(model_file: Path, rule_data, channels: Sequence[int]) -> uncertain
         texture_raw=texture,
         channels=channels if texture is not None else (),
         accept=rule_data.accept,
+        shrinkage=rule_data.shrinkage,
     )
 
 
