@@ -85,6 +85,29 @@ class RuleData:
     accept: float = uncertainty.DEFAULT_ACCEPT
     shrinkage: float | None = None  # the texture score's ridge; None chooses it (uncertainty.fit_ood)
 
+    def rows(self) -> np.ndarray:
+        """The training images' indices: every fold's rows (test rows are never read)."""
+        return np.unique(np.concatenate([np.concatenate([t, v]) for t, v in self.folds]))
+
+    def fit(
+        self, rows: np.ndarray, texture_of_rows: np.ndarray | None, channels: Sequence[int]
+    ) -> uncertainty.UncertaintyRule:
+        """The rule for one model file, from that file's own texture statistics for ``rows`` (None: the
+        file has none, so the rule is the softmax score alone). Every format's exporter fits it here."""
+        texture = None
+        if texture_of_rows is not None:
+            texture = np.full((len(self.labels), texture_of_rows.shape[1]), np.nan, dtype=np.float32)
+            texture[rows] = texture_of_rows
+        return uncertainty.fit_rule(
+            self.labels,
+            self.folds,
+            self.oof_probabilities,
+            texture_raw=texture,
+            channels=channels if texture is not None else (),
+            accept=self.accept,
+            shrinkage=self.shrinkage,
+        )
+
 
 def with_texture_output(model, layers: Sequence[str] = uncertainty.TEXTURE_LAYERS) -> Any | None:
     """``model`` with the texture statistics of its backbone as a second output, or None when the
@@ -110,21 +133,9 @@ def fit_model_rule(flatbuffer: bytes, rule_data: RuleData, channels: Sequence[in
     its own reference scores and threshold)."""
     from steeldefect.runtime.litert import make_interpreter, predict_tflite_outputs
 
-    rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in rule_data.folds]))
+    rows = rule_data.rows()
     outputs = predict_tflite_outputs(make_interpreter(flatbuffer), rule_data.images[rows])
-    texture = None
-    if len(outputs) == 2:
-        texture = np.full((len(rule_data.labels), outputs[1].shape[1]), np.nan, dtype=np.float32)
-        texture[rows] = outputs[1]
-    return uncertainty.fit_rule(
-        rule_data.labels,
-        rule_data.folds,
-        rule_data.oof_probabilities,
-        texture_raw=texture,
-        channels=channels if texture is not None else (),
-        accept=rule_data.accept,
-        shrinkage=rule_data.shrinkage,
-    )
+    return rule_data.fit(rows, outputs[1] if len(outputs) == 2 else None, channels)
 
 
 def drift_reference(
@@ -133,8 +144,7 @@ def drift_reference(
     """What the service's drift monitor compares the line against (serve/drift.py): the share of
     training images per class (``training_class_mix``) and the share of out-of-fold training images
     the rule flags uncertain at its acceptance (``expected_uncertain_rate``)."""
-    rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in rule_data.folds]))
-    labels = np.asarray(rule_data.labels)[rows]
+    labels = np.asarray(rule_data.labels)[rule_data.rows()]
     names = list(class_names) if class_names else [str(i) for i in range(int(labels.max()) + 1)]
     counts = np.bincount(labels, minlength=len(names))
     return {

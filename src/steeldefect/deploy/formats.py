@@ -248,22 +248,9 @@ def quantize_onnx(float_path: Path, target: Path, calibration_images: np.ndarray
 
 def _fit_rule(model_file: Path, rule_data, channels: Sequence[int]) -> uncertainty.UncertaintyRule:
     """The deploy model's rule, fitted on this file's own outputs for the training images (as
-    `export` does for each LiteRT variant)."""
-    rows = np.unique(np.concatenate([np.concatenate([t, v]) for t, v in rule_data.folds]))
-    outputs = open_backend(model_file).run(rule_data.images[rows])
-    texture = None
-    if TEXTURE in outputs:
-        texture = np.full((len(rule_data.labels), outputs[TEXTURE].shape[1]), np.nan, dtype=np.float32)
-        texture[rows] = outputs[TEXTURE]
-    return uncertainty.fit_rule(
-        rule_data.labels,
-        rule_data.folds,
-        rule_data.oof_probabilities,
-        texture_raw=texture,
-        channels=channels if texture is not None else (),
-        accept=rule_data.accept,
-        shrinkage=rule_data.shrinkage,
-    )
+    `export` does for each LiteRT variant: :meth:`steeldefect.deploy.export.RuleData.fit`)."""
+    rows = rule_data.rows()
+    return rule_data.fit(rows, open_backend(model_file).run(rule_data.images[rows]).get(TEXTURE), channels)
 
 
 def _describe(model_file: Path, metadata: dict[str, Any], rule_data, channels) -> dict[str, str]:
