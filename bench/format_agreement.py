@@ -5,7 +5,8 @@ Usage (from the repository root)::
 
     python bench/format_agreement.py --run RUN
 
-The run must have been exported with ``--variants fp32 int8 --formats tflite onnx openvino``.
+The run must have been exported with ``--variants fp32 int8 --formats tflite onnx openvino`` (and
+``--int8-weights``, recorded in the results).
 For every fold model and the final model, each format's fp32 is compared with LiteRT fp32 and each
 int8 with LiteRT int8, image by image. The accuracy of each (format, variant) is the mean over the
 fold models, as `evaluate` reports it. The same checks, with their thresholds, are
@@ -22,6 +23,7 @@ import numpy as np
 
 import benchio
 from steeldefect.core import runfolder
+from steeldefect.runtime.backends import read_embedded
 from steeldefect.runtime.modelfile import Classifier
 from steeldefect.study import pipeline
 
@@ -78,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         gap = rows[f"{fmt}-fp32"]["accuracy_mean"] - rows[f"{fmt}-int8"]["accuracy_mean"]
         rows[f"{fmt}-int8"]["points_below_own_fp32"] = round(gap, 2)
         print(f"{fmt}: int8 {gap:+.2f} points below its own fp32 (mean over the fold models)")
-    benchio.save("format_agreement", {"run": str(args.run), "test_images": len(images), "rows": rows}, out=args.out)
+    # Which int8 weights the ONNX/OpenVINO files carry (`export --int8-weights`): the agreement depends on them.
+    description, _ = read_embedded(runfolder.fold_model_path(args.run, args.backbone, models[-1], "int8", "onnx"))
+    int8_weights = (description or {}).get("int8_weights", "portable")
+    print(f"ONNX/OpenVINO int8 weights: {int8_weights}")
+    result = {"run": str(args.run), "test_images": len(images), "int8_weights": int8_weights, "rows": rows}
+    benchio.save("format_agreement", result, out=args.out)
     return 0
 
 

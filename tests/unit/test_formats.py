@@ -273,3 +273,87 @@ def test_an_openvino_model_on_fewer_threads_than_cores_is_not_pinned(tmp_path):
     path = tiny_openvino(tmp_path / "m.fp32.xml", meta=description())
     assert open_backend(path, 1).compiled.get_property("ENABLE_CPU_PINNING") is False
     assert open_backend(path, os.cpu_count()).compiled.get_property("ENABLE_CPU_PINNING") is True
+
+
+def test_vnni_int8_weights_stay_8_bit_where_the_portable_ones_go_7_bit(tmp_path):
+    """`export --int8-weights vnni` quantizes once, 8 bits throughout: on a CPU with VNNI the
+    saturating convolution then answers as the float one too, with its full precision."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from steeldefect.core import cpuinfo
+    from steeldefect.deploy import formats
+
+    float_path, int8_path = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    _two_convolutions(float_path)
+    images = np.full((8, 4, 4, 2), 255, np.uint8)
+    assert formats.quantize_onnx(float_path, int8_path, images, "vnni") == []
+    weights = {w.name: numpy_helper.to_array(w) for w in onnx.load(str(int8_path)).graph.initializer}
+    assert np.abs(weights["w_sums_quantized"]).max() == 127
+    if not cpuinfo.saturating_int8():  # where the 16-bit pair sums would halve it, the runtime refuses the file
+        session = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+        (sums,) = session.run(["sums"], {"pixels": images[:1]})
+        assert np.allclose(sums, 510, rtol=0.02), sums
+    with pytest.raises(ValueError, match="portable"):
+        formats.quantize_onnx(float_path, int8_path, images, "avx2")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+@pytest.mark.parametrize(
+    "weights, saturating, refused", [("vnni", True, True), ("vnni", False, False), ("portable", True, False)]
+)
+def test_a_vnni_int8_file_is_refused_in_one_line_on_a_cpu_whose_int8_sums_saturate(
+    tmp_path, capsys, monkeypatch, fmt, weights, saturating, refused
+):
+    """On x86 without VNNI its 16-bit pair sums saturate (17 points lost on NEU): `predict` refuses it
+    in one line naming the file and the way out; a portable file runs there, a VNNI one elsewhere."""
+    from steeldefect.core import cpuinfo
+
+    meta = description("int8") | {"int8_weights": weights}
+    path = (
+        tiny_onnx(tmp_path / "m.int8.onnx", meta=meta)
+        if fmt == "onnx"
+        else tiny_openvino(tmp_path / "m.int8.xml", meta=meta)
+    )
+    monkeypatch.setattr(cpuinfo, "saturating_int8", lambda: saturating)
+    images, _ = colour_images(1)
+    write_image(tmp_path / "in" / "0.png", array=images[0])
+    code = cli.main(["--quiet", "predict", str(path), str(tmp_path / "in")])
+    if refused:
+        assert code != 0
+        line = one_error_line(capsys)
+        assert str(path) in line and "--int8-weights vnni" in line and "--int8-weights portable" in line, line
+    else:
+        assert code == 0, capsys.readouterr().err
+
+
+def test_saturating_int8_is_x86_without_vnni(monkeypatch):
+    from steeldefect.core import cpuinfo
+
+    for machine, flags, saturates in [
+        ("x86_64", {"avx2", "fma"}, True),
+        ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, False),
+        ("x86_64", {"avx2", "avx_vnni"}, False),
+        ("aarch64", {"asimd"}, False),
+    ]:
+        monkeypatch.setattr(cpuinfo.platform, "machine", lambda machine=machine: machine)
+        monkeypatch.setattr(cpuinfo, "cpu_flags", lambda flags=flags: flags)
+        assert cpuinfo.saturating_int8() is saturates, (machine, flags)
+
+
+def test_export_with_vnni_int8_weights_is_refused_up_front_on_a_cpu_whose_int8_sums_saturate(
+    tmp_path, capsys, monkeypatch
+):
+    """Export runs each file it writes (the deploy model's rule is fitted on the file's outputs), so
+    VNNI files cannot be made right on a CPU that would saturate them: one line, before any work."""
+    from steeldefect.core import cpuinfo
+
+    monkeypatch.setattr(cpuinfo, "saturating_int8", lambda: True)
+    run = tmp_path / "run"
+    run.mkdir()
+    command = ["--quiet", "export", str(run), "--formats", "tflite", "onnx", "--int8-weights", "vnni"]
+    assert cli.main(command) != 0
+    line = one_error_line(capsys)
+    assert "--int8-weights vnni" in line and "no int8 dot product" in line, line
+    assert list(run.iterdir()) == []  # nothing written

@@ -37,6 +37,19 @@ def int8_features() -> list[str]:
     return [flag for flag in INT8_FLAGS if flag in flags]
 
 
+# x86 instructions that sum u8 x s8 products in 32 bits (vpdpbusd; AMX tiles). Without one, ONNX
+# Runtime's and OpenVINO's int8 convolutions use vpmaddubsw, whose pair sums saturate at int16.
+X86_INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def saturating_int8() -> bool:
+    """Whether this CPU's int8 convolutions add u8 x s8 products in pairs in 16 bits and saturate:
+    x86 without VNNI or AMX. ARM kernels widen before they add, so they never do."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    return not cpu_flags() & set(X86_INT8_DOT)
+
+
 def cpu_description() -> str:
     """One line, e.g. ``AMD EPYC (x86_64), 2 cores, int8 features: none (avx2)``."""
     flags = cpu_flags()

@@ -55,6 +55,7 @@ ACCEPT = Check(lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 AT_LEAST_2 = Check(lambda v: v >= 2, "an integer >= 2")
 NON_NEGATIVE = Check(lambda v: v >= 0, "a number >= 0")
 INT8_GUARD_CHOICES = ("off", "warn", "fix")
+INT8_WEIGHTS_CHOICES = ("portable", "vnni")
 
 
 def option(
@@ -329,6 +330,13 @@ class ExportOptions(_Options):
         additive=True,
     )
     calibration_samples: int = option(200, "training images used to calibrate int8", check=AT_LEAST_1)
+    int8_weights: str = option(
+        "portable",
+        "ONNX/OpenVINO int8 weights: portable = 7-bit where the int16 sums of x86 CPUs without VNNI would "
+        "saturate (right on every CPU); vnni = 8-bit throughout, closer to LiteRT int8 on CPUs with an int8 "
+        "dot product (AVX-512 VNNI, AVX-VNNI, ARM), refused by the runtime on x86 CPUs without one",
+        choices=INT8_WEIGHTS_CHOICES,
+    )
     tta: bool = option(
         False,
         "every file answers with the mean over the 8 flips/90-degree rotations of each image "

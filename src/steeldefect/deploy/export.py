@@ -207,6 +207,7 @@ def export_backbone(
     formats: Sequence[str] = ("tflite",),
     guard: GuardSettings | None = None,
     checks: Callable[[int | str], CheckData] | None = None,
+    int8_weights: str = "portable",
 ) -> list[Path]:
     """Every (fold, variant) LiteRT file of one backbone of a run, and of its final model (refitted
     on all training images), with its sidecar (resumable: a file whose sidecar exists is done).
@@ -220,7 +221,8 @@ def export_backbone(
     the images are not copied into a worker. ``tta`` (`export --tta`): every file answers with the mean
     over the 8 flips/rotations of its input (:func:`steeldefect.data.augment.dihedral_average_model`).
     ``formats`` beyond ``tflite`` (`export --formats`): each fold also gets its ONNX and OpenVINO fp32
-    and int8 files (:mod:`steeldefect.deploy.formats`), from the same model and calibration images.
+    and int8 files (:mod:`steeldefect.deploy.formats`), from the same model and calibration images,
+    their int8 weights as ``int8_weights`` says (:func:`steeldefect.deploy.formats.quantize_onnx`).
     ``guard``/``checks``: the int8 guard (:mod:`steeldefect.deploy.int8guard`) and, per fold (or
     FINAL), the images it checks and recalibrates that model's int8 variants on; a fold's are made
     just before the fold is handed to a worker, so at most ``workers`` sets are held at once.
@@ -258,6 +260,7 @@ def export_backbone(
                     on_done=lambda _: bar.update(1),
                     rule_data=rule_data,
                     tta=tta,
+                    int8_weights=int8_weights,
                     **_guard_args(guard, checks, runfolder.FINAL, final_todo),
                 )
 
@@ -271,6 +274,7 @@ def export_backbone(
                     calibration_images,
                     on_done=lambda _: bar.update(1),
                     tta=tta,
+                    int8_weights=int8_weights,
                     **_guard_args(guard, checks, fold, todo),
                 )
             export_final()
@@ -294,6 +298,7 @@ def export_backbone(
                         todo,
                         calibration_images,
                         tta=tta,
+                        int8_weights=int8_weights,
                         **_guard_args(guard, checks, fold, todo),
                     )
 
@@ -337,12 +342,14 @@ def export_fold(
     tta: bool = False,
     guard: GuardSettings | None = None,
     check: CheckData | None = None,
+    int8_weights: str = "portable",
 ) -> list[Path]:
     """Convert one fold's joined Keras model to ``variants`` (in order; a LiteRT variant name, or a
     (format, variant) pair) and write each with its sidecar.
     With ``rule_data`` the model gets the texture statistics output and an uncertainty rule; with
     ``tta`` every output is averaged over the 8 flips/rotations of the input image; with ``guard`` and
-    ``check`` each quantized variant goes through the int8 guard, its record in ``meta["int8_check"]``."""
+    ``check`` each quantized variant goes through the int8 guard, its record in ``meta["int8_check"]``;
+    ``int8_weights``: the ONNX/OpenVINO int8 weights (:func:`steeldefect.deploy.formats.quantize_onnx`)."""
     import keras
 
     source = runfolder.fold_model_path(run, backbone, fold, "keras")
@@ -382,6 +389,8 @@ def export_fold(
             from steeldefect.deploy.formats import EXPORTERS
 
             meta["format"] = fmt
+            if variant in QUANTIZED_VARIANTS:
+                meta["int8_weights"] = int8_weights  # the runtime refuses "vnni" where it would saturate
             EXPORTERS[fmt](
                 model,
                 variant,
@@ -391,6 +400,7 @@ def export_fold(
                 rule_data=rule_data,
                 channels=channels,
                 built=onnx_built,
+                int8_weights=int8_weights,
             )
         else:
             int8_flatbuffer = as_converted_int8

@@ -9,7 +9,9 @@ variants (`export --formats tflite onnx openvino`), fp32 and int8 each.
   per-channel int8 weights, uint8 activations, min/max calibration) over the same calibration
   images as the LiteRT int8, in the same order with the same two range-pinning pixels; the
   convolutions whose 16-bit pair sums saturate on those images get 7-bit weights
-  (:func:`quantize_onnx`).
+  (:func:`quantize_onnx`), unless ``int8_weights="vnni"`` (`export --int8-weights vnni`): 8-bit
+  weights throughout, for line PCs with an int8 dot product; the file says so
+  (``int8_weights`` in its description) and the runtime refuses it on x86 CPUs without one.
 - OpenVINO fp32: ``openvino.convert_model`` of the ONNX fp32 (same uint8 input, same output names),
   saved with fp32 weights; int8: ``openvino.convert_model`` of that ONNX int8. Within one fold's
   export both formats share one conversion and one quantization (``built``: see :func:`plain_onnx`).
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from steeldefect.core.files import atomic_write_bytes
-from steeldefect.core.options import FORMAT_VARIANTS
+from steeldefect.core.options import FORMAT_VARIANTS, INT8_WEIGHTS_CHOICES
 from steeldefect.models.conversion import representative_dataset
 from steeldefect.runtime import uncertainty
 from steeldefect.runtime.backends import (
@@ -215,9 +217,11 @@ def saturation_rates(qdq_path: Path, images: np.ndarray) -> dict[str, float]:
     return rates
 
 
-def quantize_onnx(float_path: Path, target: Path, calibration_images: np.ndarray) -> list[str]:
+def quantize_onnx(
+    float_path: Path, target: Path, calibration_images: np.ndarray, int8_weights: str = "portable"
+) -> list[str]:
     """Static QDQ int8 of an fp32 .onnx over the calibration images; returns the convolutions given
-    7-bit weights.
+    7-bit weights (none with ``int8_weights="vnni"``).
 
     On x86 CPUs without VNNI, ONNX Runtime and OpenVINO multiply uint8 activations by int8 weights
     with ``vpmaddubsw``, which adds products in pairs in 16 bits and saturates: Lite0's ReLU6
@@ -225,7 +229,14 @@ def quantize_onnx(float_path: Path, target: Path, calibration_images: np.ndarray
     model is quantized once, each group-1 convolution's pair sums are counted on a few calibration
     images, and the ones above :data:`SATURATION_LIMIT` are quantized again with 7-bit weights
     (2 x 255 x 64 fits in int16). Depthwise convolutions are not counted and keep 8 bits: 7 bits
-    there too lowered the agreement with LiteRT int8 (docs/formats.md)."""
+    there too lowered the agreement with LiteRT int8 (docs/formats.md).
+
+    ``int8_weights="vnni"``: one quantization, 8-bit weights throughout. CPUs with an int8 dot
+    product (``vpdpbusd``: AVX-512 VNNI, AVX-VNNI; ARM's) sum the products in 32 bits, so nothing
+    saturates there and the file is closer to LiteRT int8; on x86 without one it would lose accuracy
+    (:func:`steeldefect.runtime.backends.check_int8_weights` refuses it there)."""
+    if int8_weights not in INT8_WEIGHTS_CHOICES:
+        raise ValueError(f"int8 weights are one of {INT8_WEIGHTS_CHOICES}, got {int8_weights!r}")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as folder:
@@ -233,6 +244,10 @@ def quantize_onnx(float_path: Path, target: Path, calibration_images: np.ndarray
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         first = Path(folder) / "int8.onnx"
         _quantize_static(prepared, first, calibration_images, ())
+        if int8_weights == "vnni":
+            os.replace(first, target)
+            log.info("int8: 8-bit weights throughout (for CPUs with an int8 dot product)")
+            return []
         step = max(1, len(calibration_images) // SATURATION_IMAGES)
         rates = saturation_rates(first, calibration_images[::step][:SATURATION_IMAGES])
         seven_bit = sorted(name for name, rate in rates.items() if rate > SATURATION_LIMIT)
@@ -271,11 +286,12 @@ def plain_onnx(
     calibration_images: np.ndarray | None,
     n_classes: int,
     built: dict[str, bytes] | None = None,
+    int8_weights: str = "portable",
 ) -> Path:
     """The undescribed ONNX (fp32 or int8) of ``model`` as a file in ``folder``. ``built`` holds the
-    bytes of earlier builds of the same Keras model and calibration images (the ONNX and OpenVINO
-    files of one fold): a variant found there is not converted or quantized again, and a new build
-    is added to it."""
+    bytes of earlier builds of the same Keras model, calibration images and ``int8_weights`` (the
+    ONNX and OpenVINO files of one fold): a variant found there is not converted or quantized again,
+    and a new build is added to it. ``int8_weights``: see :func:`quantize_onnx`."""
     import onnx
 
     if variant not in FORMAT_VARIANTS:
@@ -292,7 +308,7 @@ def plain_onnx(
     if variant == "int8":
         if calibration_images is None or len(calibration_images) == 0:
             raise ValueError("int8 export needs calibration images from the training split")
-        quantize_onnx(float_path, path, calibration_images)
+        quantize_onnx(float_path, path, calibration_images, int8_weights)
     if built is not None:
         built.setdefault("fp32", float_path.read_bytes())
         built[variant] = path.read_bytes()
@@ -309,15 +325,16 @@ def export_onnx(
     rule_data=None,
     channels: Sequence[int] = (),
     built: dict[str, bytes] | None = None,
+    int8_weights: str = "portable",
 ) -> Path:
     """One .onnx (fp32 or int8) of a Keras classifier, described inside, written atomically.
-    ``built``: see :func:`plain_onnx`."""
+    ``built``, ``int8_weights``: see :func:`plain_onnx`."""
     import onnx
 
     require_runtime(Path(path))
     n_classes = len(metadata["class_names"])
     with tempfile.TemporaryDirectory(dir=Path(path).parent) as folder:
-        plain = plain_onnx(model, variant, Path(folder), calibration_images, n_classes, built)
+        plain = plain_onnx(model, variant, Path(folder), calibration_images, n_classes, built, int8_weights)
         props = _describe(plain, metadata, rule_data, channels)
         proto = onnx.load(str(plain))
         onnx.helper.set_model_props(proto, props)
@@ -337,10 +354,11 @@ def export_openvino(
     rule_data=None,
     channels: Sequence[int] = (),
     built: dict[str, bytes] | None = None,
+    int8_weights: str = "portable",
 ) -> Path:
     """One OpenVINO IR (``path`` = the .xml, its .bin beside it), fp32 or int8, described inside.
     Both files are written to a temporary name first; the .bin is moved into place before the .xml,
-    so an .xml that exists always has its weights. ``built``: see :func:`plain_onnx`."""
+    so an .xml that exists always has its weights. ``built``, ``int8_weights``: see :func:`plain_onnx`."""
     import openvino as ov
 
     require_runtime(Path(path))
@@ -349,7 +367,7 @@ def export_openvino(
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
         # The int8 is the ONNX int8 (saturation-aware QDQ), read by OpenVINO: NNCF's own int8 lost
         # agreement on CPUs without VNNI, and its overflow fix (7-bit weights everywhere) cost precision.
-        onnx_path = plain_onnx(model, variant, Path(folder), calibration_images, n_classes, built)
+        onnx_path = plain_onnx(model, variant, Path(folder), calibration_images, n_classes, built, int8_weights)
         ov_model = ov.convert_model(str(onnx_path))
         plain = Path(folder) / "model.xml"
         ov.save_model(ov_model, str(plain), compress_to_fp16=False)

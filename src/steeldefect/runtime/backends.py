@@ -23,6 +23,7 @@ import binascii
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,30 @@ def check_content(path: Path) -> None:
         raise ModelFileError(f"{path}: not an ONNX model (content of another format)")
 
 
+def check_int8_weights(path: Path, description: dict[str, Any] | None) -> None:
+    """Refuse, in one line, a file whose int8 weights are 8-bit throughout (`export --int8-weights
+    vnni`) on an x86 CPU without an int8 dot product: there its int16 pair sums saturate and it
+    loses accuracy (17 points of NEU test accuracy, docs/formats.md)."""
+    from steeldefect.core import cpuinfo
+
+    if description and description.get("int8_weights") == "vnni" and cpuinfo.saturating_int8():
+        raise ModelFileError(
+            f"{path}: its int8 weights are 8-bit throughout (exported with --int8-weights vnni), for CPUs with "
+            f"an int8 dot product (AVX-512 VNNI, AVX-VNNI); this CPU ({cpuinfo.cpu_model()}) has none and would "
+            "misclassify: use the file exported with --int8-weights portable"
+        )
+
+
+def _description(props: dict[str, str]) -> dict[str, Any] | None:
+    """The description among a file's key/values, or None when it has none or it is not readable
+    (read_embedded reports a damaged one)."""
+    try:
+        meta = json.loads(props.get(DESCRIPTION_KEY) or "null")
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 class Backend(ABC):
     """One loaded model; not thread-safe (one per thread or worker process).
 
@@ -167,8 +192,8 @@ class Backend(ABC):
         self.invoke(self.prepare(np.ascontiguousarray(image, dtype=np.uint8)))
         return self.outputs()
 
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Every output (N, width) for uint8 images (N, H, W, 3), by name."""
+    def run(self, images: np.ndarray | Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output (N, width) for uint8 images (N, H, W, 3), or an iterable of (H, W, 3), by name."""
         collected: dict[str, list[np.ndarray]] = {name: [] for name in self.output_widths}
         for image in images:
             for name, value in self.run_one(image).items():
@@ -246,6 +271,7 @@ class OnnxBackend(Backend):
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
             raise ModelFileError(f"{path}: not a model ONNX Runtime can load ({_first_line(error)})") from error
+        check_int8_weights(path, _description(self.session.get_modelmeta().custom_metadata_map))
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise ModelFileError(f"{path}: expects one image input (N, H, W, 3), has {len(inputs)} inputs")
@@ -293,8 +319,12 @@ class OpenVinoBackend(Backend):
             config["PERF_COUNT"] = True
         try:
             model = core.read_model(str(path), str(Path(path).with_suffix(".bin")))
-            self.compiled = core.compile_model(model, "CPU", config)
         except Exception as error:  # OpenVINO raises RuntimeError with a multi-line message
+            raise ModelFileError(f"{path}: not a model OpenVINO can load ({_first_line(error)})") from error
+        check_int8_weights(path, _description(_rt_props(model)))
+        try:
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as error:
             raise ModelFileError(f"{path}: not a model OpenVINO can load ({_first_line(error)})") from error
         inputs = self.compiled.inputs
         if len(inputs) != 1 or len(inputs[0].get_partial_shape()) != 4 or inputs[0].get_partial_shape().is_dynamic:
@@ -423,6 +453,11 @@ def _openvino_props(path: Path) -> dict[str, str]:
         model = ov.Core().read_model(str(path), str(Path(path).with_suffix(".bin")))
     except Exception as error:
         raise ModelFileError(f"{path}: not a model OpenVINO can load ({_first_line(error)})") from error
+    return _rt_props(model)
+
+
+def _rt_props(model: Any) -> dict[str, str]:
+    """The description and rule strings in an OpenVINO model's rt_info."""
     props = {}
     for key, field in ((DESCRIPTION_KEY, "json"), (RULE_KEY, "rule")):
         if model.has_rt_info([OV_RT_SECTION, field]):

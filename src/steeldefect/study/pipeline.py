@@ -100,6 +100,7 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
 
     options = _with(options or ExportOptions(), overrides)
     run = Path(run)
+    _check_int8_weights_here(options)
     prepared, train_options = load_run_data(run, progress=progress)
     record_config(run, "export", options.record())
     calibration = export_stage.calibration_indices(
@@ -126,6 +127,7 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
                 rule_data=_rule_data(run, name, prepared),
                 tta=options.tta,
                 formats=options.formats,
+                int8_weights=options.int8_weights,
                 **_int8_guard(options, prepared),
             )
         csv_path = runfolder.quant_debug_path(run, name, "csv")
@@ -147,6 +149,19 @@ def export(run: Path, options: ExportOptions | None = None, *, progress: bool = 
     update_deploy(run)
     log.info("LiteRT models written under %s/*/models", run)
     return written
+
+
+def _check_int8_weights_here(options: ExportOptions) -> None:
+    """8-bit-throughout ONNX/OpenVINO int8 files are exported on a CPU that runs them right: the
+    export runs each file (the deploy model's rule is fitted on its own outputs)."""
+    from steeldefect.core import cpuinfo
+
+    if options.int8_weights == "vnni" and set(options.formats) - {"tflite"} and cpuinfo.saturating_int8():
+        raise ValueError(
+            f"--int8-weights vnni: this CPU ({cpuinfo.cpu_model()}) has no int8 dot product, so the files could "
+            "not be run here (the deploy model's uncertainty rule is fitted on its own outputs); export on a CPU "
+            "with AVX-512 VNNI or AVX-VNNI, or use --int8-weights portable"
+        )
 
 
 def _int8_guard(options: ExportOptions, prepared: PreparedData) -> dict[str, Any]:
