@@ -45,7 +45,7 @@ from steeldefect.deploy.batch_io import (
     _write_part,
     collect_inputs,
     finalize_output,
-    make_row,
+    judged_rows,
     output_format,
     parts_dir,
     read_output_state,
@@ -105,21 +105,12 @@ def iter_predictions(
     decode_threads = decode_threads or max(2, os.cpu_count() or 1)
     classifier = Classifier(model_path, threads, info, accept=accept)  # checks the model before any worker starts
 
-    def decode(path: Path | str) -> np.ndarray | str:
-        try:
-            return read_image(path, info.input_size)
-        except Exception as error:  # any unreadable file is that file's problem, not the batch's
-            return str(error)
+    def decode(path: Path | str) -> np.ndarray:
+        return read_image(path, info.input_size)
 
     def classify(batch: list[Path | str], decoded: list[Future]) -> list[Row]:
-        rows = []
-        for path, future in zip(batch, decoded):
-            image = future.result()
-            if isinstance(image, str):
-                rows.append(Row(str(path), error=image))
-            else:
-                rows.append(make_row(str(path), classifier.judge(image[None]), info, top_k))
-        return rows
+        # A decoding error comes out of future.result(): that file's error row.
+        return judged_rows(classifier, batch, lambda i: decoded[i].result(), info, top_k)
 
     batches = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     if workers > 1:
@@ -172,15 +163,7 @@ def score_paths(classifier: Classifier, paths: Sequence[Path | str], info: Model
     file is an error row, not a failed batch."""
     from steeldefect.data.decode import read_image
 
-    rows = []
-    for path in paths:
-        try:
-            image = read_image(path, info.input_size)
-        except Exception as error:  # any unreadable file is that file's problem, not the batch's
-            rows.append(Row(str(path), error=str(error)))
-            continue
-        rows.append(make_row(str(path), classifier.judge(image[None]), info, top_k))
-    return rows
+    return judged_rows(classifier, paths, lambda i: read_image(paths[i], info.input_size), info, top_k)
 
 
 def _score_in_worker(batch: list[Path | str]) -> list[Row]:

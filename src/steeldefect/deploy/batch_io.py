@@ -12,13 +12,15 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from steeldefect.core.files import atomic_write_bytes
-from steeldefect.runtime.modelfile import Judgement, ModelInfo
+from steeldefect.runtime.modelfile import Classifier, Judgement, ModelInfo
 from steeldefect.runtime.modelfile import top_k as top_k_classes
 
 log = logging.getLogger(__name__)
@@ -99,10 +101,42 @@ class Row:
     uncertain: bool | None = None
 
 
-def make_row(path: str, judgement: Judgement, info: ModelInfo, top_k: int) -> Row:
-    """The row for one image from the classifier's judgement of it (a batch of one)."""
-    top = top_k_classes(judgement.probabilities[0], info.class_names, top_k)
-    return Row(path, top, None, None if judgement.uncertain is None else bool(judgement.uncertain[0]))
+def make_row(path: str, judgement: Judgement, info: ModelInfo, top_k: int, index: int = 0) -> Row:
+    """The row for image ``index`` of a batch from the classifier's judgement of the batch."""
+    top = top_k_classes(judgement.probabilities[index], info.class_names, top_k)
+    return Row(path, top, None, None if judgement.uncertain is None else bool(judgement.uncertain[index]))
+
+
+def judged_rows(
+    classifier: Classifier,
+    paths: Sequence[Path | str],
+    decode: Callable[[int], np.ndarray],
+    info: ModelInfo,
+    top_k: int,
+) -> list[Row]:
+    """One row per path: ``decode(i)`` gives image i, and an exception from it is that file's error
+    row, not the batch's. Each image is run as soon as it is decoded; the uncertainty rule then
+    scores the batch at once (:meth:`Classifier.judge`)."""
+    errors: dict[int, str] = {}
+
+    def images() -> Iterator[np.ndarray]:
+        for i in range(len(paths)):
+            try:
+                image = decode(i)
+            except Exception as error:  # any unreadable file is that file's problem, not the batch's
+                errors[i] = str(error)
+                continue
+            yield image
+
+    judgement = classifier.judge(images())
+    rows, done = [], 0
+    for i, path in enumerate(paths):
+        if i in errors:
+            rows.append(Row(str(path), error=errors[i]))
+        else:
+            rows.append(make_row(str(path), judgement, info, top_k, done))
+            done += 1
+    return rows
 
 
 def parquet_schema():
