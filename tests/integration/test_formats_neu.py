@@ -1,8 +1,8 @@
 """ONNX and OpenVINO models of a real Lite0 run on real NEU images agree with the LiteRT ones
 (issue #25): on the test split each format's fp32 gives LiteRT fp32's top-1 for >= 99.9% of the
-images (pooled over the fold models and the final model); each int8 stays above a regression floor
-(the issue's int8 targets are not met, see INT8_AGREEMENT_FLOOR); every file describes itself;
-`evaluate` puts every format and variant in one table."""
+images (pooled over the fold models and the final model); each int8 agrees with LiteRT int8 and
+keeps its own fp32's accuracy (targets by the int8 weights the files carry, see INT8_TARGETS);
+every file describes itself; `evaluate` puts every format and variant in one table."""
 
 from __future__ import annotations
 
@@ -57,33 +57,43 @@ def test_every_fold_and_final_model_exists_in_six_forms_and_describes_itself(poo
                     assert info.rule is not None and info.rule.uses_texture, path
 
 
-# Issue #25's int8 targets (>= 99.5% agreement with LiteRT int8, int8 within 0.5 point of its own
-# fp32) are NOT met on this fixture's run (docs/formats.md): with saturation-aware weights both ONNX
-# and OpenVINO int8 agree 98.89% (6 of 540 answers differ) and score 0.99 point below their fp32;
-# with plain int8 weights they agreed 96.85% and 95.74%. The int8 checks below are regression floors
-# under today's figures and above those of plain int8 weights, so a broken quantizer, or one that
-# forgets the 16-bit saturation of CPUs without VNNI, fails them; they are not the targets.
-INT8_AGREEMENT_FLOOR = {"onnx": 0.975, "openvino": 0.975}
-INT8_DROP_CEILING = {"onnx": 2.0, "openvino": 2.0}  # points of accuracy below the format's own fp32
+# Issue #25's int8 targets: >= 99.5% top-1 agreement with LiteRT int8, int8 within 0.5 point of its
+# own fp32 (per fold model). The fixture exports the int8 weights made for the CPU it runs on.
+# - "vnni" (8-bit weights; CPUs with an int8 dot): on the full NEU test split ONNX int8 agrees 99.75%
+#   and OpenVINO 99.81% (bench/results/format_agreement_vnni_weights.json). On this fixture's 540
+#   answers (135 images x 3 folds + final) one answer decides 99.5%: ONNX agreed 99.44% (3 differ)
+#   on a Xeon with VNNI and 99.63% (2) on an EPYC with VNNI, OpenVINO 99.63% and 99.81%; so
+#   agreement is held at a 99% floor here. The 0.5-point drop is the target (0.0 and +0.24 seen).
+# - "portable" (7-bit weights, for CPUs whose int8 dot saturates in 16 bits): both agreed 98.89% and
+#   scored 0.99 point below fp32; floors under that, above plain 8-bit weights on such CPUs (96.85%,
+#   95.74%), so a quantizer that forgets the saturation fails them.
+INT8_TARGETS = {"vnni": (0.99, 0.5), "portable": (0.975, 2.0)}  # (agreement floor, drop ceiling)
+
+
+@pytest.fixture(scope="module")
+def int8_targets(pooled_formats_run):
+    """(agreement floor, drop ceiling in points) for the int8 weights the fixture's files carry."""
+    path = runfolder.fold_model_path(pooled_formats_run, BACKBONE, runfolder.FINAL, "int8", "onnx")
+    return INT8_TARGETS[read_model_info(path).metadata["int8_weights"]]
 
 
 @pytest.mark.parametrize("fmt", OTHERS)
-def test_each_format_agrees_with_litert(predictions, test_split, fmt):
+def test_each_format_agrees_with_litert(predictions, test_split, int8_targets, fmt):
     _, _, n_folds = test_split
     folds = [*range(n_folds), runfolder.FINAL]
-    for variant, needed in (("fp32", 0.999), ("int8", INT8_AGREEMENT_FLOOR[fmt])):
+    for variant, needed in (("fp32", 0.999), ("int8", int8_targets[0])):
         same = np.concatenate([predictions[f, fmt, variant] == predictions[f, "tflite", variant] for f in folds])
         assert same.mean() >= needed, f"{fmt} {variant}: {same.mean():.4f} agree with LiteRT {variant}"
 
 
 @pytest.mark.parametrize("fmt", OTHERS)
-def test_each_int8_keeps_its_own_fp32_accuracy(predictions, test_split, fmt):
+def test_each_int8_keeps_its_own_fp32_accuracy(predictions, test_split, int8_targets, fmt):
     _, labels, n_folds = test_split
     accuracy = {
         variant: np.mean([100 * np.mean(predictions[f, fmt, variant] == labels) for f in range(n_folds)])
         for variant in ("fp32", "int8")
     }
-    assert accuracy["int8"] >= accuracy["fp32"] - INT8_DROP_CEILING[fmt], accuracy
+    assert accuracy["int8"] >= accuracy["fp32"] - int8_targets[1], accuracy
 
 
 def test_the_deploy_models_judge_uncertainty_in_every_format(pooled_formats_run, test_split):
