@@ -211,10 +211,16 @@ def test_two_pages_and_the_search_work_with_no_request_leaving_the_machine(serve
         wait_for(box.is_displayed, what="the search box")
         box.click()
         box.send_keys("audit")
-        results = wait_for(
-            lambda: browser.find_elements(By.CSS_SELECTOR, ".md-search-result__item"), what="search results"
+        # The theme re-renders the result list as the index answers, so elements found a moment ago
+        # can go stale: read every result's text in one script call, until there is some.
+        titles = wait_for(
+            lambda: " ".join(
+                browser.execute_script(
+                    "return [...document.querySelectorAll('.md-search-result__item')].map(e => e.innerText)"
+                )
+            ).strip(),
+            what="search results",
         )
-        titles = " ".join(item.text for item in results)
         browser.save_screenshot(str(shots / "search.png"))
         urls += requested_urls(browser)
     finally:
