@@ -212,6 +212,47 @@ def test_int8_gives_7_bit_weights_to_the_convolutions_whose_16_bit_pair_sums_sat
     assert formats.saturation_rates(int8_path, images) == {"w_sums": 0.0, "w_first": 0.0}
 
 
+def test_int8_export_keeps_onnx_runtimes_per_channel_chatter_out_of_the_log(tmp_path, caplog):
+    """ONNX Runtime's quantizer logs one INFO line to the root logger per weight channel it rescales
+    (83 for Lite0's deploy model), which the CLI would print; our own summary line stays."""
+    import logging
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from steeldefect.deploy import formats
+
+    # Weights of 1e-9 beside a bias of 1: the int32 bias scale (input x weight scale) is too fine,
+    # so the quantizer raises the weight scale of each channel and says so.
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w", "b"], ["out"], kernel_shape=[1, 1]),
+    ]
+    inits = [
+        helper.make_tensor("w", TensorProto.FLOAT, [3, 2, 1, 1], [1e-9] * 6),
+        helper.make_tensor("b", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_weights",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [1, 4, 4, 2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "fp32.onnx"))
+    images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 2), dtype=np.uint8)
+
+    with caplog.at_level(logging.INFO):
+        formats.quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", images)
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "Increased scale" in m], messages
+    assert any(m.startswith("int8: ") for m in messages), messages
+    assert logging.getLogger().filters == []  # the filter is gone once the quantization is done
+
+
 def test_the_onnx_and_openvino_files_of_one_model_share_one_conversion_and_one_quantization(tmp_path, monkeypatch):
     """`export --formats onnx openvino` converts each fold's Keras model to ONNX once and quantizes it
     once; the OpenVINO int8 is that very ONNX int8."""

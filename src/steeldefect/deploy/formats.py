@@ -147,21 +147,40 @@ SATURATION_LIMIT = 1e-5
 SATURATION_IMAGES = 8  # calibration images the pair sums are counted on
 
 
+class _OnnxRuntimeChatter(logging.Filter):
+    """Drops ONNX Runtime's own info lines: its quantizer logs to the root logger, which the CLI
+    shows at INFO, one line per weight channel it rescales (83 for Lite0's deploy model)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "onnxruntime" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime() -> Iterator[None]:
+    root, chatter = logging.getLogger(), _OnnxRuntimeChatter()
+    root.addFilter(chatter)
+    try:
+        yield
+    finally:
+        root.removeFilter(chatter)
+
+
 def _quantize_static(prepared: Path, target: Path, calibration_images: np.ndarray, seven_bit: Sequence[str]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     overrides = {name: [{"axis": 0, "reduce_range": True}] for name in seven_bit}
-    quantize_static(
-        str(prepared),
-        str(target),
-        _Calibration(calibration_images),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"TensorQuantOverrides": overrides} if overrides else {},
-    )
+    with _quiet_onnxruntime():
+        quantize_static(
+            str(prepared),
+            str(target),
+            _Calibration(calibration_images),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"TensorQuantOverrides": overrides} if overrides else {},
+        )
 
 
 def saturation_rates(qdq_path: Path, images: np.ndarray) -> dict[str, float]:
