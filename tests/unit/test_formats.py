@@ -158,30 +158,37 @@ def test_description_damaged_inside_an_onnx_is_one_line(tmp_path):
         read_model_info(path)
 
 
-def _two_convolutions(path) -> None:
-    """uint8 NHWC pixels -> two 1x1 convolutions of the 2 channels: ``sums`` (weights 1, 1: its
-    uint8 x int8 pair sums reach 2 x 255 x 127, beyond int16) and ``first`` (1, 0.001: 255 x 127,
-    within it)."""
+def _pointwise_convolutions(path, convolutions: dict[str, tuple[list[list[float]], list[float] | None]]) -> None:
+    """An .onnx of uint8 NHWC pixels (4x4, 2 channels) -> one 1x1 convolution per output name:
+    ``{output: (weights [out channels][2 input channels], bias or None)}``."""
     import onnx
     from onnx import TensorProto, helper
 
     nodes = [
         helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
         helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("Conv", ["nchw", "w_sums"], ["sums"], kernel_shape=[1, 1]),
-        helper.make_node("Conv", ["nchw", "w_first"], ["first"], kernel_shape=[1, 1]),
     ]
-    inits = [
-        helper.make_tensor("w_sums", TensorProto.FLOAT, [1, 2, 1, 1], [1.0, 1.0]),
-        helper.make_tensor("w_first", TensorProto.FLOAT, [1, 2, 1, 1], [1.0, 0.001]),
-    ]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, 4, 4]) for n in ("sums", "first")]
+    inits, outputs = [], []
+    for name, (weights, bias) in convolutions.items():
+        inputs = ["nchw", f"w_{name}"]
+        inits.append(helper.make_tensor(inputs[1], TensorProto.FLOAT, [len(weights), 2, 1, 1], np.ravel(weights)))
+        if bias is not None:
+            inputs.append(f"b_{name}")
+            inits.append(helper.make_tensor(inputs[2], TensorProto.FLOAT, [len(bias)], bias))
+        nodes.append(helper.make_node("Conv", inputs, [name], kernel_shape=[1, 1]))
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, len(weights), 4, 4]))
     graph = helper.make_graph(
-        nodes, "pairs", [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [1, 4, 4, 2])], outputs, inits
+        nodes, "pointwise", [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [1, 4, 4, 2])], outputs, inits
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.save(model, str(path))
+
+
+def _two_convolutions(path) -> None:
+    """Two 1x1 convolutions of the 2 channels: ``sums`` (weights 1, 1: its uint8 x int8 pair sums
+    reach 2 x 255 x 127, beyond int16) and ``first`` (1, 0.001: 255 x 127, within it)."""
+    _pointwise_convolutions(path, {"sums": ([[1.0, 1.0]], None), "first": ([[1.0, 0.001]], None)})
 
 
 def test_int8_gives_7_bit_weights_to_the_convolutions_whose_16_bit_pair_sums_saturate(tmp_path):
@@ -217,40 +224,19 @@ def test_int8_export_keeps_onnx_runtimes_per_channel_chatter_out_of_the_log(tmp_
     (83 for Lite0's deploy model), which the CLI would print; our own summary line stays."""
     import logging
 
-    import onnx
-    from onnx import TensorProto, helper
-
     from steeldefect.deploy import formats
 
     # Weights of 1e-9 beside a bias of 1: the int32 bias scale (input x weight scale) is too fine,
     # so the quantizer raises the weight scale of each channel and says so.
-    nodes = [
-        helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
-        helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("Conv", ["nchw", "w", "b"], ["out"], kernel_shape=[1, 1]),
-    ]
-    inits = [
-        helper.make_tensor("w", TensorProto.FLOAT, [3, 2, 1, 1], [1e-9] * 6),
-        helper.make_tensor("b", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny_weights",
-        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [1, 4, 4, 2])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.save(model, str(tmp_path / "fp32.onnx"))
+    _pointwise_convolutions(tmp_path / "fp32.onnx", {"out": ([[1e-9, 1e-9]] * 3, [1.0, 2.0, 3.0])})
     images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 2), dtype=np.uint8)
 
     with caplog.at_level(logging.INFO):
         formats.quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", images)
+        assert logging.getLogger().level == logging.INFO  # the root logger's level is back once it is done
     messages = [record.getMessage() for record in caplog.records]
     assert not [m for m in messages if "Increased scale" in m], messages
     assert any(m.startswith("int8: ") for m in messages), messages
-    assert logging.getLogger().filters == []  # the filter is gone once the quantization is done
 
 
 def test_the_onnx_and_openvino_files_of_one_model_share_one_conversion_and_one_quantization(tmp_path, monkeypatch):

@@ -64,7 +64,8 @@ def calibration_samples(images: np.ndarray) -> Iterator[np.ndarray]:
 
 @contextlib.contextmanager
 def _quiet(*names: str) -> Iterator[None]:
-    """tf2onnx logs every optimizer pass at INFO; the export's own lines are what a user reads."""
+    """Only warnings from the loggers ``names`` (and nothing on stdout) while inside: tf2onnx logs
+    every optimizer pass at INFO; the export's own lines are what a user reads."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -147,29 +148,13 @@ SATURATION_LIMIT = 1e-5
 SATURATION_IMAGES = 8  # calibration images the pair sums are counted on
 
 
-class _OnnxRuntimeChatter(logging.Filter):
-    """Drops ONNX Runtime's own info lines: its quantizer logs to the root logger, which the CLI
-    shows at INFO, one line per weight channel it rescales (83 for Lite0's deploy model)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "onnxruntime" not in record.pathname
-
-
-@contextlib.contextmanager
-def _quiet_onnxruntime() -> Iterator[None]:
-    root, chatter = logging.getLogger(), _OnnxRuntimeChatter()
-    root.addFilter(chatter)
-    try:
-        yield
-    finally:
-        root.removeFilter(chatter)
-
-
 def _quantize_static(prepared: Path, target: Path, calibration_images: np.ndarray, seven_bit: Sequence[str]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     overrides = {name: [{"axis": 0, "reduce_range": True}] for name in seven_bit}
-    with _quiet_onnxruntime():
+    # ONNX Runtime's quantizer logs to the root logger (""), one INFO line per weight channel it
+    # rescales (83 for Lite0's deploy model).
+    with _quiet(""):
         quantize_static(
             str(prepared),
             str(target),
